@@ -1,0 +1,365 @@
+"""Run configuration: typed sections, YAML loading, ``key=value`` overrides, validation in one place.
+
+Every error is one line that names the offending key (``ConfigError: optim.lr: must be > 0, got -1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nepa_scale.flops import CONVENTIONS
+from nepa_scale.models.arch import BACKENDS, NepaArch
+from nepa_scale.models.zoo import get_arch, list_models
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "nepa_tiny"
+    attention: str = "auto"
+    grad_checkpointing: bool = False  # activation checkpointing per block
+    overrides: dict[str, Any] = field(default_factory=dict)  # any NepaArch field, e.g. {dim: 256}
+
+    def arch(self) -> NepaArch:
+        return get_arch(self.name, **self.overrides)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "digits"  # digits | imagefolder | synthetic
+    root: str | None = None  # imagefolder: directory holding train/ and val/ (ImageNet layout)
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    interpolation: str = "bicubic"
+    num_workers: int = 0
+    synthetic_size: int = 4096
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 3e-4  # lr = base_lr * global_batch / 256 unless lr is set
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05  # not on biases, norms, LayerScale (every parameter with ndim <= 1)
+    warmup_fraction: float = 0.025
+    min_lr: float = 0.0
+    clip_grad: float = 1.0
+
+    def peak_lr(self, global_batch: int) -> float:
+        return self.lr if self.lr is not None else self.base_lr * global_batch / 256
+
+
+@dataclass
+class BudgetConfig:
+    global_batch: int = 4096
+    micro_batch: int | None = None  # per process; default: global_batch / world_size
+    images: int | None = None  # exactly one of images / epochs / flops sets the run length
+    epochs: float | None = None
+    flops: float | None = None
+    flop_convention: str = "6N+attn"
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
+
+
+@dataclass
+class ObjectiveConfig:
+    stop_gradient: bool = True  # False only for the paper's collapse ablation
+    shift: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    eval_every: int = 0  # held-out loss every N steps (0: only at the end)
+    eval_batches: int = 4
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    progress: str = "auto"  # auto (interactive terminals only) | always | never
+    device_peak_tflops: float | None = None  # for MFU; None: known GPUs only
+    collapse_loss: float = -0.99  # flag collapse when loss < this ...
+    collapse_spread: float = 0.02  # ... and the target spread < this
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every N-th step forever (0: off), for the analysis
+    on_corrupt: str = "error"  # error | previous (logged fallback to the previous committed checkpoint)
+    ema_decay: float | None = None  # keep an EMA copy of the weights for evaluation and export
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output_dir: str = "runs/default"
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def resume_fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint cannot survive a change of: model shape, batch, data order, objective."""
+        arch = dataclasses.asdict(self.model.arch())
+        return {
+            "model": {k: v for k, v in arch.items() if k != "drop_path"},
+            "budget.global_batch": self.budget.global_batch,
+            "data.kind": self.data.kind,
+            "seed": self.seed,
+            "objective": dataclasses.asdict(self.objective),
+        }
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.resume_fingerprint(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """Coerce a YAML value to ``hint`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{dotted}: '{part}' is not a section")
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    config = _build(RunConfig, data)
+    validate(config)
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(c: RunConfig) -> None:
+    """Value checks that need no hardware (world-size checks happen in ``check_world``)."""
+    _require(
+        c.model.name in list_models(),
+        f"model.name: unknown model '{c.model.name}' (choose from {', '.join(list_models())})",
+    )
+    _require(
+        c.model.attention in BACKENDS,
+        f"model.attention: unknown backend '{c.model.attention}' (choose from {', '.join(BACKENDS)})",
+    )
+    try:
+        c.model.arch()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.overrides: {exc}") from None
+    _require(
+        c.data.kind in ("digits", "imagefolder", "synthetic"),
+        f"data.kind: unknown dataset '{c.data.kind}' (choose digits, imagefolder, synthetic)",
+    )
+    if c.data.kind == "imagefolder":
+        _require(c.data.root is not None, "data.root: required for data.kind=imagefolder")
+        root = Path(c.data.root) / c.data.train_split
+        _require(root.is_dir(), f"data.root: directory not found: {root}")
+    lo, hi = c.data.crop_scale
+    _require(0 < lo <= hi <= 1, f"data.crop_scale: need 0 < min <= max <= 1, got {c.data.crop_scale}")
+    _require(0 <= c.data.hflip <= 1, f"data.hflip: must be in [0, 1], got {c.data.hflip}")
+    _require(c.data.num_workers >= 0, f"data.num_workers: must be >= 0, got {c.data.num_workers}")
+    _require(c.optim.base_lr > 0, f"optim.base_lr: must be > 0, got {c.optim.base_lr}")
+    _require(c.optim.lr is None or c.optim.lr > 0, f"optim.lr: must be > 0, got {c.optim.lr}")
+    _require(
+        all(0 <= b < 1 for b in c.optim.betas), f"optim.betas: each must be in [0, 1), got {c.optim.betas}"
+    )
+    _require(c.optim.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {c.optim.weight_decay}")
+    _require(
+        0 <= c.optim.warmup_fraction < 1,
+        f"optim.warmup_fraction: must be in [0, 1), got {c.optim.warmup_fraction}",
+    )
+    _require(c.optim.clip_grad >= 0, f"optim.clip_grad: must be >= 0 (0 disables), got {c.optim.clip_grad}")
+    b = c.budget
+    _require(b.global_batch > 0, f"budget.global_batch: must be > 0, got {b.global_batch}")
+    _require(
+        b.micro_batch is None or b.micro_batch > 0, f"budget.micro_batch: must be > 0, got {b.micro_batch}"
+    )
+    lengths = [k for k in ("images", "epochs", "flops") if getattr(b, k) is not None]
+    _require(
+        len(lengths) == 1,
+        f"budget: set exactly one of budget.images, budget.epochs, budget.flops (got {lengths or 'none'})",
+    )
+    _require(getattr(b, lengths[0]) > 0, f"budget.{lengths[0]}: must be > 0, got {getattr(b, lengths[0])}")
+    _require(
+        b.flop_convention in CONVENTIONS,
+        f"budget.flop_convention: unknown '{b.flop_convention}' (choose from {', '.join(CONVENTIONS)})",
+    )
+    d = c.deepspeed
+    _require(d.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {d.zero_stage}")
+    _require(
+        d.precision in ("auto", "fp32", "bf16"),
+        f"deepspeed.precision: must be auto, fp32 or bf16, got '{d.precision}'",
+    )
+    _require(
+        not d.offload_params or d.zero_stage == 3, "deepspeed.offload_params: needs deepspeed.zero_stage=3"
+    )
+    _require(
+        not d.offload_optimizer or d.zero_stage >= 1,
+        "deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1",
+    )
+    lg = c.logging
+    _require(lg.log_every > 0, f"logging.log_every: must be > 0, got {lg.log_every}")
+    _require(lg.eval_every >= 0, f"logging.eval_every: must be >= 0, got {lg.eval_every}")
+    _require(
+        lg.progress in ("auto", "always", "never"),
+        f"logging.progress: must be auto, always or never, got {lg.progress!r}",
+    )
+    ck = c.checkpoint
+    _require(ck.every > 0, f"checkpoint.every: must be > 0, got {ck.every}")
+    _require(ck.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {ck.keep_last}")
+    _require(ck.keep_every >= 0, f"checkpoint.keep_every: must be >= 0, got {ck.keep_every}")
+    _require(
+        ck.on_corrupt in ("error", "previous"),
+        f"checkpoint.on_corrupt: must be error or previous, got '{ck.on_corrupt}'",
+    )
+    _require(
+        ck.ema_decay is None or 0 < ck.ema_decay < 1,
+        f"checkpoint.ema_decay: must be in (0, 1), got {ck.ema_decay}",
+    )
+    _require(
+        ck.ema_decay is None or d.zero_stage < 3,
+        "checkpoint.ema_decay: EMA needs full parameters on every rank (deepspeed.zero_stage <= 2)",
+    )
+
+
+def check_world(c: RunConfig, world_size: int) -> int:
+    """The micro-batch per process for this world size; a ConfigError if the batch does not divide."""
+    b = c.budget
+    micro = b.micro_batch if b.micro_batch is not None else b.global_batch // world_size
+    if micro <= 0 or b.global_batch % (world_size * micro):
+        raise ConfigError(
+            f"budget.global_batch: {b.global_batch} is not divisible by world size {world_size} x micro_batch {micro}"
+        )
+    return micro
+
+
+def dump_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,190 @@
+"""Datasets: ImageNet-style folders, the bundled handwritten digits, and synthetic images.
+
+Every dataset takes ``(index, sample_seed)`` and seeds its augmentation from ``sample_seed``, so
+an image's crop is a pure function of the sampler position (see ``sampler.py``). Files that cannot
+be decoded are returned as ``Skipped`` markers; ``collate`` drops and counts them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+NEPA_MEAN = NEPA_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """The recipe's pretraining augmentation: RandomResizedCrop + horizontal flip, mean = std = 0.5."""
+
+    image_size: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    interpolation: str = "bicubic"
+    eval_crop_pct: float = 0.875
+
+
+def build_transform(spec: AugmentSpec, train: bool):
+    """timm's ImageNet transforms, with the recipe's settings (no colour jitter, no auto-augment)."""
+    if train:
+        return create_transform(
+            spec.image_size,
+            is_training=True,
+            scale=spec.crop_scale,
+            hflip=spec.hflip,
+            color_jitter=None,
+            interpolation=spec.interpolation,
+            mean=NEPA_MEAN,
+            std=NEPA_STD,
+        )
+    return create_transform(
+        spec.image_size,
+        is_training=False,
+        interpolation=spec.interpolation,
+        crop_pct=spec.eval_crop_pct,
+        mean=NEPA_MEAN,
+        std=NEPA_STD,
+    )
+
+
+class Skipped(NamedTuple):
+    path: str
+    reason: str
+
+
+class SeededDataset(Dataset):
+    """Applies ``transform`` under RNG state derived from the sample seed, leaving global RNG untouched."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, index: int) -> tuple[Image.Image | Skipped, int]:
+        raise NotImplementedError
+
+    def __getitem__(self, item: tuple[int, int] | int):
+        index, sample_seed = item if isinstance(item, tuple) else (item, item)
+        image, label = self.load(index)
+        if isinstance(image, Skipped):
+            return image
+        py_state = random.getstate()
+        try:
+            random.seed(sample_seed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                tensor = self.transform(image)
+        finally:
+            random.setstate(py_state)
+        return tensor, label
+
+
+class ImageFolderDataset(SeededDataset):
+    """``root/<class>/*.JPEG`` (point ``root`` at ImageNet's ``train`` or ``val``)."""
+
+    def __init__(self, root: str | Path, transform):
+        super().__init__(transform)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data directory not found: {self.root}")
+        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        self.samples = [
+            (str(path), label)
+            for label, name in enumerate(self.classes)
+            for path in sorted((self.root / name).iterdir())
+            if path.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not self.samples:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}/<class>/")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), label
+        except Exception as exc:  # truncated, corrupt, not an image: skipped and reported, never fatal
+            return Skipped(path, f"{type(exc).__name__}: {exc}"), label
+
+
+class DigitsDataset(SeededDataset):
+    """scikit-learn's 1,797 handwritten digits (8x8, shipped inside the package), upscaled to RGB.
+
+    A fixed, class-stratified split: every ``holdout_every``-th image of each class is held out.
+    """
+
+    def __init__(self, split: str, image_size: int, transform, holdout_every: int = 8):
+        super().__init__(transform)
+        if split not in ("train", "val"):
+            raise ValueError(f"unknown split '{split}' (choose train or val)")
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = (digits.images / 16.0 * 255.0).round().astype(np.uint8)
+        labels = digits.target.astype(int)
+        rank_in_class = np.zeros(len(labels), dtype=int)
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            rank_in_class[members] = np.arange(len(members))
+        held_out = rank_in_class % holdout_every == 0
+        keep = held_out if split == "val" else ~held_out
+        self.labels = labels[keep].tolist()
+        # Upscale once to the model's size; the random crop then works at that resolution.
+        self.images = [
+            Image.fromarray(img).resize((image_size, image_size), Image.BICUBIC).convert("RGB")
+            for img in images[keep]
+        ]
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int):
+        return self.images[index], self.labels[index]
+
+
+class SyntheticDataset(SeededDataset):
+    """Smooth random images (deterministic per index): throughput and plumbing, not learning."""
+
+    def __init__(self, size: int, image_size: int, num_classes: int = 10):
+        super().__init__(transform=None)
+        self.size, self.image_size, self.num_classes = size, image_size, num_classes
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, item):
+        index = item[0] if isinstance(item, tuple) else item
+        generator = torch.Generator().manual_seed(index)
+        low = torch.rand(3, 8, 8, generator=generator) * 2 - 1
+        image = torch.nn.functional.interpolate(low[None], size=self.image_size, mode="bilinear")[0]
+        return image, index % self.num_classes
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: list[Skipped]
+
+
+def collate(items: list) -> Batch:
+    """Stack the good samples; drop and record the ones that could not be decoded."""
+    skipped = [item for item in items if isinstance(item, Skipped)]
+    good = [item for item in items if not isinstance(item, Skipped)]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
+    images = torch.stack([image for image, _ in good])
+    labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    return Batch(images, labels, skipped)

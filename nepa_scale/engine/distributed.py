@@ -1,0 +1,101 @@
+"""Process group setup from torchrun / SLURM / submitit environments, and DeepSpeed config building."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nepa_scale.config import RunConfig
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's variables, else SLURM's, else a single process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"])
+    return 0, 0, 1
+
+
+def init_world() -> World:
+    """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU)."""
+    import deepspeed
+
+    rank, local_rank, world_size = world_from_env()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world_size > 1:
+            raise RuntimeError(
+                "MASTER_PORT is not set for a multi-process run (use torchrun or the launcher)"
+            )
+        os.environ["MASTER_PORT"] = str(_free_port())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return World(rank, local_rank, world_size, device, backend)
+
+
+def resolve_precision(config: RunConfig, device: torch.device) -> str:
+    if config.deepspeed.precision != "auto":
+        return config.deepspeed.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def deepspeed_config(
+    config: RunConfig, world: World, micro_batch: int, load_universal: bool
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run (the optimizer and scheduler are passed as objects)."""
+    ds = config.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": world.device.type == "cuda"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": world.device.type == "cuda"}
+    if ds.zero_stage == 3:
+        # Gather every parameter on each forward: a deterministic schedule (no prefetch heuristics).
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+    out: dict[str, Any] = {
+        "train_batch_size": config.budget.global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": config.budget.global_batch // (micro_batch * world.world_size),
+        "gradient_clipping": config.optim.clip_grad,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": resolve_precision(config, world.device) == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
+    }
+    for key, value in ds.extra.items():
+        out[key] = value
+    return out

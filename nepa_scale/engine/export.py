@@ -1,0 +1,65 @@
+"""Consolidate a run's newest committed checkpoint into fp32 safetensors (ours and the official layout)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from nepa_scale.config import config_from_dict
+from nepa_scale.engine import checkpoint as ckpt
+from nepa_scale.models.official import official_config, save_official
+from nepa_scale.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def fp32_state_dict(checkpoint: ckpt.Committed) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from any ZeRO stage (stage 0 keeps them whole in the model-states file)."""
+    if checkpoint.meta.get("zero_stage", 0) == 0:
+        states = torch.load(
+            checkpoint.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
+    return {k: v.float() for k, v in state.items()}
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    run = RunDir(run_dir)
+    committed = ckpt.committed_checkpoints(run.checkpoints)
+    if not committed:
+        raise FileNotFoundError(f"no committed checkpoint under {run.checkpoints}")
+    latest = committed[-1]
+    ckpt.verify(latest)
+    info = run.read_run()
+    if "config" not in info:
+        raise FileNotFoundError(f"{run.run_json} is missing or has no config")
+    config = config_from_dict(info["config"])
+    arch = config.model.arch()
+    out = Path(out_dir) if out_dir else run.export
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in fp32_state_dict(latest).items()}
+    meta = {"step": str(latest.step), "model": config.model.name, "layout": "nepa_scale"}
+    written = {"ours": out / "model.safetensors", "official": out / "official" / "model.safetensors"}
+    save_file(state, str(written["ours"]), metadata=meta)
+    written["official"].parent.mkdir(exist_ok=True)
+    save_official(state, written["official"])
+    (written["official"].parent / "config.json").write_text(json.dumps(official_config(arch), indent=2))
+    ema_file = latest.path / "ema.pt"
+    if ema_file.is_file():
+        ema = {
+            k: v.float().contiguous()
+            for k, v in torch.load(ema_file, map_location="cpu", weights_only=True).items()
+        }
+        written["ema"] = out / "model_ema.safetensors"
+        save_file(ema, str(written["ema"]), metadata={**meta, "ema_decay": str(config.checkpoint.ema_decay)})
+        written["ema_official"] = out / "official" / "model_ema.safetensors"
+        save_official(ema, written["ema_official"])
+    log.info("exported step %d of %s to %s", latest.step, run.root, out)
+    return written

@@ -1,0 +1,116 @@
+"""Per-interval metrics: rank 0 appends JSON lines to metrics.jsonl (and optionally TensorBoard/W&B)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+from nepa_scale.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+# Dense bf16 tensor-core peaks (spec sheets), used for MFU when the user gives none.
+KNOWN_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+
+
+def device_peak_tflops(device: torch.device, configured: float | None) -> float | None:
+    if configured is not None:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in KNOWN_PEAK_TFLOPS.items() if key in name), None)
+
+
+def max_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+class IntervalMeter:
+    """Accumulates losses and timings between two log lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.spreads: list[torch.Tensor] = []
+        self.images = 0
+        self.data_wait = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, spread: torch.Tensor, images: int, data_wait: float) -> None:
+        self.losses.append(loss.detach().float())
+        self.spreads.append(spread.detach().float())
+        self.images += images
+        self.data_wait += data_wait
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.started, 1e-9)
+
+
+class MetricsWriter:
+    def __init__(
+        self, run: RunDir, is_main: bool, tensorboard: bool, wandb_project: str | None, config: dict
+    ):
+        self.run, self.is_main = run, is_main
+        self.tb = None
+        self.wandb = None
+        if not is_main:
+            return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError(
+                    "logging.tensorboard: needs the tensorboard package (pip install tensorboard)"
+                ) from exc
+            self.tb = SummaryWriter(log_dir=str(run.root / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise RuntimeError(
+                    "logging.wandb_project: needs the wandb package (pip install wandb)"
+                ) from exc
+            self.wandb = wandb.init(
+                project=wandb_project, name=run.root.name, dir=str(run.root), config=config, resume="allow"
+            )
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.run.append_metrics(clean)
+        step = record["step"]
+        numeric = {k: v for k, v in clean.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for key, value in numeric.items():
+                if key != "step":
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"{record.get('kind', 'train')}/{k}": v for k, v in numeric.items()}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def progress_bar(enabled: str, is_main: bool, total: int, initial: int):
+    """A tqdm bar on interactive terminals (or when forced on); None otherwise."""
+    if not is_main or enabled == "never" or (enabled == "auto" and not sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)

@@ -1,0 +1,661 @@
+"""One NEPA pretraining run through DeepSpeed: build, resume, train, checkpoint, stop.
+
+The loop is deliberately plain: for each global step, ``accumulation_steps`` micro-batches of
+forward / loss / ``engine.backward`` / ``engine.step`` (DeepSpeed steps the optimizer and the lr
+schedule at the accumulation boundary). Everything a resumed run needs to be indistinguishable
+from an uninterrupted one is restored: weights, optimizer, lr schedule, data position (a function
+of the step), per-rank RNG states, EMA.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from nepa_scale.config import RunConfig, check_world, dump_yaml
+from nepa_scale.data import ResumableBatchSampler, build_dataset, collate
+from nepa_scale.engine import checkpoint as ckpt
+from nepa_scale.engine.distributed import World, deepspeed_config, init_world, resolve_precision
+from nepa_scale.engine.metrics import (
+    IntervalMeter,
+    MetricsWriter,
+    device_peak_tflops,
+    max_memory_gb,
+    progress_bar,
+)
+from nepa_scale.engine.preemption import PreemptionFlag
+from nepa_scale.flops import train_flops_per_image
+from nepa_scale.models import NEPA, resolve_backend
+from nepa_scale.objective import next_embedding_loss
+from nepa_scale.rundir import REQUEUE_EXIT_CODE, RunDir
+
+log = logging.getLogger("nepa_scale.train")
+NO_STEP = 2**62
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class ResumeRefused(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    status: str  # completed | preempted
+    step: int
+    total_steps: int
+    exit_code: int
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and [CLS]); none on biases, norms and LayerScale (ndim <= 1)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    """Linear warmup from 0, then cosine to ``min_ratio`` (Hugging Face's convention, as the official code)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def total_steps_for(config: RunConfig, steps_per_epoch: int, flops_per_image: float) -> int:
+    b = config.budget
+    if b.images is not None:
+        return max(1, math.ceil(b.images / b.global_batch))
+    if b.epochs is not None:
+        return max(1, math.ceil(b.epochs * steps_per_epoch))
+    return max(1, math.ceil(b.flops / (flops_per_image * b.global_batch)))
+
+
+class Ema:
+    """An fp32 exponential moving average of the weights (evaluation and export, never a teacher)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                self.shadow[key].lerp_(value.float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for key, value in state.items():
+            self.shadow[key].copy_(value)
+
+
+def git_revision() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    import deepspeed
+    import timm
+
+    import nepa_scale
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "timm": timm.__version__,
+        "nepa_scale": nepa_scale.__version__,
+        "cuda": torch.version.cuda or "",
+    }
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    lines = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += [f"{key}.{line}" for line in fingerprint_diff(a, b)]
+        elif a != b:
+            lines.append(f"{key}: checkpoint {a!r} -> config {b!r}")
+    return lines
+
+
+def setup_logging(world: World) -> None:
+    level = logging.INFO if world.is_main else logging.WARNING
+    fmt = f"%(asctime)s [rank {world.rank}] %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.world = init_world()
+        setup_logging(self.world)
+        self.micro_batch = check_world(config, self.world.world_size)
+        self.run = RunDir(config.output_dir)
+        self.precision = resolve_precision(config, self.world.device)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.arch = config.model.arch()
+        self.flops_per_image = train_flops_per_image(self.arch, config.budget.flop_convention)
+
+    # -- data
+    def _datasets(self) -> None:
+        c = self.config
+        self.train_set = build_dataset(c.data, "train", self.arch.image_size, train=True)
+        self.val_set = build_dataset(c.data, "val", self.arch.image_size, train=False)
+        self.sampler = ResumableBatchSampler(
+            len(self.train_set),
+            c.budget.global_batch,
+            self.micro_batch,
+            self.world.rank,
+            self.world.world_size,
+            c.seed,
+        )
+        eval_global = self.micro_batch * self.world.world_size
+        self.val_sampler = (
+            ResumableBatchSampler(
+                len(self.val_set),
+                eval_global,
+                self.micro_batch,
+                self.world.rank,
+                self.world.world_size,
+                shuffle=False,
+            )
+            if len(self.val_set) >= eval_global
+            else None
+        )
+
+    def _loader(self, sampler: ResumableBatchSampler) -> DataLoader:
+        # A private generator: creating an iterator must not consume the global RNG (exact resume).
+        return DataLoader(
+            self.train_set if sampler is self.sampler else self.val_set,
+            batch_sampler=sampler,
+            num_workers=self.config.data.num_workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.config.seed),
+            pin_memory=self.world.device.type == "cuda",
+        )
+
+    # -- resume planning
+    def _plan_resume(self) -> ckpt.Committed | None:
+        root = self.run.checkpoints
+        if self.world.is_main:
+            ckpt.remove_uncommitted(root)
+        barrier()
+        committed = ckpt.committed_checkpoints(root)
+        while committed:
+            candidate = committed[-1]
+            try:
+                ckpt.verify(candidate)
+            except ckpt.CheckpointError as exc:
+                if self.config.checkpoint.on_corrupt != "previous" or len(committed) == 1:
+                    raise
+                log.error(
+                    "%s; falling back to the previous committed checkpoint (checkpoint.on_corrupt=previous)",
+                    exc,
+                )
+                committed.pop()
+                continue
+            diff = fingerprint_diff(candidate.meta.get("fingerprint", {}), self.config.resume_fingerprint())
+            if diff:
+                raise ResumeRefused(
+                    f"config changed in a way that breaks resume from {candidate.path}: " + "; ".join(diff)
+                )
+            return candidate
+        return None
+
+    def _universal(self, source: ckpt.Committed) -> Path:
+        """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0), for a new world size."""
+        target = source.path.with_name(source.tag + ckpt.UNIVERSAL_SUFFIX)
+        if self.world.is_main and not (target / ckpt.MARKER).exists():
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            log.info(
+                "world size %d -> %d: converting %s to a universal checkpoint",
+                source.meta["world_size"],
+                self.world.world_size,
+                source.path,
+            )
+            args = type(
+                "Args",
+                (),
+                dict(
+                    input_folder=str(source.path),
+                    output_folder=str(target),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=True,
+                ),
+            )()
+            ds_to_universal(args)
+            ckpt.commit(target, {"source": source.tag})
+        barrier()
+        return target
+
+    # -- main
+    def fit(self) -> TrainResult:
+        import deepspeed
+
+        c, world, run = self.config, self.world, self.run
+        self._datasets()
+        steps_per_epoch = self.sampler.steps_per_epoch
+        total_steps = total_steps_for(c, steps_per_epoch, self.flops_per_image)
+        warmup_steps = round(c.optim.warmup_fraction * total_steps)
+
+        torch.manual_seed(c.seed)  # identical initial weights and RNG streams on every rank
+        model = NEPA(self.arch, attention=c.model.attention, grad_checkpointing=c.model.grad_checkpointing)
+        backend = resolve_backend(c.model.attention, world.device, self.dtype)
+        model.set_attention(backend=backend)
+        ema = Ema(model, c.checkpoint.ema_decay) if c.checkpoint.ema_decay else None
+
+        resume_from = self._plan_resume()
+        universal = (
+            resume_from is not None
+            and c.deepspeed.zero_stage > 0
+            and resume_from.meta.get("world_size") != world.world_size
+        )
+        load_dir = self._universal(resume_from) if universal else None
+
+        peak_lr = c.optim.peak_lr(c.budget.global_batch)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, c.optim.weight_decay),
+            lr=peak_lr,
+            betas=c.optim.betas,
+            eps=c.optim.eps,
+            foreach=world.device.type == "cuda",
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total_steps, warmup_steps, c.optim.min_lr / peak_lr)
+        )
+        ds_config = deepspeed_config(c, world, self.micro_batch, load_universal=universal)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+
+        start_step, restarts = 0, run.read_run().get("restarts", [])
+        if resume_from is not None:
+            start_step = self._load(engine, resume_from, load_dir, ema)
+        elif world.is_main and run.checkpoints.is_dir() and any(run.checkpoints.iterdir()):
+            log.warning("no committed checkpoint in %s: starting from step 0", run.checkpoints)
+
+        if world.is_main:
+            run.root.mkdir(parents=True, exist_ok=True)
+            run.config_yaml.write_text(dump_yaml(c))
+            dropped = run.truncate_metrics(start_step, len(restarts))
+            if resume_from is not None:
+                restarts.append(
+                    {
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "from_step": start_step,
+                        "world_size": world.world_size,
+                        "discarded_metric_lines": dropped,
+                    }
+                )
+            run.update_run(
+                status="running",
+                config=c.to_dict(),
+                config_hash=c.config_hash(),
+                versions=package_versions(),
+                git_revision=git_revision(),
+                world_size=world.world_size,
+                precision=self.precision,
+                attention_backend=backend,
+                total_steps=total_steps,
+                steps_per_epoch=steps_per_epoch,
+                flop_convention=c.budget.flop_convention,
+                flops_per_image=self.flops_per_image,
+                params=sum(p.numel() for p in model.parameters()),
+                restarts=restarts,
+                started=run.read_run().get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+                skipped_files=run.read_run().get("skipped_files", []) if resume_from else [],
+            )
+        barrier()
+        log.info(
+            "run %s: %s (%s), %d steps of %d images (%d x %d micro-batches x %d ranks), %s, attention=%s, zero=%d, from step %d",
+            run.root,
+            c.model.name,
+            f"{sum(p.numel() for p in model.parameters()):,} params",
+            total_steps,
+            c.budget.global_batch,
+            self.micro_batch,
+            self.sampler.accumulation_steps,
+            world.world_size,
+            self.precision,
+            backend,
+            c.deepspeed.zero_stage,
+            start_step,
+        )
+        return self._loop(engine, ema, start_step, total_steps)
+
+    def _load(self, engine, source: ckpt.Committed, universal_dir: Path | None, ema: Ema | None) -> int:
+        load_dir, tag = (
+            (universal_dir.parent, universal_dir.name) if universal_dir else (source.path.parent, source.tag)
+        )
+        try:
+            path, client = engine.load_checkpoint(
+                str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        except Exception as exc:
+            raise ckpt.CheckpointError(
+                f"cannot load committed checkpoint {source.path}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if path is None:
+            raise ckpt.CheckpointError(f"DeepSpeed found nothing to load in {source.path}")
+        step = int(source.meta["step"])
+        if universal_dir is not None:
+            # DeepSpeed restores the lr schedule only from its own client state: set it from the step.
+            engine.lr_scheduler.last_epoch = step - 1
+            engine.lr_scheduler.step()
+        rng = ckpt.rng_file(source.path, self.world.rank)
+        if rng.is_file():
+            ckpt.set_rng_state(ckpt.load_rng(source.path, self.world.rank))
+        else:
+            log.warning(
+                "no RNG state for rank %d in %s (world size changed): fresh RNG streams",
+                self.world.rank,
+                source.path,
+            )
+            torch.manual_seed(self.config.seed * 1_000_003 + step)
+        if ema is not None:
+            ema_file = source.path / "ema.pt"
+            if not ema_file.is_file():
+                raise ckpt.CheckpointError(f"checkpoint.ema_decay is set but {ema_file} is missing")
+            ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
+        log.info(
+            "resumed from %s (step %d, images seen %d)",
+            source.path,
+            step,
+            client.get("images_seen", -1) if client else -1,
+        )
+        return step
+
+    def _save(self, engine, ema: Ema | None, step: int, reason: str) -> Path:
+        c, world = self.config, self.world
+        tag = ckpt.tag_for(step)
+        path = self.run.checkpoints / tag
+        client = {
+            "step": step,
+            "images_seen": step * c.budget.global_batch,
+            "config_hash": c.config_hash(),
+            "universal_checkpoint_info": {},
+        }
+        engine.save_checkpoint(str(self.run.checkpoints), tag=tag, client_state=client, save_latest=False)
+        ckpt.save_rng(path, world.rank)
+        if ema is not None and world.is_main:
+            torch.save(ema.state_dict(), path / "ema.pt")
+        barrier()
+        if world.is_main:
+            ckpt.commit(
+                path,
+                {
+                    "step": step,
+                    "images_seen": step * c.budget.global_batch,
+                    "world_size": world.world_size,
+                    "zero_stage": c.deepspeed.zero_stage,
+                    "config_hash": c.config_hash(),
+                    "fingerprint": c.resume_fingerprint(),
+                    "reason": reason,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            )
+            ckpt.retention(self.run.checkpoints, c.checkpoint.keep_last, c.checkpoint.keep_every)
+        barrier()
+        return path
+
+    @torch.no_grad()
+    def _evaluate(self, engine) -> float | None:
+        if self.val_sampler is None:
+            return None
+        engine.eval()
+        total = torch.zeros(2, device=self.world.device)
+        self.val_sampler.set_position(0, 0)
+        for i, batch in enumerate(self._loader(self.val_sampler)):
+            if i >= self.config.logging.eval_batches or len(batch.images) == 0:
+                break
+            out = engine(batch.images.to(self.world.device, self.dtype))
+            loss = next_embedding_loss(out.prediction, out.target).loss
+            total += torch.stack(
+                [
+                    loss.float() * len(batch.images),
+                    torch.tensor(float(len(batch.images)), device=self.world.device),
+                ]
+            )
+        engine.train()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(total)
+        return (total[0] / total[1].clamp_min(1)).item()
+
+    def _check_finite(self, first_bad: torch.Tensor) -> None:
+        gathered = [first_bad.clone() for _ in range(self.world.world_size)]
+        if self.world.world_size > 1:
+            dist.all_gather(gathered, first_bad)
+        bad = {rank: int(t.item()) for rank, t in enumerate(gathered) if int(t.item()) < NO_STEP}
+        if bad:
+            step = min(bad.values())
+            raise NonFiniteLoss(
+                f"non-finite loss at step {step} on rank(s) {sorted(bad)}: stopping (no checkpoint written after it)"
+            )
+
+    def _loop(self, engine, ema: Ema | None, start_step: int, total_steps: int) -> TrainResult:
+        c, world, run = self.config, self.world, self.run
+        preempt = PreemptionFlag().install()
+        writer = MetricsWriter(
+            run, world.is_main, c.logging.tensorboard, c.logging.wandb_project, c.to_dict()
+        )
+        bar = progress_bar(c.logging.progress, world.is_main, total_steps, start_step)
+        peak = device_peak_tflops(world.device, c.logging.device_peak_tflops)
+        meter = IntervalMeter()
+        first_bad = torch.full((), NO_STEP, dtype=torch.long, device=world.device)
+        skipped: list[str] = []
+        collapse_warned = False
+        steps_per_epoch = self.sampler.steps_per_epoch
+        batches = None
+        status, step = "completed", start_step
+        try:
+            for step in range(start_step, total_steps):
+                epoch, step_in_epoch = divmod(step, steps_per_epoch)
+                if batches is None or step_in_epoch == 0:
+                    self.sampler.set_position(epoch, step_in_epoch)
+                    batches = iter(self._loader(self.sampler))
+                for _ in range(self.sampler.accumulation_steps):
+                    wait_start = time.perf_counter()
+                    batch = next(batches)
+                    wait = time.perf_counter() - wait_start
+                    skipped += [s.path for s in batch.skipped]
+                    images = batch.images.to(world.device, self.dtype, non_blocking=True)
+                    if len(images) == 0:  # every file of the micro-batch unreadable: a zero-weight step
+                        images = torch.zeros(
+                            1,
+                            self.arch.in_chans,
+                            self.arch.image_size,
+                            self.arch.image_size,
+                            device=world.device,
+                            dtype=self.dtype,
+                        )
+                    out = engine(images)
+                    result = next_embedding_loss(
+                        out.prediction,
+                        out.target,
+                        stop_gradient=c.objective.stop_gradient,
+                        shift=c.objective.shift,
+                    )
+                    loss = result.loss * (0.0 if len(batch.images) == 0 else 1.0)
+                    engine.backward(loss)
+                    engine.step()
+                    meter.add(result.loss, result.target_spread, len(batch.images), wait)
+                    first_bad = torch.where(
+                        ~torch.isfinite(result.loss) & (first_bad == NO_STEP), step + 1, first_bad
+                    )
+                if ema is not None:
+                    ema.update(engine.module)
+                done = step + 1
+                if bar is not None:
+                    bar.update(1)
+                last = done == total_steps
+                if done % c.logging.log_every == 0 or last:
+                    self._check_finite(first_bad)
+                    record = self._train_record(engine, meter, done, peak)
+                    if record["collapsed"] and not collapse_warned:
+                        log.warning(
+                            "step %d: loss %.4f with target spread %.4f: the run looks collapsed",
+                            done,
+                            record["loss"],
+                            record["target_spread"],
+                        )
+                        collapse_warned = True
+                    writer.write(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    self._report_skipped(skipped)  # collective when world_size > 1
+                    skipped = []
+                    meter.reset()
+                if (c.logging.eval_every and done % c.logging.eval_every == 0) or last:
+                    val = self._evaluate(engine)
+                    if val is not None:
+                        writer.write(
+                            {
+                                "kind": "eval",
+                                "step": done,
+                                "images_seen": done * c.budget.global_batch,
+                                "flops_seen": done * c.budget.global_batch * self.flops_per_image,
+                                "val_loss": val,
+                                "time": time.time(),
+                            }
+                        )
+                stop = preempt.agreed(world.device)
+                if done % c.checkpoint.every == 0 or last or stop:
+                    self._check_finite(first_bad)
+                    self._save(engine, ema, done, "preempted" if stop else ("final" if last else "periodic"))
+                if stop and not last:
+                    status, step = "preempted", done
+                    break
+                step = done
+        except BaseException as exc:
+            if world.is_main:
+                run.update_run(
+                    status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0], failed_at_step=step
+                )
+            raise
+        finally:
+            preempt.uninstall()
+            writer.close()
+            if bar is not None:
+                bar.close()
+        if world.is_main:
+            fields = {"status": status, "step": step, "images_seen": step * c.budget.global_batch}
+            if status == "preempted":
+                fields["preempted_by"] = preempt.received.name if preempt.received else "peer rank"
+                log.info(
+                    "preempted (%s) at step %d: checkpoint committed, exiting with %d for requeue",
+                    fields["preempted_by"],
+                    step,
+                    REQUEUE_EXIT_CODE,
+                )
+            else:
+                fields["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            run.update_run(**fields)
+        barrier()
+        return TrainResult(status, step, total_steps, REQUEUE_EXIT_CODE if status == "preempted" else 0)
+
+    def _train_record(self, engine, meter: IntervalMeter, done: int, peak: float | None) -> dict:
+        c, world = self.config, self.world
+        stats = torch.stack(
+            [
+                torch.stack(meter.losses).mean(),
+                torch.stack(meter.spreads).mean(),
+                torch.tensor(float(meter.images), device=world.device),
+            ]
+        )
+        if world.world_size > 1:
+            dist.all_reduce(stats)
+            stats[:2] /= world.world_size
+        elapsed = meter.elapsed()
+        img_per_s = stats[2].item() / elapsed
+        tflops = img_per_s * self.flops_per_image / 1e12
+        loss, spread = stats[0].item(), stats[1].item()
+        grad_norm = engine.get_global_grad_norm()
+        return {
+            "kind": "train",
+            "step": done,
+            "images_seen": done * c.budget.global_batch,
+            "flops_seen": done * c.budget.global_batch * self.flops_per_image,
+            "flop_convention": c.budget.flop_convention,
+            "loss": loss,
+            "target_spread": spread,
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "img_per_s": img_per_s,
+            "tflops_per_s": tflops,
+            "mfu": tflops / peak if peak else None,
+            "max_memory_gb": max_memory_gb(world.device),
+            "data_wait_frac": min(1.0, meter.data_wait / elapsed),
+            "collapsed": bool(loss < c.logging.collapse_loss and spread < c.logging.collapse_spread),
+            "time": time.time(),
+        }
+
+    def _report_skipped(self, paths: list[str]) -> None:
+        gathered: list[list[str]] = [paths]
+        if self.world.world_size > 1:
+            gathered = [[] for _ in range(self.world.world_size)]
+            dist.all_gather_object(gathered, paths)
+        flat = [p for part in gathered for p in part]
+        if self.world.is_main and flat:
+            known = self.run.read_run().get("skipped_files", [])
+            self.run.update_run(skipped_files=known + flat)
+            log.warning(
+                "skipped %d unreadable image file(s): %s",
+                len(flat),
+                ", ".join(flat[:5]) + (" ..." if len(flat) > 5 else ""),
+            )
+
+
+def train(config: RunConfig) -> TrainResult:
+    return Trainer(config).fit()
