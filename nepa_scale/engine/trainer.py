@@ -473,6 +473,21 @@ class Trainer:
             dist.all_reduce(total)
         return (total[0] / total[1].clamp_min(1)).item()
 
+    def _write_eval(self, engine, writer: MetricsWriter, done: int) -> None:
+        val = self._evaluate(engine)
+        if val is not None:
+            images = done * self.config.budget.global_batch
+            writer.write(
+                {
+                    "kind": "eval",
+                    "step": done,
+                    "images_seen": images,
+                    "flops_seen": images * self.flops_per_image,
+                    "val_loss": val,
+                    "time": time.time(),
+                }
+            )
+
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         gathered = [first_bad.clone() for _ in range(self.world.world_size)]
         if self.world.world_size > 1:
@@ -500,6 +515,8 @@ class Trainer:
         batches = None
         status, step = "completed", start_step
         try:
+            if start_step == 0 and c.logging.eval_every:
+                self._write_eval(engine, writer, 0)  # the held-out loss at initialisation
             for step in range(start_step, total_steps):
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
                 if batches is None or step_in_epoch == 0:
@@ -558,18 +575,7 @@ class Trainer:
                     skipped = []
                     meter.reset()
                 if (c.logging.eval_every and done % c.logging.eval_every == 0) or last:
-                    val = self._evaluate(engine)
-                    if val is not None:
-                        writer.write(
-                            {
-                                "kind": "eval",
-                                "step": done,
-                                "images_seen": done * c.budget.global_batch,
-                                "flops_seen": done * c.budget.global_batch * self.flops_per_image,
-                                "val_loss": val,
-                                "time": time.time(),
-                            }
-                        )
+                    self._write_eval(engine, writer, done)
                 stop = preempt.agreed(world.device)
                 if done % c.checkpoint.every == 0 or last or stop:
                     self._check_finite(first_bad)

@@ -190,7 +190,7 @@ class NEPA(nn.Module):
         self.patch_embed = PatchEmbed(arch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, arch.dim))
         self.rope = Rope2D(arch)
-        rates = torch.linspace(0, arch.drop_path, arch.depth).tolist()
+        rates = [arch.drop_path * i / max(1, arch.depth - 1) for i in range(arch.depth)]
         self.blocks = nn.ModuleList(Block(arch, attention, rate) for rate in rates)
         self.norm = nn.LayerNorm(arch.dim, eps=arch.norm_eps)
         if arch.num_classes > 0:

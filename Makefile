@@ -1,0 +1,26 @@
+# Two entry points (see README): `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/nepa-scale demo
+
+lint: setup
+	$(PY) -m ruff check nepa_scale tests
+
+test: lint
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+clean:
+	rm -rf runs .pytest_cache
