@@ -156,6 +156,8 @@ def test_kill_during_checkpoint_write_resumes_from_previous(runs):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["restarts"][-1]["from_step"] == newest and info["status"] == "completed"
     assert not [p for p in (run_dir / "checkpoints").glob("step_*") if not (p / MARKER).exists()]
+    kept = [c.step for c in committed_checkpoints(run_dir / "checkpoints")]
+    assert kept == [newest + 1, newest + 2, newest + 3]  # checkpoint.keep_last=3
 
 
 def test_truncated_shard_is_a_loud_error_or_explicit_fallback(runs):

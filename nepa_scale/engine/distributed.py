@@ -42,12 +42,29 @@ def world_from_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+def slurm_rendezvous() -> dict[str, str]:
+    """MASTER_ADDR/PORT for a plain ``srun``: the job's first node, a port derived from the job id
+    (stable across requeues, like submitit's TorchDistributedEnvironment)."""
+    import subprocess
+
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    job = int(os.environ.get("SLURM_JOB_ID", "0"))
+    return {"MASTER_ADDR": hosts[0], "MASTER_PORT": str(20000 + job % 20000)}
+
+
 def init_world() -> World:
     """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU)."""
     import deepspeed
 
     rank, local_rank, world_size = world_from_env()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+    if world_size > 1 and "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+        os.environ.update(slurm_rendezvous())
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if world_size > 1:
