@@ -67,6 +67,53 @@ def cmd_models(args: argparse.Namespace) -> int:  # noqa: ARG001
     return 0
 
 
+def _settings(args: argparse.Namespace):
+    from nepa_scale.scaling.report import StudySettings
+
+    return StudySettings(
+        quantity=args.quantity,
+        n_kind=args.n,
+        d_kind=args.d,
+        convention=args.convention,
+        budgets=args.budgets,
+        window=args.window,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        downstream=args.downstream or [],
+    )
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from nepa_scale.scaling.collect import collect, write_table
+
+    try:
+        table = collect(args.sweep_dir, budgets=args.budgets, window=args.window, convention=args.convention)
+    except FileNotFoundError as exc:
+        return _fail(str(exc))
+    paths = write_table(table, args.out or Path(args.sweep_dir) / "report")
+    counts = table.drop_duplicates("run_id")["status"].value_counts().to_dict()
+    print(
+        f"{len(table)} rows from {table['run_id'].nunique()} runs ({counts}) -> {paths['parquet']}, {paths['csv']}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from nepa_scale.scaling.fits import FitError
+    from nepa_scale.scaling.report import build_report
+
+    try:
+        result = build_report(args.sweep_dir, args.out, _settings(args))
+    except (FileNotFoundError, FitError, ValueError) as exc:
+        return _fail(str(exc))
+    for name, fit in result["fits"].items():
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in fit.items() if not isinstance(v, list)))
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
+    print(f"report: {result['paths']['html']} (and {result['paths']['markdown'].name})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Until the sweep demo lands: a short CPU pretraining of the tiny model on the bundled digits."""
     overrides = [f"output_dir={args.output_dir}", *args.overrides]
@@ -108,6 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="the model zoo with parameter counts and FLOPs")
     models.set_defaults(func=cmd_models)
+
+    for name, func, text in (
+        ("collect", cmd_collect, "the tidy run table (Parquet + CSV) of a sweep directory"),
+        ("report", cmd_report, "fits, figures and an HTML/Markdown report of a sweep directory"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("sweep_dir")
+        p.add_argument("--out", default=None, help="output directory (default SWEEP_DIR/report)")
+        p.add_argument(
+            "--budgets", type=float, nargs="*", default=None, help="pre-registered compute budgets (FLOPs)"
+        )
+        p.add_argument("--window", type=int, default=5, help="log lines averaged for the loss at a budget")
+        p.add_argument("--convention", default="6N+attn", choices=["6N", "6N+attn", "6N+attn_causal"])
+        p.add_argument("--quantity", default="cosine_distance", help="fitted column (default: 1 + loss)")
+        p.add_argument("--n", default="params", choices=["params", "params_no_embed"])
+        p.add_argument("--d", default="images", choices=["images", "patches"])
+        p.add_argument("--bootstrap", type=int, default=1000)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--downstream", nargs="*", default=None, help="metric columns to plot and fit vs compute"
+        )
+        p.set_defaults(func=func)
 
     demo = sub.add_parser("demo", help="short CPU pretraining of nepa_tiny on the bundled digits")
     demo.add_argument("--output-dir", default="runs/demo")

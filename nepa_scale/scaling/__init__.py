@@ -1,0 +1,1 @@
+"""Scaling analysis: collect run directories, fit scaling laws, draw figures, write the report."""

@@ -1,0 +1,169 @@
+"""From run directories to one tidy table: a row per run and per pre-registered evaluation budget.
+
+Reads only the run-directory contract (``nepa_scale/rundir.py``). Losses at a budget are the
+mean of the logged training losses over a window of log lines ending at the budget (stated in the
+``smoothing`` column); held-out and downstream metrics come from evaluation lines. Runs that failed
+or are incomplete are kept with their status, never dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from nepa_scale.config import ConfigError, config_from_dict
+from nepa_scale.flops import CONVENTIONS, train_flops_per_image
+from nepa_scale.models.zoo import count_params
+from nepa_scale.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW = 5  # log lines averaged for the loss at a budget
+
+
+def run_dirs(sweep_dir: Path) -> list[Path]:
+    """Every directory under ``sweep_dir`` holding a run.json (the sweep directory itself included)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory not found: {sweep_dir}")
+    return sorted(p.parent for p in sweep_dir.rglob("run.json"))
+
+
+def _run_summary(run: RunDir) -> dict:
+    info = run.read_run()
+    row: dict = {"run_id": run.root.name, "run_dir": str(run.root), "status": info.get("status", "unknown")}
+    try:
+        config = config_from_dict(info["config"])
+    except (KeyError, ConfigError) as exc:
+        row.update(status="invalid", error=f"run.json: {exc}")
+        return row
+    arch = config.model.arch()
+    counts = count_params(arch)
+    row.update(
+        model=config.model.name,
+        params=counts["total"],
+        params_no_embed=counts["without_patch_embed"],
+        tokens_per_image=arch.num_tokens,
+        global_batch=config.budget.global_batch,
+        total_steps=info.get("total_steps"),
+        restarts=len(info.get("restarts", [])),
+        world_size=info.get("world_size", 1),
+        error=info.get("error"),
+        **{f"flops_per_image_{c}": train_flops_per_image(arch, c) for c in CONVENTIONS},
+    )
+    return row
+
+
+def _gpu_hours(train: pd.DataFrame, world_size: int, global_batch: int) -> float:
+    """Device-hours from the logged throughput: images of each interval / img/s, times the ranks."""
+    if train.empty or "img_per_s" not in train:
+        return float("nan")
+    images = train["step"].diff().fillna(train["step"].iloc[0]) * global_batch
+    seconds = (images / train["img_per_s"].replace(0, np.nan)).sum()
+    return float(seconds * world_size / 3600)
+
+
+def collect(
+    sweep_dir: str | Path,
+    budgets: list[float] | None = None,
+    window: int = DEFAULT_WINDOW,
+    convention: str = "6N+attn",
+) -> pd.DataFrame:
+    """The tidy table. ``budgets`` are training FLOPs under ``convention`` (pre-registered evaluation
+    points); every run also gets a ``final`` row at its last logged step."""
+    rows = []
+    for path in run_dirs(Path(sweep_dir)):
+        run = RunDir(path)
+        summary = _run_summary(run)
+        metrics = pd.DataFrame(run.read_metrics())
+        if summary["status"] == "invalid" or metrics.empty:
+            rows.append({**summary, "budget": "final", "images_seen": 0, "loss": math.nan})
+            continue
+        kind = metrics["kind"] if "kind" in metrics else pd.Series("train", index=metrics.index)
+        train = metrics[kind == "train"].sort_values("step").drop_duplicates("step", keep="last")
+        evals = metrics[kind == "eval"].sort_values("step").drop_duplicates("step", keep="last")
+        per_image = summary[f"flops_per_image_{convention}"]
+        summary["gpu_hours"] = _gpu_hours(train, summary["world_size"], summary["global_batch"])
+        complete = summary["status"] == "completed"
+        last_step = int(train["step"].iloc[-1]) if len(train) else 0
+        points = [("final", last_step)]
+        for budget in budgets or []:
+            step = math.ceil(budget / (per_image * summary["global_batch"]))
+            if step <= last_step:
+                points.append((f"{budget:.4g}", step))
+        for label, step in points:
+            upto = train[train["step"] <= step]
+            if upto.empty:
+                continue
+            images = int(step * summary["global_batch"])
+            row = {
+                **summary,
+                "budget": label,
+                "step": step,
+                "images_seen": images,
+                "complete": complete,
+                "smoothing": f"mean of last {window} log lines",
+            }
+            for c in CONVENTIONS:
+                row[f"flops_{c}"] = images * summary[f"flops_per_image_{c}"]
+            row["loss"] = float(upto["loss"].tail(window).mean())
+            row["loss_last_line"] = float(upto["loss"].iloc[-1])
+            row["cosine_distance"] = 1.0 + row["loss"]
+            ev = evals[evals["step"] <= step]
+            if len(ev):
+                last_eval = ev.iloc[-1]
+                for key, value in last_eval.items():
+                    if key in ("val_loss",) or str(key).startswith(("probe_", "knn_", "linear_")):
+                        row[key] = value
+                if "val_loss" in row and pd.notna(row["val_loss"]):
+                    row["val_cosine_distance"] = 1.0 + row["val_loss"]
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        raise FileNotFoundError(f"no runs (run.json) under {sweep_dir}")
+    table.attrs["convention"] = convention
+    return table
+
+
+def write_table(table: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"parquet": out_dir / "table.parquet", "csv": out_dir / "table.csv"}
+    table.to_parquet(paths["parquet"], index=False)
+    table.to_csv(paths["csv"], index=False)
+    return paths
+
+
+def collect_curves(
+    sweep_dir: str | Path, window: int = DEFAULT_WINDOW, convention: str = "6N+attn"
+) -> pd.DataFrame:
+    """Every run's training curve: one row per logged step, loss smoothed over ``window`` lines."""
+    frames = []
+    for path in run_dirs(Path(sweep_dir)):
+        run = RunDir(path)
+        summary = _run_summary(run)
+        metrics = pd.DataFrame(run.read_metrics())
+        if summary["status"] == "invalid" or metrics.empty or "loss" not in metrics:
+            continue
+        kind = metrics["kind"] if "kind" in metrics else pd.Series("train", index=metrics.index)
+        train = metrics[kind == "train"].sort_values("step").drop_duplicates("step", keep="last")
+        frame = pd.DataFrame(
+            {
+                "run_id": summary["run_id"],
+                "model": summary["model"],
+                "params": summary["params"],
+                "params_no_embed": summary["params_no_embed"],
+                "status": summary["status"],
+                "step": train["step"].to_numpy(),
+                "images_seen": train["step"].to_numpy() * summary["global_batch"],
+                "loss": train["loss"].rolling(window, min_periods=1).mean().to_numpy(),
+            }
+        )
+        frame["flops"] = frame["images_seen"] * summary[f"flops_per_image_{convention}"]
+        frame["cosine_distance"] = 1.0 + frame["loss"]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -1,0 +1,518 @@
+"""Scaling-law fits with honest uncertainty (numpy/scipy; the optimiser is scipy's L-BFGS-B).
+
+The NEPA loss is a negative cosine in [-1, 1]; power laws need a positive quantity that falls to
+an irreducible floor, so by default we fit the mean cosine distance ``1 + loss``. Every fit takes
+the fitted quantity as data, so a probe error (or anything positive) is fitted the same way.
+
+- ``fit_power_law``: L(C) = E + A * C^-alpha (on the compute-efficient frontier).
+- ``fit_chinchilla``: L(N, D) = E + A/N^alpha + B/D^beta, Chinchilla approach 3: Huber loss
+  (delta 1e-3) on log L, parameterised as logsumexp(a - alpha log N, b - beta log D, e), L-BFGS
+  from a grid of initial values, best kept; bootstrap intervals over runs.
+- ``fit_isoflop``: approach 2: per compute budget a parabola of L in log N, its minimum, and power
+  laws N_opt(C), D_opt(C).
+- ``holdout``: fit without the largest model(s), predict them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+
+
+class FitError(ValueError):
+    """The data cannot support the requested fit (the message says why)."""
+
+
+@dataclass
+class Estimate:
+    value: float
+    low: float = math.nan  # 95% bootstrap interval
+    high: float = math.nan
+
+    def contains(self, x: float) -> bool:
+        return self.low <= x <= self.high
+
+    def __str__(self) -> str:
+        if math.isnan(self.low):
+            return f"{self.value:.4g}"
+        return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+
+def _clean(*arrays: np.ndarray, names: tuple[str, ...], warnings: list[str]) -> tuple[np.ndarray, ...]:
+    arrays = tuple(np.asarray(a, dtype=float) for a in arrays)
+    ok = np.ones(len(arrays[0]), dtype=bool)
+    for a in arrays:
+        ok &= np.isfinite(a)
+    ok &= arrays[-1] > 0
+    dropped = int((~ok).sum())
+    if dropped:
+        warnings.append(f"dropped {dropped} point(s) with NaN/inf or non-positive {names[-1]}")
+    return tuple(a[ok] for a in arrays)
+
+
+def _interval(samples: np.ndarray) -> tuple[float, float]:
+    samples = samples[np.isfinite(samples)]
+    if len(samples) < 10:
+        return math.nan, math.nan
+    return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
+
+
+def _one_blas_thread() -> None:
+    """Each worker owns one core: BLAS threads on top of the processes only oversubscribe."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+
+
+def _parallel_map(fn, tasks: list) -> list:
+    workers = min(len(tasks), os.cpu_count() or 1)
+    if workers <= 1:
+        return [fn(t) for t in tasks]
+    # spawn, not fork: forked children inherit BLAS thread pools mid-state and can crawl or hang.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_one_blas_thread) as pool:
+        return list(pool.map(fn, tasks))
+
+
+# ----------------------------------------------------------------------------- Chinchilla (approach 3)
+
+CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta")
+
+
+def _huber_objective(
+    theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta: float
+):
+    a, b, e, alpha, beta = theta
+    t1, t2 = a - alpha * log_n, b - beta * log_d
+    m = np.maximum(np.maximum(t1, t2), e)  # logsumexp of three terms, written out: this is the hot loop
+    x1, x2, x3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(e - m)
+    total = x1 + x2 + x3
+    r = m + np.log(total) - log_l
+    absr = np.abs(r)
+    loss = np.where(absr <= delta, 0.5 * r * r, delta * (absr - 0.5 * delta)).sum()
+    g = np.clip(r, -delta, delta) / total
+    g1, g2 = g * x1, g * x2
+    grad = np.array([g1.sum(), g2.sum(), (g * x3).sum(), -(g1 * log_n).sum(), -(g2 * log_d).sum()])
+    return loss, grad
+
+
+def _grid(log_l: np.ndarray) -> np.ndarray:
+    """Initial values: alpha, beta in 0..2; log A, log B in 0..25; log E below the smallest loss."""
+    floor = float(np.min(log_l))
+    es = [floor + math.log(f) for f in (0.05, 0.3, 0.7, 0.95)]
+    return np.array(
+        [
+            (a, b, e, al, be)
+            for a, b, e, al, be in itertools.product(
+                range(0, 26, 5), range(0, 26, 5), es, np.arange(0, 2.01, 0.5), np.arange(0, 2.01, 0.5)
+            )
+        ],
+        dtype=float,
+    )
+
+
+def _lbfgs(start: np.ndarray, data: tuple, delta: float) -> tuple[float, np.ndarray]:
+    # Tight tolerances: the E-A-alpha valley is flat, and a loose stop would pin every bootstrap
+    # resample to its starting point (intervals far too narrow).
+    res = minimize(
+        _huber_objective,
+        start,
+        args=(*data, delta),
+        jac=True,
+        method="L-BFGS-B",
+        bounds=[(None, None), (None, None), (None, None), (0, 5), (0, 5)],
+        options={"ftol": 1e-13, "gtol": 1e-10, "maxiter": 5000},
+    )
+    return float(res.fun), res.x
+
+
+def _fit_from(starts: np.ndarray, data: tuple, delta: float, top: int) -> np.ndarray:
+    """Evaluate every start, refine the ``top`` best with L-BFGS, keep the best result."""
+    values = np.array([_huber_objective(s, *data, delta)[0] for s in starts])
+    best_val, best = math.inf, starts[0]
+    for idx in np.argsort(values)[:top]:
+        val, theta = _lbfgs(starts[idx], data, delta)
+        if val < best_val:
+            best_val, best = val, theta
+    return best
+
+
+def _center(theta: np.ndarray, mu_n: float, mu_d: float, sign: int) -> np.ndarray:
+    """Move (a, b) between log N / log D and their centred versions: a - alpha log N = a' - alpha (log N - mu).
+
+    The optimiser works centred, where a and alpha are no longer nearly collinear (far fewer iterations)."""
+    out = np.array(theta, dtype=float, copy=True)
+    out[..., 0] -= sign * out[..., 3] * mu_n
+    out[..., 1] -= sign * out[..., 4] * mu_d
+    return out
+
+
+def _theta_to_params(theta: np.ndarray) -> dict[str, float]:
+    a, b, e, alpha, beta = theta
+    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": float(alpha), "beta": float(beta)}
+
+
+@dataclass
+class ChinchillaFit:
+    params: dict[str, Estimate]
+    n_points: int
+    n_runs: int
+    n_bootstrap: int
+    n_label: str
+    d_label: str
+    quantity: str
+    residuals: np.ndarray = field(repr=False)
+    warnings: list[str] = field(default_factory=list)
+
+    def predict(self, n, d) -> np.ndarray:
+        p = {k: v.value for k, v in self.params.items()}
+        return (
+            p["E"] + p["A"] / np.asarray(n, float) ** p["alpha"] + p["B"] / np.asarray(d, float) ** p["beta"]
+        )
+
+    def optimal_allocation(self, compute: float, flops_per_param_datum: float = 6.0) -> tuple[float, float]:
+        """The N, D that minimise L(N, D) under C = k N D (closed form of approach 3)."""
+        p = {k: v.value for k, v in self.params.items()}
+        a, b = p["alpha"], p["beta"]
+        g = (a * p["A"] / (b * p["B"])) ** (1 / (a + b))
+        n = g * (compute / flops_per_param_datum) ** (b / (a + b))
+        return n, compute / (flops_per_param_datum * n)
+
+
+def _bootstrap_chinchilla(task) -> list[np.ndarray]:
+    seed, count, groups, data, starts, delta = task
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        chosen = rng.integers(0, len(groups), len(groups))
+        idx = np.concatenate([groups[i] for i in chosen])
+        sample = tuple(x[idx] for x in data)
+        out.append(_fit_from(starts, sample, delta, top=len(starts)))
+    return out
+
+
+def fit_chinchilla(
+    n,
+    d,
+    quantity,
+    runs=None,
+    *,
+    delta: float = 1e-3,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    n_label: str = "params",
+    d_label: str = "images",
+    quantity_label: str = "cosine distance (1 + loss)",
+) -> ChinchillaFit:
+    """L(N, D) = E + A/N^alpha + B/D^beta by Huber regression on log L; bootstrap over ``runs``."""
+    warnings: list[str] = []
+    runs = np.arange(len(n)) if runs is None else np.asarray(runs)
+    run_codes = np.unique(runs, return_inverse=True)[1].astype(float)
+    n, d, run_codes, q = _clean(
+        n, d, run_codes, quantity, names=("N", "D", "run", "quantity"), warnings=warnings
+    )
+    if len(q) < len(CHINCHILLA_PARAMS) + 1:
+        raise FitError(
+            f"Chinchilla fit needs at least {len(CHINCHILLA_PARAMS) + 1} points for {len(CHINCHILLA_PARAMS)} parameters, got {len(q)}"
+        )
+    if len(np.unique(n)) < 2:
+        raise FitError(
+            "Chinchilla fit needs at least two model sizes (N): with one, alpha and A are not identifiable"
+        )
+    if len(np.unique(d)) < 2:
+        raise FitError(
+            "Chinchilla fit needs at least two data budgets (D): with one, beta and B are not identifiable"
+        )
+    if len(np.unique(n)) < 3 or len(np.unique(d)) < 3:
+        warnings.append("fewer than three distinct N or D: exponents are poorly constrained")
+    mu_n, mu_d = float(np.log(n).mean()), float(np.log(d).mean())
+    data = (np.log(n) - mu_n, np.log(d) - mu_d, np.log(q))
+    grid = _center(_grid(data[2]), mu_n, mu_d, +1)
+    best_c = _fit_from(grid, data, delta, top=16)
+    best = _center(best_c, mu_n, mu_d, -1)
+    residuals = np.log(q) - np.log(_theta_to_params_predict(best, n, d))
+    groups = [np.flatnonzero(run_codes == code) for code in np.unique(run_codes)]
+    if len(groups) < 5:
+        warnings.append(f"only {len(groups)} runs to resample: bootstrap intervals are unreliable")
+    samples: list[np.ndarray] = []
+    if n_bootstrap:  # resampled fits run centred on the full data's means, then move back
+        # Resamples start from the full fit's optimum and the best grid points (not the whole grid).
+        values = np.array([_huber_objective(s, *data, delta)[0] for s in grid])
+        starts = np.vstack([best_c, grid[np.argsort(values)[:1]]])
+        chunks = max(1, min(os.cpu_count() or 1, n_bootstrap))
+        seeds = np.random.SeedSequence(seed).spawn(chunks)
+        counts = [n_bootstrap // chunks + (i < n_bootstrap % chunks) for i in range(chunks)]
+        tasks = [(s, c, groups, data, starts, delta) for s, c in zip(seeds, counts, strict=True)]
+        samples = [
+            _center(t, mu_n, mu_d, -1) for part in _parallel_map(_bootstrap_chinchilla, tasks) for t in part
+        ]
+    point = _theta_to_params(best)
+    boot = (
+        np.array([[_theta_to_params(t)[k] for k in CHINCHILLA_PARAMS] for t in samples])
+        if samples
+        else np.empty((0, 5))
+    )
+    params = {
+        k: Estimate(point[k], *(_interval(boot[:, i]) if len(boot) else (math.nan, math.nan)))
+        for i, k in enumerate(CHINCHILLA_PARAMS)
+    }
+    rms = float(np.sqrt(np.mean(residuals**2)))
+    if rms > 0.05:
+        warnings.append(f"poor fit: RMS residual of log {quantity_label} is {rms:.3f}")
+    return ChinchillaFit(
+        params, len(q), len(groups), len(samples), n_label, d_label, quantity_label, residuals, warnings
+    )
+
+
+def _theta_to_params_predict(theta: np.ndarray, n: np.ndarray, d: np.ndarray) -> np.ndarray:
+    p = _theta_to_params(theta)
+    return p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"]
+
+
+# ----------------------------------------------------------------------------- saturating power law
+
+
+@dataclass
+class PowerLawFit:
+    E: Estimate
+    A: Estimate
+    alpha: Estimate
+    n_points: int
+    x_label: str
+    quantity: str
+    warnings: list[str] = field(default_factory=list)
+
+    def predict(self, x) -> np.ndarray:
+        return self.E.value + self.A.value * np.asarray(x, float) ** -self.alpha.value
+
+
+def pareto_frontier(x, y) -> np.ndarray:
+    """Indices of the points no other point beats with less or equal x and lower y, by increasing x."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    order = np.lexsort((y, x))
+    keep, best = [], math.inf
+    for i in order:
+        if np.isfinite(y[i]) and y[i] < best:
+            keep.append(i)
+            best = y[i]
+    return np.array(keep, dtype=int)
+
+
+def _power_law_once(log_x: np.ndarray, log_y: np.ndarray, starts: list | None = None) -> np.ndarray:
+    """(log A', alpha, log E) minimising squared log residuals, x already normalised.
+
+    Without ``starts``, L-BFGS runs from a small grid; resamples pass the full fit's optimum."""
+
+    def objective(theta):
+        la, alpha, le = theta
+        pred = np.logaddexp(la - alpha * log_x, le)
+        r = pred - log_y
+        w1 = np.exp(la - alpha * log_x - pred)
+        w2 = 1 - w1
+        return (r**2).sum(), np.array([(2 * r * w1).sum(), (-2 * r * w1 * log_x).sum(), (2 * r * w2).sum()])
+
+    floor = float(log_y.min())
+    if starts is None:
+        grid = itertools.product((-3.0, -1.0, 0.0, 1.0), (0.1, 0.3, 0.6, 1.0, 2.0), (0.05, 0.5, 0.9))
+        starts = [[la, alpha, floor + math.log(frac)] for la, alpha, frac in grid]
+    best_val, best = math.inf, None
+    for start in starts:
+        res = minimize(
+            objective,
+            start,
+            jac=True,
+            method="L-BFGS-B",
+            bounds=[(None, None), (0, 5), (None, None)],
+            options={"ftol": 1e-13, "gtol": 1e-10, "maxiter": 5000},
+        )
+        if res.fun < best_val:
+            best_val, best = res.fun, res.x
+    return best
+
+
+def fit_power_law(
+    x,
+    quantity,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    x_label: str = "FLOPs",
+    quantity_label: str = "cosine distance (1 + loss)",
+) -> PowerLawFit:
+    """L(x) = E + A x^-alpha by least squares on log L, points resampled for 95% intervals."""
+    warnings: list[str] = []
+    x, q = _clean(x, quantity, names=(x_label, "quantity"), warnings=warnings)
+    if len(q) < 4:
+        raise FitError(f"power-law fit needs at least 4 points for 3 parameters, got {len(q)}")
+    if len(np.unique(x)) < 3:
+        raise FitError(f"power-law fit needs at least 3 distinct {x_label} values, got {len(np.unique(x))}")
+    x0 = float(np.min(x))
+    log_x, log_y = np.log(x / x0), np.log(q)
+    theta = _power_law_once(log_x, log_y)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_bootstrap):
+        idx = rng.integers(0, len(q), len(q))
+        if len(np.unique(log_x[idx])) >= 3:
+            boot.append(_power_law_once(log_x[idx], log_y[idx], starts=[theta]))
+    boot = np.array(boot) if boot else np.empty((0, 3))
+
+    def to_params(t):
+        return math.exp(t[2]), math.exp(t[0]) * x0 ** t[1], t[1]
+
+    point = to_params(theta)
+    samples = np.array([to_params(t) for t in boot]) if len(boot) else np.empty((0, 3))
+    est = [
+        Estimate(point[i], *(_interval(samples[:, i]) if len(samples) else (math.nan, math.nan)))
+        for i in range(3)
+    ]
+    if len(q) < 8:
+        warnings.append(f"only {len(q)} points on the frontier: the exponent is poorly constrained")
+    return PowerLawFit(est[0], est[1], est[2], len(q), x_label, quantity_label, warnings)
+
+
+# ----------------------------------------------------------------------------- IsoFLOP (approach 2)
+
+
+@dataclass
+class IsoFlopFit:
+    budgets: np.ndarray  # compute per budget
+    n_opt: np.ndarray  # parabola minimum per budget
+    d_opt: np.ndarray
+    loss_opt: np.ndarray
+    parabolas: list[np.ndarray]  # coefficients of quantity vs log N (highest power first)
+    n_exponent: Estimate  # N_opt ~ C^a
+    d_exponent: Estimate  # D_opt ~ C^b
+    n_coefficient: float
+    d_coefficient: float
+    warnings: list[str] = field(default_factory=list)
+
+    def n_opt_at(self, compute) -> np.ndarray:
+        return self.n_coefficient * np.asarray(compute, float) ** self.n_exponent.value
+
+    def d_opt_at(self, compute) -> np.ndarray:
+        return self.d_coefficient * np.asarray(compute, float) ** self.d_exponent.value
+
+
+def _isoflop_core(c, n, d, q, warnings: list[str] | None):
+    budgets, n_opt, d_opt, l_opt, parabolas = [], [], [], [], []
+    for budget in np.unique(c):
+        m = c == budget
+        if len(np.unique(n[m])) < 3:
+            if warnings is not None:
+                warnings.append(f"budget {budget:.3g}: fewer than 3 model sizes, no parabola")
+            continue
+        log_n = np.log(n[m])
+        coef = np.polyfit(log_n, q[m], 2)
+        if coef[0] <= 0:
+            if warnings is not None:
+                warnings.append(f"budget {budget:.3g}: loss is not convex in log N, no minimum")
+            continue
+        x_min = -coef[1] / (2 * coef[0])
+        if not log_n.min() <= x_min <= log_n.max() and warnings is not None:
+            warnings.append(
+                f"budget {budget:.3g}: the minimum lies outside the sampled model sizes (extrapolated)"
+            )
+        slope = np.polyfit(log_n, np.log(d[m]), 1)  # D at fixed C as a function of N
+        budgets.append(budget)
+        n_opt.append(math.exp(x_min))
+        d_opt.append(math.exp(np.polyval(slope, x_min)))
+        l_opt.append(float(np.polyval(coef, x_min)))
+        parabolas.append(coef)
+    return np.array(budgets), np.array(n_opt), np.array(d_opt), np.array(l_opt), parabolas
+
+
+def _bootstrap_isoflop(task):
+    seed, count, groups, c, n, d, q = task
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        idx = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+        budgets, n_opt, d_opt, _, _ = _isoflop_core(c[idx], n[idx], d[idx], q[idx], None)
+        if len(budgets) >= 2:
+            out.append(
+                (
+                    np.polyfit(np.log(budgets), np.log(n_opt), 1)[0],
+                    np.polyfit(np.log(budgets), np.log(d_opt), 1)[0],
+                )
+            )
+    return out
+
+
+def fit_isoflop(c, n, d, quantity, runs=None, *, n_bootstrap: int = 1000, seed: int = 0) -> IsoFlopFit:
+    """Rows share a compute budget when their ``c`` is equal (pre-registered budgets)."""
+    warnings: list[str] = []
+    runs = np.arange(len(c)) if runs is None else np.asarray(runs)
+    run_codes = np.unique(runs, return_inverse=True)[1].astype(float)
+    c, n, d, run_codes, q = _clean(
+        c, n, d, run_codes, quantity, names=("C", "N", "D", "run", "quantity"), warnings=warnings
+    )
+    budgets, n_opt, d_opt, l_opt, parabolas = _isoflop_core(c, n, d, q, warnings)
+    if len(budgets) < 2:
+        raise FitError(
+            f"IsoFLOP fit needs at least two compute budgets with 3+ model sizes each, got {len(budgets)}"
+        )
+    n_fit = np.polyfit(np.log(budgets), np.log(n_opt), 1)
+    d_fit = np.polyfit(np.log(budgets), np.log(d_opt), 1)
+    groups = [np.flatnonzero(run_codes == code) for code in np.unique(run_codes)]
+    samples = []
+    if n_bootstrap:
+        chunks = max(1, min(os.cpu_count() or 1, n_bootstrap))
+        seeds = np.random.SeedSequence(seed).spawn(chunks)
+        counts = [n_bootstrap // chunks + (i < n_bootstrap % chunks) for i in range(chunks)]
+        tasks = [(s, k, groups, c, n, d, q) for s, k in zip(seeds, counts, strict=True)]
+        samples = [x for part in _parallel_map(_bootstrap_isoflop, tasks) for x in part]
+    boot = np.array(samples) if samples else np.empty((0, 2))
+    if len(budgets) < 3:
+        warnings.append(f"only {len(budgets)} budgets: the N_opt(C) exponent rests on {len(budgets)} points")
+    return IsoFlopFit(
+        budgets,
+        n_opt,
+        d_opt,
+        l_opt,
+        parabolas,
+        Estimate(float(n_fit[0]), *(_interval(boot[:, 0]) if len(boot) else (math.nan, math.nan))),
+        Estimate(float(d_fit[0]), *(_interval(boot[:, 1]) if len(boot) else (math.nan, math.nan))),
+        float(math.exp(n_fit[1])),
+        float(math.exp(d_fit[1])),
+        warnings,
+    )
+
+
+# ----------------------------------------------------------------------------- hold-out
+
+
+@dataclass
+class HoldoutResult:
+    held_out_sizes: list[float]
+    predicted: np.ndarray
+    observed: np.ndarray
+    mean_abs_rel_error: float
+    fit: ChinchillaFit
+
+
+def holdout(n, d, quantity, runs=None, *, largest: int = 1, **fit_kwargs) -> HoldoutResult:
+    """Fit approach 3 without the ``largest`` model sizes, predict those, report the relative error."""
+    n, d, q = (np.asarray(x, float) for x in (n, d, quantity))
+    sizes = np.unique(n[np.isfinite(n)])
+    if len(sizes) <= largest + 1:
+        raise FitError(
+            f"hold-out of {largest} size(s) needs at least {largest + 2} model sizes, got {len(sizes)}"
+        )
+    held = sizes[-largest:]
+    train = ~np.isin(n, held)
+    runs_arr = None if runs is None else np.asarray(runs)
+    fit = fit_chinchilla(
+        n[train], d[train], q[train], None if runs_arr is None else runs_arr[train], **fit_kwargs
+    )
+    test = np.isin(n, held) & np.isfinite(q)
+    predicted = fit.predict(n[test], d[test])
+    err = float(np.mean(np.abs(predicted - q[test]) / q[test]))
+    return HoldoutResult(list(held), predicted, q[test], err, fit)

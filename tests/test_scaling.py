@@ -1,0 +1,287 @@
+"""Scaling analysis: parameter recovery, IsoFLOP optimum, degenerate inputs, collect, figures, report."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+
+from nepa_scale.config import RunConfig
+from nepa_scale.flops import train_flops_per_image
+from nepa_scale.models.zoo import count_params
+from nepa_scale.rundir import RunDir
+from nepa_scale.scaling import figures
+from nepa_scale.scaling.collect import collect, collect_curves
+from nepa_scale.scaling.fits import (
+    FitError,
+    fit_chinchilla,
+    fit_isoflop,
+    fit_power_law,
+    holdout,
+    pareto_frontier,
+)
+from nepa_scale.scaling.report import StudySettings, build_report, fit_table
+
+TRUE = {"E": 0.05, "A": 40.0, "B": 200.0, "alpha": 0.34, "beta": 0.28}
+
+
+def law(n, d, p=TRUE):
+    return p["E"] + p["A"] / np.asarray(n, float) ** p["alpha"] + p["B"] / np.asarray(d, float) ** p["beta"]
+
+
+def test_chinchilla_recovers_known_parameters():
+    rng = np.random.default_rng(1)
+    n = np.repeat(np.logspace(6, 9, 8), 30)  # 8 model sizes x 30 data budgets = 240 runs
+    d = np.tile(np.logspace(7, 10, 30), 8)
+    observed = law(n, d) * np.exp(rng.normal(0, 0.01, n.shape))  # 1% multiplicative noise
+    fit = fit_chinchilla(n, d, observed, n_bootstrap=300, seed=0)
+    est = {k: v.value for k, v in fit.params.items()}
+    assert abs(est["alpha"] - TRUE["alpha"]) < 0.03 and abs(est["beta"] - TRUE["beta"]) < 0.03
+    for key in ("E", "A", "B"):
+        assert abs(math.log(est[key] / TRUE[key])) < math.log(1.4), (key, est[key])
+    for key, value in TRUE.items():
+        assert fit.params[key].contains(value), (key, str(fit.params[key]), value)
+    assert fit.n_bootstrap == 300 and not fit.warnings
+
+
+def test_power_law_recovers_frontier_exponent():
+    rng = np.random.default_rng(2)
+    c = np.logspace(15, 20, 25)
+    y = (0.08 + 3e3 * c**-0.25) * np.exp(rng.normal(0, 0.005, c.shape))
+    fit = fit_power_law(c, y, n_bootstrap=300)
+    assert abs(fit.alpha.value - 0.25) < 0.02 and fit.alpha.contains(0.25)
+    assert abs(fit.E.value / 0.08 - 1) < 0.1 and fit.E.contains(0.08)
+
+
+def test_pareto_frontier_keeps_only_improving_points():
+    x = np.array([1, 2, 3, 4, 5, 6])
+    y = np.array([5, 6, 4, 4.5, 2, 3])
+    assert pareto_frontier(x, y).tolist() == [0, 2, 4]
+
+
+def test_isoflop_recovers_the_known_optimum():
+    """With C = 6ND the loss-optimal N grows as C^(beta/(alpha+beta)) (Chinchilla's closed form)."""
+    budgets = np.logspace(17, 20, 5)
+    rows = []
+    for c in budgets:
+        for n in np.logspace(math.log10(c) / 2 - 4.5, math.log10(c) / 2 - 0.5, 9):
+            rows.append((c, n, c / (6 * n)))
+    c, n, d = (np.array(x) for x in zip(*rows, strict=True))
+    rng = np.random.default_rng(3)
+    y = law(n, d) * np.exp(rng.normal(0, 0.002, n.shape))
+    iso = fit_isoflop(c, n, d, y, n_bootstrap=200)
+    exponent = TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"])
+    assert abs(iso.n_exponent.value - exponent) < 0.03 and iso.n_exponent.contains(exponent)
+    assert abs(iso.d_exponent.value - (1 - exponent)) < 0.03
+    g = (TRUE["alpha"] * TRUE["A"] / (TRUE["beta"] * TRUE["B"])) ** (1 / (TRUE["alpha"] + TRUE["beta"]))
+    analytic = g * (budgets / 6) ** exponent
+    assert np.all(np.abs(np.log(iso.n_opt / analytic)) < np.log(1.3))
+
+
+def test_holdout_predicts_the_largest_model():
+    rng = np.random.default_rng(4)
+    n = np.repeat(np.logspace(6, 9, 6), 12)
+    d = np.tile(np.logspace(7, 10, 12), 6)
+    y = law(n, d) * np.exp(rng.normal(0, 0.005, n.shape))
+    result = holdout(n, d, y, largest=1, n_bootstrap=0)
+    assert result.held_out_sizes == [1e9] and len(result.observed) == 12
+    assert result.mean_abs_rel_error < 0.05
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (
+            (np.array([1e6, 1e7, 1e8]), np.array([1e8, 1e9, 1e7]), np.array([0.3, 0.2, 0.25])),
+            "at least 6 points for 5 parameters, got 3",
+        ),
+        ((np.full(20, 1e7), np.logspace(7, 9, 20), np.linspace(0.3, 0.2, 20)), "at least two model sizes"),
+        ((np.logspace(6, 8, 20), np.full(20, 1e9), np.linspace(0.3, 0.2, 20)), "at least two data budgets"),
+    ],
+)
+def test_degenerate_chinchilla_inputs_raise_clear_errors(args, match):
+    with pytest.raises(FitError, match=match):
+        fit_chinchilla(*args, n_bootstrap=0)
+
+
+def test_nan_losses_are_dropped_with_a_warning():
+    n = np.repeat(np.logspace(6, 9, 4), 6)
+    d = np.tile(np.logspace(7, 10, 6), 4)
+    y = law(n, d)
+    y[[2, 7]] = np.nan
+    fit = fit_chinchilla(n, d, y, n_bootstrap=0)
+    assert fit.n_points == 22 and any("dropped 2 point(s)" in w for w in fit.warnings)
+
+
+def test_isoflop_with_one_budget_is_an_error():
+    n = np.logspace(6, 8, 5)
+    with pytest.raises(FitError, match="at least two compute budgets"):
+        fit_isoflop(np.full(5, 1e18), n, 1e18 / (6 * n), law(n, 1e18 / (6 * n)), n_bootstrap=0)
+
+
+# ----------------------------------------------------------------------------- synthetic sweep directory
+
+DIMS = (48, 96, 192)
+BUDGET_STEPS = (100, 200, 400)
+
+
+def _arch_overrides(dim: int) -> dict:
+    return {"dim": dim, "depth": 2, "num_heads": 3}
+
+
+def make_run(
+    root,
+    run_id: str,
+    dim: int,
+    steps: int,
+    status: str = "completed",
+    logged: int | None = None,
+    noise: float = 0.0,
+):
+    """A run directory as the engine writes it: run.json with the resolved config, metrics.jsonl."""
+    config = RunConfig()
+    config.model.overrides = _arch_overrides(dim)
+    config.budget.global_batch = 128
+    config.budget.images = steps * 128
+    arch = config.model.arch()
+    n = count_params(arch)["total"]
+    per_image = train_flops_per_image(arch)
+    run = RunDir(root / run_id)
+    run.root.mkdir(parents=True)
+    run.update_run(
+        status=status,
+        config=config.to_dict(),
+        total_steps=steps,
+        world_size=1,
+        restarts=[{"from_step": 10}] if run_id.endswith("r") else [],
+        **({"error": "RuntimeError: boom"} if status == "failed" else {}),
+    )
+    rng = np.random.default_rng(abs(hash(run_id)) % 2**32)
+    for step in range(10, (logged or steps) + 1, 10):
+        cos_dist = law(n, step * 128) * math.exp(rng.normal(0, noise))
+        run.append_metrics(
+            {
+                "kind": "train",
+                "step": step,
+                "images_seen": step * 128,
+                "flops_seen": step * 128 * per_image,
+                "loss": cos_dist - 1.0,
+                "img_per_s": 1000.0,
+            }
+        )
+        if step % 100 == 0:
+            run.append_metrics(
+                {
+                    "kind": "eval",
+                    "step": step,
+                    "val_loss": cos_dist - 1.0 + 0.01,
+                    "probe_error": 0.5 * cos_dist,
+                }
+            )
+    return n, per_image
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    info = {}
+    for dim in DIMS:
+        for steps in BUDGET_STEPS:
+            info[f"d{dim}_s{steps}"] = make_run(root, f"d{dim}_s{steps}", dim, steps)
+    make_run(root, "failed_run", 96, 400, status="failed", logged=50)
+    make_run(root, "incomplete_r", 48, 400, status="preempted", logged=120)
+    return root, info
+
+
+def test_collect_builds_the_tidy_table(sweep):
+    root, info = sweep
+    n48, per_image48 = info["d48_s100"]
+    budget = 150 * 128 * per_image48  # a pre-registered compute budget: step 150 of the dim-48 model
+    table = collect(root, budgets=[budget], window=1)
+    assert set(table["run_id"]) == set(info) | {"failed_run", "incomplete_r"}
+    final = table[table["budget"] == "final"].set_index("run_id")
+    assert (
+        final.loc["failed_run", "status"] == "failed"
+        and final.loc["failed_run", "error"] == "RuntimeError: boom"
+    )
+    assert final.loc["incomplete_r", "status"] == "preempted" and final.loc["incomplete_r", "step"] == 120
+    assert final.loc["incomplete_r", "restarts"] == 1 and not final.loc["incomplete_r", "complete"]
+    row = final.loc["d48_s200"]
+    assert row["params"] == n48 and row["images_seen"] == 200 * 128
+    assert row["flops_6N+attn"] == pytest.approx(200 * 128 * per_image48)
+    assert row["cosine_distance"] == pytest.approx(law(n48, 200 * 128))
+    assert row["val_loss"] == pytest.approx(law(n48, 200 * 128) - 1 + 0.01)
+    assert row["gpu_hours"] == pytest.approx(200 * 128 / 1000 / 3600)
+    at_budget = table[(table["budget"] != "final") & (table["run_id"] == "d48_s200")]
+    assert len(at_budget) == 1 and at_budget["step"].iloc[0] == 150
+    assert "d48_s100" not in set(table[table["budget"] != "final"]["run_id"])  # budget beyond its run
+    assert row["smoothing"] == "mean of last 1 log lines"
+
+
+def test_figures_have_the_expected_axes_and_series(sweep):
+    root, _ = sweep
+    curves = collect_curves(root, window=1)
+    idx = pareto_frontier(curves["flops"], curves["cosine_distance"])
+    frontier = curves.iloc[idx]
+    fit = fit_power_law(frontier["flops"], frontier["cosine_distance"], n_bootstrap=50)
+    fig = figures.loss_curves(curves, frontier, fit, "mean cosine distance (1 + loss)", "6N+attn")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    assert "6N+attn" in ax.get_xlabel() and "1 + loss" in ax.get_ylabel()
+    run_lines = [line for line in ax.get_lines() if str(line.get_gid()).startswith("run:")]
+    assert len(run_lines) == curves["run_id"].nunique() == 11
+    assert any(line.get_gid() == "fit" for line in ax.get_lines())
+    colors = {line.get_gid(): line.get_color() for line in run_lines}
+    assert colors["run:d48_s100"] == colors["run:d48_s400"] != colors["run:d192_s400"]  # one colour per size
+    plt.close(fig)
+    table = fit_table(collect(root).query("status == 'completed'"), StudySettings())
+    chin = fit_chinchilla(table["N"], table["D"], table["quantity"], table["run_id"], n_bootstrap=0)
+    fig = figures.residuals(table, chin, "images seen", "total parameters")
+    assert len([c for c in fig.axes[0].collections if str(c.get_gid()).startswith("resid:")]) == len(DIMS)
+    assert np.abs(np.concatenate([c.get_offsets()[:, 1] for c in fig.axes[0].collections])).max() < 0.02
+    plt.close(fig)
+
+
+def test_report_from_a_synthetic_sweep(sweep, tmp_path):
+    root, info = sweep
+    budgets = [100 * 128 * info["d192_s100"][1], 200 * 128 * info["d192_s100"][1]]
+    result = build_report(
+        root, tmp_path, StudySettings(n_bootstrap=60, budgets=budgets, window=1, downstream=["probe_error"])
+    )
+    html = (tmp_path / "report.html").read_text()
+    for text in (
+        "Conventions",
+        "6N+attn",
+        "1 + loss",
+        "chinchilla",
+        "frontier",
+        "failed_run is failed",
+        "data:image/png;base64,",
+    ):
+        assert text in html, text
+    assert (tmp_path / "report.md").exists() and (tmp_path / "table.parquet").exists()
+    for name in ("loss_curves", "residuals", "loss_vs_params", "downstream_probe_error"):
+        assert (tmp_path / "figures" / f"{name}.png").exists() and (
+            tmp_path / "figures" / f"{name}.svg"
+        ).exists()
+    fits = json.loads((tmp_path / "fits.json").read_text())
+    assert {"frontier", "chinchilla", "holdout"} <= set(fits["fits"])
+    assert any("IsoFLOP" in w for w in result["warnings"])  # 3 sizes at 2 budgets, but not all reach them
+    chin = result["objects"]["chinchilla"]
+    assert abs(chin.params["alpha"].value - TRUE["alpha"]) < 0.05  # noise-free synthetic runs
+    assert pd.read_parquet(tmp_path / "table.parquet")["run_id"].nunique() == 11
+
+
+def test_report_cli_names_a_missing_directory(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "nepa_scale.cli", "report", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and "sweep directory not found" in out.stderr
