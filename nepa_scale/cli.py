@@ -67,6 +67,62 @@ def cmd_models(args: argparse.Namespace) -> int:  # noqa: ARG001
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """kNN + linear probe of a run's newest committed checkpoint (or its EMA weights)."""
+    import json
+
+    import torch
+
+    from nepa_scale.config import config_from_dict
+    from nepa_scale.data import build_dataset
+    from nepa_scale.engine import checkpoint as ckpt
+    from nepa_scale.engine.export import fp32_state_dict
+    from nepa_scale.eval.probes import run_probes
+    from nepa_scale.models.vit import NEPA
+    from nepa_scale.rundir import RunDir
+
+    run = RunDir(args.run_dir)
+    info = run.read_run()
+    committed = ckpt.committed_checkpoints(run.checkpoints)
+    if "config" not in info or not committed:
+        return _fail(f"{run.root}: needs run.json and a committed checkpoint")
+    try:
+        overrides = [f"data.{item}" for item in args.data]
+        from nepa_scale.config import apply_overrides
+
+        config = config_from_dict(apply_overrides(info["config"], overrides))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    latest = committed[-1]
+    ckpt.verify(latest)
+    if args.ema:
+        if not (latest.path / "ema.pt").is_file():
+            return _fail(f"{latest.path}: no ema.pt (the run kept no EMA)")
+        state = torch.load(latest.path / "ema.pt", map_location="cpu", weights_only=True)
+    else:
+        state = fp32_state_dict(latest)
+    arch = config.model.arch()
+    model = NEPA(arch, attention="sdpa")
+    model.load_state_dict(state)
+    train_set = build_dataset(config.data, "train", arch.image_size, train=False)
+    val_set = build_dataset(config.data, "val", arch.image_size, train=False)
+    result = run_probes(model, train_set, val_set, causal=not args.bidirectional, k=args.k, limit=args.limit)
+    record = {"step": latest.step, "weights": "ema" if args.ema else "online", **result.__dict__}
+    out = (
+        run.root
+        / "probes"
+        / f"{latest.tag}{'_ema' if args.ema else ''}{'_bidir' if args.bidirectional else ''}.json"
+    )
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(
+        f"step {latest.step} ({record['weights']} weights, {'bidirectional' if args.bidirectional else 'causal'}): "
+        f"linear probe {result.linear_acc:.4f}, kNN (k={result.k}) {result.knn_acc:.4f} "
+        f"on {result.n_test} held-out images -> {out}"
+    )
+    return 0
+
+
 def _settings(args: argparse.Namespace):
     from nepa_scale.scaling.report import StudySettings
 
@@ -152,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--out", default=None, help="output directory (default RUN_DIR/export)")
     export.set_defaults(func=cmd_export)
+
+    probe = sub.add_parser("probe", help="kNN + linear probe of a run's newest checkpoint")
+    probe.add_argument("run_dir")
+    probe.add_argument(
+        "--data", nargs="*", default=[], help="data overrides, e.g. kind=imagefolder root=/data/in1k"
+    )
+    probe.add_argument("--ema", action="store_true", help="probe the EMA weights")
+    probe.add_argument(
+        "--bidirectional", action="store_true", help="bidirectional attention for the features"
+    )
+    probe.add_argument("--k", type=int, default=20)
+    probe.add_argument("--limit", type=int, default=None, help="at most this many images per split")
+    probe.set_defaults(func=cmd_probe)
 
     models = sub.add_parser("models", help="the model zoo with parameter counts and FLOPs")
     models.set_defaults(func=cmd_models)

@@ -45,6 +45,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     hflip: float = 0.5
     interpolation: str = "bicubic"
+    eval_crop_pct: float = 0.875  # evaluation: resize to size / crop_pct, centre crop
     num_workers: int = 0
     synthetic_size: int = 4096
 
@@ -100,6 +101,11 @@ class LoggingConfig:
     device_peak_tflops: float | None = None  # for MFU; None: known GPUs only
     collapse_loss: float = -0.99  # flag collapse when loss < this ...
     collapse_spread: float = 0.02  # ... and the target spread < this
+    probe_every: int = 0  # kNN + linear probe every N steps and at the end (0: off)
+    probe_k: int = 20
+    probe_limit: int | None = None  # at most this many images per split (None: all)
+    probe_causal: bool = True  # probe features with causal (as pretrained) or bidirectional attention
+    probe_ema: bool = False  # probe the EMA weights (needs checkpoint.ema_decay)
 
 
 @dataclass
@@ -326,6 +332,15 @@ def validate(c: RunConfig) -> None:
         "deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1",
     )
     lg = c.logging
+    _require(lg.probe_every >= 0, f"logging.probe_every: must be >= 0, got {lg.probe_every}")
+    _require(lg.probe_k > 0, f"logging.probe_k: must be > 0, got {lg.probe_k}")
+    _require(
+        not lg.probe_ema or c.checkpoint.ema_decay is not None,
+        "logging.probe_ema: needs checkpoint.ema_decay",
+    )
+    _require(
+        0 < c.data.eval_crop_pct <= 1, f"data.eval_crop_pct: must be in (0, 1], got {c.data.eval_crop_pct}"
+    )
     _require(lg.log_every > 0, f"logging.log_every: must be > 0, got {lg.log_every}")
     _require(lg.eval_every >= 0, f"logging.eval_every: must be >= 0, got {lg.eval_every}")
     _require(

@@ -285,3 +285,43 @@ def test_report_cli_names_a_missing_directory(tmp_path):
         text=True,
     )
     assert out.returncode == 2 and "sweep directory not found" in out.stderr
+
+
+def test_analysis_scripts_run_on_a_sweep(sweep, tmp_path):
+    root, _ = sweep
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "analysis" / "compute_optimal.py"),
+            str(root),
+            "--compute",
+            "1e15",
+            "--bootstrap",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "N_opt" in out.stdout and "alpha" in out.stdout
+    figure = tmp_path / "compare.png"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(repo / "analysis" / "compare_sweeps.py"),
+            str(root),
+            str(root),
+            "--labels",
+            "a",
+            "b",
+            "--out",
+            str(figure),
+            "--bootstrap",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert figure.exists() and out.stdout.count("alpha") == 2

@@ -21,7 +21,9 @@ from nepa_scale.data.sampler import ResumableBatchSampler
 
 def build_dataset(config: DataConfig, split: str, image_size: int, train: bool):
     """The dataset for ``split`` ("train" or "val") with the recipe's transforms."""
-    spec = AugmentSpec(image_size, tuple(config.crop_scale), config.hflip, config.interpolation)
+    spec = AugmentSpec(
+        image_size, tuple(config.crop_scale), config.hflip, config.interpolation, config.eval_crop_pct
+    )
     transform = build_transform(spec, train=train)
     if config.kind == "digits":
         return DigitsDataset(split, image_size, transform)

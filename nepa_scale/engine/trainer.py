@@ -473,6 +473,47 @@ class Trainer:
             dist.all_reduce(total)
         return (total[0] / total[1].clamp_min(1)).item()
 
+    def _write_probe(self, engine, ema: Ema | None, writer: MetricsWriter, done: int) -> None:
+        """kNN and linear probes on the labels of the train/val splits (rank 0 fits and logs).
+
+        Probing the online weights is a collective (every rank runs the forward: ZeRO-3 gathers
+        parameters); probing the EMA runs a private copy on rank 0 only."""
+        from nepa_scale.eval.probes import run_probes
+
+        c = self.config
+        if not hasattr(self, "probe_sets"):
+            self.probe_sets = (
+                build_dataset(c.data, "train", self.arch.image_size, train=False),
+                build_dataset(c.data, "val", self.arch.image_size, train=False),
+            )
+        kwargs = dict(
+            causal=c.logging.probe_causal,
+            k=c.logging.probe_k,
+            limit=c.logging.probe_limit,
+            device=self.world.device,
+        )
+        if c.logging.probe_ema:
+            if not self.world.is_main:
+                return
+            model = NEPA(self.arch, attention="sdpa").to(self.world.device)
+            model.load_state_dict(ema.state_dict())
+            result = run_probes(model, *self.probe_sets, **kwargs)
+        else:
+            result = run_probes(engine, *self.probe_sets, dtype=self.dtype, **kwargs)
+        images = done * c.budget.global_batch
+        writer.write(
+            {
+                "kind": "eval",
+                "step": done,
+                "images_seen": images,
+                "flops_seen": images * self.flops_per_image,
+                **result.metrics(),
+                "probe_weights": "ema" if c.logging.probe_ema else "online",
+                "probe_causal": result.causal,
+                "time": time.time(),
+            }
+        )
+
     def _write_eval(self, engine, writer: MetricsWriter, done: int) -> None:
         val = self._evaluate(engine)
         if val is not None:
@@ -576,6 +617,8 @@ class Trainer:
                     meter.reset()
                 if (c.logging.eval_every and done % c.logging.eval_every == 0) or last:
                     self._write_eval(engine, writer, done)
+                if c.logging.probe_every and (done % c.logging.probe_every == 0 or last):
+                    self._write_probe(engine, ema, writer, done)
                 stop = preempt.agreed(world.device)
                 if done % c.checkpoint.every == 0 or last or stop:
                     self._check_finite(first_bad)

@@ -1,0 +1,1 @@
+"""Evaluation of representations: probes on frozen features (fine-tuning: the evaluation issue)."""

@@ -1,0 +1,114 @@
+"""Probes on frozen features: k-nearest neighbours (cosine) and a linear probe (logistic regression).
+
+Features are the mean of the patch tokens of the final-LayerNorm output, with the attention
+causal or bidirectional as asked (the same pooling as the classification head, before fc_norm).
+Fitting uses scikit-learn; feature extraction is plain inference and works on any module exposing
+``forward_features`` (a NEPA model, or a DeepSpeed engine's ``module``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch.utils.data import DataLoader
+
+from nepa_scale.data import collate
+
+
+@dataclass
+class ProbeResult:
+    linear_acc: float
+    knn_acc: float
+    k: int
+    n_train: int
+    n_test: int
+    causal: bool
+
+    def metrics(self, prefix: str = "probe_") -> dict[str, float]:
+        """Keys for metrics.jsonl: accuracies and errors (the analysis fits errors like losses)."""
+        return {
+            f"{prefix}linear_acc": self.linear_acc,
+            f"{prefix}linear_error": 1.0 - self.linear_acc,
+            f"{prefix}knn_acc": self.knn_acc,
+            f"{prefix}knn_error": 1.0 - self.knn_acc,
+        }
+
+
+@torch.no_grad()
+def extract_features(
+    model,
+    dataset,
+    *,
+    causal: bool,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    limit: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-pooled final-LN features (fp32 numpy) and labels for (the first ``limit`` items of) a dataset."""
+    backbone = getattr(model, "module", model)
+    was_training, was_causal = backbone.training, backbone.causal
+    backbone.eval()
+    backbone.set_attention(causal=causal)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    # (index, seed) items: evaluation transforms are deterministic, the seed is unused.
+    loader = DataLoader(
+        dataset, sampler=[(i, i) for i in range(count)], batch_size=batch_size, collate_fn=collate
+    )
+    # A DeepSpeed engine is called whole (ZeRO-3 gathers parameters in its hooks); a bare model
+    # through forward_features (a classifier's forward would return logits).
+    forward = model if backbone is not model else backbone.forward_features
+    feats, labels = [], []
+    try:
+        for batch in loader:
+            tokens = forward(batch.images.to(device, dtype)).prediction
+            feats.append(backbone.pool(tokens).float().cpu())
+            labels.append(batch.labels)
+    finally:
+        backbone.set_attention(causal=was_causal)
+        backbone.train(was_training)
+    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+
+
+def linear_probe(train_x, train_y, test_x, test_y, c: float = 1.0, max_iter: int = 2000) -> float:
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+    clf.fit(train_x, train_y)
+    return float(clf.score(test_x, test_y))
+
+
+def knn_probe(train_x, train_y, test_x, test_y, k: int = 20) -> float:
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(train_x)), metric="cosine", weights="distance")
+    clf.fit(train_x, train_y)
+    return float(clf.score(test_x, test_y))
+
+
+def run_probes(
+    model,
+    train_set,
+    test_set,
+    *,
+    causal: bool = True,
+    k: int = 20,
+    c: float = 1.0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    limit: int | None = None,
+) -> ProbeResult:
+    train_x, train_y = extract_features(
+        model, train_set, causal=causal, device=device, dtype=dtype, limit=limit
+    )
+    test_x, test_y = extract_features(model, test_set, causal=causal, device=device, dtype=dtype, limit=limit)
+    return ProbeResult(
+        linear_acc=linear_probe(train_x, train_y, test_x, test_y, c=c),
+        knn_acc=knn_probe(train_x, train_y, test_x, test_y, k=k),
+        k=k,
+        n_train=len(train_y),
+        n_test=len(test_y),
+        causal=causal,
+    )
