@@ -95,7 +95,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     latest = committed[-1]
     ckpt.verify(latest)
-    if args.ema:
+    if args.random_init:  # the baseline: the same architecture at the run's initialisation (its seed)
+        torch.manual_seed(config.seed)
+        state = NEPA(config.model.arch()).state_dict()
+    elif args.ema:
         if not (latest.path / "ema.pt").is_file():
             return _fail(f"{latest.path}: no ema.pt (the run kept no EMA)")
         state = torch.load(latest.path / "ema.pt", map_location="cpu", weights_only=True)
@@ -107,16 +110,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
     train_set = build_dataset(config.data, "train", arch.image_size, train=False)
     val_set = build_dataset(config.data, "val", arch.image_size, train=False)
     result = run_probes(model, train_set, val_set, causal=not args.bidirectional, k=args.k, limit=args.limit)
-    record = {"step": latest.step, "weights": "ema" if args.ema else "online", **result.__dict__}
-    out = (
-        run.root
-        / "probes"
-        / f"{latest.tag}{'_ema' if args.ema else ''}{'_bidir' if args.bidirectional else ''}.json"
-    )
+    weights = "random_init" if args.random_init else ("ema" if args.ema else "online")
+    record = {"step": 0 if args.random_init else latest.step, "weights": weights, **result.__dict__}
+    name = "random_init" if args.random_init else f"{latest.tag}{'_ema' if args.ema else ''}"
+    out = run.root / "probes" / f"{name}{'_bidir' if args.bidirectional else ''}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print(
-        f"step {latest.step} ({record['weights']} weights, {'bidirectional' if args.bidirectional else 'causal'}): "
+        f"step {record['step']} ({weights} weights, {'bidirectional' if args.bidirectional else 'causal'}): "
         f"linear probe {result.linear_acc:.4f}, kNN (k={result.k}) {result.knn_acc:.4f} "
         f"on {result.n_test} held-out images -> {out}"
     )
@@ -215,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", nargs="*", default=[], help="data overrides, e.g. kind=imagefolder root=/data/in1k"
     )
     probe.add_argument("--ema", action="store_true", help="probe the EMA weights")
+    probe.add_argument("--random-init", action="store_true", help="probe the untrained model (the baseline)")
     probe.add_argument(
         "--bidirectional", action="store_true", help="bidirectional attention for the features"
     )

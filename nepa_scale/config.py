@@ -91,6 +91,24 @@ class ObjectiveConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """The paper's classification fine-tuning (used when ``task: finetune``)."""
+
+    pretrained: str | None = None  # weights file (ours or official layout) or a run directory (its export/)
+    pretrained_ema: bool = False  # from a run directory: take the EMA weights
+    num_classes: int | None = None  # default: the number of classes of the training split
+    layer_decay: float = 0.65  # B 0.65, L 0.75
+    drop_path: float = 0.1  # B 0.1, L 0.2
+    freeze_patch_embed: bool = True
+    causal: bool = False  # the paper also reports causal fine-tuning
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    smoothing: float = 0.1
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = 10
     eval_every: int = 0  # held-out loss every N steps (0: only at the end)
@@ -119,6 +137,7 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
+    task: str = "pretrain"  # pretrain | finetune
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -127,6 +146,7 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output_dir: str = "runs/default"
     seed: int = 0
 
@@ -137,6 +157,7 @@ class RunConfig:
         """The settings a checkpoint cannot survive a change of: model shape, batch, data order, objective."""
         arch = dataclasses.asdict(self.model.arch())
         return {
+            "task": self.task,
             "model": {k: v for k, v in arch.items() if k != "drop_path"},
             "budget.global_batch": self.budget.global_batch,
             "data.kind": self.data.kind,
@@ -331,7 +352,31 @@ def validate(c: RunConfig) -> None:
         not d.offload_optimizer or d.zero_stage >= 1,
         "deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1",
     )
+    _require(c.task in ("pretrain", "finetune"), f"task: must be pretrain or finetune, got '{c.task}'")
+    ft = c.finetune
+    if c.task == "finetune":
+        _require(0 < ft.layer_decay <= 1, f"finetune.layer_decay: must be in (0, 1], got {ft.layer_decay}")
+        _require(0 <= ft.drop_path < 1, f"finetune.drop_path: must be in [0, 1), got {ft.drop_path}")
+        _require(0 <= ft.re_prob <= 1, f"finetune.re_prob: must be in [0, 1], got {ft.re_prob}")
+        _require(ft.mixup >= 0 and ft.cutmix >= 0, "finetune.mixup/cutmix: must be >= 0")
+        _require(0 <= ft.smoothing < 1, f"finetune.smoothing: must be in [0, 1), got {ft.smoothing}")
+        _require(
+            ft.num_classes is None or ft.num_classes > 1,
+            f"finetune.num_classes: must be > 1, got {ft.num_classes}",
+        )
+        _require(
+            ft.pretrained is None or Path(ft.pretrained).exists(),
+            f"finetune.pretrained: not found: {ft.pretrained}",
+        )
+        _require(
+            (ft.mixup == 0 and ft.cutmix == 0) or c.budget.global_batch % 2 == 0,
+            "budget.global_batch: Mixup/CutMix need an even batch",
+        )
     lg = c.logging
+    _require(
+        not lg.probe_every or c.task == "pretrain",
+        "logging.probe_every: probes run during pretraining (task: pretrain)",
+    )
     _require(lg.probe_every >= 0, f"logging.probe_every: must be >= 0, got {lg.probe_every}")
     _require(lg.probe_k > 0, f"logging.probe_k: must be > 0, got {lg.probe_k}")
     _require(

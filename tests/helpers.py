@@ -34,13 +34,13 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
-def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
+def train_cmd(run_dir: Path, *overrides: str, config: Path = DIGITS_CONFIG) -> list[str]:
     return [
         sys.executable,
         "-m",
         "nepa_scale.cli",
         "train",
-        str(DIGITS_CONFIG),
+        str(config),
         f"output_dir={run_dir}",
         *SMALL,
         *overrides,
@@ -55,7 +55,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(run_dir: Path, *overrides: str, nproc: int = 1) -> list[subprocess.Popen]:
+def launch(
+    run_dir: Path, *overrides: str, nproc: int = 1, config: Path = DIGITS_CONFIG
+) -> list[subprocess.Popen]:
     """Start ``nproc`` ranks the way SLURM's srun does: one process per rank, env-configured."""
     port = str(free_port())
     procs = []
@@ -73,7 +75,7 @@ def launch(run_dir: Path, *overrides: str, nproc: int = 1) -> list[subprocess.Po
         )
         procs.append(
             subprocess.Popen(
-                train_cmd(run_dir, *overrides),
+                train_cmd(run_dir, *overrides, config=config),
                 env=env(**extra),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -93,9 +95,9 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> subprocess.Complete
 
 
 def run_train(
-    run_dir: Path, *overrides: str, nproc: int = 1, timeout: float = 600
+    run_dir: Path, *overrides: str, nproc: int = 1, timeout: float = 600, config: Path = DIGITS_CONFIG
 ) -> subprocess.CompletedProcess:
-    return finish(launch(run_dir, *overrides, nproc=nproc), timeout)
+    return finish(launch(run_dir, *overrides, nproc=nproc, config=config), timeout)
 
 
 def metrics(run_dir: Path, kind: str = "train") -> list[dict]:
@@ -124,9 +126,10 @@ def run_and_signal(
     sig: int = signal.SIGUSR2,
     nproc: int = 1,
     timeout: float = 600,
+    config: Path = DIGITS_CONFIG,
 ) -> subprocess.CompletedProcess:
     """Start a run, send ``sig`` to every rank once metrics.jsonl shows ``at_step``, wait for the exit."""
-    procs = launch(run_dir, *overrides, nproc=nproc)
+    procs = launch(run_dir, *overrides, nproc=nproc, config=config)
     deadline = time.time() + timeout
     while time.time() < deadline and all(p.poll() is None for p in procs):
         if any(m["step"] >= at_step for m in metrics(run_dir)):

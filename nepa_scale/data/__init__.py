@@ -19,10 +19,24 @@ from nepa_scale.data.datasets import (
 from nepa_scale.data.sampler import ResumableBatchSampler
 
 
-def build_dataset(config: DataConfig, split: str, image_size: int, train: bool):
-    """The dataset for ``split`` ("train" or "val") with the recipe's transforms."""
+def build_dataset(
+    config: DataConfig,
+    split: str,
+    image_size: int,
+    train: bool,
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
+):
+    """The dataset for ``split`` ("train" or "val") with the recipe's transforms (fine-tuning adds
+    RandAugment and RandomErasing)."""
     spec = AugmentSpec(
-        image_size, tuple(config.crop_scale), config.hflip, config.interpolation, config.eval_crop_pct
+        image_size,
+        tuple(config.crop_scale),
+        config.hflip,
+        config.interpolation,
+        config.eval_crop_pct,
+        auto_augment,
+        re_prob,
     )
     transform = build_transform(spec, train=train)
     if config.kind == "digits":

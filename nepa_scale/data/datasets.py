@@ -31,17 +31,46 @@ class AugmentSpec:
     hflip: float = 0.5
     interpolation: str = "bicubic"
     eval_crop_pct: float = 0.875
+    auto_augment: str | None = None  # fine-tuning: RandAugment, e.g. "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.0  # fine-tuning: RandomErasing probability
+
+
+def _posterize_zero_bits_compat() -> None:
+    """RandAugment's PosterizeIncreasing keeps 4..0 bits; at magnitude 10 it asks PIL for 0 bits, which
+    Pillow >= 11 refuses. Keeping 0 bits meant a black image in every older Pillow: restore exactly that."""
+    from PIL import Image as PILImage
+    from timm.data import auto_augment
+
+    original = auto_augment.posterize
+    if getattr(original, "zero_bits_compat", False):
+        return
+
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return PILImage.new(img.mode, img.size)
+        return original(img, bits_to_keep, **kwargs)
+
+    posterize.zero_bits_compat = True
+    auto_augment.posterize = posterize
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is original:
+            auto_augment.NAME_TO_OP[name] = posterize
 
 
 def build_transform(spec: AugmentSpec, train: bool):
     """timm's ImageNet transforms, with the recipe's settings (no colour jitter, no auto-augment)."""
     if train:
+        if spec.auto_augment:
+            _posterize_zero_bits_compat()
         return create_transform(
             spec.image_size,
             is_training=True,
             scale=spec.crop_scale,
             hflip=spec.hflip,
             color_jitter=None,
+            auto_augment=spec.auto_augment,
+            re_prob=spec.re_prob,
+            re_mode="pixel",
             interpolation=spec.interpolation,
             mean=NEPA_MEAN,
             std=NEPA_STD,

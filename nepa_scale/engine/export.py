@@ -18,16 +18,24 @@ log = logging.getLogger(__name__)
 
 
 def fp32_state_dict(checkpoint: ckpt.Committed) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from any ZeRO stage (stage 0 keeps them whole in the model-states file)."""
+    """Full fp32 weights from any ZeRO stage.
+
+    Stage 0 keeps them whole in the model-states file. For stages 1-3 DeepSpeed's zero_to_fp32 rebuilds
+    the optimised parameters from the fp32 partitions; parameters that were never optimised (a frozen
+    patch embedding) are taken from the model-states file, where they are stored whole."""
+    states = torch.load(
+        checkpoint.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
+    module = {k: v for k, v in states["module"].items() if v.numel() > 0}
     if checkpoint.meta.get("zero_stage", 0) == 0:
-        states = torch.load(
-            checkpoint.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )
-        return {k: v.float() for k, v in states["module"].items()}
+        return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
-    return {k: v.float() for k, v in state.items()}
+    out = {k: v.float() for k, v in state.items()}
+    for key, value in module.items():
+        out.setdefault(key, value.float())
+    return out
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:

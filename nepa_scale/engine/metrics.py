@@ -41,17 +41,20 @@ class IntervalMeter:
         self.reset()
 
     def reset(self) -> None:
-        self.losses: list[torch.Tensor] = []
-        self.spreads: list[torch.Tensor] = []
+        self.stats: dict[str, list[torch.Tensor]] = {}
         self.images = 0
         self.data_wait = 0.0
         self.started = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, spread: torch.Tensor, images: int, data_wait: float) -> None:
-        self.losses.append(loss.detach().float())
-        self.spreads.append(spread.detach().float())
+    def add(self, stats: dict[str, torch.Tensor], images: int, data_wait: float) -> None:
+        """Per-micro-batch scalars (kept on the device: no host synchronisation here)."""
+        for key, value in stats.items():
+            self.stats.setdefault(key, []).append(value.detach().float())
         self.images += images
         self.data_wait += data_wait
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {key: torch.stack(values).mean() for key, values in self.stats.items()}
 
     def elapsed(self) -> float:
         return max(time.perf_counter() - self.started, 1e-9)

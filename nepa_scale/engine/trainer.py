@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -33,9 +35,9 @@ from nepa_scale.engine.metrics import (
     progress_bar,
 )
 from nepa_scale.engine.preemption import PreemptionFlag
+from nepa_scale.engine.tasks import make_task
 from nepa_scale.flops import train_flops_per_image
 from nepa_scale.models import NEPA, resolve_backend
-from nepa_scale.objective import next_embedding_loss
 from nepa_scale.rundir import REQUEUE_EXIT_CODE, RunDir
 
 log = logging.getLogger("nepa_scale.train")
@@ -59,18 +61,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (and [CLS]); none on biases, norms and LayerScale (ndim <= 1)."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -181,13 +171,15 @@ class Trainer:
         self.run = RunDir(config.output_dir)
         self.precision = resolve_precision(config, self.world.device)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self.arch = config.model.arch()
+        self.task = make_task(self)
+        self.arch = self.task.arch(config.model.arch())
+        self.current_step = 0
         self.flops_per_image = train_flops_per_image(self.arch, config.budget.flop_convention)
 
     # -- data
     def _datasets(self) -> None:
         c = self.config
-        self.train_set = build_dataset(c.data, "train", self.arch.image_size, train=True)
+        self.train_set = self.task.train_dataset()
         self.val_set = build_dataset(c.data, "val", self.arch.image_size, train=False)
         self.sampler = ResumableBatchSampler(
             len(self.train_set),
@@ -290,8 +282,12 @@ class Trainer:
         total_steps = total_steps_for(c, steps_per_epoch, self.flops_per_image)
         warmup_steps = round(c.optim.warmup_fraction * total_steps)
 
-        torch.manual_seed(c.seed)  # identical initial weights and RNG streams on every rank
-        model = NEPA(self.arch, attention=c.model.attention, grad_checkpointing=c.model.grad_checkpointing)
+        # Identical initial weights and RNG streams on every rank: torch (init, RoPE rescale, drop-path),
+        # numpy and python (Mixup/CutMix draw from them); all three are checkpointed per rank.
+        torch.manual_seed(c.seed)
+        np.random.seed(c.seed)
+        random.seed(c.seed)
+        model = self.task.build_model()
         backend = resolve_backend(c.model.attention, world.device, self.dtype)
         model.set_attention(backend=backend)
         ema = Ema(model, c.checkpoint.ema_decay) if c.checkpoint.ema_decay else None
@@ -306,7 +302,7 @@ class Trainer:
 
         peak_lr = c.optim.peak_lr(c.budget.global_batch)
         optimizer = torch.optim.AdamW(
-            param_groups(model, c.optim.weight_decay),
+            self.task.optimizer_groups(model, peak_lr),
             lr=peak_lr,
             betas=c.optim.betas,
             eps=c.optim.eps,
@@ -451,27 +447,37 @@ class Trainer:
         return path
 
     @torch.no_grad()
-    def _evaluate(self, engine) -> float | None:
+    def eval_batches(self, engine, score, limit: int | None = -1) -> float | None:
+        """Mean of ``score(output, batch)`` over val micro-batches, weighted by batch size, across ranks.
+
+        ``limit=-1`` takes ``logging.eval_batches`` micro-batches per rank; None takes the whole split."""
         if self.val_sampler is None:
             return None
+        limit = self.config.logging.eval_batches if limit == -1 else limit
         engine.eval()
         total = torch.zeros(2, device=self.world.device)
         self.val_sampler.set_position(0, 0)
         for i, batch in enumerate(self._loader(self.val_sampler)):
-            if i >= self.config.logging.eval_batches or len(batch.images) == 0:
+            if (limit is not None and i >= limit) or len(batch.images) == 0:
                 break
-            out = engine(batch.images.to(self.world.device, self.dtype))
-            loss = next_embedding_loss(out.prediction, out.target).loss
+            value = score(engine(batch.images.to(self.world.device, self.dtype)), batch)
+            n = float(len(batch.images))
             total += torch.stack(
-                [
-                    loss.float() * len(batch.images),
-                    torch.tensor(float(len(batch.images)), device=self.world.device),
-                ]
+                [value.float().to(self.world.device) * n, torch.tensor(n, device=self.world.device)]
             )
         engine.train()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)
         return (total[0] / total[1].clamp_min(1)).item()
+
+    def val_loader(self) -> DataLoader:
+        """The whole val split in order, for evaluation on one rank (EMA weights)."""
+        return DataLoader(
+            self.val_set,
+            sampler=[(i, i) for i in range(len(self.val_set))],
+            batch_size=self.micro_batch,
+            collate_fn=collate,
+        )
 
     def _write_probe(self, engine, ema: Ema | None, writer: MetricsWriter, done: int) -> None:
         """kNN and linear probes on the labels of the train/val splits (rank 0 fits and logs).
@@ -514,9 +520,9 @@ class Trainer:
             }
         )
 
-    def _write_eval(self, engine, writer: MetricsWriter, done: int) -> None:
-        val = self._evaluate(engine)
-        if val is not None:
+    def _write_eval(self, engine, ema: Ema | None, writer: MetricsWriter, done: int) -> None:
+        result = self.task.evaluate(engine, ema)
+        if result:
             images = done * self.config.budget.global_batch
             writer.write(
                 {
@@ -524,7 +530,7 @@ class Trainer:
                     "step": done,
                     "images_seen": images,
                     "flops_seen": images * self.flops_per_image,
-                    "val_loss": val,
+                    **result,
                     "time": time.time(),
                 }
             )
@@ -551,13 +557,12 @@ class Trainer:
         meter = IntervalMeter()
         first_bad = torch.full((), NO_STEP, dtype=torch.long, device=world.device)
         skipped: list[str] = []
-        collapse_warned = False
         steps_per_epoch = self.sampler.steps_per_epoch
         batches = None
         status, step = "completed", start_step
         try:
-            if start_step == 0 and c.logging.eval_every:
-                self._write_eval(engine, writer, 0)  # the held-out loss at initialisation
+            if start_step == 0 and self.task.eval_at_start():
+                self._write_eval(engine, ema, writer, 0)  # the held-out loss at initialisation
             for step in range(start_step, total_steps):
                 epoch, step_in_epoch = divmod(step, steps_per_epoch)
                 if batches is None or step_in_epoch == 0:
@@ -578,45 +583,32 @@ class Trainer:
                             device=world.device,
                             dtype=self.dtype,
                         )
-                    out = engine(images)
-                    result = next_embedding_loss(
-                        out.prediction,
-                        out.target,
-                        stop_gradient=c.objective.stop_gradient,
-                        shift=c.objective.shift,
-                    )
-                    loss = result.loss * (0.0 if len(batch.images) == 0 else 1.0)
-                    engine.backward(loss)
+                    loss, stats = self.task.micro_step(engine, images, batch.labels)
+                    engine.backward(loss * (0.0 if len(batch.images) == 0 else 1.0))
                     engine.step()
-                    meter.add(result.loss, result.target_spread, len(batch.images), wait)
+                    meter.add(stats, len(batch.images), wait)
                     first_bad = torch.where(
-                        ~torch.isfinite(result.loss) & (first_bad == NO_STEP), step + 1, first_bad
+                        ~torch.isfinite(stats["loss"]) & (first_bad == NO_STEP), step + 1, first_bad
                     )
                 if ema is not None:
                     ema.update(engine.module)
                 done = step + 1
+                self.current_step = done
                 if bar is not None:
                     bar.update(1)
                 last = done == total_steps
                 if done % c.logging.log_every == 0 or last:
                     self._check_finite(first_bad)
                     record = self._train_record(engine, meter, done, peak)
-                    if record["collapsed"] and not collapse_warned:
-                        log.warning(
-                            "step %d: loss %.4f with target spread %.4f: the run looks collapsed",
-                            done,
-                            record["loss"],
-                            record["target_spread"],
-                        )
-                        collapse_warned = True
+                    self.task.annotate(record)
                     writer.write(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                     self._report_skipped(skipped)  # collective when world_size > 1
                     skipped = []
                     meter.reset()
-                if (c.logging.eval_every and done % c.logging.eval_every == 0) or last:
-                    self._write_eval(engine, writer, done)
+                if self.task.eval_due(done, last):
+                    self._write_eval(engine, ema, writer, done)
                 if c.logging.probe_every and (done % c.logging.probe_every == 0 or last):
                     self._write_probe(engine, ema, writer, done)
                 stop = preempt.agreed(world.device)
@@ -656,20 +648,17 @@ class Trainer:
 
     def _train_record(self, engine, meter: IntervalMeter, done: int, peak: float | None) -> dict:
         c, world = self.config, self.world
+        means = meter.means()
+        keys = sorted(means)
         stats = torch.stack(
-            [
-                torch.stack(meter.losses).mean(),
-                torch.stack(meter.spreads).mean(),
-                torch.tensor(float(meter.images), device=world.device),
-            ]
+            [*(means[k] for k in keys), torch.tensor(float(meter.images), device=world.device)]
         )
         if world.world_size > 1:
             dist.all_reduce(stats)
-            stats[:2] /= world.world_size
+            stats[:-1] /= world.world_size
         elapsed = meter.elapsed()
-        img_per_s = stats[2].item() / elapsed
+        img_per_s = stats[-1].item() / elapsed
         tflops = img_per_s * self.flops_per_image / 1e12
-        loss, spread = stats[0].item(), stats[1].item()
         grad_norm = engine.get_global_grad_norm()
         return {
             "kind": "train",
@@ -677,16 +666,14 @@ class Trainer:
             "images_seen": done * c.budget.global_batch,
             "flops_seen": done * c.budget.global_batch * self.flops_per_image,
             "flop_convention": c.budget.flop_convention,
-            "loss": loss,
-            "target_spread": spread,
-            "lr": engine.get_lr()[0],
+            **{key: stats[i].item() for i, key in enumerate(keys)},
+            "lr": max(engine.get_lr()),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "img_per_s": img_per_s,
             "tflops_per_s": tflops,
             "mfu": tflops / peak if peak else None,
             "max_memory_gb": max_memory_gb(world.device),
             "data_wait_frac": min(1.0, meter.data_wait / elapsed),
-            "collapsed": bool(loss < c.logging.collapse_loss and spread < c.logging.collapse_spread),
             "time": time.time(),
         }
 

@@ -147,7 +147,11 @@ def check_layout(model: NEPA, state_dict: dict[str, torch.Tensor], source: str) 
 
 
 def load_state_dict(
-    model: NEPA, state_dict: dict[str, torch.Tensor], source: str = "state dict", head: str = "strict"
+    model: NEPA,
+    state_dict: dict[str, torch.Tensor],
+    source: str = "state dict",
+    head: str = "strict",
+    qk_norm: str = "strict",
 ) -> None:
     """Load ours or the official layout into ``model`` after a strict key/shape check.
 
@@ -156,7 +160,15 @@ def load_state_dict(
     """
     if head not in ("strict", "ignore"):
         raise ValueError(f"head must be 'strict' or 'ignore', not '{head}'")
+    if qk_norm not in ("strict", "fill"):
+        raise ValueError(f"qk_norm must be 'strict' or 'fill', not '{qk_norm}'")
     ours = from_official(state_dict) if is_official(state_dict) else dict(state_dict)
+    if qk_norm == "fill":
+        # A QK-LayerNorm without affine is one with weight 1: the released B fine-tuning config turns
+        # the affine on over pretrained weights that have none.
+        for key, value in model.state_dict().items():
+            if re.fullmatch(r"blocks\.\d+\.attn\.[qk]_norm\.weight", key) and key not in ours:
+                ours[key] = torch.ones_like(value)
     if head == "ignore":
         ours = {k: v for k, v in ours.items() if k not in HEAD_KEYS}
         ours.update({k: v for k, v in model.state_dict().items() if k in HEAD_KEYS})
@@ -164,8 +176,8 @@ def load_state_dict(
     model.load_state_dict(ours, strict=True)
 
 
-def load_weights(model: NEPA, path: str | Path, head: str = "strict") -> None:
-    load_state_dict(model, read_state_dict(path), source=str(path), head=head)
+def load_weights(model: NEPA, path: str | Path, head: str = "strict", qk_norm: str = "strict") -> None:
+    load_state_dict(model, read_state_dict(path), source=str(path), head=head, qk_norm=qk_norm)
 
 
 def save_official(model_or_state: NEPA | dict[str, torch.Tensor], path: str | Path) -> None:

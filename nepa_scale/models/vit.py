@@ -217,6 +217,13 @@ class NEPA(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for timm's layer-wise lr decay (as timm's ViT): embeddings, each block, the rest."""
+        return {
+            "stem": r"^cls_token|patch_embed",
+            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
     @property
     def causal(self) -> bool:
         return self.blocks[0].attn.causal

@@ -1,0 +1,230 @@
+"""What a run optimises: NEPA pretraining or classification fine-tuning, behind one small interface.
+
+The trainer owns everything the two share (DeepSpeed engine, data order, checkpoints, resume,
+preemption, metrics); a task decides the model, the optimizer groups, the training transform, the
+loss of one micro-batch, and what "evaluate" means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from nepa_scale.data import build_dataset
+from nepa_scale.models import NEPA
+from nepa_scale.objective import next_embedding_loss
+
+if TYPE_CHECKING:
+    from nepa_scale.engine.trainer import Ema, Trainer
+
+log = logging.getLogger("nepa_scale.train")
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (and [CLS]); none on biases, norms and LayerScale (ndim <= 1)."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class PretrainTask:
+    name = "pretrain"
+
+    def __init__(self, trainer: Trainer):
+        self.t = trainer
+        self.collapse_warned = False
+
+    def arch(self, arch):
+        return arch
+
+    def build_model(self) -> NEPA:
+        c = self.t.config
+        return NEPA(self.t.arch, attention=c.model.attention, grad_checkpointing=c.model.grad_checkpointing)
+
+    def optimizer_groups(self, model: NEPA, peak_lr: float) -> list[dict]:
+        return decay_groups(model, self.t.config.optim.weight_decay)
+
+    def train_dataset(self):
+        return build_dataset(self.t.config.data, "train", self.t.arch.image_size, train=True)
+
+    def micro_step(
+        self, engine, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        objective = self.t.config.objective
+        out = engine(images)
+        result = next_embedding_loss(
+            out.prediction, out.target, stop_gradient=objective.stop_gradient, shift=objective.shift
+        )
+        return result.loss, {"loss": result.loss.detach(), "target_spread": result.target_spread}
+
+    def annotate(self, record: dict) -> None:
+        lg = self.t.config.logging
+        record["collapsed"] = bool(
+            record["loss"] < lg.collapse_loss and record["target_spread"] < lg.collapse_spread
+        )
+        if record["collapsed"] and not self.collapse_warned:
+            log.warning(
+                "step %d: loss %.4f with target spread %.4f: the run looks collapsed",
+                record["step"],
+                record["loss"],
+                record["target_spread"],
+            )
+            self.collapse_warned = True
+
+    def eval_due(self, done: int, last: bool) -> bool:
+        every = self.t.config.logging.eval_every
+        return bool(every and done % every == 0) or last
+
+    def eval_at_start(self) -> bool:
+        return bool(self.t.config.logging.eval_every)
+
+    @torch.no_grad()
+    def evaluate(self, engine, ema: Ema | None) -> dict:
+        """Held-out NEPA loss on the first ``logging.eval_batches`` micro-batches of the val split."""
+        val = self.t.eval_batches(
+            engine, lambda out, batch: next_embedding_loss(out.prediction, out.target).loss
+        )
+        return {} if val is None else {"val_loss": val}
+
+
+class FinetuneTask:
+    """The paper's recipe: bidirectional attention, mean-pooled patch tokens -> fc_norm -> zero-initialised
+    head, frozen patch embedding, layer-wise lr decay, drop-path, RandAugment, RandomErasing,
+    Mixup/CutMix with label smoothing, EMA; top-1 accuracy every epoch, best EMA weights kept."""
+
+    name = "finetune"
+
+    def __init__(self, trainer: Trainer):
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        self.t = trainer
+        ft = trainer.config.finetune
+        self.num_classes = ft.num_classes or len(self._classes())
+        self.mixup = (
+            Mixup(
+                mixup_alpha=ft.mixup,
+                cutmix_alpha=ft.cutmix,
+                label_smoothing=ft.smoothing,
+                num_classes=self.num_classes,
+            )
+            if ft.mixup > 0 or ft.cutmix > 0
+            else None
+        )
+        self.criterion = SoftTargetCrossEntropy() if self.mixup else LabelSmoothingCrossEntropy(ft.smoothing)
+        self.best_file = trainer.run.root / "best_ema.json"
+
+    def _classes(self) -> list:
+        data = build_dataset(self.t.config.data, "val", self.t.config.model.arch().image_size, train=False)
+        return list(data.classes)
+
+    def arch(self, arch):
+        ft = self.t.config.finetune
+        return arch.replace(num_classes=self.num_classes, causal=ft.causal, drop_path=ft.drop_path)
+
+    def build_model(self) -> NEPA:
+        from nepa_scale.models.official import load_weights
+
+        c, ft = self.t.config, self.t.config.finetune
+        model = NEPA(self.t.arch, attention=c.model.attention, grad_checkpointing=c.model.grad_checkpointing)
+        if ft.pretrained:
+            path = Path(ft.pretrained)
+            if path.is_dir():
+                path = (
+                    path / "export" / ("model_ema.safetensors" if ft.pretrained_ema else "model.safetensors")
+                )
+            load_weights(model, path, head="ignore", qk_norm="fill")
+            log.info("fine-tuning from %s", path)
+        if ft.freeze_patch_embed:
+            model.patch_embed.requires_grad_(False)
+        return model
+
+    def optimizer_groups(self, model: NEPA, peak_lr: float) -> list[dict]:
+        """timm's layer-wise lr decay groups; each group's lr is the peak lr times its scale."""
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(
+            model,
+            weight_decay=self.t.config.optim.weight_decay,
+            layer_decay=self.t.config.finetune.layer_decay,
+        )
+        for group in groups:
+            group["lr"] = peak_lr * group["lr_scale"]
+        return groups
+
+    def train_dataset(self):
+        ft = self.t.config.finetune
+        return build_dataset(
+            self.t.config.data,
+            "train",
+            self.t.arch.image_size,
+            train=True,
+            auto_augment=ft.auto_augment,
+            re_prob=ft.re_prob,
+        )
+
+    def micro_step(
+        self, engine, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = labels.to(images.device)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, labels)
+        else:
+            targets = labels
+        logits = engine(images).float()
+        loss = self.criterion(logits, targets)
+        return loss, {"loss": loss.detach()}
+
+    def annotate(self, record: dict) -> None:
+        pass
+
+    def eval_due(self, done: int, last: bool) -> bool:
+        every = self.t.config.logging.eval_every
+        return done % self.t.sampler.steps_per_epoch == 0 or last or bool(every and done % every == 0)
+
+    def eval_at_start(self) -> bool:
+        return False
+
+    @torch.no_grad()
+    def evaluate(self, engine, ema: Ema | None) -> dict:
+        """Top-1 accuracy on the whole val split, online weights and EMA; keep the best EMA weights."""
+
+        def correct(out, batch):
+            return (out.argmax(-1).cpu() == batch.labels).float().mean()
+
+        result = {"val_acc": self.t.eval_batches(engine, correct, limit=None)}
+        if ema is not None and self.t.world.is_main:
+            model = NEPA(self.t.arch, attention="sdpa").to(self.t.world.device)
+            model.load_state_dict(ema.state_dict())
+            model.eval()
+            hits = total = 0
+            for batch in self.t.val_loader():
+                logits = model(batch.images.to(self.t.world.device))
+                hits += (logits.argmax(-1).cpu() == batch.labels).sum().item()
+                total += len(batch.labels)
+            result["val_acc_ema"] = hits / max(total, 1)
+            best = json.loads(self.best_file.read_text())["val_acc_ema"] if self.best_file.exists() else -1.0
+            if result["val_acc_ema"] > best:
+                from safetensors.torch import save_file
+
+                save_file(
+                    {k: v.contiguous() for k, v in ema.state_dict().items()},
+                    str(self.t.run.root / "best_ema.safetensors"),
+                )
+                self.best_file.write_text(
+                    json.dumps({"val_acc_ema": result["val_acc_ema"], "step": self.t.current_step})
+                )
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        return result
+
+
+def make_task(trainer: Trainer):
+    return {"pretrain": PretrainTask, "finetune": FinetuneTask}[trainer.config.task](trainer)

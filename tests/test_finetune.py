@@ -1,0 +1,91 @@
+"""Fine-tuning: layer-wise lr decay, and the recipe run for real on the digits (accuracy, exact resume, frozen stem)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import REPO, final_weights, losses, metrics, run_and_signal, run_train
+from safetensors.torch import load_file
+
+from nepa_scale.config import RunConfig
+from nepa_scale.engine.tasks import FinetuneTask
+from nepa_scale.models import NEPA, get_arch
+
+FINETUNE_CONFIG = REPO / "configs" / "finetune_digits_tiny.yaml"
+
+
+def test_layer_decay_assigns_the_formula_lr_to_each_block():
+    config = RunConfig(task="finetune")
+    config.finetune.num_classes, config.finetune.layer_decay = 10, 0.65
+    fake_trainer = SimpleNamespace(config=config, run=SimpleNamespace(root=Path("/nonexistent")))
+    task = FinetuneTask(fake_trainer)
+    arch = task.arch(get_arch("nepa_tiny"))
+    model = NEPA(arch)
+    model.patch_embed.requires_grad_(False)
+    groups = task.optimizer_groups(model, peak_lr=1e-3)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    depth, decay = arch.depth, 0.65
+    # timm's layer ids (as for its own ViT): 0 = [CLS] and patch embedding, 1..depth = blocks (the final
+    # norm grouped with the last block), depth+1 = fc_norm and head; lr = peak * decay^(depth+1 - id).
+    for i, block in enumerate(model.blocks):
+        for param in block.parameters():
+            assert lr_of[id(param)] == pytest.approx(1e-3 * decay ** (depth - i))
+    assert lr_of[id(model.cls_token)] == pytest.approx(1e-3 * decay ** (depth + 1))
+    for param in model.norm.parameters():
+        assert lr_of[id(param)] == pytest.approx(1e-3 * decay)
+    for param in (*model.fc_norm.parameters(), *model.head.parameters()):
+        assert lr_of[id(param)] == pytest.approx(1e-3)
+    assert not any(id(p) in lr_of for p in model.patch_embed.parameters())  # frozen: not optimised
+    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(model.head.bias) in no_decay and id(model.blocks[0].ls1.gamma) in no_decay
+    assert id(model.head.weight) not in no_decay
+    assert arch.causal is False and arch.num_classes == 10 and arch.drop_path == 0.1
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ft") / "pretrain"
+    result = run_train(run_dir, "budget.images=1920", "logging.log_every=10", "checkpoint.ema_decay=0.9")
+    assert result.returncode == 0, result.stderr[-3000:]
+    from nepa_scale.engine.export import export_run
+
+    export_run(run_dir)
+    return run_dir
+
+
+FT = ["budget.epochs=6", "budget.global_batch=64", "logging.log_every=1", "optim.lr=5e-3"]
+
+
+@pytest.mark.slow
+def test_finetuning_improves_resumes_exactly_and_keeps_the_stem_frozen(pretrained, tmp_path):
+    common = [*FT, f"finetune.pretrained={pretrained}"]
+    full = run_train(tmp_path / "full", *common, config=FINETUNE_CONFIG)
+    assert full.returncode == 0, full.stderr[-3000:]
+    evals = metrics(tmp_path / "full", "eval")
+    assert [e["step"] for e in evals] == [24, 48, 72, 96, 120, 144]  # every epoch (24 steps of 64 images)
+    assert evals[-1]["val_acc"] > evals[0]["val_acc"] + 0.1, [e["val_acc"] for e in evals]
+    assert "val_acc_ema" in evals[-1]
+    best = json.loads((tmp_path / "full" / "best_ema.json").read_text())
+    assert best["val_acc_ema"] == max(e["val_acc_ema"] for e in evals)
+    assert (tmp_path / "full" / "best_ema.safetensors").exists()
+
+    source = load_file(str(pretrained / "export" / "model.safetensors"))
+    tuned = final_weights(tmp_path / "full")
+    for key in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
+        assert torch.equal(tuned[key], source[key]), key  # frozen patch embedding
+    assert not torch.equal(tuned["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
+    assert torch.count_nonzero(tuned["head.weight"]) > 0  # the zero-initialised head learned
+
+    cut = run_and_signal(tmp_path / "cut", *common, at_step=30, config=FINETUNE_CONFIG)  # mid-epoch 2
+    assert cut.returncode == 75, cut.stderr[-3000:]
+    resumed = run_train(tmp_path / "cut", *common, config=FINETUNE_CONFIG)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert a == b, [(s, a[s], b.get(s)) for s in a if a[s] != b.get(s)][:5]
+    wa, wb = tuned, final_weights(tmp_path / "cut")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [e["val_acc"] for e in metrics(tmp_path / "cut", "eval")] == [e["val_acc"] for e in evals]
