@@ -36,7 +36,7 @@ def loss_curves(
 ) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = size_colors(curves["params"])
-    for (run_id, params), group in curves.groupby(["run_id", "params"]):
+    for (params, run_id), group in curves.groupby(["params", "run_id"]):  # legend from small to large
         ax.plot(
             group["flops"],
             group["cosine_distance"],
