@@ -30,7 +30,6 @@ class ModelConfig:
     name: str = "nepa_tiny"
     attention: str = "auto"
     grad_checkpointing: bool = False  # activation checkpointing per block
-    compile: bool = False  # torch.compile through DeepSpeed's engine.compile() (GPU runs)
     overrides: dict[str, Any] = field(default_factory=dict)  # any NepaArch field, e.g. {dim: 256}
 
     def arch(self) -> NepaArch:

@@ -21,20 +21,24 @@ def fp32_state_dict(checkpoint: ckpt.Committed) -> dict[str, torch.Tensor]:
     """Full fp32 weights from any ZeRO stage.
 
     Stage 0 keeps them whole in the model-states file. For stages 1-3 DeepSpeed's zero_to_fp32 rebuilds
-    the optimised parameters from the fp32 partitions; parameters that were never optimised (a frozen
-    patch embedding) are taken from the model-states file, where they are stored whole."""
-    states = torch.load(
-        checkpoint.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-    )
-    module = {k: v for k, v in states["module"].items() if v.numel() > 0}
-    if checkpoint.meta.get("zero_stage", 0) == 0:
-        return {k: v.float() for k, v in module.items()}
+    the optimised parameters from the fp32 partitions; with stages 1-2, parameters that were never
+    optimised (a frozen patch embedding) are taken from the model-states file, where they are stored
+    whole (zero_to_fp32 restores ZeRO-3's frozen parameters itself)."""
+    stage = checkpoint.meta.get("zero_stage", 0)
+    module: dict[str, torch.Tensor] = {}
+    if stage < 3:
+        states = torch.load(
+            checkpoint.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )
+        module = {k: v.float() for k, v in states["module"].items()}
+    if stage == 0:
+        return module
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
     out = {k: v.float() for k, v in state.items()}
     for key, value in module.items():
-        out.setdefault(key, value.float())
+        out.setdefault(key, value)
     return out
 
 

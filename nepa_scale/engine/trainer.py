@@ -315,8 +315,6 @@ class Trainer:
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
-        if c.model.compile:
-            engine.compile()
 
         start_step, restarts = 0, run.read_run().get("restarts", [])
         if resume_from is not None:
