@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from nepa_scale.scaling import figures
@@ -324,4 +323,4 @@ def _has_tabulate() -> bool:
     return True
 
 
-__all__ = ["StudySettings", "build_report", "fit_table", "np"]
+__all__ = ["StudySettings", "build_report", "fit_table"]
