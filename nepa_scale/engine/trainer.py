@@ -9,6 +9,7 @@ of the step), per-rank RNG states, EMA.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import random
@@ -254,19 +255,15 @@ class Trainer:
                 self.world.world_size,
                 source.path,
             )
-            args = type(
-                "Args",
-                (),
-                dict(
-                    input_folder=str(source.path),
-                    output_folder=str(target),
-                    num_extract_workers=1,
-                    num_merge_workers=1,
-                    keep_temp_folder=False,
-                    strict=True,
-                    inject_missing_state=True,
-                ),
-            )()
+            args = argparse.Namespace(  # ds_to_universal's command-line arguments
+                input_folder=str(source.path),
+                output_folder=str(target),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
             ds_to_universal(args)
             ckpt.commit(target, {"source": source.tag})
         barrier()
