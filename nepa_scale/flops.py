@@ -15,8 +15,6 @@ Norms, RoPE, softmax and other elementwise work are not counted by any conventio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from nepa_scale.models.arch import NepaArch
 
 CONVENTIONS = ("6N", "6N+attn", "6N+attn_causal")
@@ -58,15 +56,3 @@ def train_flops_per_step(arch: NepaArch, global_batch: int, convention: str = "6
 def mfu(flops_per_second: float, peak_flops_per_second: float) -> float:
     """Model FLOPs utilisation: achieved / peak (both in FLOP/s)."""
     return flops_per_second / peak_flops_per_second
-
-
-@dataclass(frozen=True)
-class FlopSummary:
-    convention: str
-    per_image: float
-    per_step: float
-
-
-def summarize(arch: NepaArch, global_batch: int, convention: str = "6N+attn") -> FlopSummary:
-    per_image = train_flops_per_image(arch, convention)
-    return FlopSummary(convention, per_image, per_image * global_batch)
