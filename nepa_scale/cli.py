@@ -194,6 +194,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """plan | launch | status | cancel | preempt for one sweep file."""
+    import logging
+
+    from nepa_scale.launch.sweep import load_sweep
+
+    try:
+        sweep = load_sweep(args.sweep, executor=args.executor, output_root=args.output_root)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    from nepa_scale.launch import launcher
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.action == "plan":
+        from nepa_scale.launch.plan import plan_table
+
+        print(f"sweep {sweep.name}: {len(sweep.runs)} runs -> {sweep.output_root}")
+        print(plan_table(sweep))
+        return 1 if any(run.error for run in sweep.runs) else 0
+    if args.action == "launch":
+        pending = launcher.launch(sweep, retry_failed=args.retry_failed, dry_run=args.dry_run)
+        verb = "would submit" if args.dry_run else "submitted"
+        print(
+            f"{verb} {len(pending)} of {len(sweep.runs)} runs"
+            + (": " + ", ".join(r.run_id for r in pending) if pending else "")
+        )
+        if not args.wait or args.dry_run:
+            return 0
+        launcher.wait(sweep)
+    if args.action == "preempt":
+        if not args.run:
+            return _fail("sweep preempt: --run RUN_ID is required")
+        try:
+            job = launcher.preempt(sweep, args.run)
+        except (RuntimeError, ConfigError) as exc:
+            return _fail(str(exc))
+        print(f"sent SIGUSR2 to job {job} of run {args.run}")
+        return 0
+    if args.action == "cancel":
+        cancelled = launcher.cancel(sweep)
+        print(f"cancelled {len(cancelled)} runs" + (": " + ", ".join(cancelled) if cancelled else ""))
+        return 0
+    rows = launcher.sweep_status(sweep)
+    print(launcher.status_table(rows))
+    return 1 if any(r.state == "failed" for r in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nepa-scale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -248,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
             "--downstream", nargs="*", default=None, help="metric columns to plot and fit vs compute"
         )
         p.set_defaults(func=func)
+
+    sweep = sub.add_parser("sweep", help="plan, launch, follow and cancel a sweep (sweeps/*.yaml)")
+    sweep.add_argument("action", choices=["plan", "launch", "status", "cancel", "preempt"])
+    sweep.add_argument("sweep", help="sweep file, e.g. sweeps/demo.yaml")
+    sweep.add_argument(
+        "--executor", choices=["slurm", "local"], default=None, help="override the profile's executor"
+    )
+    sweep.add_argument("--output-root", default=None, help="override the sweep's output_root")
+    sweep.add_argument("--retry-failed", action="store_true", help="launch: also resubmit failed runs")
+    sweep.add_argument("--dry-run", action="store_true", help="launch: only say what would be submitted")
+    sweep.add_argument("--wait", action="store_true", help="launch: wait until every run has ended")
+    sweep.add_argument("--run", default=None, help="preempt: the run id to send a preemption notice")
+    sweep.set_defaults(func=cmd_sweep)
 
     demo = sub.add_parser("demo", help="short CPU pretraining of nepa_tiny on the bundled digits")
     demo.add_argument("--output-dir", default="runs/demo")

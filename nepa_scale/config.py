@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -73,6 +74,14 @@ class BudgetConfig:
     epochs: float | None = None
     flops: float | None = None
     flop_convention: str = "6N+attn"
+
+    def total_steps(self, steps_per_epoch: int, flops_per_image: float) -> int:
+        """Optimizer steps for this budget (the planner and the trainer use this one rule)."""
+        if self.images is not None:
+            return max(1, math.ceil(self.images / self.global_batch))
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * steps_per_epoch))
+        return max(1, math.ceil(self.flops / (flops_per_image * self.global_batch)))
 
 
 @dataclass
@@ -222,11 +231,12 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
+        return build_dataclass(hint, value, key)
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
-def _build(cls: type, data: Any, prefix: str = "") -> Any:
+def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
+    """A typed dataclass from a YAML mapping; unknown keys and wrong types raise a ConfigError naming the key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -245,39 +255,48 @@ def _parse_scalar(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
 
 
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``data["a"]["b"]["c"] = value`` for ``dotted="a.b.c"``, creating sections on the way."""
+    parts = dotted.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value")
         dotted, raw = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{dotted}: '{part}' is not a section")
-        node[parts[-1]] = _parse_scalar(raw)
+        set_dotted(data, dotted, _parse_scalar(raw))
+    return data
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, or a one-line ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
     return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
+    data = read_yaml_mapping(path) if path is not None else {}
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    config = _build(RunConfig, data)
+    config = build_dataclass(RunConfig, data)
     validate(config)
     return config
 

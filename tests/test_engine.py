@@ -39,7 +39,7 @@ RUN = ["budget.images=1920", "checkpoint.every=25", "checkpoint.keep_every=25"]
 
 def assert_same_run(reference: Path, resumed: Path) -> None:
     a, b = losses(reference), losses(resumed)
-    assert sorted(a) == sorted(b) == list(range(1, len(a) + 1))
+    assert sorted(a) == sorted(b) and a
     mismatches = [(step, a[step], b[step]) for step in a if a[step] != b[step]]
     assert not mismatches, f"losses differ after resume (step, uninterrupted, resumed): {mismatches[:5]}"
     wa, wb = final_weights(reference), final_weights(resumed)
@@ -72,7 +72,7 @@ def runs(tmp_path_factory) -> Path:
     [
         (0, ["checkpoint.ema_decay=0.9"]),
         (1, ["data.num_workers=2"]),  # a loader with worker processes
-        (2, []),
+        (2, ["logging.log_every=3"]),  # a preemption mid-interval: the resumed mean covers it whole
         (3, []),
     ],
 )

@@ -163,8 +163,9 @@ def rng_file(path: Path, rank: int) -> Path:
     return path / f"rng_rank{rank:05d}.pt"
 
 
-def save_rng(path: Path, rank: int) -> None:
-    torch.save(rng_state(), rng_file(path, rank))
+def save_rng(path: Path, rank: int, extra: dict[str, Any] | None = None) -> None:
+    """This rank's RNG streams, plus any other rank-local state (``extra``), in one file."""
+    torch.save({**rng_state(), **(extra or {})}, rng_file(path, rank))
 
 
 def load_rng(path: Path, rank: int) -> dict[str, Any]:

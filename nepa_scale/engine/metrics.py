@@ -53,6 +53,14 @@ class IntervalMeter:
         self.images += images
         self.data_wait += data_wait
 
+    def partial(self) -> dict[str, list[float]]:
+        """The losses of an interval cut short by a checkpoint (saved so a resumed run logs the same means)."""
+        return {key: [v.item() for v in values] for key, values in self.stats.items()}
+
+    def restore(self, partial: dict[str, list[float]], device: torch.device) -> None:
+        for key, values in partial.items():
+            self.stats[key] = [torch.tensor(v, device=device) for v in values]
+
     def means(self) -> dict[str, torch.Tensor]:
         return {key: torch.stack(values).mean() for key, values in self.stats.items()}
 

@@ -76,15 +76,6 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
     return factor
 
 
-def total_steps_for(config: RunConfig, steps_per_epoch: int, flops_per_image: float) -> int:
-    b = config.budget
-    if b.images is not None:
-        return max(1, math.ceil(b.images / b.global_batch))
-    if b.epochs is not None:
-        return max(1, math.ceil(b.epochs * steps_per_epoch))
-    return max(1, math.ceil(b.flops / (flops_per_image * b.global_batch)))
-
-
 class Ema:
     """An fp32 exponential moving average of the weights (evaluation and export, never a teacher)."""
 
@@ -164,8 +155,11 @@ def barrier() -> None:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, preempt: PreemptionFlag | None = None):
+        """``preempt``: a flag installed by the caller before start-up (the launcher does, so that a
+        signal during start-up is not lost); by default the loop installs its own."""
         self.config = config
+        self.preempt = preempt
         self.world = init_world()
         setup_logging(self.world)
         self.micro_batch = check_world(config, self.world.world_size)
@@ -175,6 +169,7 @@ class Trainer:
         self.task = make_task(self)
         self.arch = self.task.arch(config.model.arch())
         self.current_step = 0
+        self.meter = IntervalMeter()  # restored on resume: an interval cut by a preemption logs as if whole
         self.flops_per_image = train_flops_per_image(self.arch, config.budget.flop_convention)
 
     # -- data
@@ -276,7 +271,7 @@ class Trainer:
         c, world, run = self.config, self.world, self.run
         self._datasets()
         steps_per_epoch = self.sampler.steps_per_epoch
-        total_steps = total_steps_for(c, steps_per_epoch, self.flops_per_image)
+        total_steps = c.budget.total_steps(steps_per_epoch, self.flops_per_image)
         warmup_steps = round(c.optim.warmup_fraction * total_steps)
 
         # Identical initial weights and RNG streams on every rank: torch (init, RoPE rescale, drop-path),
@@ -327,6 +322,7 @@ class Trainer:
                 restarts.append(
                     {
                         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "unix_time": time.time(),
                         "from_step": start_step,
                         "world_size": world.world_size,
                         "discarded_metric_lines": dropped,
@@ -389,7 +385,9 @@ class Trainer:
             engine.lr_scheduler.step()
         rng = ckpt.rng_file(source.path, self.world.rank)
         if rng.is_file():
-            ckpt.set_rng_state(ckpt.load_rng(source.path, self.world.rank))
+            rank_state = ckpt.load_rng(source.path, self.world.rank)
+            ckpt.set_rng_state(rank_state)
+            self.meter.restore(rank_state.get("interval", {}), self.world.device)
         else:
             log.warning(
                 "no RNG state for rank %d in %s (world size changed): fresh RNG streams",
@@ -421,7 +419,7 @@ class Trainer:
             "universal_checkpoint_info": {},
         }
         engine.save_checkpoint(str(self.run.checkpoints), tag=tag, client_state=client, save_latest=False)
-        ckpt.save_rng(path, world.rank)
+        ckpt.save_rng(path, world.rank, {"interval": self.meter.partial()})
         if ema is not None and world.is_main:
             torch.save(ema.state_dict(), path / "ema.pt")
         barrier()
@@ -545,13 +543,14 @@ class Trainer:
 
     def _loop(self, engine, ema: Ema | None, start_step: int, total_steps: int) -> TrainResult:
         c, world, run = self.config, self.world, self.run
-        preempt = PreemptionFlag().install()
+        preempt = self.preempt or PreemptionFlag().install()
         writer = MetricsWriter(
             run, world.is_main, c.logging.tensorboard, c.logging.wandb_project, c.to_dict()
         )
         bar = progress_bar(c.logging.progress, world.is_main, total_steps, start_step)
         peak = device_peak_tflops(world.device, c.logging.device_peak_tflops)
-        meter = IntervalMeter()
+        meter = self.meter
+        meter.started = time.perf_counter()  # throughput counts from here, not from start-up
         first_bad = torch.full((), NO_STEP, dtype=torch.long, device=world.device)
         skipped: list[str] = []
         steps_per_epoch = self.sampler.steps_per_epoch
@@ -623,7 +622,8 @@ class Trainer:
                 )
             raise
         finally:
-            preempt.uninstall()
+            if preempt is not self.preempt:
+                preempt.uninstall()
             writer.close()
             if bar is not None:
                 bar.close()
@@ -690,5 +690,5 @@ class Trainer:
             )
 
 
-def train(config: RunConfig) -> TrainResult:
-    return Trainer(config).fit()
+def train(config: RunConfig, preempt: PreemptionFlag | None = None) -> TrainResult:
+    return Trainer(config, preempt).fit()

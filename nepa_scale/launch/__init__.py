@@ -1,0 +1,1 @@
+"""Sweeps -> runs with stable ids -> submitit jobs (SLURM or local), preemption-safe."""

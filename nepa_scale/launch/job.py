@@ -1,0 +1,160 @@
+"""What a submitted job runs: one run of a sweep, started or resumed from its run directory.
+
+Preemption never saves inside submitit's ``checkpoint()`` (rank 0 only, inside a signal handler:
+a ZeRO checkpoint needs every rank). Instead the engine's flag is installed before anything
+slow starts; at the next step boundary all ranks agree, save collectively, and the trainer
+returns "preempted". Then rank 0 decides:
+
+- SIGUSR2 before the time limit (a preemption notice): requeue, as often as it comes.
+- SIGUSR2 near the time limit (``signal_delay_s`` before the job's end time): a time-limit
+  requeue, counted in run.json against the profile's ``max_requeues``; one too many marks the run
+  failed with that reason (``sweep launch --retry-failed`` continues it from its checkpoint).
+- SIGTERM (``scontrol requeue``, ``scancel``): SLURM is already requeueing or ending the job.
+
+Requeueing goes through submitit's job environment (``scontrol requeue`` on SLURM, the requeue
+exit code under the local executor); every rank then exits with REQUEUE_EXIT_CODE so that no
+task reports success.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import submitit
+
+from nepa_scale.rundir import REQUEUE_EXIT_CODE, RunDir
+
+log = logging.getLogger("nepa_scale.launch")
+
+# SLURM may deliver --signal up to 60 s before the requested delay, and a scheduler tick late.
+SIGNAL_SLACK_S = 60
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # requeue | exit | give_up
+    kind: str  # preemption | timeout | termination
+    reason: str = ""
+
+
+def decide(
+    signal_name: str | None, seconds_left: float | None, signal_delay_s: int, timeouts: int, max_requeues: int
+) -> Decision:
+    """What to do after the trainer saved and stopped; ``timeouts`` counts earlier time-limit requeues."""
+    if signal_name == "SIGTERM":
+        return Decision("exit", "termination")
+    timed_out = seconds_left is not None and seconds_left <= signal_delay_s + SIGNAL_SLACK_S
+    if not timed_out:
+        return Decision("requeue", "preemption")
+    if timeouts + 1 > max_requeues:
+        return Decision(
+            "give_up",
+            "timeout",
+            f"time limit reached {timeouts + 1} times, more than the profile's max_requeues={max_requeues}: "
+            "raise time_min or max_requeues and run `nepa-scale sweep launch --retry-failed` to continue from the checkpoint",
+        )
+    return Decision("requeue", "timeout")
+
+
+def slurm_end_time(job_id: str) -> float | None:
+    """The job's scheduled end (epoch seconds) from squeue; None when SLURM does not say."""
+    try:
+        text = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.strip()
+        return datetime.fromisoformat(text.splitlines()[0]).timestamp()
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """The callable submitted for one run. Stateless: everything it needs is in the run directory,
+    so a requeued job simply calls it again (``checkpoint()`` resubmits it unchanged)."""
+
+    def __init__(
+        self, run_dir: str, max_requeues: int, signal_delay_s: int, time_min: int, cpus_per_task: int
+    ):
+        self.run_dir = run_dir
+        self.max_requeues = max_requeues
+        self.signal_delay_s = signal_delay_s
+        self.time_min = time_min
+        self.cpus_per_task = cpus_per_task
+
+    def __call__(self) -> dict:
+        from nepa_scale.engine.preemption import PreemptionFlag
+
+        preempt = PreemptionFlag().install()  # first: a notice during start-up must not be lost
+        started = time.time()
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ.setdefault("OMP_NUM_THREADS", str(self.cpus_per_task))
+        run = RunDir(self.run_dir)
+        try:
+            result = self._train(preempt)
+        except BaseException as exc:
+            if env.global_rank == 0 and run.read_run().get("status") != "failed":
+                run.update_run(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            raise
+        finally:
+            preempt.uninstall()
+        if result.status == "completed":
+            return {"run_dir": self.run_dir, "status": result.status, "step": result.step}
+        if env.global_rank == 0:
+            self._after_preemption(env, run, preempt, started, result.step)
+        raise SystemExit(REQUEUE_EXIT_CODE)
+
+    def _train(self, preempt):
+        import torch
+
+        from nepa_scale.config import load_config
+        from nepa_scale.engine.trainer import train
+
+        torch.set_num_threads(self.cpus_per_task)
+        return train(load_config(RunDir(self.run_dir).config_yaml), preempt)
+
+    def _after_preemption(self, env, run: RunDir, preempt, started: float, step: int) -> None:
+        received = preempt.received.name if preempt.received else None
+        if env.name() == "slurm":
+            end = slurm_end_time(env.job_id)
+        else:
+            end = started + self.time_min * 60
+        at = preempt.received_at or time.time()
+        info = run.read_run()
+        timeouts = info.get("timeouts", 0)
+        decision = decide(
+            received, None if end is None else end - at, self.signal_delay_s, timeouts, self.max_requeues
+        )
+        event = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "signal_unix_time": at,
+            "signal": received or "peer rank",
+            "kind": decision.kind,
+            "action": decision.action,
+            "job_id": env.job_id,
+            "step": step,
+        }
+        fields = {"interruptions": [*info.get("interruptions", []), event]}
+        if decision.kind == "timeout":
+            fields["timeouts"] = timeouts + 1
+        if decision.action == "give_up":
+            fields.update(status="failed", error=decision.reason)
+        run.update_run(**fields)
+        log.warning(
+            "run %s: %s (%s) at step %d -> %s",
+            Path(self.run_dir).name,
+            decision.kind,
+            event["signal"],
+            step,
+            decision.action,
+        )
+        if decision.action == "give_up":
+            raise submitit.core.utils.UncompletedJobError(decision.reason)
+        if decision.action == "requeue":
+            env._requeue(self.max_requeues - fields.get("timeouts", timeouts))  # submitit's own requeue

@@ -1,0 +1,110 @@
+"""``sweep plan``: what each run will cost before anything is submitted."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from nepa_scale.config import DataConfig, RunConfig
+from nepa_scale.flops import train_flops_per_image
+from nepa_scale.launch.sweep import PlannedRun, Sweep
+from nepa_scale.memory import estimate_memory
+from nepa_scale.models.zoo import count_params
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run_id: str
+    model: str
+    params: int | None
+    images: int | None
+    flops: float | None
+    device_hours: float | None
+    wall_hours: float | None
+    memory_gb: float | None
+    layout: str  # nodes x devices per node
+    error: str | None
+
+
+@functools.lru_cache(maxsize=16)
+def _train_size(data: DataConfig, image_size: int) -> int:
+    from nepa_scale.data import build_dataset
+
+    return len(build_dataset(data, "train", image_size, train=False))
+
+
+def _steps(config: RunConfig, flops_per_image: float) -> int:
+    b = config.budget
+    steps_per_epoch = 0
+    if b.epochs is not None:
+        steps_per_epoch = _train_size(config.data, config.model.arch().image_size) // b.global_batch
+    return b.total_steps(steps_per_epoch, flops_per_image)
+
+
+def plan_run(run: PlannedRun) -> RunPlan:
+    r = run.resources
+    per_node = r.gpus_per_node or r.tasks_per_node
+    layout = f"{r.nodes}x{per_node} {'GPU' if r.gpus_per_node else 'CPU task'}"
+    if run.config is None:
+        model = str(run.config_data.get("model", {}).get("name", "?"))
+        return RunPlan(run.run_id, model, None, None, None, None, None, None, layout, run.error)
+    c = run.config
+    arch = c.model.arch()
+    params = count_params(arch)["total"]
+    flops_per_image = train_flops_per_image(arch, c.budget.flop_convention)
+    images = _steps(c, flops_per_image) * c.budget.global_batch
+    flops = images * flops_per_image
+    device_hours = flops / (r.device_tflops * 1e12) / 3600
+    precision = c.deepspeed.precision
+    if precision == "auto":
+        precision = "bf16" if r.gpus_per_node else "fp32"
+    micro = c.budget.micro_batch or c.budget.global_batch // r.world_size
+    memory = estimate_memory(
+        arch,
+        params,
+        micro_batch=micro,
+        precision=precision,
+        zero_stage=c.deepspeed.zero_stage,
+        world_size=r.world_size,
+        grad_checkpointing=c.model.grad_checkpointing,
+    )
+    return RunPlan(
+        run.run_id,
+        c.model.name,
+        params,
+        images,
+        flops,
+        device_hours,
+        device_hours / r.devices,
+        memory.peak_gb,
+        layout,
+        None,
+    )
+
+
+def plan_table(sweep: Sweep) -> str:
+    plans = [plan_run(run) for run in sweep.runs]
+    head = f"{'run id':<44} {'model':<10} {'params':>11} {'images':>12} {'FLOPs':>9} {'dev-h':>8} {'wall-h':>7} {'mem GB':>7}  layout"
+    lines = [head, "-" * len(head)]
+    for p in plans:
+        if p.error:
+            lines.append(f"{p.run_id:<44} {p.model:<10} INVALID: {p.error}")
+            continue
+        lines.append(
+            f"{p.run_id:<44} {p.model:<10} {p.params:>11,} {p.images:>12,} {p.flops:>9.2e} "
+            f"{p.device_hours:>8.2f} {p.wall_hours:>7.2f} {p.memory_gb:>7.1f}  {p.layout}"
+        )
+    valid = [p for p in plans if not p.error]
+    profile = sweep.runs[0].resources if sweep.runs else None
+    total = sum(p.device_hours for p in valid)
+    lines.append("-" * len(head))
+    lines.append(
+        f"{len(sweep.runs)} runs ({len(sweep.runs) - len(valid)} invalid), {total:.2f} device-hours in all; "
+        f"FLOPs: training FLOPs under each run's budget.flop_convention"
+    )
+    if profile is not None:
+        lines.append(
+            f"estimates assume {profile.device_tflops:g} TFLOP/s achieved per device (profile {sweep.profile_name}); "
+            "mem GB: predicted peak per device (nepa_scale/memory.py)"
+        )
+    return "\n".join(lines)

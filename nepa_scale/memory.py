@@ -1,0 +1,126 @@
+"""Predicted peak device memory of a training step, for ``sweep plan``.
+
+peak = model and optimizer states (by precision and ZeRO stage, per rank)
+     + activations kept for backward x micro-batch
+     + the backward's working set (one block's activations, its gradients)
+     + DeepSpeed's fixed buffers (ZeRO-2's contiguous gradient bucket).
+
+Checked against the peaks measured on one H100 (bf16, ZeRO-2, docs/performance.md): S, B, L and
+H/14 are predicted within 5% (tests/test_launch.py pins this).
+
+Activation bytes are not a formula guessed from the architecture: they are counted. One and
+two blocks of the real width run a forward pass on the CPU for one image, with autograd's
+saved-tensor hooks adding up the storage every saved tensor holds (parameters excluded). The
+difference is one block's share; the rest is the embedding and the loss. The CPU's SDPA saves
+what a flash kernel saves (output and log-sum-exp, no T x T matrix), so this matches a GPU's
+SDPA path; fp32 counts are halved for bf16 (LayerNorm statistics stay fp32, a rounding error).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from nepa_scale.models.arch import NepaArch
+
+GIB = 2**30
+ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
+DEEPSPEED_REDUCE_BUCKET = 5e8  # elements: ZeRO-2's default contiguous gradient buffer
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    states_gb: float
+    activations_gb: float
+    working_gb: float
+    buffers_gb: float
+
+    @property
+    def peak_gb(self) -> float:
+        return self.states_gb + self.activations_gb + self.working_gb + self.buffers_gb
+
+
+@functools.lru_cache(maxsize=64)
+def _saved_bytes(arch: NepaArch, depth: int, grad_checkpointing: bool) -> int:
+    import torch
+
+    from nepa_scale.models.vit import NEPA
+    from nepa_scale.objective import next_embedding_loss
+
+    torch.manual_seed(0)
+    model = NEPA(arch.replace(depth=depth), attention="sdpa", grad_checkpointing=grad_checkpointing)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    images = torch.randn(1, arch.in_chans, arch.image_size, arch.image_size)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = model(images)
+        next_embedding_loss(out.prediction, out.target)
+    return sum(storages.values())
+
+
+def activation_bytes_per_image(
+    arch: NepaArch, precision: str, grad_checkpointing: bool
+) -> tuple[float, float]:
+    """(kept for backward, one block's full activations) in bytes per image."""
+    scale = 0.5 if precision == "bf16" else 1.0
+    one, two = _saved_bytes(arch, 1, grad_checkpointing), _saved_bytes(arch, 2, grad_checkpointing)
+    per_block = two - one
+    kept = one - per_block + arch.depth * per_block
+    block_full = _saved_bytes(arch, 2, False) - _saved_bytes(arch, 1, False)
+    return kept * scale, block_full * scale
+
+
+def state_bytes(params: int, precision: str, zero_stage: int, world_size: int) -> tuple[float, float]:
+    """(held through backward, extra at the optimizer step) by one rank: weights, grads, AdamW."""
+    w = max(world_size, 1)
+    if precision == "bf16":
+        # bf16 module weights and grads, fp32 master weights and Adam moments. DeepSpeed's ZeRO-2/3
+        # optimizer makes its fp32 gradient partition only for the step (after activations are freed);
+        # its stage-0/1 bf16 optimizer keeps fp32 gradients for the whole step.
+        weights, grads, optimizer = 2 * params, 2 * params, (4 + ADAM_STATE_BYTES) * params
+        fp32_grads = 4 * params
+    else:
+        weights, grads, optimizer, fp32_grads = 4 * params, 4 * params, ADAM_STATE_BYTES * params, 0.0
+    if zero_stage >= 1:
+        optimizer /= w
+        fp32_grads /= w
+    if zero_stage >= 2:
+        grads /= w
+    if zero_stage >= 3:
+        weights /= w
+    if zero_stage >= 2:
+        return weights + grads + optimizer, fp32_grads
+    return weights + grads + optimizer + fp32_grads, 0.0
+
+
+def estimate_memory(
+    arch: NepaArch,
+    params: int,
+    *,
+    micro_batch: int,
+    precision: str,
+    zero_stage: int,
+    world_size: int,
+    grad_checkpointing: bool = False,
+) -> MemoryEstimate:
+    kept, block = activation_bytes_per_image(arch, precision, grad_checkpointing)
+    element = 2 if precision == "bf16" else 4
+    buffers = min(DEEPSPEED_REDUCE_BUCKET, params) * element if zero_stage == 2 else 0.0
+    # Backward holds one block's activations (recomputed under checkpointing) and their gradients.
+    working = micro_batch * block * (2.0 if grad_checkpointing else 1.0)
+    held, at_step = state_bytes(params, precision, zero_stage, world_size)
+    # The step's extra fp32 gradients only matter if they outgrow the activations freed before it.
+    activations = max(micro_batch * kept + working, at_step)
+    return MemoryEstimate(
+        states_gb=held / GIB,
+        activations_gb=micro_batch * kept / GIB,
+        working_gb=(activations - micro_batch * kept) / GIB,
+        buffers_gb=buffers / GIB,
+    )

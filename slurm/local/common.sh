@@ -1,0 +1,36 @@
+# Shared settings for the single-node SLURM cluster scripts (sourced, not run).
+# Everything the daemons write lives under $NEPA_SLURM_STATE; the configs live where
+# Debian's slurm-wlm looks for them (/etc/slurm), marked as ours so that a real
+# cluster's configuration is never overwritten.
+set -euo pipefail
+
+NEPA_SLURM_STATE=${NEPA_SLURM_STATE:-/var/tmp/nepa-slurm}
+CLUSTER_NAME=${NEPA_SLURM_CLUSTER:-nepa}
+SLURM_ETC=/etc/slurm
+MARKER="# written by nepa-scale slurm/local/configure.sh"
+DB_NAME=slurm_acct_db
+DB_USER=slurm
+DB_PASSWORD=${NEPA_SLURM_DB_PASSWORD:-nepa-local}
+
+log() { echo "[slurm/local] $*" >&2; }
+die() { echo "[slurm/local] error: $*" >&2; exit 1; }
+
+need_root() { [ "$(id -u)" = 0 ] || die "run as root (the daemons and /etc/slurm need it)"; }
+
+# pid_alive PIDFILE: true when the file names a running process.
+pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# wait_for DESCRIPTION SECONDS COMMAND...: poll until COMMAND succeeds.
+wait_for() {
+  local what=$1 seconds=$2; shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || die "$what did not come up within ${seconds}s (logs: $NEPA_SLURM_STATE/log)"
+    sleep 0.2
+  done
+}
+
+# owned_or_absent FILE: refuse to touch a config this project did not write.
+owned_or_absent() {
+  [ ! -e "$1" ] || grep -qF "$MARKER" "$1" || die "$1 exists and was not written by nepa-scale; refusing to overwrite it"
+}

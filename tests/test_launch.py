@@ -1,0 +1,355 @@
+"""Sweeps on the real local SLURM cluster (slurm/local/start.sh) and through submitit's local executor.
+
+Every job is submitted at the start (module fixture) so the runs overlap on the 2 cores; a watcher
+thread sends the real interruptions (scancel --signal=USR2, scontrol requeue, SIGUSR2 to local
+tasks) once a run is mid-way, and each test then waits for the outcome it checks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import DIGITS_CONFIG, REPO, env, final_weights, losses, metrics
+
+from nepa_scale.config import ConfigError
+from nepa_scale.launch import launcher
+from nepa_scale.launch.job import decide
+from nepa_scale.launch.sweep import load_sweep
+
+DEADLINE_S = 600
+BASE_SET = {
+    "model.overrides": {"dim": 48, "depth": 2, "num_heads": 2},
+    "model.attention": "sdpa",
+    "budget.global_batch": 32,
+    "budget.images": 9600,  # 300 steps
+    "deepspeed.zero_stage": 0,
+    "optim.lr": 2e-3,
+    "logging.log_every": 5,
+    "logging.eval_batches": 1,
+    "logging.progress": "never",
+    "checkpoint.every": 20,
+}
+INTERRUPT_AT = 60  # steps
+
+
+def write_sweep(directory: Path, name: str, profile: str, resources=None, axes=None, **extra_set) -> Path:
+    spec = {
+        "name": name,
+        "base": str(DIGITS_CONFIG),
+        "set": {**BASE_SET, **extra_set},
+        "axes": axes or [],
+        "profile": profile,
+        "resources": resources or {},
+        "output_root": str(directory / name),
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "nepa_scale.cli", *args], capture_output=True, text=True, env=env(), cwd=REPO
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"nepa-scale {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def last_step(run_dir: Path) -> int:
+    train = metrics(run_dir)
+    return train[-1]["step"] if train else 0
+
+
+class Watcher(threading.Thread):
+    """Sends each interruption once its run has logged INTERRUPT_AT steps; remembers when."""
+
+    def __init__(self, targets: list[tuple[str, Path, list[str]]]):
+        super().__init__(daemon=True)
+        self.targets, self.sent, self.errors = targets, {}, []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set() and len(self.sent) < len(self.targets):
+            for name, run_dir, command in self.targets:
+                if name in self.sent or last_step(run_dir) < INTERRUPT_AT:
+                    continue
+                if not list((run_dir / "checkpoints").glob("*/COMMITTED")):
+                    continue
+                job = json.loads((run_dir / "launch.json").read_text())["job_id"]
+                argv = [part.replace("{job}", job) for part in command]
+                result = subprocess.run(argv, capture_output=True, text=True, env=env(), cwd=REPO)
+                if result.returncode:
+                    self.errors.append(f"{argv}: {result.stderr}")
+                self.sent[name] = (time.time(), last_step(run_dir))
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    subprocess.run(["bash", str(REPO / "slurm/local/start.sh")], check=True, capture_output=True)
+    root = tmp_path_factory.mktemp("launch")
+    sweeps = {
+        # Longest first: a time limit (1 min, notice 30 s before) shorter than the run's work.
+        "timeout": write_sweep(
+            root,
+            "timeout",
+            "local",
+            {"time_min": 1, "signal_delay_s": 30, "max_requeues": 8, "mem_gb": 2},
+            **{"budget.images": 19200},
+        ),
+        "sweep": write_sweep(
+            root,
+            "sweep",
+            "local",
+            {"mem_gb": 2},
+            axes=[{"zip": {"seed": [0, 1, 2, 3], "optim.warmup_fraction": [0.05, 0.05, 0.05, 2.0]}}],
+        ),
+        **{
+            name: write_sweep(
+                root,
+                name,
+                "local",
+                {"tasks_per_node": 2, "mem_gb": 4},
+                **{"deepspeed.zero_stage": 2, "budget.images": 3840},  # 120 steps
+            )
+            for name in ("two_task", "two_task_twin")  # the same run twice: preempted, uninterrupted
+        },
+        "local": write_sweep(root, "local", "cpu", **{"seed": 0, "optim.warmup_fraction": 0.05}),
+    }
+    loaded = {name: load_sweep(path) for name, path in sweeps.items()}
+    for name in ("timeout", "sweep", "two_task", "two_task_twin"):
+        cli("sweep", "launch", str(sweeps[name]))
+    local = subprocess.Popen(
+        [sys.executable, "-m", "nepa_scale.cli", "sweep", "launch", str(sweeps["local"])],
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # The uninterrupted twin of seed 0: the same resolved config, plain `nepa-scale train`.
+    seed0 = loaded["sweep"].runs[0]
+    twin_dir = root / "twin"
+    twin_config = root / "twin.yaml"
+    twin_config.write_text(yaml.safe_dump({**seed0.config_data, "output_dir": str(twin_dir)}))
+    twin = subprocess.Popen(
+        [sys.executable, "-m", "nepa_scale.cli", "train", str(twin_config)],
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watcher = Watcher(
+        [
+            ("usr2", seed0.run_dir, ["scancel", "--signal=USR2", "{job}"]),
+            ("requeue", loaded["sweep"].runs[1].run_dir, ["scontrol", "requeue", "{job}"]),
+            ("two_task", loaded["two_task"].runs[0].run_dir, ["scancel", "--signal=USR2", "{job}"]),
+            (
+                "local",
+                loaded["local"].runs[0].run_dir,
+                [
+                    sys.executable,
+                    "-m",
+                    "nepa_scale.cli",
+                    "sweep",
+                    "preempt",
+                    str(sweeps["local"]),
+                    "--run",
+                    loaded["local"].runs[0].run_id,
+                ],
+            ),
+        ]
+    )
+    watcher.start()
+    yield {
+        "sweeps": sweeps,
+        "loaded": loaded,
+        "local": local,
+        "twin": twin,
+        "twin_dir": twin_dir,
+        "watcher": watcher,
+    }
+    watcher.stop.set()
+    for name in ("timeout", "sweep", "two_task", "two_task_twin"):
+        launcher.cancel(loaded[name])
+    for process in (local, twin):
+        if process.poll() is None:
+            process.kill()
+
+
+def wait_done(sweep, timeout: float = DEADLINE_S) -> list[launcher.RunStatus]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = launcher.sweep_status(sweep)
+        if not any(r.state in ("pending", "running", "requeued", "not launched") for r in rows):
+            return rows
+        time.sleep(1)
+    raise AssertionError("sweep did not finish:\n" + launcher.status_table(launcher.sweep_status(sweep)))
+
+
+def wait_twin(study) -> Path:
+    _, err = study["twin"].communicate(timeout=DEADLINE_S)
+    assert study["twin"].returncode == 0, err[-2000:]
+    return study["twin_dir"]
+
+
+def assert_same_run(run_dir: Path, twin_dir: Path) -> None:
+    ours, theirs = losses(run_dir), losses(twin_dir)
+    assert sorted(ours) == sorted(theirs) and ours
+    assert ours == theirs
+    for name, tensor in final_weights(twin_dir).items():
+        assert torch.equal(final_weights(run_dir)[name], tensor), name
+
+
+def run_info(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+# ----------------------------------------------------------------------------- on SLURM
+
+
+def test_sweep_completes_skips_on_relaunch_and_reports_invalid_run(study):
+    sweep = study["loaded"]["sweep"]
+    rows = wait_done(sweep)
+    assert [r.state for r in rows] == ["completed", "completed", "completed", "failed"]
+    assert "optim.warmup_fraction" in rows[3].error
+    status = cli("sweep", "status", str(study["sweeps"]["sweep"]), check=False)
+    assert status.returncode == 1 and "error: optim.warmup_fraction" in status.stdout
+    again = cli("sweep", "launch", str(study["sweeps"]["sweep"]))
+    assert again.stdout.startswith("submitted 0 of 4 runs")
+    # The job ran the code snapshot taken at submission.
+    launch_info = json.loads((sweep.runs[2].run_dir / "launch.json").read_text())
+    assert (Path(launch_info["code"]) / "nepa_scale" / "launch" / "job.py").is_file()
+
+
+def test_usr2_preemption_requeues_and_matches_uninterrupted_twin(study):
+    run = study["loaded"]["sweep"].runs[0]
+    wait_done(study["loaded"]["sweep"])
+    info = run_info(run.run_dir)
+    assert "usr2" in study["watcher"].sent, study["watcher"].errors
+    assert [e["kind"] for e in info["interruptions"]] == ["preemption"]
+    assert len(info["restarts"]) == 1 and info["restarts"][0]["from_step"] >= INTERRUPT_AT
+    assert_same_run(run.run_dir, wait_twin(study))
+
+
+def test_scontrol_requeue_resumes_from_last_committed_checkpoint(study):
+    run = study["loaded"]["sweep"].runs[1]
+    wait_done(study["loaded"]["sweep"])
+    info = run_info(run.run_dir)
+    assert "requeue" in study["watcher"].sent, study["watcher"].errors
+    assert info["status"] == "completed" and info["step"] == info["total_steps"] == 300
+    assert len(info["restarts"]) == 1
+    resumed = info["restarts"][0]["from_step"]
+    # From a committed checkpoint: a periodic one, or the save the SIGTERM allowed before the kill.
+    assert 20 <= resumed <= study["watcher"].sent["requeue"][1] + 5
+    steps = [m["step"] for m in metrics(run.run_dir)]
+    assert steps == list(range(5, 301, 5))  # every logged step exactly once: nothing lost, nothing doubled
+
+
+def test_time_limit_requeues_until_the_budget_is_done(study):
+    sweep = study["loaded"]["timeout"]
+    (row,) = wait_done(sweep)
+    info = run_info(sweep.runs[0].run_dir)
+    assert row.state == "completed", row.error
+    assert info["timeouts"] >= 1 and info["step"] == info["total_steps"] == 600
+    assert {e["kind"] for e in info["interruptions"]} == {"timeout"}
+
+
+def test_two_task_gloo_run_resumes_after_preemption(study):
+    sweep, twin = study["loaded"]["two_task"], study["loaded"]["two_task_twin"]
+    (row,) = wait_done(sweep)
+    (twin_row,) = wait_done(twin)
+    info = run_info(sweep.runs[0].run_dir)
+    assert row.state == twin_row.state == "completed", (row.error, twin_row.error)
+    assert info["world_size"] == 2 and len(info["restarts"]) == 1
+    assert_same_run(sweep.runs[0].run_dir, twin.runs[0].run_dir)
+
+
+# ----------------------------------------------------------------------------- local executor
+
+
+def test_local_executor_preemption_matches_uninterrupted_twin(study):
+    out, _ = study["local"].communicate(timeout=DEADLINE_S)
+    assert study["local"].returncode == 0, out[-3000:]
+    run = study["loaded"]["local"].runs[0]
+    info = run_info(run.run_dir)
+    assert "local" in study["watcher"].sent, study["watcher"].errors
+    assert info["status"] == "completed" and len(info["restarts"]) == 1
+    assert_same_run(run.run_dir, wait_twin(study))
+
+
+# ----------------------------------------------------------------------------- no cluster needed
+
+
+def test_timeout_requeues_count_against_the_profile_maximum():
+    assert decide("SIGUSR2", 3600, 90, timeouts=0, max_requeues=0).action == "requeue"  # preemption
+    assert decide("SIGUSR2", 90, 90, timeouts=2, max_requeues=3) == decide("SIGUSR2", 60, 90, 0, 3)
+    assert decide("SIGUSR2", 90, 90, timeouts=2, max_requeues=3).kind == "timeout"
+    give_up = decide("SIGUSR2", 80, 90, timeouts=3, max_requeues=3)
+    assert give_up.action == "give_up" and "max_requeues=3" in give_up.reason
+    assert decide("SIGTERM", 10, 90, timeouts=0, max_requeues=3).action == "exit"
+
+
+def test_run_ids_are_stable_and_local_to_the_changed_run(tmp_path):
+    axes = [{"grid": {"model.overrides.dim": [32, 64]}}, {"zip": {"seed": [0, 1], "optim.lr": [1e-3, 2e-3]}}]
+    first = load_sweep(write_sweep(tmp_path, "a", "cpu", axes=axes))
+    again = load_sweep(write_sweep(tmp_path, "a", "cpu", axes=axes))
+    assert [r.run_id for r in first.runs] == [r.run_id for r in again.runs] and len(first.runs) == 4
+    assert first.runs[0].run_id.startswith("dim32_seed0_lr0.001-")
+    changed = [
+        {"grid": {"model.overrides.dim": [32, 64]}},
+        {"zip": {"seed": [0, 1], "optim.lr": [1e-3, 3e-3]}},
+    ]
+    other = load_sweep(write_sweep(tmp_path, "a", "cpu", axes=changed))
+    same = [a.run_id == b.run_id for a, b in zip(first.runs, other.runs, strict=True)]
+    assert same == [True, False, True, False]
+    # Resources do not change what a run computes, so not its id either.
+    roomier = load_sweep(write_sweep(tmp_path, "a", "cpu", {"time_min": 999}, axes=axes))
+    assert [r.run_id for r in roomier.runs] == [r.run_id for r in first.runs]
+
+
+def test_bad_sweeps_fail_with_one_line_naming_the_key(tmp_path):
+    path = write_sweep(tmp_path, "bad", "cpu")
+    spec = yaml.safe_load(path.read_text())
+    for change, message in (
+        ({"axes": [{"grid": {"seed": 3}}]}, "axes[0].grid.seed: expected a non-empty list"),
+        (
+            {"axes": [{"zip": {"seed": [0, 1], "optim.lr": [1e-3]}}]},
+            "axes[0].zip: lists must have equal lengths",
+        ),
+        ({"profile": "nowhere"}, "profile: 'nowhere'"),
+        ({"resources": {"gpus_per_node": 8, "tasks_per_node": 1}}, "tasks_per_node: one task per GPU"),
+        ({"resouces": {}}, "unknown key 'resouces'"),
+    ):
+        path.write_text(yaml.safe_dump({**spec, **change}))
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_sweep(path)
+
+
+def test_memory_model_matches_the_measured_h100_peaks():
+    """Peaks measured by `nepa-scale train` on one H100 (bf16, ZeRO-2; docs/performance.md)."""
+    from nepa_scale.memory import estimate_memory
+    from nepa_scale.models.zoo import count_params, get_arch
+
+    for name, micro, measured_gib in (
+        ("nepa_s14", 256, 13.7),
+        ("nepa_b14", 256, 26.8),
+        ("nepa_l14", 128, 37.4),
+    ):
+        arch = get_arch(name)
+        estimate = estimate_memory(
+            arch, count_params(arch)["total"], micro_batch=micro, precision="bf16", zero_stage=2, world_size=1
+        )
+        assert abs(estimate.peak_gb / measured_gib - 1) < 0.10, (name, estimate)
