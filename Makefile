@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean slurm-up slurm-down
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,14 @@ demo: setup
 lint: setup
 	$(PY) -m ruff check nepa_scale tests
 
-test: lint
+# A real single-node SLURM cluster for the launch tests (installs Debian's packages if missing).
+slurm-up:
+	bash slurm/local/start.sh
+
+slurm-down:
+	bash slurm/local/stop.sh
+
+test: lint slurm-up
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 clean:

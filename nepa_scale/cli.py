@@ -8,8 +8,6 @@ from pathlib import Path
 
 from nepa_scale.config import ConfigError, check_world, load_config
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits_tiny.yaml"
-
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"nepa-scale: error: {message}", file=sys.stderr)
@@ -172,26 +170,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Until the sweep demo lands: a short CPU pretraining of the tiny model on the bundled digits."""
-    overrides = [f"output_dir={args.output_dir}", *args.overrides]
-    args.config, args.overrides = str(DEMO_CONFIG), overrides
-    code = cmd_train(args)
-    if code == 0:
-        from nepa_scale.rundir import RunDir
+    """The end-to-end mini scaling study (sweeps/demo.yaml): train, survive a preemption, fit, report."""
+    from nepa_scale.launch.demo import DEMO_SWEEP, run_demo
 
-        run = RunDir(args.output_dir)
-        metrics = run.read_metrics()
-        train_lines = [m for m in metrics if m.get("kind") == "train"]
-        evals = [m for m in metrics if m.get("kind") == "eval"]
-        if train_lines:
-            print(
-                f"first loss {train_lines[0]['loss']:.4f} -> last loss {train_lines[-1]['loss']:.4f} "
-                f"after {train_lines[-1]['step']} steps; held-out loss {evals[-1]['val_loss']:.4f}"
-                if evals
-                else ""
-            )
-        print(f"run directory: {run.root} (metrics.jsonl, run.json, checkpoints/)")
-    return code
+    try:
+        return run_demo(args.sweep or DEMO_SWEEP, args.executor, args.output_root, args.bootstrap)
+    except ConfigError as exc:
+        return _fail(str(exc))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -201,7 +186,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from nepa_scale.launch.sweep import load_sweep
 
     try:
-        sweep = load_sweep(args.sweep, executor=args.executor, output_root=args.output_root)
+        sweep = load_sweep(
+            args.sweep, executor=args.executor, output_root=args.output_root, overrides=args.set
+        )
     except ConfigError as exc:
         return _fail(str(exc))
     from nepa_scale.launch import launcher
@@ -303,15 +290,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--executor", choices=["slurm", "local"], default=None, help="override the profile's executor"
     )
     sweep.add_argument("--output-root", default=None, help="override the sweep's output_root")
+    sweep.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra run config, e.g. data.root=/data/imagenet",
+    )
     sweep.add_argument("--retry-failed", action="store_true", help="launch: also resubmit failed runs")
     sweep.add_argument("--dry-run", action="store_true", help="launch: only say what would be submitted")
     sweep.add_argument("--wait", action="store_true", help="launch: wait until every run has ended")
     sweep.add_argument("--run", default=None, help="preempt: the run id to send a preemption notice")
     sweep.set_defaults(func=cmd_sweep)
 
-    demo = sub.add_parser("demo", help="short CPU pretraining of nepa_tiny on the bundled digits")
-    demo.add_argument("--output-dir", default="runs/demo")
-    demo.add_argument("overrides", nargs="*")
+    demo = sub.add_parser("demo", help="end-to-end mini scaling study on this machine (sweeps/demo.yaml)")
+    demo.add_argument("--executor", choices=["local", "slurm"], default=None, help="default: local processes")
+    demo.add_argument("--output-root", default=None, help="default: the sweep's output_root (runs/demo)")
+    demo.add_argument("--sweep", default=None, help="another sweep file (e.g. a smaller one)")
+    demo.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the fit intervals")
     demo.set_defaults(func=cmd_demo)
     return parser
 

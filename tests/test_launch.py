@@ -71,28 +71,34 @@ def last_step(run_dir: Path) -> int:
     return train[-1]["step"] if train else 0
 
 
-class Watcher(threading.Thread):
-    """Sends each interruption once its run has logged INTERRUPT_AT steps; remembers when."""
+class Watcher:
+    """One thread per run: sends its interruption once the run has logged INTERRUPT_AT steps and
+    committed a checkpoint; remembers when and at which step (threads, so that no slow command
+    delays another run's signal)."""
 
     def __init__(self, targets: list[tuple[str, Path, list[str]]]):
-        super().__init__(daemon=True)
-        self.targets, self.sent, self.errors = targets, {}, []
+        self.sent: dict[str, tuple[float, int]] = {}
+        self.errors: list[str] = []
         self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._watch, args=t, daemon=True) for t in targets]
 
-    def run(self) -> None:
-        while not self.stop.is_set() and len(self.sent) < len(self.targets):
-            for name, run_dir, command in self.targets:
-                if name in self.sent or last_step(run_dir) < INTERRUPT_AT:
-                    continue
-                if not list((run_dir / "checkpoints").glob("*/COMMITTED")):
-                    continue
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def _watch(self, name: str, run_dir: Path, command: list[str]) -> None:
+        while not self.stop.is_set():
+            if last_step(run_dir) >= INTERRUPT_AT and list((run_dir / "checkpoints").glob("*/COMMITTED")):
+                step = last_step(run_dir)
                 job = json.loads((run_dir / "launch.json").read_text())["job_id"]
                 argv = [part.replace("{job}", job) for part in command]
                 result = subprocess.run(argv, capture_output=True, text=True, env=env(), cwd=REPO)
                 if result.returncode:
-                    self.errors.append(f"{argv}: {result.stderr}")
-                self.sent[name] = (time.time(), last_step(run_dir))
-            time.sleep(0.2)
+                    self.errors.append(f"{argv}: {result.stdout} {result.stderr}")
+                else:
+                    self.sent[name] = (time.time(), step)
+                return
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +112,7 @@ def study(tmp_path_factory):
             "timeout",
             "local",
             {"time_min": 1, "signal_delay_s": 30, "max_requeues": 8, "mem_gb": 2},
-            **{"budget.images": 19200},
+            **{"budget.images": 16000},  # 500 steps: more than one attempt's worth
         ),
         "sweep": write_sweep(
             root,
@@ -263,7 +269,7 @@ def test_time_limit_requeues_until_the_budget_is_done(study):
     (row,) = wait_done(sweep)
     info = run_info(sweep.runs[0].run_dir)
     assert row.state == "completed", row.error
-    assert info["timeouts"] >= 1 and info["step"] == info["total_steps"] == 600
+    assert info["timeouts"] >= 1 and info["step"] == info["total_steps"] == 500
     assert {e["kind"] for e in info["interruptions"]} == {"timeout"}
 
 
@@ -272,6 +278,7 @@ def test_two_task_gloo_run_resumes_after_preemption(study):
     (row,) = wait_done(sweep)
     (twin_row,) = wait_done(twin)
     info = run_info(sweep.runs[0].run_dir)
+    assert "two_task" in study["watcher"].sent, study["watcher"].errors
     assert row.state == twin_row.state == "completed", (row.error, twin_row.error)
     assert info["world_size"] == 2 and len(info["restarts"]) == 1
     assert_same_run(sweep.runs[0].run_dir, twin.runs[0].run_dir)

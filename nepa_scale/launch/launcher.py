@@ -255,7 +255,7 @@ def sweep_status(sweep: Sweep) -> list[RunStatus]:
 
 
 def status_table(rows: list[RunStatus]) -> str:
-    head = f"{'run id':<44} {'model':<10} {'state':<12} {'progress':>8} {'step':>7} {'loss':>9} {'restarts':>8} {'job':>9}"
+    head = f"{'run id':<46} {'model':<10} {'state':<12} {'progress':>8} {'step':>7} {'loss':>9} {'restarts':>8} {'job':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         progress = f"{100 * r.progress:.0f}%" if r.progress is not None else "-"
@@ -263,7 +263,7 @@ def status_table(rows: list[RunStatus]) -> str:
         step = str(r.step) if r.step is not None else "-"
         restarts = f"{r.restarts}" + (f" ({r.timeouts} t/o)" if r.timeouts else "")
         lines.append(
-            f"{r.run_id:<44} {r.model:<10} {r.state:<12} {progress:>8} {step:>7} {loss:>9} {restarts:>8} {r.job_id:>9}"
+            f"{r.run_id:<46} {r.model:<10} {r.state:<12} {progress:>8} {step:>7} {loss:>9} {restarts:>8} {r.job_id:>9}"
         )
         if r.state == "failed" and r.error:
             lines.append(f"    error: {r.error}")
@@ -337,7 +337,9 @@ def submit(sweep: Sweep, runs: list[PlannedRun]) -> dict[str, submitit.Job]:
     return jobs
 
 
-def launch(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False) -> list[PlannedRun]:
+def launch(
+    sweep: Sweep, retry_failed: bool = False, dry_run: bool = False, preempt_at: PreemptOnce | None = None
+) -> list[PlannedRun]:
     """Prepare every run directory and submit what is neither done nor in flight (SLURM: returns
     once submitted; local executor: runs them here, ``array_parallelism`` at a time, and returns
     when they are done)."""
@@ -348,7 +350,7 @@ def launch(sweep: Sweep, retry_failed: bool = False, dry_run: bool = False) -> l
         if run.error or run in pending:
             _prepare(run)
     if any(run.resources.executor == "local" for run in pending):
-        run_local(sweep, pending)
+        run_local(sweep, pending, preempt_at)
     else:
         submit(sweep, pending)
     return pending
@@ -366,19 +368,52 @@ def progress_line(rows: list[RunStatus]) -> str:
     return f"[{time.strftime('%H:%M:%S')}] {done}/{len(rows)} completed; " + ("; ".join(parts) or "waiting")
 
 
+class PreemptOnce:
+    """Sends one run a preemption notice once it has logged ``step`` (the demo's "preemption")."""
+
+    def __init__(self, sweep: Sweep, run_id: str, step: int):
+        self.sweep, self.run_id, self.step, self.sent = sweep, run_id, step, False
+
+    def poll(self, out) -> None:
+        if self.sent:
+            return
+        train = [
+            m for m in RunDir(self.sweep.run(self.run_id).run_dir).read_metrics() if m.get("kind") == "train"
+        ]
+        if train and train[-1]["step"] >= self.step:
+            preempt(self.sweep, self.run_id)
+            self.sent = True
+            print(
+                f"[{time.strftime('%H:%M:%S')}] preempting {self.run_id} at step {train[-1]['step']} (SIGUSR2, as a "
+                "cluster would): it saves a checkpoint, exits for requeue and resumes from it",
+                file=out,
+                flush=True,
+            )
+
+
+def _ended_line(run: PlannedRun) -> str:
+    row = run_status(run, "ENDED")
+    restarts = RunDir(run.run_dir).read_run().get("restarts", [])
+    text = f"[{time.strftime('%H:%M:%S')}] {run.run_id}: {row.state}"
+    if row.loss is not None:
+        text += f", final loss {row.loss:.4f}"
+    if restarts:
+        text += f", resumed {len(restarts)}x (from step {', '.join(str(r['from_step']) for r in restarts)})"
+    return text + (f" ({row.error})" if row.error else "")
+
+
 def run_local(
     sweep: Sweep,
     runs: list[PlannedRun],
-    preempt_at: tuple[str, int] | None = None,
+    preempt_at: PreemptOnce | None = None,
     poll_s: float = 1.0,
     report_every_s: float = 15.0,
     out=sys.stdout,
 ) -> None:
-    """Run ``runs`` with submitit's LocalExecutor, at most ``array_parallelism`` at once.
-    ``preempt_at=(run id, step)`` sends that run a preemption notice once it passed the step."""
+    """Run ``runs`` with submitit's LocalExecutor, at most ``array_parallelism`` at once."""
     queue, active = list(runs), {}
     parallel = min((r.resources.array_parallelism for r in runs), default=1)
-    preempted, last_report = False, 0.0
+    last_report = time.time()
     while queue or active:
         while queue and len(active) < parallel:
             run = queue.pop(0)
@@ -386,40 +421,39 @@ def run_local(
         for run_id, job in list(active.items()):
             if job.done():
                 del active[run_id]
-                row = run_status(sweep.run(run_id), "ENDED")
-                print(
-                    f"[{time.strftime('%H:%M:%S')}] {run_id}: {row.state}"
-                    + (f" ({row.error})" if row.error else ""),
-                    file=out,
-                    flush=True,
-                )
-        if preempt_at and not preempted and preempt_at[0] in active:
-            train = [
-                m for m in RunDir(sweep.run(preempt_at[0]).run_dir).read_metrics() if m.get("kind") == "train"
-            ]
-            if train and train[-1]["step"] >= preempt_at[1]:
-                preempt(sweep, preempt_at[0])
-                preempted = True
-                print(
-                    f"[{time.strftime('%H:%M:%S')}] sent {preempt_at[0]} a preemption notice (SIGUSR2) at step "
-                    f"{train[-1]['step']}: it saves, exits for requeue and resumes from its checkpoint",
-                    file=out,
-                    flush=True,
-                )
+                print(_ended_line(sweep.run(run_id)), file=out, flush=True)
+        if preempt_at is not None and preempt_at.run_id in active:
+            preempt_at.poll(out)
         if time.time() - last_report >= report_every_s and active:
             print(progress_line(sweep_status(sweep)), file=out, flush=True)
             last_report = time.time()
         time.sleep(poll_s)
 
 
-def wait(sweep: Sweep, poll_s: float = 5.0, report_every_s: float = 30.0, out=sys.stdout) -> list[RunStatus]:
+def wait(
+    sweep: Sweep,
+    preempt_at: PreemptOnce | None = None,
+    poll_s: float = 2.0,
+    report_every_s: float = 15.0,
+    out=sys.stdout,
+) -> list[RunStatus]:
     """Block until no run of the sweep is pending, running or requeued; print progress meanwhile."""
-    last_report = 0.0
+    finished = ("completed", "failed", "cancelled")
+    last_report = time.time()
+    ended = {r.run_id for r in sweep_status(sweep) if r.state in finished}  # before this wait
     while True:
         rows = sweep_status(sweep)
+        for row in rows:
+            if row.state in finished and row.run_id not in ended:
+                ended.add(row.run_id)
+                print(_ended_line(sweep.run(row.run_id)), file=out, flush=True)
         active = [r for r in rows if r.state in ("pending", "running", "requeued")]
         if not active:
             return rows
+        if preempt_at is not None and any(
+            r.run_id == preempt_at.run_id and r.state == "running" for r in rows
+        ):
+            preempt_at.poll(out)
         if time.time() - last_report >= report_every_s:
             print(progress_line(rows), file=out, flush=True)
             last_report = time.time()

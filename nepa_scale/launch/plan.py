@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 
 from nepa_scale.config import DataConfig, RunConfig
@@ -27,9 +28,11 @@ class RunPlan:
 
 
 @functools.lru_cache(maxsize=16)
-def _train_size(data: DataConfig, image_size: int) -> int:
+def _train_size(data_json: str, image_size: int) -> int:
+    from nepa_scale.config import build_dataclass
     from nepa_scale.data import build_dataset
 
+    data = build_dataclass(DataConfig, json.loads(data_json), "data")
     return len(build_dataset(data, "train", image_size, train=False))
 
 
@@ -37,7 +40,8 @@ def _steps(config: RunConfig, flops_per_image: float) -> int:
     b = config.budget
     steps_per_epoch = 0
     if b.epochs is not None:
-        steps_per_epoch = _train_size(config.data, config.model.arch().image_size) // b.global_batch
+        data_json = json.dumps(config.to_dict()["data"], sort_keys=True)
+        steps_per_epoch = _train_size(data_json, config.model.arch().image_size) // b.global_batch
     return b.total_steps(steps_per_epoch, flops_per_image)
 
 
@@ -52,7 +56,10 @@ def plan_run(run: PlannedRun) -> RunPlan:
     arch = c.model.arch()
     params = count_params(arch)["total"]
     flops_per_image = train_flops_per_image(arch, c.budget.flop_convention)
-    images = _steps(c, flops_per_image) * c.budget.global_batch
+    try:
+        images = _steps(c, flops_per_image) * c.budget.global_batch
+    except (FileNotFoundError, OSError) as exc:  # an epochs budget needs the dataset's size
+        return RunPlan(run.run_id, c.model.name, params, None, None, None, None, None, layout, f"data: {exc}")
     flops = images * flops_per_image
     device_hours = flops / (r.device_tflops * 1e12) / 3600
     precision = c.deepspeed.precision
@@ -84,14 +91,14 @@ def plan_run(run: PlannedRun) -> RunPlan:
 
 def plan_table(sweep: Sweep) -> str:
     plans = [plan_run(run) for run in sweep.runs]
-    head = f"{'run id':<44} {'model':<10} {'params':>11} {'images':>12} {'FLOPs':>9} {'dev-h':>8} {'wall-h':>7} {'mem GB':>7}  layout"
+    head = f"{'run id':<46} {'model':<10} {'params':>11} {'images':>12} {'FLOPs':>9} {'dev-h':>8} {'wall-h':>7} {'mem GB':>7}  layout"
     lines = [head, "-" * len(head)]
     for p in plans:
         if p.error:
-            lines.append(f"{p.run_id:<44} {p.model:<10} INVALID: {p.error}")
+            lines.append(f"{p.run_id:<46} {p.model:<10} INVALID: {p.error}")
             continue
         lines.append(
-            f"{p.run_id:<44} {p.model:<10} {p.params:>11,} {p.images:>12,} {p.flops:>9.2e} "
+            f"{p.run_id:<46} {p.model:<10} {p.params:>11,} {p.images:>12,} {p.flops:>9.2e} "
             f"{p.device_hours:>8.2f} {p.wall_hours:>7.2f} {p.memory_gb:>7.1f}  {p.layout}"
         )
     valid = [p for p in plans if not p.error]

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from nepa_scale.config import (
     ConfigError,
     RunConfig,
@@ -105,22 +107,28 @@ def _axis_block(block: Any, index: int) -> list[dict[str, Any]]:
 
 
 def _format_value(value: Any) -> str:
+    """Compact: 2e-3 -> 0.002, 12811670 -> 12.8M."""
     if isinstance(value, float):
-        text = f"{value:g}"
-    elif isinstance(value, bool):
-        text = "on" if value else "off"
-    else:
-        text = str(value)
-    return text
+        return f"{value:g}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if abs(value) >= scale:
+                return f"{value / scale:.3g}{unit}"
+    return str(value)
 
 
 def run_slug(values: dict[str, Any]) -> str:
+    """A readable prefix for the run id: the axis values (booleans by their key, when on)."""
     parts = []
     for key, value in values.items():
         if key.startswith(RESOURCE_PREFIX):
             continue
         short = key.split(".")[-1]
-        parts.append(_format_value(value) if short == "name" else f"{short}{_format_value(value)}")
+        if isinstance(value, bool):
+            parts.append(short if value else "")
+        else:
+            parts.append(_format_value(value) if short == "name" else f"{short}{_format_value(value)}")
+    parts = [part for part in parts if part]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(parts)).strip("-_.")
     return slug[:60] or "run"
 
@@ -139,8 +147,14 @@ def _base_config(spec: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
     return copy.deepcopy(base)
 
 
-def load_sweep(path: str | Path, executor: str | None = None, output_root: str | Path | None = None) -> Sweep:
-    """Expand a sweep file into its runs. ``executor`` overrides the profile's (slurm | local)."""
+def load_sweep(
+    path: str | Path,
+    executor: str | None = None,
+    output_root: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Sweep:
+    """Expand a sweep file into its runs. ``executor`` overrides the profile's (slurm | local);
+    ``overrides`` (``key=value``, e.g. ``data.root=/data/imagenet``) extend the sweep's ``set``."""
     path = Path(path)
     spec = read_yaml_mapping(path, "sweep")
     unknown = sorted(set(spec) - SWEEP_KEYS)
@@ -149,6 +163,11 @@ def load_sweep(path: str | Path, executor: str | None = None, output_root: str |
     name = str(spec.get("name", path.stem))
     base = _base_config(spec, path.parent)
     common = _flatten(spec.get("set") or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}': expected key=value")
+        key, raw = item.split("=", 1)
+        common[key.strip()] = yaml.safe_load(raw)
     axes = spec.get("axes") or []
     if not isinstance(axes, list):
         raise ConfigError(f"{path}: axes: expected a list of grid/zip blocks")

@@ -1,0 +1,104 @@
+"""``nepa-scale demo``: a real, small scaling study end to end on one machine.
+
+sweeps/demo.yaml (3 widths x 3 budgets of a two-layer NEPA on the bundled digits) is launched
+through submitit's local executor (or the local SLURM cluster), one run is preempted mid-way and
+resumes by itself, then the runs are collected, fitted (frontier power law and Chinchilla with
+bootstrap intervals) and written up as an HTML report. Completed runs are skipped on a re-run,
+so a second call only rebuilds the report.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from nepa_scale.launch import launcher
+from nepa_scale.launch.plan import plan_table
+from nepa_scale.launch.sweep import PlannedRun, load_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_SWEEP = REPO / "sweeps" / "demo.yaml"
+PREEMPT_FRACTION = 0.4  # the preempted run gets its notice this far into its budget
+
+
+def ensure_local_slurm(out) -> None:
+    """Start the single-node cluster (slurm/local/start.sh) unless a controller already answers."""
+    if subprocess.run(["scontrol", "ping"], capture_output=True).returncode == 0:
+        return
+    print("starting the local SLURM cluster (slurm/local/start.sh)", file=out, flush=True)
+    subprocess.run(["bash", str(REPO / "slurm" / "local" / "start.sh")], check=True)
+
+
+def preempt_target(runs: list[PlannedRun]) -> PlannedRun | None:
+    """The longest run still to do: it is the one a real cluster would most likely preempt."""
+    candidates = [r for r in runs if r.config is not None]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (r.config.budget.images or 0, r.run_id))
+
+
+def run_demo(
+    sweep_file: str | Path = DEMO_SWEEP,
+    executor: str | None = None,
+    output_root: str | Path | None = None,
+    n_bootstrap: int = 1000,
+    out=sys.stdout,
+) -> int:
+    from nepa_scale.scaling.report import StudySettings, build_report
+
+    started = time.time()
+    sweep = load_sweep(sweep_file, executor=executor, output_root=output_root)
+    kind = sweep.runs[0].resources.executor
+    if kind == "slurm":
+        ensure_local_slurm(out)
+    pending, _ = launcher.to_submit(sweep)
+    print(f"NEPA scaling demo: sweep {sweep.path} -> {sweep.output_root}", file=out)
+    print(plan_table(sweep), file=out)
+    print(
+        f"\n{len(sweep.runs) - len(pending)} runs already done, {len(pending)} to train through the "
+        f"{kind} executor ({'local SLURM cluster' if kind == 'slurm' else 'processes on this machine'})",
+        file=out,
+        flush=True,
+    )
+    target = preempt_target(pending)
+    preempt_at = None
+    if target is not None:
+        steps = target.config.budget.total_steps(0, 1.0)
+        preempt_at = launcher.PreemptOnce(sweep, target.run_id, max(1, int(PREEMPT_FRACTION * steps)))
+    launcher.launch(sweep, preempt_at=preempt_at)
+    rows = (
+        launcher.wait(sweep, preempt_at=preempt_at, out=out)
+        if kind == "slurm"
+        else launcher.sweep_status(sweep)
+    )
+    print(launcher.status_table(rows), file=out)
+    if any(r.state != "completed" for r in rows):
+        print("demo: not every run completed; see the errors above (re-run to continue them)", file=out)
+        return 1
+    trained = time.time() - started
+    result = build_report(sweep.output_root, None, StudySettings(n_bootstrap=n_bootstrap))
+    fits = result["fits"]
+    print(
+        f"\nfits (quantity: 1 + training loss = cosine distance; {n_bootstrap} bootstrap resamples, 95% intervals)",
+        file=out,
+    )
+    if "frontier" in fits:
+        f = fits["frontier"]
+        print(f"  compute frontier  L(C) = E + A * C^-alpha:  alpha = {f['alpha']}, E = {f['E']}", file=out)
+    if "chinchilla" in fits:
+        c = fits["chinchilla"]
+        print(
+            f"  Chinchilla  L(N, D) = E + A/N^alpha + B/D^beta:  alpha = {c['alpha']}, beta = {c['beta']}, E = {c['E']}",
+            file=out,
+        )
+    for warning in result["warnings"]:
+        print(f"  note: {warning}", file=out)
+    print(
+        f"\nreport: {result['paths']['html']}\nfigures: {result['paths']['html'].parent / 'figures'}\n"
+        f"time: {trained:.0f} s training, {time.time() - started:.0f} s in all",
+        file=out,
+        flush=True,
+    )
+    return 0
