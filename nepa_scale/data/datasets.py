@@ -107,14 +107,16 @@ class SeededDataset(Dataset):
         image, label = self.load(index)
         if isinstance(image, Skipped):
             return image
-        py_state = random.getstate()
+        # The CPU generator directly: torch.manual_seed also reseeds every accelerator and records a
+        # stack trace per call, which cost more than the whole augmentation of a small image.
+        py_state, torch_state = random.getstate(), torch.default_generator.get_state()
         try:
             random.seed(sample_seed)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
-                tensor = self.transform(image)
+            torch.default_generator.manual_seed(sample_seed)
+            tensor = self.transform(image)
         finally:
             random.setstate(py_state)
+            torch.default_generator.set_state(torch_state)
         return tensor, label
 
 

@@ -320,9 +320,9 @@ def to_submit(sweep: Sweep, retry_failed: bool = False) -> tuple[list[PlannedRun
     return pending, rows
 
 
-def submit(sweep: Sweep, runs: list[PlannedRun]) -> dict[str, submitit.Job]:
+def submit(sweep: Sweep, runs: list[PlannedRun], code_dir: Path | None = None) -> dict[str, submitit.Job]:
     """Submit ``runs`` now (one job each) and record them; returns run id -> job."""
-    code_dir = snapshot_code(sweep.output_root)
+    code_dir = code_dir or snapshot_code(sweep.output_root)
     folder = sweep.output_root / ".submitit" / "%j"
     jobs = {}
     for run in runs:
@@ -402,6 +402,18 @@ def _ended_line(run: PlannedRun) -> str:
     return text + (f" ({row.error})" if row.error else "")
 
 
+def _training_flops(run: PlannedRun) -> float:
+    from nepa_scale.flops import train_flops_per_image
+
+    c = run.config
+    images = c.budget.images or (
+        c.budget.flops / train_flops_per_image(c.model.arch(), c.budget.flop_convention)
+        if c.budget.flops
+        else 0
+    )
+    return images * train_flops_per_image(c.model.arch(), c.budget.flop_convention)
+
+
 def run_local(
     sweep: Sweep,
     runs: list[PlannedRun],
@@ -410,14 +422,16 @@ def run_local(
     report_every_s: float = 15.0,
     out=sys.stdout,
 ) -> None:
-    """Run ``runs`` with submitit's LocalExecutor, at most ``array_parallelism`` at once."""
-    queue, active = list(runs), {}
+    """Run ``runs`` with submitit's LocalExecutor, at most ``array_parallelism`` at once, the most
+    expensive first (so that the last one to finish is a short one and no core idles long)."""
+    queue, active = sorted(runs, key=_training_flops, reverse=True), {}
+    code_dir = snapshot_code(sweep.output_root)  # one launch, one code version
     parallel = min((r.resources.array_parallelism for r in runs), default=1)
     last_report = time.time()
     while queue or active:
         while queue and len(active) < parallel:
             run = queue.pop(0)
-            active[run.run_id] = submit(sweep, [run])[run.run_id]
+            active[run.run_id] = submit(sweep, [run], code_dir)[run.run_id]
         for run_id, job in list(active.items()):
             if job.done():
                 del active[run_id]
