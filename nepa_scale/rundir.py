@@ -6,8 +6,12 @@
     <run>/checkpoints/step_XXXXXXXX/   DeepSpeed checkpoint + rng_rank*.pt + COMMITTED (written last)
     <run>/export/           consolidated weights (ours and the official layout)
     <run>/logs/             per-rank logs, discarded metrics of work redone after a restart
+    <run>/launch.json       written by the launcher: executor, last job id, submitit folder, code
+                            snapshot, resources, every submission (nepa_scale/launch/launcher.py)
 
 Status values: created, running, preempted, completed, failed.
+run.json also lists ``restarts`` (each resume: from_step, world size) and, for launched runs,
+``interruptions`` (signal, preemption | timeout | termination, action) and ``timeouts``.
 metrics.jsonl keys: step, images_seen, flops_seen, flop_convention, loss, target_spread, lr,
 grad_norm, img_per_s, tflops_per_s, mfu, max_memory_gb, data_wait_frac, collapsed, time, and
 val_loss on evaluation lines (kind = "train" | "eval").
@@ -65,6 +69,10 @@ class RunDir:
     @property
     def export(self) -> Path:
         return self.root / "export"
+
+    @property
+    def launch_json(self) -> Path:
+        return self.root / "launch.json"
 
     @property
     def logs(self) -> Path:

@@ -173,7 +173,7 @@ def job_states(launches: dict[str, dict]) -> dict[str, str]:
 
 
 def read_launch(run: RunDir) -> dict:
-    path = run.root / "launch.json"
+    path = run.launch_json
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -293,7 +293,7 @@ def _record_submission(run: PlannedRun, job: submitit.Job, folder: Path, code_di
     previous = read_launch(rd)
     entry = {"job_id": str(job.job_id), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json_atomic(
-        rd.root / "launch.json",
+        rd.launch_json,
         {
             "executor": run.resources.executor,
             "job_id": str(job.job_id),
