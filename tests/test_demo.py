@@ -25,8 +25,19 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
     sweep = tmp_path / "demo_small.yaml"
     sweep.write_text(yaml.safe_dump(spec))
     out_root = tmp_path / "runs"
-    command = [sys.executable, "-m", "nepa_scale.cli", "demo", "--sweep", str(sweep), "--output-root", str(out_root)]
-    result = subprocess.run([*command, "--bootstrap", "200"], capture_output=True, text=True, env=env(), cwd=REPO)
+    command = [
+        sys.executable,
+        "-m",
+        "nepa_scale.cli",
+        "demo",
+        "--sweep",
+        str(sweep),
+        "--output-root",
+        str(out_root),
+    ]
+    result = subprocess.run(
+        [*command, "--bootstrap", "200"], capture_output=True, text=True, env=env(), cwd=REPO
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
     assert "preempting" in out and "resumed 1x" in out
@@ -43,6 +54,8 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
     assert sum(len(r.get("restarts", [])) for r in runs) == 1
 
     # A second call trains nothing and only rebuilds the report.
-    again = subprocess.run([*command, "--bootstrap", "50"], capture_output=True, text=True, env=env(), cwd=REPO)
+    again = subprocess.run(
+        [*command, "--bootstrap", "50"], capture_output=True, text=True, env=env(), cwd=REPO
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "6 runs already done, 0 to train" in again.stdout

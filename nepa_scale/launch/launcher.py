@@ -225,7 +225,9 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
         state = "running"
     elif job_state.startswith("CANCELLED"):
         state = "cancelled"
-    elif job_state in FAILED_SLURM_STATES or (job_state and status == "running"):
+    elif job_state in FAILED_SLURM_STATES or (
+        job_state in ("ENDED", "COMPLETED", "UNKNOWN") and status in (None, "created", "running")
+    ):  # the job is over but the run neither finished nor saved for a requeue
         state, error = (
             "failed",
             error or _job_error_line(rd, launch) or f"job {launch.get('job_id')} ended {job_state}",
@@ -323,7 +325,12 @@ def to_submit(sweep: Sweep, retry_failed: bool = False) -> tuple[list[PlannedRun
 def submit(sweep: Sweep, runs: list[PlannedRun], code_dir: Path | None = None) -> dict[str, submitit.Job]:
     """Submit ``runs`` now (one job each) and record them; returns run id -> job."""
     code_dir = code_dir or snapshot_code(sweep.output_root)
-    folder = sweep.output_root / ".submitit" / "%j"
+    # SLURM replaces %j with the job id; the local executor keeps one folder (files carry the pid).
+    folder = (
+        sweep.output_root
+        / ".submitit"
+        / ("%j" if runs and runs[0].resources.executor == "slurm" else "local")
+    )
     jobs = {}
     for run in runs:
         rd = RunDir(run.run_dir)
