@@ -238,6 +238,7 @@ def test_sweep_completes_skips_on_relaunch_and_reports_invalid_run(study):
     # The job ran the code snapshot taken at submission.
     launch_info = json.loads((sweep.runs[2].run_dir / "launch.json").read_text())
     assert (Path(launch_info["code"]) / "nepa_scale" / "launch" / "job.py").is_file()
+    assert run_info(sweep.runs[2].run_dir)["code"] == str(Path(launch_info["code"]) / "nepa_scale")
 
 
 def test_usr2_preemption_requeues_and_matches_uninterrupted_twin(study):
@@ -294,6 +295,7 @@ def test_local_executor_preemption_matches_uninterrupted_twin(study):
     info = run_info(run.run_dir)
     assert "local" in study["watcher"].sent, study["watcher"].errors
     assert info["status"] == "completed" and len(info["restarts"]) == 1
+    assert info["code"].startswith(str(run.run_dir.parent / ".code"))  # the snapshot, not the checkout
     assert_same_run(run.run_dir, wait_twin(study))
 
 

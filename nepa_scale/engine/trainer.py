@@ -334,6 +334,7 @@ class Trainer:
                 config_hash=c.config_hash(),
                 versions=package_versions(),
                 git_revision=git_revision(),
+                code=str(Path(__file__).resolve().parents[1]),  # the package this run imported
                 world_size=world.world_size,
                 precision=self.precision,
                 attention_backend=backend,

@@ -83,7 +83,12 @@ def snapshot_code(root: Path) -> Path:
 
 
 def make_executor(profile: ClusterProfile, folder: Path, code_dir: Path, job_name: str) -> submitit.Executor:
-    setup = [f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}}", *profile.setup]
+    # The snapshot first on the path; PYTHONSAFEPATH (Python >= 3.11) keeps `python -m` from putting
+    # the submission directory (often a checkout of this repository) in front of it.
+    setup = [
+        f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}} PYTHONSAFEPATH=1",
+        *profile.setup,
+    ]
     if profile.executor == "local":
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(
