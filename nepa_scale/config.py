@@ -271,13 +271,18 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def parse_override(item: str, what: str = "override") -> tuple[str, Any]:
+    """``"a.b.c=value"`` -> ``("a.b.c", value)`` with the value parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"{what} '{item}': expected key=value")
+    dotted, raw = item.split("=", 1)
+    return dotted.strip(), _parse_scalar(raw)
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': expected key=value")
-        dotted, raw = item.split("=", 1)
-        set_dotted(data, dotted, _parse_scalar(raw))
+        set_dotted(data, *parse_override(item))
     return data
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from nepa_scale.launch import launcher
-from nepa_scale.launch.plan import plan_table
+from nepa_scale.launch.plan import plan_table, training_steps
 from nepa_scale.launch.sweep import PlannedRun, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +65,7 @@ def run_demo(
     target = preempt_target(pending)
     preempt_at = None
     if target is not None:
-        steps = target.config.budget.total_steps(0, 1.0)
+        steps = training_steps(target.config)
         preempt_at = launcher.PreemptOnce(sweep, target.run_id, max(1, int(PREEMPT_FRACTION * steps)))
     launcher.launch(sweep, preempt_at=preempt_at)
     rows = (

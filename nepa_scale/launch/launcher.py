@@ -26,6 +26,7 @@ import submitit
 import nepa_scale
 from nepa_scale.config import dump_yaml
 from nepa_scale.launch.job import RunJob
+from nepa_scale.launch.plan import training_flops
 from nepa_scale.launch.profiles import ClusterProfile
 from nepa_scale.launch.sweep import PlannedRun, Sweep
 from nepa_scale.rundir import RunDir, write_json_atomic
@@ -199,7 +200,7 @@ class RunStatus:
     error: str | None
 
 
-def _job_error_line(run: RunDir, launch: dict) -> str | None:
+def _job_error_line(launch: dict) -> str | None:
     folder = launch.get("folder")
     if not folder:
         return None
@@ -235,7 +236,7 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
     ):  # the job is over but the run neither finished nor saved for a requeue
         state, error = (
             "failed",
-            error or _job_error_line(rd, launch) or f"job {launch.get('job_id')} ended {job_state}",
+            error or _job_error_line(launch) or f"job {launch.get('job_id')} ended {job_state}",
         )
     elif status == "preempted":
         state = "preempted"
@@ -339,8 +340,9 @@ def submit(sweep: Sweep, runs: list[PlannedRun], code_dir: Path | None = None) -
     jobs = {}
     for run in runs:
         rd = RunDir(run.run_dir)
-        if rd.read_run().get("status") == "failed":  # --retry-failed: continue from its checkpoint
-            rd.update_run(status="created", error=None, retried_failure=rd.read_run().get("error"))
+        info = rd.read_run()
+        if info.get("status") == "failed":  # --retry-failed: continue from its checkpoint
+            rd.update_run(status="created", error=None, retried_failure=info.get("error"))
         executor = make_executor(run.resources, folder, code_dir, f"nepa:{sweep.name}:{run.run_id}")
         job = executor.submit(run_job(run))
         _record_submission(run, job, Path(str(folder).replace("%j", str(job.job_id))), code_dir)
@@ -414,18 +416,6 @@ def _ended_line(run: PlannedRun) -> str:
     return text + (f" ({row.error})" if row.error else "")
 
 
-def _training_flops(run: PlannedRun) -> float:
-    from nepa_scale.flops import train_flops_per_image
-
-    c = run.config
-    images = c.budget.images or (
-        c.budget.flops / train_flops_per_image(c.model.arch(), c.budget.flop_convention)
-        if c.budget.flops
-        else 0
-    )
-    return images * train_flops_per_image(c.model.arch(), c.budget.flop_convention)
-
-
 def run_local(
     sweep: Sweep,
     runs: list[PlannedRun],
@@ -436,7 +426,7 @@ def run_local(
 ) -> None:
     """Run ``runs`` with submitit's LocalExecutor, at most ``array_parallelism`` at once, the most
     expensive first (so that the last one to finish is a short one and no core idles long)."""
-    queue, active = sorted(runs, key=_training_flops, reverse=True), {}
+    queue, active = sorted(runs, key=lambda run: training_flops(run.config), reverse=True), {}
     code_dir = snapshot_code(sweep.output_root)  # one launch, one code version
     parallel = min((r.resources.array_parallelism for r in runs), default=1)
     last_report = time.time()

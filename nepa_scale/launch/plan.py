@@ -36,13 +36,21 @@ def _train_size(data_json: str, image_size: int) -> int:
     return len(build_dataset(data, "train", image_size, train=False))
 
 
-def _steps(config: RunConfig, flops_per_image: float) -> int:
+def training_steps(config: RunConfig) -> int:
+    """Optimizer steps of the run's budget, by the trainer's rule (an epochs budget counts the
+    training set, so it may raise FileNotFoundError for a missing dataset)."""
     b = config.budget
     steps_per_epoch = 0
     if b.epochs is not None:
         data_json = json.dumps(config.to_dict()["data"], sort_keys=True)
         steps_per_epoch = _train_size(data_json, config.model.arch().image_size) // b.global_batch
-    return b.total_steps(steps_per_epoch, flops_per_image)
+    return b.total_steps(steps_per_epoch, train_flops_per_image(config.model.arch(), b.flop_convention))
+
+
+def training_flops(config: RunConfig) -> float:
+    """Training FLOPs of the whole run under its budget.flop_convention."""
+    per_image = train_flops_per_image(config.model.arch(), config.budget.flop_convention)
+    return training_steps(config) * config.budget.global_batch * per_image
 
 
 def plan_run(run: PlannedRun) -> RunPlan:
@@ -57,7 +65,7 @@ def plan_run(run: PlannedRun) -> RunPlan:
     params = count_params(arch)["total"]
     flops_per_image = train_flops_per_image(arch, c.budget.flop_convention)
     try:
-        images = _steps(c, flops_per_image) * c.budget.global_batch
+        images = training_steps(c) * c.budget.global_batch
     except (FileNotFoundError, OSError) as exc:  # an epochs budget needs the dataset's size
         return RunPlan(run.run_id, c.model.name, params, None, None, None, None, None, layout, f"data: {exc}")
     flops = images * flops_per_image

@@ -27,13 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from nepa_scale.config import (
     ConfigError,
     RunConfig,
     check_world,
     config_from_dict,
+    parse_override,
     read_yaml_mapping,
     set_dotted,
 )
@@ -163,11 +162,7 @@ def load_sweep(
     name = str(spec.get("name", path.stem))
     base = _base_config(spec, path.parent)
     common = _flatten(spec.get("set") or {})
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"--set '{item}': expected key=value")
-        key, raw = item.split("=", 1)
-        common[key.strip()] = yaml.safe_load(raw)
+    common.update(parse_override(item, "--set") for item in overrides or [])
     axes = spec.get("axes") or []
     if not isinstance(axes, list):
         raise ConfigError(f"{path}: axes: expected a list of grid/zip blocks")
