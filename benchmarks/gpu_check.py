@@ -102,7 +102,9 @@ def numerics() -> None:
 
 def train_bench(model: str, batch: int, steps: int, zero: int = 2) -> dict:
     run_dir = Path("/tmp/gpu_runs") / f"{model}_z{zero}_b{batch}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # a finished run there would resume at its end and train nothing
+    shutil.rmtree(
+        run_dir, ignore_errors=True
+    )  # a finished run there would resume at its end and train nothing
     cmd = [
         sys.executable,
         "-m",

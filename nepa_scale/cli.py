@@ -169,6 +169,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nepa_scale.bench import run_bench
+
+    return run_bench(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The end-to-end mini scaling study (sweeps/demo.yaml): train, survive a preemption, fit, report."""
     from nepa_scale.launch.demo import DEMO_SWEEP, run_demo
@@ -260,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="the model zoo with parameter counts and FLOPs")
     models.set_defaults(func=cmd_models)
+
+    bench = sub.add_parser(
+        "bench",
+        help="time the real training step per model x attention x ZeRO stage x compile x engine",
+    )
+    from nepa_scale.bench import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
 
     for name, func, text in (
         ("collect", cmd_collect, "the tidy run table (Parquet + CSV) of a sweep directory"),

@@ -21,6 +21,8 @@ from nepa_scale.flops import CONVENTIONS
 from nepa_scale.models.arch import BACKENDS, NepaArch
 from nepa_scale.models.zoo import get_arch, list_models
 
+COMPILE_SCOPES = ("none", "blocks", "model")
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
@@ -31,6 +33,7 @@ class ModelConfig:
     name: str = "nepa_tiny"
     attention: str = "auto"
     grad_checkpointing: bool = False  # activation checkpointing per block
+    compile: str = "none"  # none | blocks (torch.compile each block: the same kernels, compiled once) | model
     overrides: dict[str, Any] = field(default_factory=dict)  # any NepaArch field, e.g. {dim: 256}
 
     def arch(self) -> NepaArch:
@@ -325,6 +328,10 @@ def validate(c: RunConfig) -> None:
     _require(
         c.model.attention in BACKENDS,
         f"model.attention: unknown backend '{c.model.attention}' (choose from {', '.join(BACKENDS)})",
+    )
+    _require(
+        c.model.compile in COMPILE_SCOPES,
+        f"model.compile: unknown scope '{c.model.compile}' (choose from {', '.join(COMPILE_SCOPES)})",
     )
     try:
         c.model.arch()

@@ -15,6 +15,7 @@ from nepa_scale.data.datasets import (
     SyntheticDataset,
     build_transform,
     collate,
+    to_model_input,
 )
 from nepa_scale.data.sampler import ResumableBatchSampler
 
@@ -60,4 +61,5 @@ __all__ = [
     "build_dataset",
     "build_transform",
     "collate",
+    "to_model_input",
 ]

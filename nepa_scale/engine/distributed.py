@@ -82,6 +82,17 @@ def init_world() -> World:
     return World(rank, local_rank, world_size, device, backend)
 
 
+def control_group(world: World) -> dist.ProcessGroup | None:
+    """A CPU (gloo) group for the host-side agreements the loop makes every step (preemption): an
+    all-reduce over NCCL would make the host wait for the GPU. None for a single process; a
+    collective call (every rank, once)."""
+    if world.world_size == 1:
+        return None
+    if world.backend == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
 def resolve_precision(config: RunConfig, device: torch.device) -> str:
     if config.deepspeed.precision != "auto":
         return config.deepspeed.precision

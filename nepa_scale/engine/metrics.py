@@ -68,6 +68,53 @@ class IntervalMeter:
         return max(time.perf_counter() - self.started, 1e-9)
 
 
+class PhaseTimer:
+    """Time spent between marks on the device's timeline, summed per phase name.
+
+    On a GPU the marks are CUDA events, read only by ``totals`` (nothing waits during the step), so
+    a phase is the time the GPU stream took from the previous mark to this one, idle gaps included:
+    "data" is then the time the GPU waited for the next batch. On the CPU every op has finished when
+    it returns, and wall-clock time is the same thing."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any]] = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self.marks = [("", self._now())]
+
+    def mark(self, phase: str) -> None:
+        self.marks.append((phase, self._now()))
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase since ``start`` (synchronises the device once)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for (_, begin), (phase, end) in zip(self.marks, self.marks[1:], strict=False):
+            seconds = begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
+            out[phase] = out.get(phase, 0.0) + seconds
+        return out
+
+
+class _NoTimer(PhaseTimer):
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+
+    def mark(self, phase: str) -> None:
+        pass
+
+
+NO_TIMER = _NoTimer()  # the training loop's timer: marks nothing
+
+
 class MetricsWriter:
     def __init__(
         self, run: RunDir, is_main: bool, tensorboard: bool, wandb_project: str | None, config: dict

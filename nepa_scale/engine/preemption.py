@@ -42,9 +42,11 @@ class PreemptionFlag:
             self.received = signal.Signals(signum)
             self.received_at = time.time()
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank received a signal (a collective call: all ranks must call it)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    def agreed(self, group: dist.ProcessGroup | None) -> bool:
+        """True on every rank if any rank received a signal (a collective call on ``group``, a CPU
+        (gloo) group, so that asking every step never waits for the GPU; None: a single process)."""
+        if group is None:
+            return self.received is not None
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item() > 0)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from nepa_scale.data import build_dataset
+from nepa_scale.data import build_dataset, to_model_input
 from nepa_scale.models import NEPA
 from nepa_scale.objective import next_embedding_loss
 
@@ -206,7 +206,7 @@ class FinetuneTask:
             model.eval()
             hits = total = 0
             for batch in self.t.val_loader():
-                logits = model(batch.images.to(self.t.world.device))
+                logits = model(to_model_input(batch.images, self.t.world.device, torch.float32))
                 hits += (logits.argmax(-1).cpu() == batch.labels).sum().item()
                 total += len(batch.labels)
             result["val_acc_ema"] = hits / max(total, 1)

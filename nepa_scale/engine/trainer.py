@@ -25,12 +25,20 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from nepa_scale.config import RunConfig, check_world, dump_yaml
-from nepa_scale.data import ResumableBatchSampler, build_dataset, collate
+from nepa_scale.data import ResumableBatchSampler, build_dataset, collate, to_model_input
 from nepa_scale.engine import checkpoint as ckpt
-from nepa_scale.engine.distributed import World, deepspeed_config, init_world, resolve_precision
+from nepa_scale.engine.distributed import (
+    World,
+    control_group,
+    deepspeed_config,
+    init_world,
+    resolve_precision,
+)
 from nepa_scale.engine.metrics import (
+    NO_TIMER,
     IntervalMeter,
     MetricsWriter,
+    PhaseTimer,
     device_peak_tflops,
     max_memory_gb,
     progress_bar,
@@ -97,6 +105,18 @@ class Ema:
             self.shadow[key].copy_(value)
 
 
+def apply_compile(model: NEPA, scope: str) -> None:
+    """torch.compile in place, before DeepSpeed wraps the model (state-dict keys are unchanged).
+
+    ``blocks`` compiles each transformer block: identical blocks share one compiled graph, so it
+    compiles in seconds for any depth, and ZeRO's per-module hooks stay outside the graphs."""
+    if scope == "blocks":
+        for block in model.blocks:
+            block.compile()
+    elif scope == "model":
+        model.compile()
+
+
 def git_revision() -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
@@ -161,6 +181,7 @@ class Trainer:
         self.config = config
         self.preempt = preempt
         self.world = init_world()
+        self.control_group = control_group(self.world)
         setup_logging(self.world)
         self.micro_batch = check_world(config, self.world.world_size)
         self.run = RunDir(config.output_dir)
@@ -266,13 +287,33 @@ class Trainer:
 
     # -- main
     def fit(self) -> TrainResult:
+        engine, ema, start_step, total_steps = self.build()
+        return self._loop(engine, ema, start_step, total_steps)
+
+    def optimizer(self, model: torch.nn.Module, total_steps: int):
+        """AdamW over the task's parameter groups and its lr schedule (warmup, then cosine)."""
+        c = self.config
+        peak_lr = c.optim.peak_lr(c.budget.global_batch)
+        optimizer = torch.optim.AdamW(
+            self.task.optimizer_groups(model, peak_lr),
+            lr=peak_lr,
+            betas=c.optim.betas,
+            eps=c.optim.eps,
+            fused=self.world.device.type == "cuda",  # one kernel for the whole update on GPUs
+        )
+        warmup_steps = round(c.optim.warmup_fraction * total_steps)
+        schedule = lr_lambda(total_steps, warmup_steps, c.optim.min_lr / peak_lr)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def build(self, resume: bool = True):
+        """Model, optimizer and DeepSpeed engine, resumed from the newest committed checkpoint unless
+        ``resume`` is False (the benchmark); returns (engine, ema, start_step, total_steps)."""
         import deepspeed
 
         c, world, run = self.config, self.world, self.run
         self._datasets()
         steps_per_epoch = self.sampler.steps_per_epoch
         total_steps = c.budget.total_steps(steps_per_epoch, self.flops_per_image)
-        warmup_steps = round(c.optim.warmup_fraction * total_steps)
 
         # Identical initial weights and RNG streams on every rank: torch (init, RoPE rescale, drop-path),
         # numpy and python (Mixup/CutMix draw from them); all three are checkpointed per rank.
@@ -283,8 +324,9 @@ class Trainer:
         backend = resolve_backend(c.model.attention, world.device, self.dtype)
         model.set_attention(backend=backend)
         ema = Ema(model, c.checkpoint.ema_decay) if c.checkpoint.ema_decay else None
+        apply_compile(model, c.model.compile)
 
-        resume_from = self._plan_resume()
+        resume_from = self._plan_resume() if resume else None
         universal = (
             resume_from is not None
             and c.deepspeed.zero_stage > 0
@@ -292,17 +334,7 @@ class Trainer:
         )
         load_dir = self._universal(resume_from) if universal else None
 
-        peak_lr = c.optim.peak_lr(c.budget.global_batch)
-        optimizer = torch.optim.AdamW(
-            self.task.optimizer_groups(model, peak_lr),
-            lr=peak_lr,
-            betas=c.optim.betas,
-            eps=c.optim.eps,
-            foreach=world.device.type == "cuda",
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(total_steps, warmup_steps, c.optim.min_lr / peak_lr)
-        )
+        optimizer, scheduler = self.optimizer(model, total_steps)
         ds_config = deepspeed_config(c, world, self.micro_batch, load_universal=universal)
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
@@ -349,7 +381,7 @@ class Trainer:
             )
         barrier()
         log.info(
-            "run %s: %s (%s), %d steps of %d images (%d x %d micro-batches x %d ranks), %s, attention=%s, zero=%d, from step %d",
+            "run %s: %s (%s), %d steps of %d images (%d x %d micro-batches x %d ranks), %s, attention=%s, compile=%s, zero=%d, from step %d",
             run.root,
             c.model.name,
             f"{sum(p.numel() for p in model.parameters()):,} params",
@@ -360,10 +392,11 @@ class Trainer:
             world.world_size,
             self.precision,
             backend,
+            c.model.compile,
             c.deepspeed.zero_stage,
             start_step,
         )
-        return self._loop(engine, ema, start_step, total_steps)
+        return engine, ema, start_step, total_steps
 
     def _load(self, engine, source: ckpt.Committed, universal_dir: Path | None, ema: Ema | None) -> int:
         load_dir, tag = (
@@ -456,7 +489,7 @@ class Trainer:
         for i, batch in enumerate(self._loader(self.val_sampler)):
             if (limit is not None and i >= limit) or len(batch.images) == 0:
                 break
-            value = score(engine(batch.images.to(self.world.device, self.dtype)), batch)
+            value = score(engine(to_model_input(batch.images, self.world.device, self.dtype)), batch)
             n = float(len(batch.images))
             total += torch.stack(
                 [value.float().to(self.world.device) * n, torch.tensor(n, device=self.world.device)]
@@ -552,7 +585,7 @@ class Trainer:
         peak = device_peak_tflops(world.device, c.logging.device_peak_tflops)
         meter = self.meter
         meter.started = time.perf_counter()  # throughput counts from here, not from start-up
-        first_bad = torch.full((), NO_STEP, dtype=torch.long, device=world.device)
+        self.first_bad = torch.full((), NO_STEP, dtype=torch.long, device=world.device)
         skipped: list[str] = []
         steps_per_epoch = self.sampler.steps_per_epoch
         batches = None
@@ -565,28 +598,7 @@ class Trainer:
                 if batches is None or step_in_epoch == 0:
                     self.sampler.set_position(epoch, step_in_epoch)
                     batches = iter(self._loader(self.sampler))
-                for _ in range(self.sampler.accumulation_steps):
-                    wait_start = time.perf_counter()
-                    batch = next(batches)
-                    wait = time.perf_counter() - wait_start
-                    skipped += [s.path for s in batch.skipped]
-                    images = batch.images.to(world.device, self.dtype, non_blocking=True)
-                    if len(images) == 0:  # every file of the micro-batch unreadable: a zero-weight step
-                        images = torch.zeros(
-                            1,
-                            self.arch.in_chans,
-                            self.arch.image_size,
-                            self.arch.image_size,
-                            device=world.device,
-                            dtype=self.dtype,
-                        )
-                    loss, stats = self.task.micro_step(engine, images, batch.labels)
-                    engine.backward(loss * (0.0 if len(batch.images) == 0 else 1.0))
-                    engine.step()
-                    meter.add(stats, len(batch.images), wait)
-                    first_bad = torch.where(
-                        ~torch.isfinite(stats["loss"]) & (first_bad == NO_STEP), step + 1, first_bad
-                    )
+                skipped += self.train_step(engine, batches, step)
                 if ema is not None:
                     ema.update(engine.module)
                 done = step + 1
@@ -595,7 +607,7 @@ class Trainer:
                     bar.update(1)
                 last = done == total_steps
                 if done % c.logging.log_every == 0 or last:
-                    self._check_finite(first_bad)
+                    self._check_finite(self.first_bad)
                     record = self._train_record(engine, meter, done, peak)
                     self.task.annotate(record)
                     writer.write(record)
@@ -608,9 +620,9 @@ class Trainer:
                     self._write_eval(engine, ema, writer, done)
                 if c.logging.probe_every and (done % c.logging.probe_every == 0 or last):
                     self._write_probe(engine, ema, writer, done)
-                stop = preempt.agreed(world.device)
+                stop = preempt.agreed(self.control_group)
                 if done % c.checkpoint.every == 0 or last or stop:
-                    self._check_finite(first_bad)
+                    self._check_finite(self.first_bad)
                     self._save(engine, ema, done, "preempted" if stop else ("final" if last else "periodic"))
                 if stop and not last:
                     status, step = "preempted", done
@@ -643,6 +655,34 @@ class Trainer:
             run.update_run(**fields)
         barrier()
         return TrainResult(status, step, total_steps, REQUEUE_EXIT_CODE if status == "preempted" else 0)
+
+    def train_step(self, engine, batches, step: int, timer: PhaseTimer = NO_TIMER) -> list[str]:
+        """One optimizer step: per micro-batch, forward + loss, ``engine.backward``, ``engine.step``
+        (DeepSpeed steps the optimizer at the accumulation boundary). Nothing here waits for the
+        device; ``timer`` marks the phases for the benchmark. Returns the paths of skipped files."""
+        skipped: list[str] = []
+        for _ in range(self.sampler.accumulation_steps):
+            wait_start = time.perf_counter()
+            batch = next(batches)
+            wait = time.perf_counter() - wait_start
+            skipped += [s.path for s in batch.skipped]
+            if len(batch.images):
+                images = to_model_input(batch.images, self.world.device, self.dtype)
+            else:  # every file of the micro-batch unreadable: a zero-weight step
+                shape = (1, self.arch.in_chans, self.arch.image_size, self.arch.image_size)
+                images = torch.zeros(shape, device=self.world.device, dtype=self.dtype)
+            timer.mark("data")
+            loss, stats = self.task.micro_step(engine, images, batch.labels)
+            timer.mark("forward")
+            engine.backward(loss * (0.0 if len(batch.images) == 0 else 1.0))
+            timer.mark("backward")
+            engine.step()
+            timer.mark("optimizer")
+            self.meter.add(stats, len(batch.images), wait)
+            self.first_bad = torch.where(
+                ~torch.isfinite(stats["loss"]) & (self.first_bad == NO_STEP), step + 1, self.first_bad
+            )
+        return skipped
 
     def _train_record(self, engine, meter: IntervalMeter, done: int, peak: float | None) -> dict:
         c, world = self.config, self.world

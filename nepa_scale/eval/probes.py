@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
-from nepa_scale.data import collate
+from nepa_scale.data import collate, to_model_input
 
 
 @dataclass
@@ -67,7 +67,7 @@ def extract_features(
     feats, labels = [], []
     try:
         for batch in loader:
-            tokens = forward(batch.images.to(device, dtype)).prediction
+            tokens = forward(to_model_input(batch.images, device, dtype)).prediction
             feats.append(backbone.pool(tokens).float().cpu())
             labels.append(batch.labels)
     finally:

@@ -1,0 +1,93 @@
+"""Decode + augment rate of the pretraining loader on real JPEG photographs, per worker process.
+
+The photographs are scikit-learn's two bundled 427x640 JPEGs, cut into ImageNet-like pictures
+(300-426 x 350-639 px, quality 90) in an ImageNet-style folder, read through the real
+``ImageFolderDataset`` + recipe transform + ``DataLoader`` (RandomResizedCrop 224 bicubic, flip).
+Compares workers returning uint8 (normalised on the device) with workers normalising to float32.
+
+    python benchmarks/loader.py [--images 256] [--workers 1,2] [--keep DIR]
+
+``--keep DIR`` leaves the folder (DIR/train/...) for ``nepa-scale bench --data DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_images
+from timm.data import create_transform
+from torch.utils.data import DataLoader
+
+from nepa_scale.data import AugmentSpec, ImageFolderDataset, build_transform, collate
+from nepa_scale.data.datasets import NEPA_MEAN, NEPA_STD
+
+
+def write_photos(root: Path, count: int) -> None:
+    photos = load_sample_images().images
+    for split in ("train", "val"):
+        for i in range(count if split == "train" else count // 8):
+            photo = photos[i % len(photos)]
+            h, w = 300 + (i * 37) % 127, 350 + (i * 53) % 290
+            y, x = (i * 11) % (photo.shape[0] - h + 1), (i * 29) % (photo.shape[1] - w + 1)
+            folder = root / split / f"class{i % 4}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(photo[y : y + h, x : x + w]).save(folder / f"img{i:05d}.jpg", quality=90)
+
+
+def rate(dataset, workers: int, batch: int) -> float:
+    """Images per second over the whole folder after the first batch (worker start-up excluded)."""
+    items = [(i, i) for i in range(len(dataset))]
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[items[i : i + batch] for i in range(0, len(items), batch)],
+        num_workers=workers,
+        collate_fn=collate,
+    )
+    batches = iter(loader)
+    next(batches)
+    start, images = time.perf_counter(), 0
+    for b in batches:
+        images += len(b.images)
+    return images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--keep", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as in a loader worker
+    root = args.keep or Path(tempfile.mkdtemp(prefix="nepa-jpegs-"))
+    write_photos(root, args.images)
+    files = list((root / "train").rglob("*.jpg"))
+    kb = sum(f.stat().st_size for f in files) / len(files) / 1e3
+    print(f"{len(files)} JPEGs, mean {kb:.0f} kB, under {root}")
+    spec = AugmentSpec(224)
+    uint8 = ImageFolderDataset(root / "train", build_transform(spec, train=True))
+    old = create_transform(  # the transform before uint8 output: ToTensor + Normalize in the worker
+        224, is_training=True, color_jitter=None, interpolation="bicubic", mean=NEPA_MEAN, std=NEPA_STD
+    )
+    as_float = ImageFolderDataset(root / "train", old)
+    start = time.perf_counter()
+    for path, _ in uint8.samples:
+        with Image.open(path) as img:
+            img.convert("RGB")
+    print(f"decode only (PIL, main process): {1e3 * (time.perf_counter() - start) / len(files):.2f} ms/img")
+    for workers in [int(w) for w in args.workers.split(",")]:
+        for name, dataset in (
+            ("uint8 out (device normalises)", uint8),
+            ("float32 out (worker normalises)", as_float),
+        ):
+            r = rate(dataset, workers, args.batch)
+            print(f"{workers} worker(s), {name}: {r:.0f} img/s = {r / max(workers, 1):.0f} img/s per worker")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The performance work must not change what is computed: the optimised paths against the reference
+paths on the CPU, and ``nepa-scale bench`` timing the real training step with consistent numbers."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import env
+
+
+def test_uint8_loader_with_device_normalisation_gives_the_same_inputs_bitwise():
+    """Workers now return uint8 and the device normalises: the model's input is unchanged."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    from timm.data import create_transform
+
+    from nepa_scale.data import AugmentSpec, build_transform, to_model_input
+    from nepa_scale.data.datasets import NEPA_MEAN, NEPA_STD
+
+    photo = Image.fromarray(load_sample_images().images[0])
+    spec = AugmentSpec(224)
+    for train in (True, False):
+        reference = create_transform(  # torchvision ToTensor + Normalize in the worker, as before
+            224,
+            is_training=train,
+            color_jitter=None,
+            interpolation="bicubic",
+            crop_pct=spec.eval_crop_pct,
+            mean=NEPA_MEAN,
+            std=NEPA_STD,
+        )
+        ours = build_transform(spec, train=train)
+        for seed in range(3):  # the crop draws from python's random, the flip from torch's
+            random.seed(seed), torch.manual_seed(seed)
+            expected = reference(photo)
+            random.seed(seed), torch.manual_seed(seed)
+            raw = ours(photo)
+            assert raw.dtype == torch.uint8
+            got = to_model_input(raw[None], torch.device("cpu"), torch.float32)[0]
+            assert torch.equal(got, expected), (train, seed)
+
+
+def test_compiled_blocks_compute_what_the_eager_model_computes():
+    """torch.compile of each block (inductor, fp32 on the CPU): one graph shared by every block, no
+    graph breaks, the same outputs and gradients as the eager reference."""
+    import torch._dynamo.utils
+
+    from nepa_scale.engine.trainer import apply_compile
+    from nepa_scale.models import create_model
+    from nepa_scale.objective import next_embedding_loss
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    eager = create_model("nepa_tiny", attention="sdpa", dim=48, depth=3, num_heads=2).train()
+    compiled = copy.deepcopy(eager)
+    apply_compile(compiled, "blocks")
+    images = torch.randn(8, 3, 16, 16)
+    results = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)  # the same RoPE rescale draw
+        out = model(images)
+        loss = next_embedding_loss(out.prediction, out.target).loss
+        loss.backward()
+        results.append((out.prediction.detach(), loss.detach(), dict(model.named_parameters())))
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    (pred_e, loss_e, params_e), (pred_c, loss_c, params_c) = results
+    torch.testing.assert_close(pred_c, pred_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-7)
+    assert set(params_c) == set(params_e)  # in-place compile keeps the state-dict keys
+    for name, param in params_e.items():
+        torch.testing.assert_close(params_c[name].grad, param.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nepa_scale.cli", "bench", "--out", str(tmp_path / "bench.json"), *args],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
+
+
+def test_bench_times_the_real_step_and_its_numbers_agree(tmp_path):
+    """DeepSpeed eager, DeepSpeed with compiled blocks, and the plain loop, on the real digits loader."""
+    small = ["--override", "dim=48", "--override", "depth=2", "--override", "num_heads=2"]
+    out = bench(
+        tmp_path,
+        *("--models", "nepa_tiny", "--batch", "32", "--data", "digits", "--zero", "2"),
+        *("--engine", "deepspeed,plain", "--compile", "none,blocks", "--precision", "fp32"),
+        *("--steps", "3", "--repeats", "2", "--warmup", "2", *small),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["environment"]["device"] == "cpu" and report["matmul_peak_tflops"] > 0
+    results = {(r["engine"], r["compile"]): r for r in report["results"]}
+    assert set(results) == {
+        ("deepspeed", "none"),
+        ("deepspeed", "blocks"),
+        ("plain", "none"),
+        ("plain", "blocks"),
+    }
+    for r in results.values():
+        assert "error" not in r, r
+        assert len(r["img_per_s_repeats"]) == 2 and r["img_per_s"] > 0
+        assert r["params"] < 100_000  # the overrides reached the model
+        assert r["tflops_per_s"] == pytest.approx(r["img_per_s"] * r["flops_per_image"] / 1e12)
+        assert r["mfu"] == pytest.approx(r["tflops_per_s"] / report["matmul_peak_tflops"])
+        assert r["step_ms"] == pytest.approx(1e3 * 32 / r["img_per_s"])
+        phases = sum(r["phase_ms"].values())  # the step is its phases (on the CPU, wall clock)
+        assert 0.7 * r["step_ms"] < phases <= 1.05 * r["step_ms"], r["phase_ms"]
+        assert all(r["phase_ms"][k] > 0 for k in ("forward", "backward", "optimizer"))
+        assert r["loader_img_per_s"] > 0 and math.isfinite(r["loss_last"])
+        assert r["graph_breaks"] == 0
+    # compile took effect under DeepSpeed (one graph for both blocks) and changed nothing it computes
+    assert results[("deepspeed", "blocks")]["compiled_graphs"] == 1
+    assert results[("deepspeed", "none")]["compiled_graphs"] == 0
+    for engine in ("deepspeed", "plain"):
+        compiled, eager = results[(engine, "blocks")], results[(engine, "none")]
+        assert compiled["loss_last"] == pytest.approx(eager["loss_last"], rel=1e-4)
+    # the plain loop trains the same model with the same optimizer and schedule (fp32 here)
+    ds, plain = results[("deepspeed", "none")], results[("plain", "none")]
+    assert plain["loss_last"] == pytest.approx(ds["loss_last"], rel=1e-5)
+    assert results[("deepspeed", "none")]["predicted_memory_gb"] > 0
+    assert results[("plain", "none")]["predicted_memory_gb"] is None
+    assert "img/s" in out.stdout and "written:" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["--engine", "warp"], "--engine"),
+        (["--models", "nepa_x99"], "model.name"),
+        (["--data", "/nonexistent/imagenet"], "--data"),
+    ],
+)
+def test_bench_rejects_bad_options_in_one_line(tmp_path, args, key):
+    out = bench(tmp_path, *args)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.strip().splitlines() if "error" in line]
+    assert len(lines) == 1 and key in lines[0], out.stderr
+    assert not (tmp_path / "bench.json").exists()
