@@ -1,15 +1,20 @@
-"""GPU checks in one short run: environment, matmul peak, bf16 numerics, and the real training step.
+"""Every GPU check in one short run, in order of value; each part writes its JSON to $OUT at once.
 
-Run through ``benchmarks/gpu_check.sh`` on a machine with one CUDA GPU. The training numbers come
-from the same code path as ``nepa-scale train`` (DeepSpeed engine, synthetic 224-px images),
-read back from each run's metrics.jsonl. Writes a JSON summary to $OUT (or ./gpu_check.json).
+1. numerics on the GPU: SDPA vs the math reference (fp32), bf16 vs fp32, causality in bf16,
+   compiled blocks vs eager in bf16, xformers vs SDPA where xformers runs;
+2. ``nepa-scale bench``: S/B/L/H, bf16, ZeRO-2, eager and compiled blocks (the performance targets);
+3. the same bench for L with the plain PyTorch loop (the engine's overhead);
+4. the loader on real JPEG photographs with 1, 4 and 8 workers.
+
+    bash benchmarks/gpu_check.sh            # on the GPU machine (wheels prepared in .whl/)
+    python benchmarks/gpu_check.py --smoke  # the same script on this CPU, tiny sizes
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,156 +24,121 @@ import torch
 
 OUT = Path(os.environ.get("OUT", "."))
 REPO = Path(__file__).resolve().parents[1]
-summary: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def section(name: str) -> None:
-    print(f"\n=== {name}", flush=True)
+    print(f"\n=== {name} [{time.strftime('%H:%M:%S')}]", flush=True)
 
 
-def environment() -> None:
-    section("environment")
-    import deepspeed
+def numerics(device: str, model_name: str, image_size: int) -> dict:
+    import copy
 
-    smi = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    summary["env"] = {
-        "gpu": smi,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "deepspeed": deepspeed.__version__,
-        "python": sys.version.split()[0],
-    }
-    print(summary["env"], flush=True)
-
-
-def matmul_peak() -> None:
-    section("bf16 matmul peak (8192^3)")
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    tflops = 2 * 8192**3 * 20 / (start.elapsed_time(end) / 1e3) / 1e12
-    summary["matmul_peak_tflops"] = tflops
-    print(f"{tflops:.0f} TFLOP/s", flush=True)
-
-
-def numerics() -> None:
-    section("numerics: attention backends and bf16 on GPU")
+    from nepa_scale.engine.trainer import apply_compile
     from nepa_scale.models import create_model, resolve_backend
     from nepa_scale.models.attention import xformers_unavailable_reason
+    from nepa_scale.objective import next_embedding_loss
 
-    result = {
-        "auto_backend_bf16": resolve_backend("auto", "cuda", torch.bfloat16),
-        "xformers_reason": xformers_unavailable_reason("cuda", torch.bfloat16),
+    bf16 = torch.bfloat16
+    result: dict = {
+        "auto_backend_bf16": resolve_backend("auto", device, bf16),
+        "xformers_reason": xformers_unavailable_reason(device, bf16),
     }
     torch.manual_seed(0)
-    ref = create_model("nepa_b14", attention="math").cuda().eval()
-    images = torch.randn(4, 3, 224, 224, device="cuda")
+    ref = create_model(model_name, attention="math").to(device).eval()
+    images = torch.randn(4, 3, image_size, image_size, device=device)
+    autocast = torch.autocast(device, dtype=bf16)
     with torch.no_grad():
         fp32 = ref(images).prediction
         ref.set_attention(backend="sdpa")
         sdpa32 = ref(images).prediction
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast:
             sdpa16 = ref(images).prediction.float()
-        causal_ok = True
         changed = images.clone()
-        changed[..., 112:, :] += 1.0  # rows of patches 128.. change: tokens <= 128 must not
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        half = image_size // 2
+        changed[..., half:, :] += 1.0  # patches in the lower half change: the upper half's tokens must not
+        first_changed = 1 + (half // ref.arch.patch_size) * ref.arch.grid
+        with autocast:
             a, b = ref(images).prediction, ref(changed).prediction
-        causal_ok = bool(torch.equal(a[:, :129], b[:, :129]))
+        result["causal_prefix_unchanged_bf16"] = bool(torch.equal(a[:, :first_changed], b[:, :first_changed]))
+        if result["xformers_reason"] is None:
+            ref.set_attention(backend="xformers")
+            with autocast:
+                xf16 = ref(images).prediction.float()
+            result["xformers_vs_sdpa_bf16_maxabs"] = (xf16 - sdpa16).abs().max().item()
     result.update(
         sdpa_vs_math_fp32_maxabs=(sdpa32 - fp32).abs().max().item(),
         bf16_autocast_vs_fp32_maxabs=(sdpa16 - fp32).abs().max().item(),
         bf16_cosine_to_fp32=torch.nn.functional.cosine_similarity(sdpa16.flatten(1), fp32.flatten(1))
         .min()
         .item(),
-        causal_prefix_unchanged_bf16=causal_ok,
     )
-    summary["numerics"] = result
-    print(json.dumps(result, indent=1), flush=True)
+    # compiled blocks vs eager, bf16 weights as DeepSpeed holds them: prediction, loss, gradients
+    torch.manual_seed(0)
+    eager = create_model(model_name, attention="sdpa").to(device, bf16).train()
+    compiled = copy.deepcopy(eager)
+    apply_compile(compiled, "blocks")
+    outs = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)
+        out = model(images.to(bf16))
+        loss = next_embedding_loss(out.prediction, out.target).loss
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters()])
+        outs.append((out.prediction.float().detach(), loss.item(), grads))
+    (pe, le, ge), (pc, lc, gc) = outs
+    result.update(
+        compiled_vs_eager_bf16_pred_maxabs=(pc - pe).abs().max().item(),
+        compiled_vs_eager_bf16_loss=[le, lc],
+        compiled_vs_eager_bf16_grad_cosine=torch.nn.functional.cosine_similarity(gc, ge, dim=0).item(),
+    )
+    return result
 
 
-def train_bench(model: str, batch: int, steps: int, zero: int = 2) -> dict:
-    run_dir = Path("/tmp/gpu_runs") / f"{model}_z{zero}_b{batch}"
-    shutil.rmtree(
-        run_dir, ignore_errors=True
-    )  # a finished run there would resume at its end and train nothing
-    cmd = [
-        sys.executable,
-        "-m",
-        "nepa_scale.cli",
-        "train",
-        str(REPO / "configs" / "digits_tiny.yaml"),
-        f"output_dir={run_dir}",
-        f"model.name={model}",
-        "data.kind=synthetic",
-        f"data.synthetic_size={batch * (steps + 1)}",
-        "data.num_workers=10",
-        f"budget.global_batch={batch}",
-        f"budget.images={batch * steps}",
-        f"deepspeed.zero_stage={zero}",
-        "deepspeed.precision=bf16",
-        "logging.log_every=10",
-        "logging.eval_every=0",
-        "logging.eval_batches=1",
-        "checkpoint.every=100000",
-        "logging.progress=never",
-        "model.attention=auto",
-    ]
-    start = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    out = {
-        "model": model,
-        "batch": batch,
-        "zero": zero,
-        "steps": steps,
-        "rc": proc.returncode,
-        "wall_s": time.time() - start,
-    }
-    if proc.returncode != 0:
-        out["error"] = proc.stderr[-1500:]
-        return out
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [m for m in lines if m.get("kind") == "train"][1:]  # the first interval holds warm-up
-    img_s = sum(m["img_per_s"] for m in train) / len(train)
-    per_image = json.loads((run_dir / "run.json").read_text())["flops_per_image"]
-    out.update(
-        img_per_s=img_s,
-        tflops=img_s * per_image / 1e12,
-        gflop_per_image=per_image / 1e9,
-        mfu_vs_measured_peak=img_s * per_image / 1e12 / summary["matmul_peak_tflops"],
-        max_memory_gb=max(m["max_memory_gb"] for m in train),
-        data_wait_frac=train[-1]["data_wait_frac"],
-        loss_last=train[-1]["loss"],
-    )
-    return out
+def bench(out_name: str, args: list[str], timeout: int) -> None:
+    cmd = [sys.executable, "-m", "nepa_scale.cli", "bench", "--out", str(OUT / out_name), *args]
+    print(" ".join(cmd), flush=True)
+    try:
+        subprocess.run(cmd, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        print(f"bench {out_name}: stopped after {timeout} s (finished cases are in the JSON)", flush=True)
 
 
 def main() -> None:
-    environment()
-    matmul_peak()
-    numerics()
-    section("training step through DeepSpeed (bf16, ZeRO-2, eager, synthetic data)")
-    summary["train"] = []
-    for model, batch in (("nepa_s14", 256), ("nepa_b14", 256), ("nepa_l14", 128), ("nepa_h14", 64)):
-        result = train_bench(model, batch, steps=30)
-        summary["train"].append(result)
-        print(json.dumps(result), flush=True)
-        (OUT / "gpu_check.json").write_text(json.dumps(summary, indent=1))
-    summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    (OUT / "gpu_check.json").write_text(json.dumps(summary, indent=1))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: check this script runs")
+    parser.add_argument("--photos", default=str(REPO / ".whl" / "photos"), help="JPEGs for the loader check")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    OUT.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    section("numerics")
+    model, size = ("nepa_tiny", 16) if args.smoke else ("nepa_b14", 224)
+    result = numerics(device, model, size)
+    print(json.dumps(result, indent=1), flush=True)
+    (OUT / "numerics.json").write_text(json.dumps(result, indent=1))
+
+    section("bench: the zoo, bf16, ZeRO-2, eager and compiled blocks")
+    if args.smoke:
+        zoo = ["--models", "nepa_tiny", "--batch", "32", "--steps", "2", "--repeats", "2", "--warmup", "1"]
+    else:
+        zoo = ["--models", "nepa_s14,nepa_b14,nepa_l14,nepa_h14", "--batch", "256,256,128,64"]
+        zoo += ["--steps", "8", "--repeats", "2", "--warmup", "3", "--workers", "10", "--case-timeout", "150"]
+    bench("bench_zoo.json", [*zoo, "--zero", "2", "--compile", "blocks,none"], timeout=420)
+
+    section("bench: L/14 in a plain PyTorch loop (the engine's overhead)")
+    plain = zoo[:]
+    if not args.smoke:
+        plain[1:4] = ["nepa_l14", "--batch", "128"]
+    bench("bench_plain.json", [*plain, "--engine", "plain", "--compile", "blocks"], timeout=120)
+
+    section("loader: real JPEGs, decode + augment per worker")
+    loader = [sys.executable, str(REPO / "benchmarks" / "loader.py"), "--photos", args.photos]
+    loader += (
+        ["--images", "64", "--workers", "1,2"] if args.smoke else ["--images", "1024", "--workers", "1,4,8"]
+    )
+    subprocess.run(loader, timeout=120)
+    print(f"\ngpu_check finished in {time.time() - started:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

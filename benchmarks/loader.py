@@ -1,11 +1,11 @@
 """Decode + augment rate of the pretraining loader on real JPEG photographs, per worker process.
 
-The photographs are scikit-learn's two bundled 427x640 JPEGs, cut into ImageNet-like pictures
+The photographs are scikit-learn's two bundled 427x640 JPEGs (or the JPEGs in ``--photos DIR``), cut into ImageNet-like pictures
 (300-426 x 350-639 px, quality 90) in an ImageNet-style folder, read through the real
 ``ImageFolderDataset`` + recipe transform + ``DataLoader`` (RandomResizedCrop 224 bicubic, flip).
 Compares workers returning uint8 (normalised on the device) with workers normalising to float32.
 
-    python benchmarks/loader.py [--images 256] [--workers 1,2] [--keep DIR]
+    python benchmarks/loader.py [--images 256] [--workers 1,2] [--keep DIR] [--photos DIR]
 
 ``--keep DIR`` leaves the folder (DIR/train/...) for ``nepa-scale bench --data DIR``.
 """
@@ -13,13 +13,15 @@ Compares workers returning uint8 (normalised on the device) with workers normali
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
-from sklearn.datasets import load_sample_images
 from timm.data import create_transform
 from torch.utils.data import DataLoader
 
@@ -27,8 +29,15 @@ from nepa_scale.data import AugmentSpec, ImageFolderDataset, build_transform, co
 from nepa_scale.data.datasets import NEPA_MEAN, NEPA_STD
 
 
-def write_photos(root: Path, count: int) -> None:
-    photos = load_sample_images().images
+def load_photos(folder: Path | None) -> list[np.ndarray]:
+    if folder is not None and folder.is_dir():
+        return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.jpg"))]
+    from sklearn.datasets import load_sample_images
+
+    return load_sample_images().images
+
+
+def write_photos(root: Path, count: int, photos: list[np.ndarray]) -> None:
     for split in ("train", "val"):
         for i in range(count if split == "train" else count // 8):
             photo = photos[i % len(photos)]
@@ -62,10 +71,14 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--keep", type=Path, default=None)
+    parser.add_argument(
+        "--photos", type=Path, default=None, help="a folder of JPEGs instead of scikit-learn's"
+    )
+    parser.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "loader.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in a loader worker
     root = args.keep or Path(tempfile.mkdtemp(prefix="nepa-jpegs-"))
-    write_photos(root, args.images)
+    write_photos(root, args.images, load_photos(args.photos))
     files = list((root / "train").rglob("*.jpg"))
     kb = sum(f.stat().st_size for f in files) / len(files) / 1e3
     print(f"{len(files)} JPEGs, mean {kb:.0f} kB, under {root}")
@@ -79,7 +92,15 @@ def main() -> None:
     for path, _ in uint8.samples:
         with Image.open(path) as img:
             img.convert("RGB")
-    print(f"decode only (PIL, main process): {1e3 * (time.perf_counter() - start) / len(files):.2f} ms/img")
+    decode_ms = 1e3 * (time.perf_counter() - start) / len(files)
+    print(f"decode only (PIL, main process): {decode_ms:.2f} ms/img")
+    report = {
+        "jpegs": len(files),
+        "mean_kb": kb,
+        "decode_ms": decode_ms,
+        "cpu_count": os.cpu_count(),
+        "rates": [],
+    }
     for workers in [int(w) for w in args.workers.split(",")]:
         for name, dataset in (
             ("uint8 out (device normalises)", uint8),
@@ -87,6 +108,8 @@ def main() -> None:
         ):
             r = rate(dataset, workers, args.batch)
             print(f"{workers} worker(s), {name}: {r:.0f} img/s = {r / max(workers, 1):.0f} img/s per worker")
+            report["rates"].append({"workers": workers, "output": name.split()[0], "img_per_s": r})
+    args.json.write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -428,17 +428,7 @@ def run_bench(args: argparse.Namespace) -> int:
         f"measured {precision} matmul peak {peak:.2f} TFLOP/s" + (f" (spec {spec:.0f})" if spec else ""),
         flush=True,
     )
-    results = []
-    for case in cases:
-        print(f"case: {case.label()} ...", flush=True)
-        result = run_isolated(case, args.case_timeout)
-        add_mfu(result, peak, spec)
-        results.append(result)
-        summary = result.get("error") or (
-            f"{result['img_per_s']:.1f} img/s, {result['tflops_per_s']:.2f} TFLOP/s, MFU {result['mfu']:.3f}, "
-            f"{result['peak_memory_gb']:.2f} GiB"
-        )
-        print(f"  {summary}", flush=True)
+    results: list[dict[str, Any]] = []
     report = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "environment": env,
@@ -449,7 +439,19 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    for case in cases:
+        print(f"case: {case.label()} ...", flush=True)
+        result = run_isolated(case, args.case_timeout)
+        add_mfu(result, peak, spec)
+        results.append(result)
+        summary = result.get("error") or (
+            f"{result['img_per_s']:.1f} img/s, {result['tflops_per_s']:.2f} TFLOP/s, MFU {result['mfu']:.3f}, "
+            f"{result['peak_memory_gb']:.2f} GiB"
+        )
+        print(f"  {summary}", flush=True)
+        out.write_text(
+            json.dumps(report, indent=1)
+        )  # after every case: a cut-short benchmark keeps its results
     print(table(results))
     print(f"written: {out}")
     return 1 if any("error" in r for r in results) else 0

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from nepa_scale.config import DataConfig
-from nepa_scale.data import ResumableBatchSampler, build_dataset, collate
+from nepa_scale.data import ResumableBatchSampler, build_dataset, collate, to_model_input
 from nepa_scale.models import create_model
 from nepa_scale.objective import next_embedding_loss
 
@@ -22,7 +22,7 @@ def held_out(model, loader) -> tuple[float, float]:
     model.eval()
     with torch.no_grad():
         batch = next(iter(loader))
-        out = model(batch.images)
+        out = model(to_model_input(batch.images, torch.device("cpu"), torch.float32))
         result = next_embedding_loss(out.prediction, out.target)
     model.train()
     return result.loss.item(), result.target_spread.item()
@@ -43,7 +43,7 @@ def test_nepa_tiny_learns_on_digits_without_collapse():
     steps = 0
     while steps < 40:
         for batch in train:
-            out = model(batch.images)
+            out = model(to_model_input(batch.images, torch.device("cpu"), torch.float32))
             loss = next_embedding_loss(out.prediction, out.target).loss
             optimizer.zero_grad()
             loss.backward()
