@@ -3,7 +3,9 @@
 The photographs are scikit-learn's two bundled 427x640 JPEGs (or the JPEGs in ``--photos DIR``), cut into ImageNet-like pictures
 (300-426 x 350-639 px, quality 90) in an ImageNet-style folder, read through the real
 ``ImageFolderDataset`` + recipe transform + ``DataLoader`` (RandomResizedCrop 224 bicubic, flip).
-Compares workers returning uint8 (normalised on the device) with workers normalising to float32.
+Compares workers returning uint8 (normalised on the device) with workers normalising to float32,
+and with ``data.decode=device``, where workers only read bytes and draw the crop (then the rate of
+``decode_on_device`` on this machine's device: nvJPEG on a GPU).
 
     python benchmarks/loader.py [--images 256] [--workers 1,2] [--keep DIR] [--photos DIR]
 
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from nepa_scale.data import AugmentSpec, ImageFolderDataset, build_transform, collate
 from nepa_scale.data.datasets import NEPA_MEAN, NEPA_STD
+from nepa_scale.data.device_decode import decode_on_device
 
 
 def load_photos(folder: Path | None) -> list[np.ndarray]:
@@ -61,8 +64,24 @@ def rate(dataset, workers: int, batch: int) -> float:
     next(batches)
     start, images = time.perf_counter(), 0
     for b in batches:
-        images += len(b.images)
+        images += len(b.labels)
     return images / (time.perf_counter() - start)
+
+
+def device_rate(dataset, batch: int) -> tuple[str, float]:
+    """data.decode=device: images per second that ``decode_on_device`` turns out on this machine's device."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    items = [(i, i) for i in range(len(dataset))]
+    batches = [collate([dataset[item] for item in items[i : i + batch]]) for i in range(0, len(items), batch)]
+    decode_on_device(batches[0], device, 224)  # warm-up (CUDA context, nvJPEG handles)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for b in batches:
+        decode_on_device(b, device, 224)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return str(device), len(items) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -88,6 +107,7 @@ def main() -> None:
         224, is_training=True, color_jitter=None, interpolation="bicubic", mean=NEPA_MEAN, std=NEPA_STD
     )
     as_float = ImageFolderDataset(root / "train", old)
+    encoded = ImageFolderDataset(root / "train", build_transform(spec, train=True), decode_on_device=True)
     start = time.perf_counter()
     for path, _ in uint8.samples:
         with Image.open(path) as img:
@@ -105,10 +125,14 @@ def main() -> None:
         for name, dataset in (
             ("uint8 out (device normalises)", uint8),
             ("float32 out (worker normalises)", as_float),
+            ("bytes + crop box out (data.decode=device)", encoded),
         ):
             r = rate(dataset, workers, args.batch)
             print(f"{workers} worker(s), {name}: {r:.0f} img/s = {r / max(workers, 1):.0f} img/s per worker")
             report["rates"].append({"workers": workers, "output": name.split()[0], "img_per_s": r})
+    device, r = device_rate(encoded, args.batch)
+    print(f"data.decode=device: decode + crop + resize + flip on {device}: {r:.0f} img/s")
+    report["device_decode"] = {"device": device, "img_per_s": r}
     args.json.write_text(json.dumps(report, indent=1))
 
 

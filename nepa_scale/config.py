@@ -52,6 +52,9 @@ class DataConfig:
     eval_crop_pct: float = 0.875  # evaluation: resize to size / crop_pct, centre crop
     num_workers: int = 0
     synthetic_size: int = 4096
+    decode: str = (
+        "cpu"  # cpu (PIL in the workers) | device (imagefolder pretraining: JPEGs decoded on the GPU)
+    )
 
 
 @dataclass
@@ -345,6 +348,19 @@ def validate(c: RunConfig) -> None:
         _require(c.data.root is not None, "data.root: required for data.kind=imagefolder")
         root = Path(c.data.root) / c.data.train_split
         _require(root.is_dir(), f"data.root: directory not found: {root}")
+    _require(c.data.decode in ("cpu", "device"), f"data.decode: must be cpu or device, got '{c.data.decode}'")
+    if c.data.decode == "device":
+        _require(
+            c.data.kind == "imagefolder",
+            f"data.decode: device needs data.kind=imagefolder, got '{c.data.kind}'",
+        )
+        _require(
+            c.task == "pretrain", "data.decode: device is for pretraining (fine-tuning augments with PIL)"
+        )
+        _require(
+            c.data.interpolation in ("bicubic", "bilinear"),
+            f"data.interpolation: data.decode=device resizes bicubic or bilinear, got '{c.data.interpolation}'",
+        )
     lo, hi = c.data.crop_scale
     _require(0 < lo <= hi <= 1, f"data.crop_scale: need 0 < min <= max <= 1, got {c.data.crop_scale}")
     _require(0 <= c.data.hflip <= 1, f"data.hflip: must be in [0, 1], got {c.data.hflip}")

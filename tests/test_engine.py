@@ -275,7 +275,9 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path, override, key):
     assert not (tmp_path / "run.json").exists()
 
 
-def test_corrupt_images_are_skipped_and_reported(tmp_path):
+@pytest.mark.parametrize("decode", ["cpu", "device"])
+def test_corrupt_images_are_skipped_and_reported(tmp_path, decode):
+    """Either decoder: truncated, garbage and empty files are skipped, reported and counted."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
@@ -305,6 +307,7 @@ def test_corrupt_images_are_skipped_and_reported(tmp_path):
         "budget.images=166",
         "data.crop_scale=[0.08, 1.0]",
         "data.hflip=0.5",
+        f"data.decode={decode}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((run_dir / "run.json").read_text())

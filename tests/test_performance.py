@@ -48,6 +48,46 @@ def test_uint8_loader_with_device_normalisation_gives_the_same_inputs_bitwise():
             assert torch.equal(got, expected), (train, seed)
 
 
+def test_device_decoding_draws_the_same_crops_and_flips_and_matches_pil(tmp_path):
+    """data.decode=device (here the device is the CPU: the same torchvision calls as nvJPEG's path)
+    against PIL in the worker: the same region and flip per sample, pixels within a level or two;
+    a PNG and a truncated JPEG take the CPU path, which decodes or skips them."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from nepa_scale.config import DataConfig
+    from nepa_scale.data import EncodedJpeg, Skipped, build_dataset, collate
+    from nepa_scale.data.device_decode import decode_on_device
+
+    folder = tmp_path / "train" / "photos"
+    folder.mkdir(parents=True)
+    for i, photo in enumerate(load_sample_images().images * 6):
+        h, w = 300 + (i * 37) % 127, 350 + (i * 53) % 290
+        Image.fromarray(photo[:h, :w]).save(folder / f"img{i:02d}.jpg", quality=90)
+    Image.fromarray(load_sample_images().images[0][:200, :300]).save(folder / "z_png.png")
+    truncated = (folder / "img00.jpg").read_bytes()
+    (folder / "z_truncated.jpg").write_bytes(truncated[: len(truncated) // 2])
+    config = DataConfig(kind="imagefolder", root=str(tmp_path))
+    on_cpu = build_dataset(config, "train", 224, train=True)
+    on_device = build_dataset(config, "train", 224, train=True, decode="device")
+    items = [(i, 7 * i + 3) for i in range(len(on_cpu))]
+    pending = [on_device[item] for item in items]
+    encoded = [isinstance(sample[0], EncodedJpeg) for sample in pending if not isinstance(sample, Skipped)]
+    assert encoded.count(True) == 12 and encoded.count(False) == 1  # the PNG, decoded in the worker
+    reference = collate([on_cpu[item] for item in items])
+    decoded = decode_on_device(collate(pending), torch.device("cpu"), 224)
+    assert (
+        [s.path for s in decoded.skipped]
+        == [s.path for s in reference.skipped]
+        == [str(folder / "z_truncated.jpg")]
+    )
+    assert torch.equal(decoded.labels, reference.labels) and decoded.images.dtype == torch.uint8
+    diff = (decoded.images.float() - reference.images.float()).abs()
+    assert diff.mean() < 0.5 and diff.flatten().quantile(0.99) <= 2, (diff.mean(), diff.max())
+    mirrored = (decoded.images.flip(-1).float() - reference.images.float()).abs().mean(dim=(1, 2, 3))
+    assert (diff.mean(dim=(1, 2, 3)) < mirrored / 10).all()  # every flip decision is the same
+
+
 def test_compiled_blocks_compute_what_the_eager_model_computes():
     """torch.compile of each block (inductor, fp32 on the CPU): one graph shared by every block, no
     graph breaks, the same outputs and gradients as the eager reference."""

@@ -9,6 +9,7 @@ from nepa_scale.data.datasets import (
     AugmentSpec,
     Batch,
     DigitsDataset,
+    EncodedJpeg,
     ImageFolderDataset,
     SeededDataset,
     Skipped,
@@ -27,9 +28,11 @@ def build_dataset(
     train: bool,
     auto_augment: str | None = None,
     re_prob: float = 0.0,
+    decode: str = "cpu",
 ):
     """The dataset for ``split`` ("train" or "val") with the recipe's transforms (fine-tuning adds
-    RandAugment and RandomErasing)."""
+    RandAugment and RandomErasing). ``decode="device"``: training JPEGs are decoded by
+    ``decode_on_device`` on the device."""
     spec = AugmentSpec(
         image_size,
         tuple(config.crop_scale),
@@ -46,13 +49,16 @@ def build_dataset(
         size = config.synthetic_size if split == "train" else max(config.synthetic_size // 8, 1)
         return SyntheticDataset(size, image_size)
     folder = config.train_split if split == "train" else config.val_split
-    return ImageFolderDataset(Path(config.root) / folder, transform)
+    return ImageFolderDataset(
+        Path(config.root) / folder, transform, decode_on_device=train and decode == "device"
+    )
 
 
 __all__ = [
     "AugmentSpec",
     "Batch",
     "DigitsDataset",
+    "EncodedJpeg",
     "ImageFolderDataset",
     "ResumableBatchSampler",
     "SeededDataset",

@@ -7,6 +7,7 @@ be decoded are returned as ``Skipped`` markers; ``collate`` drops and counts the
 
 from __future__ import annotations
 
+import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import Dataset
+from torchvision.transforms import RandomHorizontalFlip as HFlip
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 NEPA_MEAN = NEPA_STD = (0.5, 0.5, 0.5)  # the same for every channel (to_model_input relies on it)
@@ -108,6 +110,16 @@ class Skipped(NamedTuple):
     reason: str
 
 
+class EncodedJpeg(NamedTuple):
+    """A training sample left for the device to decode (``data.decode: device``), with the crop box
+    (top, left, height, width) and flip the CPU transform would have drawn for it."""
+
+    data: torch.Tensor  # the file's bytes, uint8
+    box: tuple[int, int, int, int]
+    flip: bool
+    path: str
+
+
 class SeededDataset(Dataset):
     """Applies ``transform`` under RNG state derived from the sample seed, leaving global RNG untouched."""
 
@@ -139,10 +151,15 @@ class SeededDataset(Dataset):
 
 
 class ImageFolderDataset(SeededDataset):
-    """``root/<class>/*.JPEG`` (point ``root`` at ImageNet's ``train`` or ``val``)."""
+    """``root/<class>/*.JPEG`` (point ``root`` at ImageNet's ``train`` or ``val``).
 
-    def __init__(self, root: str | Path, transform):
+    ``decode_on_device``: training samples that are complete RGB JPEGs come back as ``EncodedJpeg``
+    (bytes + the drawn crop and flip) for ``device_decode.decode_on_device``; any other file takes
+    the CPU path here, which decodes it with PIL or skips it."""
+
+    def __init__(self, root: str | Path, transform, decode_on_device: bool = False):
         super().__init__(transform)
+        self.decode_on_device = decode_on_device
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data directory not found: {self.root}")
@@ -166,6 +183,32 @@ class ImageFolderDataset(SeededDataset):
                 return img.convert("RGB"), label
         except Exception as exc:  # truncated, corrupt, not an image: skipped and reported, never fatal
             return Skipped(path, f"{type(exc).__name__}: {exc}"), label
+
+    def __getitem__(self, item: tuple[int, int] | int):
+        if not self.decode_on_device:
+            return super().__getitem__(item)
+        index, sample_seed = item if isinstance(item, tuple) else (item, item)
+        path, label = self.samples[index]
+        try:
+            data = Path(path).read_bytes()
+            with Image.open(io.BytesIO(data)) as img:  # the header only: size, format, mode
+                complete = data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) >= 0  # end-of-image marker
+                if img.format != "JPEG" or img.mode != "RGB" or not complete:
+                    return super().__getitem__(item)
+                crop, flip = self.transform.transforms[0], self.transform.transforms[1:]
+                py_state, torch_state = random.getstate(), torch.default_generator.get_state()
+                try:  # the same draws, in the same order, as the CPU transform's
+                    random.seed(sample_seed)
+                    torch.default_generator.manual_seed(sample_seed)
+                    box = crop.get_params(img, crop.scale, crop.ratio)
+                    flipped = bool(flip and isinstance(flip[0], HFlip) and torch.rand(1) < flip[0].p)
+                finally:
+                    random.setstate(py_state)
+                    torch.default_generator.set_state(torch_state)
+        except Exception:  # unreadable header: the CPU path reports it
+            return super().__getitem__(item)
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return EncodedJpeg(encoded, tuple(int(v) for v in box), flipped, path), label
 
 
 class DigitsDataset(SeededDataset):
@@ -226,6 +269,19 @@ class Batch(NamedTuple):
     images: torch.Tensor
     labels: torch.Tensor
     skipped: list[Skipped]
+    pending: list[EncodedJpeg | torch.Tensor] | None = None  # data.decode=device: images still to decode
+
+
+def _one_buffer(pending: list) -> list:
+    """The micro-batch's JPEG bytes as views of one tensor: one shared-memory block per batch on the
+    way from a worker, not one per image."""
+    jpegs = [item for item in pending if isinstance(item, EncodedJpeg)]
+    flat = torch.cat([item.data for item in jpegs])
+    views, offset = {}, 0
+    for item in jpegs:
+        views[id(item)] = item._replace(data=flat[offset : offset + len(item.data)])
+        offset += len(item.data)
+    return [views.get(id(item), item) for item in pending]
 
 
 def collate(items: list) -> Batch:
@@ -234,6 +290,8 @@ def collate(items: list) -> Batch:
     good = [item for item in items if not isinstance(item, Skipped)]
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
-    images = torch.stack([image for image, _ in good])
     labels = torch.tensor([label for _, label in good], dtype=torch.long)
+    if any(isinstance(image, EncodedJpeg) for image, _ in good):
+        return Batch(torch.empty(0), labels, skipped, pending=_one_buffer([image for image, _ in good]))
+    images = torch.stack([image for image, _ in good])
     return Batch(images, labels, skipped)

@@ -52,7 +52,8 @@ class PretrainTask:
         return decay_groups(model, self.t.config.optim.weight_decay)
 
     def train_dataset(self):
-        return build_dataset(self.t.config.data, "train", self.t.arch.image_size, train=True)
+        data = self.t.config.data
+        return build_dataset(data, "train", self.t.arch.image_size, train=True, decode=data.decode)
 
     def micro_step(
         self, engine, images: torch.Tensor, labels: torch.Tensor

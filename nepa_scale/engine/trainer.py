@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from nepa_scale.config import RunConfig, check_world, dump_yaml
 from nepa_scale.data import ResumableBatchSampler, build_dataset, collate, to_model_input
+from nepa_scale.data.device_decode import decode_on_device
 from nepa_scale.engine import checkpoint as ckpt
 from nepa_scale.engine.distributed import (
     World,
@@ -665,6 +666,10 @@ class Trainer:
             wait_start = time.perf_counter()
             batch = next(batches)
             wait = time.perf_counter() - wait_start
+            if batch.pending is not None:  # data.decode=device
+                batch = decode_on_device(
+                    batch, self.world.device, self.arch.image_size, self.config.data.interpolation
+                )
             skipped += [s.path for s in batch.skipped]
             if len(batch.images):
                 images = to_model_input(batch.images, self.world.device, self.dtype)
