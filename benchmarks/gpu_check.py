@@ -4,7 +4,8 @@
    compiled blocks vs eager in bf16, xformers vs SDPA where xformers runs;
 2. ``nepa-scale bench``: S/B/L/H, bf16, ZeRO-2, eager and compiled blocks (the performance targets);
 3. the same bench for L with the plain PyTorch loop (the engine's overhead);
-4. the loader on real JPEG photographs with 1, 4 and 8 workers.
+4. the loader on real JPEG photographs with 1, 4 and 8 workers, and nvJPEG decoding on the device;
+5. S/14 trained from those JPEGs, decoded in the workers or on the device (is data the bottleneck?).
 
     bash benchmarks/gpu_check.sh            # on the GPU machine (wheels prepared in .whl/)
     python benchmarks/gpu_check.py --smoke  # the same script on this CPU, tiny sizes
@@ -132,12 +133,21 @@ def main() -> None:
         plain[1:4] = ["nepa_l14", "--batch", "128"]
     bench("bench_plain.json", [*plain, "--engine", "plain", "--compile", "blocks"], timeout=120)
 
-    section("loader: real JPEGs, decode + augment per worker")
+    section("loader: real JPEGs, decode + augment per worker, and nvJPEG on the device")
+    jpegs = OUT / "jpegs" if args.smoke else Path("/tmp/nepa-jpegs")
     loader = [sys.executable, str(REPO / "benchmarks" / "loader.py"), "--photos", args.photos]
-    loader += (
-        ["--images", "64", "--workers", "1,2"] if args.smoke else ["--images", "1024", "--workers", "1,4,8"]
-    )
-    subprocess.run(loader, timeout=120)
+    loader += ["--keep", str(jpegs), "--images", "64" if args.smoke else "3072"]
+    loader += ["--workers", "1,2"] if args.smoke else ["--workers", "1,4,8"]
+    subprocess.run(loader, timeout=150)
+
+    section("bench: S/14 on those JPEGs, decoded by PIL in the workers or on the device")
+    if args.smoke:
+        real = [*zoo, "--override", "image_size=224", "--override", "patch_size=14", "--workers", "1"]
+    else:
+        real = ["--models", "nepa_s14", "--batch", "256", "--steps", "6", "--repeats", "1", "--warmup", "2"]
+        real += ["--workers", "10"]
+    real += ["--data", str(jpegs), "--decode", "cpu,device", "--compile", "blocks"]
+    bench("bench_jpeg.json", real, timeout=180)
     print(f"\ngpu_check finished in {time.time() - started:.0f} s", flush=True)
 
 

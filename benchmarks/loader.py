@@ -51,9 +51,9 @@ def write_photos(root: Path, count: int, photos: list[np.ndarray]) -> None:
             Image.fromarray(photo[y : y + h, x : x + w]).save(folder / f"img{i:05d}.jpg", quality=90)
 
 
-def rate(dataset, workers: int, batch: int) -> float:
-    """Images per second over the whole folder after the first batch (worker start-up excluded)."""
-    items = [(i, i) for i in range(len(dataset))]
+def rate(dataset, workers: int, batch: int, limit: int) -> float:
+    """Images per second over the first ``limit`` images after the first batch (worker start-up excluded)."""
+    items = [(i, i) for i in range(min(limit, len(dataset)))]
     loader = DataLoader(
         dataset,
         batch_sampler=[items[i : i + batch] for i in range(0, len(items), batch)],
@@ -68,10 +68,10 @@ def rate(dataset, workers: int, batch: int) -> float:
     return images / (time.perf_counter() - start)
 
 
-def device_rate(dataset, batch: int) -> tuple[str, float]:
+def device_rate(dataset, batch: int, limit: int) -> tuple[str, float]:
     """data.decode=device: images per second that ``decode_on_device`` turns out on this machine's device."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    items = [(i, i) for i in range(len(dataset))]
+    items = [(i, i) for i in range(min(limit, len(dataset)))]
     batches = [collate([dataset[item] for item in items[i : i + batch]]) for i in range(0, len(items), batch)]
     decode_on_device(batches[0], device, 224)  # warm-up (CUDA context, nvJPEG handles)
     if device.type == "cuda":
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--measure", type=int, default=512, help="images per rate measurement")
     parser.add_argument("--keep", type=Path, default=None)
     parser.add_argument(
         "--photos", type=Path, default=None, help="a folder of JPEGs instead of scikit-learn's"
@@ -127,10 +128,10 @@ def main() -> None:
             ("float32 out (worker normalises)", as_float),
             ("bytes + crop box out (data.decode=device)", encoded),
         ):
-            r = rate(dataset, workers, args.batch)
+            r = rate(dataset, workers, args.batch, args.measure)
             print(f"{workers} worker(s), {name}: {r:.0f} img/s = {r / max(workers, 1):.0f} img/s per worker")
             report["rates"].append({"workers": workers, "output": name.split()[0], "img_per_s": r})
-    device, r = device_rate(encoded, args.batch)
+    device, r = device_rate(encoded, args.batch, args.measure)
     print(f"data.decode=device: decode + crop + resize + flip on {device}: {r:.0f} img/s")
     report["device_decode"] = {"device": device, "img_per_s": r}
     args.json.write_text(json.dumps(report, indent=1))

@@ -43,6 +43,7 @@ class BenchCase:
     engine: str = "deepspeed"
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     data: str = "synthetic"  # synthetic | digits | an ImageNet-style folder (root/train/<class>/*.jpg)
+    decode: str = "cpu"  # for a folder: cpu (PIL in the workers) | device (data.decode=device)
     num_workers: int = 0
     steps: int = 10  # per repeat
     repeats: int = 3
@@ -51,7 +52,14 @@ class BenchCase:
     overrides: tuple[str, ...] = ()  # model.overrides as key=value, e.g. ("image_size=32",)
 
     def label(self) -> str:
-        return f"{self.model} {self.engine} z{self.zero_stage} {self.attention} compile={self.compile} b{self.micro_batch}"
+        return (
+            f"{self.model} {self.engine} z{self.zero_stage} {self.attention} compile={self.compile} "
+            f"b{self.micro_batch} data={data_label(self.data, self.decode)}"
+        )
+
+
+def data_label(data: str, decode: str) -> str:
+    return data if data in ("synthetic", "digits") else f"folder/{decode}"
 
 
 # ----------------------------------------------------------------------------- device facts
@@ -149,7 +157,7 @@ def case_config(case: BenchCase, output_dir: str):
     if case.data == "digits":
         data = ["data.kind=digits", "data.crop_scale=[0.35,1.0]", "data.hflip=0.0"]
     elif case.data != "synthetic":
-        data = ["data.kind=imagefolder", f"data.root={case.data}"]
+        data = ["data.kind=imagefolder", f"data.root={case.data}", f"data.decode={case.decode}"]
     return load_config(
         None,
         [
@@ -178,7 +186,7 @@ def loader_rate(trainer, batches: int = 8) -> float:
     next(loader)  # worker start-up
     start, images = time.perf_counter(), 0
     for _, batch in zip(range(batches), loader, strict=False):
-        images += len(batch.images)
+        images += len(batch.labels)  # data.decode=device: still encoded (the device's part is in "data")
     return images / (time.perf_counter() - start)
 
 
@@ -321,14 +329,15 @@ def add_mfu(result: dict[str, Any], peak_tflops: float, spec_tflops: float | Non
 
 def table(results: list[dict[str, Any]]) -> str:
     head = (
-        f"{'model':<10} {'engine':<9} {'zero':>4} {'attention':<9} {'compile':<7} {'batch':>5} "
+        f"{'model':<10} {'engine':<9} {'zero':>4} {'attention':<9} {'compile':<7} {'data':<13} {'batch':>5} "
         f"{'img/s':>8} {'±%':>4} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>7} {'pred':>6} "
         f"{'data':>6} {'fwd':>6} {'bwd':>6} {'opt':>6} {'ms/step':>7} {'loader/s':>8} {'graphs':>6}"
     )
     lines = [head]
     for r in results:  # time columns: ms per step on the device timeline; loader/s: the loader alone
         zero = r["zero_stage"] if r["engine"] == "deepspeed" else "-"
-        first = f"{r['model']:<10} {r['engine']:<9} {zero:>4} {r['attention']:<9} {r['compile']:<7} {r['micro_batch']:>5} "
+        data = data_label(r["data"], r["decode"])
+        first = f"{r['model']:<10} {r['engine']:<9} {zero:>4} {r['attention']:<9} {r['compile']:<7} {data:<13} {r['micro_batch']:>5} "
         if "error" in r:
             lines.append(first + f"ERROR: {r['error'][:120]}")
             continue
@@ -363,6 +372,7 @@ def cases_from_args(args: argparse.Namespace) -> list[BenchCase]:
             engine=engine,
             precision=args.precision,
             data=args.data,
+            decode=decode,
             num_workers=args.workers,
             steps=args.steps,
             repeats=args.repeats,
@@ -370,12 +380,13 @@ def cases_from_args(args: argparse.Namespace) -> list[BenchCase]:
             grad_checkpointing=args.grad_checkpointing,
             overrides=overrides,
         )
-        for model, attention, zero, scope, engine in itertools.product(
+        for model, attention, zero, scope, engine, decode in itertools.product(
             models,
             args.attention.split(","),
             args.zero.split(","),
             args.compile.split(","),
             args.engine.split(","),
+            args.decode.split(","),
         )
     ]
     return list(dict.fromkeys(cases))  # plain-loop cases repeat across --zero
@@ -466,6 +477,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", default="deepspeed", help="comma-separated: deepspeed,plain")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     parser.add_argument("--data", default="synthetic", help="synthetic | digits | an ImageNet-style folder")
+    parser.add_argument("--decode", default="cpu", help="comma-separated, for a folder: cpu,device")
     parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
