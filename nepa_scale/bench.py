@@ -202,7 +202,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
     import torch._dynamo.utils
 
     from nepa_scale.engine.metrics import IntervalMeter, PhaseTimer, max_memory_gb
-    from nepa_scale.engine.trainer import NO_STEP, Trainer, apply_compile
+    from nepa_scale.engine.trainer import NO_STEP, Trainer
     from nepa_scale.memory import estimate_memory
 
     with tempfile.TemporaryDirectory(prefix="nepa-bench-") as tmp:
@@ -212,13 +212,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
             engine, _, _, _ = trainer.build(resume=False)
         else:
             trainer._datasets()
-            torch.manual_seed(trainer.config.seed)
-            model = trainer.task.build_model()
-            from nepa_scale.models import resolve_backend
-
-            model.set_attention(backend=resolve_backend(case.attention, device, trainer.dtype))
-            apply_compile(model, case.compile)
-            model.to(device)
+            model = trainer.build_model().to(device)
             steps = trainer.config.budget.total_steps(
                 trainer.sampler.steps_per_epoch, trainer.flops_per_image
             )

@@ -306,6 +306,20 @@ class Trainer:
         schedule = lr_lambda(total_steps, warmup_steps, c.optim.min_lr / peak_lr)
         return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
+    def build_model(self) -> NEPA:
+        """The task's model with its attention backend and compile scope (on the CPU; DeepSpeed moves it).
+
+        Identical initial weights and RNG streams on every rank: torch (init, RoPE rescale, drop-path),
+        numpy and python (Mixup/CutMix draw from them); all three are checkpointed per rank."""
+        c = self.config
+        torch.manual_seed(c.seed)
+        np.random.seed(c.seed)
+        random.seed(c.seed)
+        model = self.task.build_model()
+        model.set_attention(backend=resolve_backend(c.model.attention, self.world.device, self.dtype))
+        apply_compile(model, c.model.compile)
+        return model
+
     def build(self, resume: bool = True):
         """Model, optimizer and DeepSpeed engine, resumed from the newest committed checkpoint unless
         ``resume`` is False (the benchmark); returns (engine, ema, start_step, total_steps)."""
@@ -316,16 +330,9 @@ class Trainer:
         steps_per_epoch = self.sampler.steps_per_epoch
         total_steps = c.budget.total_steps(steps_per_epoch, self.flops_per_image)
 
-        # Identical initial weights and RNG streams on every rank: torch (init, RoPE rescale, drop-path),
-        # numpy and python (Mixup/CutMix draw from them); all three are checkpointed per rank.
-        torch.manual_seed(c.seed)
-        np.random.seed(c.seed)
-        random.seed(c.seed)
-        model = self.task.build_model()
-        backend = resolve_backend(c.model.attention, world.device, self.dtype)
-        model.set_attention(backend=backend)
+        model = self.build_model()
+        backend = model.blocks[0].attn.backend
         ema = Ema(model, c.checkpoint.ema_decay) if c.checkpoint.ema_decay else None
-        apply_compile(model, c.model.compile)
 
         resume_from = self._plan_resume() if resume else None
         universal = (
