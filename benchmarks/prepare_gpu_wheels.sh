@@ -8,10 +8,10 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 GPU_PYTHON=${GPU_PYTHON:-3.12}
 mkdir -p .whl/photos
-ds_version=$($PY -c 'import deepspeed; print(deepspeed.__version__)')
+ds_version=$($PY -c 'from importlib.metadata import version; print(version("deepspeed"))')
 DS_BUILD_OPS=0 $PY -m pip wheel -q --no-deps -w .whl "deepspeed==$ds_version"
 $PY -m pip download -q --only-binary=:all: --python-version "$GPU_PYTHON" \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
-    hjson "pydantic==$($PY -c 'import pydantic; print(pydantic.VERSION)')"
+    hjson "pydantic==$($PY -c 'from importlib.metadata import version; print(version("pydantic"))')"
 cp "$($PY -c 'import sklearn.datasets, pathlib; print(pathlib.Path(sklearn.datasets.__file__).parent / "images")')"/*.jpg .whl/photos/
 ls -la .whl .whl/photos
