@@ -48,7 +48,7 @@ class BenchCase:
     steps: int = 10  # per repeat
     repeats: int = 3
     warmup: int = 3
-    grad_checkpointing: bool = False
+    grad_checkpointing: str = "false"  # model.grad_checkpointing: false | true | N blocks | auto
     overrides: tuple[str, ...] = ()  # model.overrides as key=value, e.g. ("image_size=32",)
 
     def label(self) -> str:
@@ -258,7 +258,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
                 precision=trainer.precision,
                 zero_stage=case.zero_stage,
                 world_size=trainer.world.world_size,
-                grad_checkpointing=case.grad_checkpointing,
+                grad_checkpointing=trainer.checkpointed_blocks,
             ).peak_gb
         counters = torch._dynamo.utils.counters
         timed_steps = case.repeats * case.steps
@@ -280,6 +280,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
             "peak_memory_gb": max_memory_gb(device),
             "peak_memory_kind": "max_memory_allocated" if device.type == "cuda" else "process max RSS",
             "predicted_memory_gb": predicted,
+            "checkpointed_blocks": trainer.checkpointed_blocks,
             "loader_img_per_s": loader_img_s,
             "loader_img_per_s_per_worker": loader_img_s / max(1, case.num_workers),
             "compiled_graphs": int(counters["stats"].get("unique_graphs", 0)),
@@ -478,7 +479,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup", type=int, default=3, help="untimed steps first (compilation happens here)"
     )
-    parser.add_argument("--grad-checkpointing", action="store_true")
+    parser.add_argument(
+        "--grad-checkpointing", default="false", help="false | true | N (first N blocks) | auto (what fits)"
+    )
     parser.add_argument("--override", action="append", help="model.overrides key=value, e.g. image_size=32")
     parser.add_argument("--case-timeout", type=float, default=None, help="seconds per case")
     parser.add_argument("--out", default="bench.json", help="JSON report path")

@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output-root", default=None, help="override the sweep's output_root")
     sweep.add_argument(
         "--set",
-        nargs="*",
+        nargs="+",
+        action="extend",  # --set a=1 b=2 and --set a=1 --set b=2 alike
         default=[],
         metavar="KEY=VALUE",
         help="extra run config, e.g. data.root=/data/imagenet",

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from nepa_scale.flops import CONVENTIONS
-from nepa_scale.models.arch import BACKENDS, NepaArch
+from nepa_scale.models.arch import BACKENDS, NepaArch, checkpointed_blocks
 from nepa_scale.models.zoo import get_arch, list_models
 
 COMPILE_SCOPES = ("none", "blocks", "model")
@@ -32,7 +32,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "nepa_tiny"
     attention: str = "auto"
-    grad_checkpointing: bool = False  # activation checkpointing per block
+    # Activation checkpointing: false | true (every block) | N (the first N blocks) | auto (the fewest
+    # blocks for the memory model's peak to fit 90% of the device's memory; nepa_scale/memory.py).
+    grad_checkpointing: bool | int | str = False
     compile: str = "none"  # none | blocks (torch.compile each block: the same kernels, compiled once) | model
     overrides: dict[str, Any] = field(default_factory=dict)  # any NepaArch field, e.g. {dim: 256}
 
@@ -333,13 +335,22 @@ def validate(c: RunConfig) -> None:
         f"model.attention: unknown backend '{c.model.attention}' (choose from {', '.join(BACKENDS)})",
     )
     _require(
+        not isinstance(c.model.grad_checkpointing, str) or c.model.grad_checkpointing == "auto",
+        f"model.grad_checkpointing: true, false, a number of blocks or auto, got '{c.model.grad_checkpointing}'",
+    )
+    _require(
         c.model.compile in COMPILE_SCOPES,
         f"model.compile: unknown scope '{c.model.compile}' (choose from {', '.join(COMPILE_SCOPES)})",
     )
     try:
-        c.model.arch()
+        arch = c.model.arch()
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model.overrides: {exc}") from None
+    if not isinstance(c.model.grad_checkpointing, str):
+        try:
+            checkpointed_blocks(c.model.grad_checkpointing, arch.depth)
+        except ValueError as exc:
+            raise ConfigError(f"model.{exc}") from None
     _require(
         c.data.kind in ("digits", "imagefolder", "synthetic"),
         f"data.kind: unknown dataset '{c.data.kind}' (choose digits, imagefolder, synthetic)",

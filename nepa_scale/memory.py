@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from nepa_scale.models.arch import NepaArch
+from nepa_scale.models.arch import NepaArch, checkpointed_blocks
 
 GIB = 2**30
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
@@ -42,6 +42,7 @@ class MemoryEstimate:
 
 @functools.lru_cache(maxsize=64)
 def _saved_bytes(arch: NepaArch, depth: int, grad_checkpointing: bool) -> int:
+    """Bytes autograd keeps for one image through ``depth`` blocks (all checkpointed, or none)."""
     import torch
 
     from nepa_scale.models.vit import NEPA
@@ -66,15 +67,21 @@ def _saved_bytes(arch: NepaArch, depth: int, grad_checkpointing: bool) -> int:
 
 
 def activation_bytes_per_image(
-    arch: NepaArch, precision: str, grad_checkpointing: bool
-) -> tuple[float, float]:
-    """(kept for backward, one block's full activations) in bytes per image."""
+    arch: NepaArch, precision: str, checkpointed: int
+) -> tuple[float, float, float]:
+    """Bytes per image with the first ``checkpointed`` blocks keeping only their inputs: (kept for
+    backward, one block's full activations, what is still kept when backward reaches the
+    checkpointed blocks: the embedding, the loss and those blocks' inputs)."""
     scale = 0.5 if precision == "bf16" else 1.0
-    one, two = _saved_bytes(arch, 1, grad_checkpointing), _saved_bytes(arch, 2, grad_checkpointing)
-    per_block = two - one
-    kept = one - per_block + arch.depth * per_block
-    block_full = _saved_bytes(arch, 2, False) - _saved_bytes(arch, 1, False)
-    return kept * scale, block_full * scale
+    one, two = _saved_bytes(arch, 1, False), _saved_bytes(arch, 2, False)
+    block_full = two - one
+    kept, kept_checkpointed = one - block_full + arch.depth * block_full, 0.0
+    if checkpointed:
+        one_ck, two_ck = _saved_bytes(arch, 1, True), _saved_bytes(arch, 2, True)
+        block_ck = two_ck - one_ck
+        kept_checkpointed = one_ck - block_ck + checkpointed * block_ck
+        kept = kept_checkpointed + (arch.depth - checkpointed) * block_full
+    return kept * scale, block_full * scale, kept_checkpointed * scale
 
 
 def state_bytes(params: int, precision: str, zero_stage: int, world_size: int) -> tuple[float, float]:
@@ -108,13 +115,18 @@ def estimate_memory(
     precision: str,
     zero_stage: int,
     world_size: int,
-    grad_checkpointing: bool = False,
+    grad_checkpointing: bool | int = False,
 ) -> MemoryEstimate:
-    kept, block = activation_bytes_per_image(arch, precision, grad_checkpointing)
+    checkpointed = checkpointed_blocks(grad_checkpointing, arch.depth)
+    kept, block, kept_checkpointed = activation_bytes_per_image(arch, precision, checkpointed)
     element = 2 if precision == "bf16" else 4
     buffers = min(DEEPSPEED_REDUCE_BUCKET, params) * element if zero_stage == 2 else 0.0
-    # Backward holds one block's activations (recomputed under checkpointing) and their gradients.
-    working = micro_batch * block * (2.0 if grad_checkpointing else 1.0)
+    # Backward starts with everything kept plus the last block's gradients; on reaching the
+    # checkpointed blocks it holds what they kept plus one block recomputed and its gradients. So
+    # checkpointing the last block too saves nothing: backward needs its activations at once.
+    working = micro_batch * block
+    if checkpointed:
+        working = max(working, micro_batch * (kept_checkpointed + 2 * block - kept))
     held, at_step = state_bytes(params, precision, zero_stage, world_size)
     # The step's extra fp32 gradients only matter if they outgrow the activations freed before it.
     activations = max(micro_batch * kept + working, at_step)
@@ -124,3 +136,43 @@ def estimate_memory(
         working_gb=(activations - micro_batch * kept) / GIB,
         buffers_gb=buffers / GIB,
     )
+
+
+def blocks_to_checkpoint(
+    arch: NepaArch,
+    params: int,
+    *,
+    micro_batch: int,
+    precision: str,
+    zero_stage: int,
+    world_size: int,
+    memory_gb: float,
+    headroom: float = 0.9,
+) -> tuple[int, MemoryEstimate]:
+    """``grad_checkpointing: auto``: the fewest checkpointed blocks whose predicted peak fits
+    ``headroom`` x ``memory_gb`` (all of them, with that estimate, when nothing fits)."""
+    estimate = None
+    for checkpointed in range(arch.depth + 1):
+        estimate = estimate_memory(
+            arch,
+            params,
+            micro_batch=micro_batch,
+            precision=precision,
+            zero_stage=zero_stage,
+            world_size=world_size,
+            grad_checkpointing=checkpointed,
+        )
+        if estimate.peak_gb <= headroom * memory_gb:
+            return checkpointed, estimate
+    return arch.depth, estimate
+
+
+def device_memory_gb(device) -> float:
+    """What ``auto`` plans against: the GPU's memory, or this machine's RAM for a CPU run."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / GIB
+    import psutil
+
+    return psutil.virtual_memory().total / GIB

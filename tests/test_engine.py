@@ -244,6 +244,13 @@ def test_export_writes_consolidated_weights_in_both_layouts(runs, tmp_path):
             "budget.global_batch: 32 is not divisible by world size 1 x micro_batch 12",
         ),
         ("data.kind=imagefolder", "data.root: required"),
+        ("model.grad_checkpointing=5", "model.grad_checkpointing: 5 blocks, but the model has 2"),
+        (
+            "model.grad_checkpointing=sometimes",
+            "model.grad_checkpointing: true, false, a number of blocks or auto",
+        ),
+        ("model.compile=always", "model.compile: unknown scope 'always'"),
+        ("data.decode=device", "data.decode: device needs data.kind=imagefolder"),
         ("data.root=/nonexistent", None),
     ],
 )

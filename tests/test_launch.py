@@ -329,6 +329,34 @@ def test_run_ids_are_stable_and_local_to_the_changed_run(tmp_path):
     assert [r.run_id for r in roomier.runs] == [r.run_id for r in first.runs]
 
 
+def test_sweep_plan_takes_every_set_and_checkpoints_what_the_profile_memory_needs(tmp_path, capsys):
+    """Repeated --set all apply (earlier ones were silently dropped); grad_checkpointing=auto is resolved
+    per run against the profile's device memory, as the trainer does on the device; a run invalid
+    for its world size shows as INVALID (it used to get a plan row while the exit code said failed)."""
+    from nepa_scale.cli import main
+
+    (tmp_path / "train").mkdir()
+    sweep = str(REPO / "sweeps" / "scaling_imagenet.yaml")
+    sets = ["--set", f"data.root={tmp_path}", "--set", "model.grad_checkpointing=auto"]
+    sets += ["--set", "resources.device_memory_gb=24", "--set", "budget.micro_batch=64"]
+    assert main(["sweep", "plan", sweep, *sets]) == 0
+    rows = {
+        line.split()[1]: line.split()
+        for line in capsys.readouterr().out.splitlines()
+        if "_images12.8M-" in line
+    }
+    checkpointed = {model: int(row[8]) for model, row in rows.items()}  # the ckpt column
+    assert checkpointed == {"nepa_s14": 0, "nepa_b14": 0, "nepa_l14": 0, "nepa_h14": checkpointed["nepa_h14"]}
+    assert 0 < checkpointed["nepa_h14"] < 32
+    assert all(float(row[7]) <= 0.9 * 24 for row in rows.values())  # mem GB
+    assert main(["sweep", "plan", sweep, *sets, "--set", "budget.micro_batch=512"]) == 1
+    out = capsys.readouterr().out
+    assert (
+        "nepa_b14   INVALID: budget.global_batch: 4096 is not divisible by world size 16 x micro_batch 512"
+        in out
+    )
+
+
 def test_bad_sweeps_fail_with_one_line_naming_the_key(tmp_path):
     path = write_sweep(tmp_path, "bad", "cpu")
     spec = yaml.safe_load(path.read_text())

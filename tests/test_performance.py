@@ -191,3 +191,46 @@ def test_bench_rejects_bad_options_in_one_line(tmp_path, args, key):
     lines = [line for line in out.stderr.strip().splitlines() if "error" in line]
     assert len(lines) == 1 and key in lines[0], out.stderr
     assert not (tmp_path / "bench.json").exists()
+
+
+def test_checkpointing_some_blocks_changes_no_gradient():
+    """Activation checkpointing of none, the first block, or all: the same loss and gradients."""
+    from nepa_scale.models import create_model
+    from nepa_scale.objective import next_embedding_loss
+
+    images = torch.randn(4, 3, 16, 16)
+    grads = []
+    for setting, expected in ((False, 0), (1, 1), (True, 3)):
+        torch.manual_seed(0)
+        model = create_model(
+            "nepa_tiny", attention="sdpa", dim=48, depth=3, num_heads=2, grad_checkpointing=setting
+        )
+        assert model.checkpointed_blocks == expected
+        out = model.train()(images)
+        next_embedding_loss(out.prediction, out.target).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    for other in grads[1:]:
+        assert all(torch.equal(other[name], grad) for name, grad in grads[0].items())
+
+
+def test_auto_checkpointing_takes_the_fewest_blocks_that_fit():
+    """The memory model per number of checkpointed blocks, and the choice ``auto`` makes from it."""
+    from nepa_scale.memory import blocks_to_checkpoint, estimate_memory
+    from nepa_scale.models.zoo import count_params, get_arch
+
+    arch = get_arch("nepa_l14")
+    params = count_params(arch)["total"]
+    setting = dict(micro_batch=128, precision="bf16", zero_stage=2, world_size=1)
+    peaks = [
+        estimate_memory(arch, params, grad_checkpointing=k, **setting).peak_gb for k in range(arch.depth + 1)
+    ]
+    # each checkpointed block saves memory, except the last: backward needs its activations at once
+    assert all(a > b for a, b in zip(peaks[:-1], peaks[1:-1], strict=False)) and peaks[-1] > peaks[-2]
+    assert peaks[0] == estimate_memory(arch, params, grad_checkpointing=False, **setting).peak_gb
+    assert peaks[-1] == estimate_memory(arch, params, grad_checkpointing=True, **setting).peak_gb
+    assert peaks[-1] < 0.5 * peaks[0]
+    assert blocks_to_checkpoint(arch, params, memory_gb=80.0, **setting)[0] == 0  # 38 GiB fits an H100
+    target = (peaks[9] + peaks[10]) / 2 / 0.9  # room for 10 checkpointed blocks, not for 9
+    chosen, estimate = blocks_to_checkpoint(arch, params, memory_gb=target, **setting)
+    assert chosen == 10 and estimate.peak_gb == peaks[10]
+    assert blocks_to_checkpoint(arch, params, memory_gb=1.0, **setting)[0] == arch.depth  # nothing fits

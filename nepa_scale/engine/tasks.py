@@ -46,7 +46,7 @@ class PretrainTask:
 
     def build_model(self) -> NEPA:
         c = self.t.config
-        return NEPA(self.t.arch, attention=c.model.attention, grad_checkpointing=c.model.grad_checkpointing)
+        return NEPA(self.t.arch, attention=c.model.attention, grad_checkpointing=self.t.checkpointed_blocks)
 
     def optimizer_groups(self, model: NEPA, peak_lr: float) -> list[dict]:
         return decay_groups(model, self.t.config.optim.weight_decay)
@@ -134,7 +134,7 @@ class FinetuneTask:
         from nepa_scale.models.official import load_weights
 
         c, ft = self.t.config, self.t.config.finetune
-        model = NEPA(self.t.arch, attention=c.model.attention, grad_checkpointing=c.model.grad_checkpointing)
+        model = NEPA(self.t.arch, attention=c.model.attention, grad_checkpointing=self.t.checkpointed_blocks)
         if ft.pretrained:
             path = Path(ft.pretrained)
             if path.is_dir():

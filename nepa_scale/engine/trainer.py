@@ -47,7 +47,10 @@ from nepa_scale.engine.metrics import (
 from nepa_scale.engine.preemption import PreemptionFlag
 from nepa_scale.engine.tasks import make_task
 from nepa_scale.flops import train_flops_per_image
+from nepa_scale.memory import blocks_to_checkpoint, device_memory_gb
 from nepa_scale.models import NEPA, resolve_backend
+from nepa_scale.models.arch import checkpointed_blocks
+from nepa_scale.models.zoo import count_params
 from nepa_scale.rundir import REQUEUE_EXIT_CODE, RunDir
 
 log = logging.getLogger("nepa_scale.train")
@@ -193,6 +196,31 @@ class Trainer:
         self.current_step = 0
         self.meter = IntervalMeter()  # restored on resume: an interval cut by a preemption logs as if whole
         self.flops_per_image = train_flops_per_image(self.arch, config.budget.flop_convention)
+        self.checkpointed_blocks = self._checkpointed_blocks()
+
+    def _checkpointed_blocks(self) -> int:
+        """``model.grad_checkpointing`` as a number of blocks; ``auto`` asks the memory model."""
+        setting = self.config.model.grad_checkpointing
+        if setting != "auto":
+            return checkpointed_blocks(setting, self.arch.depth)
+        memory_gb = device_memory_gb(self.world.device)
+        blocks, estimate = blocks_to_checkpoint(
+            self.arch,
+            count_params(self.arch)["total"],
+            micro_batch=self.micro_batch,
+            precision=self.precision,
+            zero_stage=self.config.deepspeed.zero_stage,
+            world_size=self.world.world_size,
+            memory_gb=memory_gb,
+        )
+        log.info(
+            "model.grad_checkpointing=auto: %d of %d blocks (predicted peak %.1f GiB of %.1f GiB)",
+            blocks,
+            self.arch.depth,
+            estimate.peak_gb,
+            memory_gb,
+        )
+        return blocks
 
     # -- data
     def _datasets(self) -> None:
@@ -378,6 +406,7 @@ class Trainer:
                 world_size=world.world_size,
                 precision=self.precision,
                 attention_backend=backend,
+                checkpointed_blocks=self.checkpointed_blocks,
                 total_steps=total_steps,
                 steps_per_epoch=steps_per_epoch,
                 flop_convention=c.budget.flop_convention,

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from nepa_scale.config import DataConfig, RunConfig
 from nepa_scale.flops import train_flops_per_image
 from nepa_scale.launch.sweep import PlannedRun, Sweep
-from nepa_scale.memory import estimate_memory
+from nepa_scale.memory import blocks_to_checkpoint, estimate_memory
+from nepa_scale.models.arch import checkpointed_blocks
 from nepa_scale.models.zoo import count_params
 
 
@@ -23,6 +24,7 @@ class RunPlan:
     device_hours: float | None
     wall_hours: float | None
     memory_gb: float | None
+    checkpointed: int | None  # blocks under activation checkpointing (auto: chosen for the profile's memory)
     layout: str  # nodes x devices per node
     error: str | None
 
@@ -57,9 +59,9 @@ def plan_run(run: PlannedRun) -> RunPlan:
     r = run.resources
     per_node = r.gpus_per_node or r.tasks_per_node
     layout = f"{r.nodes}x{per_node} {'GPU' if r.gpus_per_node else 'CPU task'}"
-    if run.config is None:
+    if run.config is None or run.error:  # invalid, or valid but not for this world size
         model = str(run.config_data.get("model", {}).get("name", "?"))
-        return RunPlan(run.run_id, model, None, None, None, None, None, None, layout, run.error)
+        return RunPlan(run.run_id, model, None, None, None, None, None, None, None, layout, run.error)
     c = run.config
     arch = c.model.arch()
     params = count_params(arch)["total"]
@@ -67,22 +69,23 @@ def plan_run(run: PlannedRun) -> RunPlan:
     try:
         images = training_steps(c) * c.budget.global_batch
     except (FileNotFoundError, OSError) as exc:  # an epochs budget needs the dataset's size
-        return RunPlan(run.run_id, c.model.name, params, None, None, None, None, None, layout, f"data: {exc}")
+        return RunPlan(
+            run.run_id, c.model.name, params, None, None, None, None, None, None, layout, f"data: {exc}"
+        )
     flops = images * flops_per_image
     device_hours = flops / (r.device_tflops * 1e12) / 3600
     precision = c.deepspeed.precision
     if precision == "auto":
         precision = "bf16" if r.gpus_per_node else "fp32"
     micro = c.budget.micro_batch or c.budget.global_batch // r.world_size
-    memory = estimate_memory(
-        arch,
-        params,
-        micro_batch=micro,
-        precision=precision,
-        zero_stage=c.deepspeed.zero_stage,
-        world_size=r.world_size,
-        grad_checkpointing=c.model.grad_checkpointing,
+    setting = dict(
+        micro_batch=micro, precision=precision, zero_stage=c.deepspeed.zero_stage, world_size=r.world_size
     )
+    if c.model.grad_checkpointing == "auto":  # as the trainer will choose on a device of the profile's memory
+        checkpointed, memory = blocks_to_checkpoint(arch, params, memory_gb=r.device_memory_gb, **setting)
+    else:
+        checkpointed = checkpointed_blocks(c.model.grad_checkpointing, arch.depth)
+        memory = estimate_memory(arch, params, grad_checkpointing=checkpointed, **setting)
     return RunPlan(
         run.run_id,
         c.model.name,
@@ -92,6 +95,7 @@ def plan_run(run: PlannedRun) -> RunPlan:
         device_hours,
         device_hours / r.devices,
         memory.peak_gb,
+        checkpointed,
         layout,
         None,
     )
@@ -99,7 +103,7 @@ def plan_run(run: PlannedRun) -> RunPlan:
 
 def plan_table(sweep: Sweep) -> str:
     plans = [plan_run(run) for run in sweep.runs]
-    head = f"{'run id':<46} {'model':<10} {'params':>11} {'images':>12} {'FLOPs':>9} {'dev-h':>8} {'wall-h':>7} {'mem GB':>7}  layout"
+    head = f"{'run id':<46} {'model':<10} {'params':>11} {'images':>12} {'FLOPs':>9} {'dev-h':>8} {'wall-h':>7} {'mem GB':>7} {'ckpt':>4}  layout"
     lines = [head, "-" * len(head)]
     for p in plans:
         if p.error:
@@ -107,7 +111,7 @@ def plan_table(sweep: Sweep) -> str:
             continue
         lines.append(
             f"{p.run_id:<46} {p.model:<10} {p.params:>11,} {p.images:>12,} {p.flops:>9.2e} "
-            f"{p.device_hours:>8.2f} {p.wall_hours:>7.2f} {p.memory_gb:>7.1f}  {p.layout}"
+            f"{p.device_hours:>8.2f} {p.wall_hours:>7.2f} {p.memory_gb:>7.1f} {p.checkpointed:>4}  {p.layout}"
         )
     valid = [p for p in plans if not p.error]
     profile = sweep.runs[0].resources if sweep.runs else None
@@ -120,6 +124,6 @@ def plan_table(sweep: Sweep) -> str:
     if profile is not None:
         lines.append(
             f"estimates assume {profile.device_tflops:g} TFLOP/s achieved per device (profile {sweep.profile_name}); "
-            "mem GB: predicted peak per device (nepa_scale/memory.py)"
+            "mem GB: predicted peak per device (nepa_scale/memory.py); ckpt: blocks under activation checkpointing"
         )
     return "\n".join(lines)

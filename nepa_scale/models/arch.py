@@ -6,6 +6,17 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 BACKENDS = ("auto", "sdpa", "xformers", "math")
+
+
+def checkpointed_blocks(setting: bool | int, depth: int) -> int:
+    """How many blocks (the first ones) recompute their activations in backward: true = all."""
+    if isinstance(setting, bool):
+        return depth if setting else 0
+    if not 0 <= setting <= depth:
+        raise ValueError(f"grad_checkpointing: {setting} blocks, but the model has {depth}")
+    return setting
+
+
 MLP_KINDS = ("gelu", "swiglu", "geglu")
 
 

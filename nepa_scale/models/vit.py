@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nepa_scale.models.arch import BACKENDS, NepaArch
+from nepa_scale.models.arch import BACKENDS, NepaArch, checkpointed_blocks
 from nepa_scale.models.attention import attention, resolve_backend
 
 
@@ -181,12 +181,14 @@ class NepaOutput(NamedTuple):
 class NEPA(nn.Module):
     """One backbone for causal pretraining and bidirectional classification."""
 
-    def __init__(self, arch: NepaArch, attention: str = "auto", grad_checkpointing: bool = False):
+    def __init__(self, arch: NepaArch, attention: str = "auto", grad_checkpointing: bool | int = False):
+        """``grad_checkpointing``: True recomputes every block's activations in backward, an integer
+        the first N blocks' (as few as the memory needs: each one costs a block's forward again)."""
         super().__init__()
         if attention not in BACKENDS:
             raise ValueError(f"unknown attention backend '{attention}' (choose from {', '.join(BACKENDS)})")
         self.arch = arch
-        self.grad_checkpointing = grad_checkpointing
+        self.checkpointed_blocks = checkpointed_blocks(grad_checkpointing, arch.depth)
         self.patch_embed = PatchEmbed(arch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, arch.dim))
         self.rope = Rope2D(arch)
@@ -245,8 +247,8 @@ class NEPA(nn.Module):
     def encode(self, tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         rope = self.rope(rows, cols, tokens.device)
         x = tokens
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training:
+        for i, block in enumerate(self.blocks):
+            if self.training and i < self.checkpointed_blocks:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)

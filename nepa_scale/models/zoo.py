@@ -48,7 +48,7 @@ def create_model(
     name: str,
     pretrained: str | Path | None = None,
     attention: str = "auto",
-    grad_checkpointing: bool = False,
+    grad_checkpointing: bool | int = False,
     **overrides,
 ) -> NEPA:
     """Build a zoo entry; ``pretrained`` is a local file (ours or the official layout)."""
