@@ -1,6 +1,6 @@
 """``nepa-scale bench``: the real training step, timed, against this device's measured matmul peak.
 
-Each case (model x attention backend x ZeRO stage x compile scope x engine) runs in its own process
+Each case (model x attention backend x ZeRO stage x compile scope x engine x data decoder) runs in its own process
 (an out-of-memory case does not end the benchmark, and every case starts with fresh peak-memory
 counters and compile caches). A case builds the run exactly as ``nepa-scale train`` does
 (``Trainer.build``: model, compile, DeepSpeed engine, data loader) and calls the loop's own
@@ -157,7 +157,7 @@ def case_config(case: BenchCase, output_dir: str):
     if case.data == "digits":
         data = ["data.kind=digits", "data.crop_scale=[0.35,1.0]", "data.hflip=0.0"]
     elif case.data != "synthetic":
-        data = ["data.kind=imagefolder", f"data.root={case.data}", f"data.decode={case.decode}"]
+        data = ["data.kind=imagefolder", f"data.root={case.data}"]
     return load_config(
         None,
         [
@@ -167,6 +167,7 @@ def case_config(case: BenchCase, output_dir: str):
             f"model.grad_checkpointing={case.grad_checkpointing}",
             *(f"model.overrides.{item}" for item in case.overrides),
             *data,
+            f"data.decode={case.decode}",
             f"data.num_workers={case.num_workers}",
             f"budget.global_batch={case.micro_batch}",
             f"budget.images={case.micro_batch * timed}",  # the lr schedule spans the benchmark
@@ -348,7 +349,13 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def cases_from_args(args: argparse.Namespace) -> list[BenchCase]:
-    batches = [int(b) for b in args.batch.split(",")]
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+        stages = [int(z) for z in args.zero.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--batch and --zero take comma-separated integers, got '{args.batch}' and '{args.zero}'"
+        ) from None
     models = args.models.split(",")
     if len(batches) not in (1, len(models)):
         raise ValueError(f"--batch: give one value or one per model ({len(models)}), got {args.batch}")
@@ -362,7 +369,7 @@ def cases_from_args(args: argparse.Namespace) -> list[BenchCase]:
             model=model,
             micro_batch=per_model[model],
             attention=attention,
-            zero_stage=int(zero) if engine == "deepspeed" else 0,  # the plain loop has no ZeRO
+            zero_stage=zero if engine == "deepspeed" else 0,  # the plain loop has no ZeRO
             compile=scope,
             engine=engine,
             precision=args.precision,
@@ -378,7 +385,7 @@ def cases_from_args(args: argparse.Namespace) -> list[BenchCase]:
         for model, attention, zero, scope, engine, decode in itertools.product(
             models,
             args.attention.split(","),
-            args.zero.split(","),
+            stages,
             args.compile.split(","),
             args.engine.split(","),
             args.decode.split(","),
@@ -455,9 +462,7 @@ def run_bench(args: argparse.Namespace) -> int:
             f"{result['peak_memory_gb']:.2f} GiB"
         )
         print(f"  {summary}", flush=True)
-        out.write_text(
-            json.dumps(report, indent=1)
-        )  # after every case: a cut-short benchmark keeps its results
+        out.write_text(json.dumps(report, indent=1))  # after every case: a cut-short run keeps its results
     print(table(results))
     print(f"written: {out}")
     return 1 if any("error" in r for r in results) else 0

@@ -183,6 +183,7 @@ def test_bench_times_the_real_step_and_its_numbers_agree(tmp_path):
         (["--engine", "warp"], "--engine"),
         (["--models", "nepa_x99"], "model.name"),
         (["--data", "/nonexistent/imagenet"], "--data"),
+        (["--decode", "device"], "data.decode: device needs data.kind=imagefolder"),
     ],
 )
 def test_bench_rejects_bad_options_in_one_line(tmp_path, args, key):

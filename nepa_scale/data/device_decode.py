@@ -23,10 +23,8 @@ def crop_resize_flip(image: torch.Tensor, sample: EncodedJpeg, size: int, interp
     """uint8 CHW -> the sample's crop, resized to size x size, flipped if drawn, uint8 (rounded as PIL)."""
     top, left, height, width = sample.box
     crop = image[None, :, top : top + height, left : left + width].float()
-    resized = F.interpolate(crop, size=(size, size), mode=interpolation, antialias=True, align_corners=False)[
-        0
-    ]
-    resized = resized.round_().clamp_(0, 255).to(torch.uint8)
+    resized = F.interpolate(crop, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
+    resized = resized[0].round_().clamp_(0, 255).to(torch.uint8)
     return resized.flip(-1) if sample.flip else resized
 
 
