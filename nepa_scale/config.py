@@ -54,9 +54,8 @@ class DataConfig:
     eval_crop_pct: float = 0.875  # evaluation: resize to size / crop_pct, centre crop
     num_workers: int = 0
     synthetic_size: int = 4096
-    decode: str = (
-        "cpu"  # cpu (PIL in the workers) | device (imagefolder pretraining: JPEGs decoded on the GPU)
-    )
+    # cpu: PIL in the loader workers | device: JPEGs decoded on the GPU (imagefolder pretraining)
+    decode: str = "cpu"
 
 
 @dataclass

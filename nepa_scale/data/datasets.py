@@ -168,6 +168,9 @@ class ImageFolderDataset(SeededDataset):
     def __init__(self, root: str | Path, transform, decode_on_device: bool = False):
         super().__init__(transform)
         self.decode_on_device = decode_on_device
+        if decode_on_device:  # the transform's crop and flip, whose draws a worker makes without decoding
+            self.crop = transform.transforms[0]
+            self.flip = next((op for op in transform.transforms if isinstance(op, HFlip)), None)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data directory not found: {self.root}")
@@ -203,11 +206,9 @@ class ImageFolderDataset(SeededDataset):
                 complete = data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) >= 0  # end-of-image marker
                 if img.format != "JPEG" or img.mode != "RGB" or not complete:
                     return super().__getitem__(item)
-                crop = self.transform.transforms[0]
-                flip = next((op for op in self.transform.transforms if isinstance(op, HFlip)), None)
                 with sample_rng(sample_seed):  # the same draws, in the same order, as the CPU transform's
-                    box = crop.get_params(img, crop.scale, crop.ratio)
-                    flipped = flip is not None and bool(torch.rand(1) < flip.p)
+                    box = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+                    flipped = self.flip is not None and bool(torch.rand(1) < self.flip.p)
         except Exception:  # unreadable header: the CPU path reports it
             return super().__getitem__(item)
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
