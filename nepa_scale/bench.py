@@ -212,11 +212,8 @@ def run_case(case: BenchCase) -> dict[str, Any]:
         if case.engine == "deepspeed":
             engine, _, _, _ = trainer.build(resume=False)
         else:
-            trainer._datasets()
+            steps = trainer.prepare_data()
             model = trainer.build_model().to(device)
-            steps = trainer.config.budget.total_steps(
-                trainer.sampler.steps_per_epoch, trainer.flops_per_image
-            )
             optimizer, scheduler = trainer.optimizer(model, steps)  # the run's AdamW and lr schedule
             bf16 = trainer.precision == "bf16"
             engine = PlainEngine(model, optimizer, scheduler, device, bf16, trainer.config.optim.clip_grad)

@@ -223,7 +223,8 @@ class Trainer:
         return blocks
 
     # -- data
-    def _datasets(self) -> None:
+    def prepare_data(self) -> int:
+        """The datasets and their resumable samplers; returns the run's total optimizer steps."""
         c = self.config
         self.train_set = self.task.train_dataset()
         self.val_set = build_dataset(c.data, "val", self.arch.image_size, train=False)
@@ -248,6 +249,7 @@ class Trainer:
             if len(self.val_set) >= eval_global
             else None
         )
+        return c.budget.total_steps(self.sampler.steps_per_epoch, self.flops_per_image)
 
     def _loader(self, sampler: ResumableBatchSampler) -> DataLoader:
         # A private generator: creating an iterator must not consume the global RNG (exact resume).
@@ -354,9 +356,8 @@ class Trainer:
         import deepspeed
 
         c, world, run = self.config, self.world, self.run
-        self._datasets()
+        total_steps = self.prepare_data()
         steps_per_epoch = self.sampler.steps_per_epoch
-        total_steps = c.budget.total_steps(steps_per_epoch, self.flops_per_image)
 
         model = self.build_model()
         backend = model.blocks[0].attn.backend
