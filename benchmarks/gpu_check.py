@@ -3,7 +3,8 @@
 1. numerics on the GPU: SDPA vs the math reference (fp32), bf16 vs fp32, causality in bf16,
    compiled blocks vs eager in bf16, xformers vs SDPA where xformers runs;
 2. ``nepa-scale bench``: S/B/L/H, bf16, ZeRO-2, compiled blocks (the performance targets; the eager
-   figures are in docs/performance.md, and the whole script must fit one 600 s device call);
+   figures are in docs/performance.md, and the whole script must fit one 600 s device call), with
+   one profiled step each (how busy the device is, how much kernel time is torch.compile's);
 3. the same bench for L with the plain PyTorch loop (the engine's overhead);
 4. the loader on real JPEG photographs with 1, 4 and 8 workers, and nvJPEG decoding on the device;
 5. S/14 trained from those JPEGs, decoded in the workers or on the device (is data the bottleneck?).
@@ -126,6 +127,7 @@ def main() -> None:
     else:
         zoo = ["--models", "nepa_s14,nepa_b14,nepa_l14,nepa_h14", "--batch", "256,256,128,64"]
         zoo += ["--steps", "8", "--repeats", "2", "--warmup", "3", "--workers", "10", "--case-timeout", "150"]
+    zoo += ["--profile", "1"]  # device busy share and compiled-kernel share: does compile take effect?
     bench("bench_zoo.json", [*zoo, "--zero", "2", "--compile", "blocks"], timeout=300)
 
     section("bench: L/14 in a plain PyTorch loop (the engine's overhead)")

@@ -50,6 +50,7 @@ class BenchCase:
     warmup: int = 3
     grad_checkpointing: str = "false"  # model.grad_checkpointing: false | true | N blocks | auto
     overrides: tuple[str, ...] = ()  # model.overrides as key=value, e.g. ("image_size=32",)
+    profile: int = 0  # steps run under torch.profiler after the timed ones (0: none)
 
     def label(self) -> str:
         return (
@@ -152,7 +153,7 @@ class PlainEngine:
 def case_config(case: BenchCase, output_dir: str):
     from nepa_scale.config import load_config
 
-    timed = case.warmup + case.steps * case.repeats
+    timed = case.warmup + case.steps * case.repeats + case.profile
     data = ["data.kind=synthetic", f"data.synthetic_size={case.micro_batch * (timed + 1)}"]
     if case.data == "digits":
         data = ["data.kind=digits", "data.crop_scale=[0.35,1.0]", "data.hflip=0.0"]
@@ -196,6 +197,63 @@ def endless_batches(trainer):
     for epoch in itertools.count():
         trainer.sampler.set_position(epoch, 0)
         yield from trainer._loader(trainer.sampler)
+
+
+def merged_length(intervals: list[tuple[int, int]]) -> int:
+    """Total length covered by possibly overlapping [start, end) intervals (kernels on several streams)."""
+    total, reach = 0, None
+    for start, end in sorted(intervals):
+        if reach is None or start > reach:
+            total, reach = total + end - start, end
+        elif end > reach:
+            total, reach = total + end - reach, end
+    return total
+
+
+def profile_steps(run_step, device, steps: int, top: int = 8) -> dict[str, Any]:
+    """What the device did during ``steps`` more steps, from torch.profiler. On a GPU: the share of
+    the device span it was busy (idle gaps mean the host cannot feed it: Python overhead,
+    synchronisations), kernels per step, the share of device time in torch.compile's generated
+    (triton) kernels, and the costliest kernels. On the CPU: the costliest operators by self time."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run_step()
+        if cuda:
+            torch.cuda.synchronize()
+    if not cuda:
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        return {
+            "profiled_steps": steps,
+            "device_busy": None,
+            "top": [[op.key, op.self_cpu_time_total / 1e3 / steps] for op in ops[:top]],
+            "top_unit": "ms per step, host operators' self time",
+        }
+    kernels = [e for e in prof.profiler.kineto_results.events() if e.device_type() == DeviceType.CUDA]
+    if not kernels:
+        return {"profiled_steps": steps, "device_busy": None, "top": [], "top_unit": "no device events"}
+    spans = [(k.start_ns(), k.start_ns() + k.duration_ns()) for k in kernels]
+    span = max(end for _, end in spans) - min(start for start, _ in spans)
+    by_name: dict[str, float] = {}
+    for kernel in kernels:
+        by_name[kernel.name()] = by_name.get(kernel.name(), 0.0) + kernel.duration_ns()
+    kernel_ns = sum(by_name.values())
+    compiled_ns = sum(ns for name, ns in by_name.items() if name.startswith("triton_"))
+    costliest = sorted(by_name.items(), key=lambda item: item[1], reverse=True)[:top]
+    return {
+        "profiled_steps": steps,
+        "device_busy": merged_length(spans) / span,
+        "device_ms_per_step": span / 1e6 / steps,
+        "kernels_per_step": len(kernels) / steps,
+        "compiled_kernel_share": compiled_ns / kernel_ns,
+        "top": [[name[:100], ns / 1e6 / steps] for name, ns in costliest],
+        "top_unit": "ms per step, device kernels",
+    }
 
 
 def run_case(case: BenchCase) -> dict[str, Any]:
@@ -246,6 +304,13 @@ def run_case(case: BenchCase) -> dict[str, Any]:
             for phase, seconds in timer.totals().items():
                 phases[phase] += seconds
         loss = trainer.meter.means()["loss"].item()
+        peak_memory = max_memory_gb(device)
+        profiled = None
+        if case.profile:
+            more_steps = itertools.count(step)
+            profiled = profile_steps(
+                lambda: trainer.train_step(engine, batches, next(more_steps)), device, case.profile
+            )
         params = sum(p.numel() for p in engine.module.parameters())
         predicted = None
         if case.engine == "deepspeed":  # the planner's model (the plain loop's fp32 weights are not modelled)
@@ -275,7 +340,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
             "tflops_per_s": median * trainer.flops_per_image / 1e12,
             "step_ms": 1e3 * case.micro_batch / median,
             "phase_ms": {phase: 1e3 * seconds / timed_steps for phase, seconds in phases.items()},
-            "peak_memory_gb": max_memory_gb(device),
+            "peak_memory_gb": peak_memory,
             "peak_memory_kind": "max_memory_allocated" if device.type == "cuda" else "process max RSS",
             "predicted_memory_gb": predicted,
             "checkpointed_blocks": trainer.checkpointed_blocks,
@@ -284,6 +349,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
             "compiled_graphs": int(counters["stats"].get("unique_graphs", 0)),
             "graph_breaks": int(sum(counters["graph_break"].values())),
             "loss_last": loss,
+            "profile": profiled,
         }
 
 
@@ -345,6 +411,18 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def profile_summary(result: dict[str, Any]) -> str:
+    prof = result["profile"]
+    head = f"profile {result['model']} {result['engine']} compile={result['compile']}: "
+    if prof["device_busy"] is not None:
+        head += (
+            f"device busy {100 * prof['device_busy']:.0f}% of {prof['device_ms_per_step']:.1f} ms/step, "
+            f"{prof['kernels_per_step']:.0f} kernels/step, {100 * prof['compiled_kernel_share']:.0f}% of kernel time compiled; "
+        )
+    costliest = ", ".join(f"{name[:48]} {ms:.1f}" for name, ms in prof["top"][:5])
+    return head + f"{prof['top_unit']}: {costliest}"
+
+
 def cases_from_args(args: argparse.Namespace) -> list[BenchCase]:
     try:
         batches = [int(b) for b in args.batch.split(",")]
@@ -378,6 +456,7 @@ def cases_from_args(args: argparse.Namespace) -> list[BenchCase]:
             warmup=args.warmup,
             grad_checkpointing=args.grad_checkpointing,
             overrides=overrides,
+            profile=args.profile,
         )
         for model, attention, zero, scope, engine, decode in itertools.product(
             models,
@@ -397,6 +476,8 @@ def validate_cases(cases: list[BenchCase]) -> None:
     from nepa_scale.config import ConfigError
 
     for case in cases:
+        if case.profile < 0:
+            raise ValueError(f"--profile: a number of steps >= 0, got {case.profile}")
         if case.engine not in ENGINES:
             raise ValueError(f"--engine: unknown engine '{case.engine}' (choose from {', '.join(ENGINES)})")
         if case.data not in ("synthetic", "digits") and not (Path(case.data) / "train").is_dir():
@@ -451,6 +532,9 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"  {summary}", flush=True)
         out.write_text(json.dumps(report, indent=1))  # after every case: a cut-short run keeps its results
     print(table(results))
+    for result in results:
+        if result.get("profile"):
+            print(profile_summary(result))
     print(f"written: {out}")
     return 1 if any("error" in r for r in results) else 0
 
@@ -475,6 +559,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--grad-checkpointing", default="false", help="false | true | N (first N blocks) | auto (what fits)"
     )
     parser.add_argument("--override", action="append", help="model.overrides key=value, e.g. image_size=32")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="N: profile N more steps (device busy share, costliest kernels)",
+    )
     parser.add_argument("--case-timeout", type=float, default=None, help="seconds per case")
     parser.add_argument("--out", default="bench.json", help="JSON report path")
 

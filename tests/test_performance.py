@@ -139,7 +139,7 @@ def test_bench_times_the_real_step_and_its_numbers_agree(tmp_path):
         tmp_path,
         *("--models", "nepa_tiny", "--batch", "32", "--data", "digits", "--zero", "2"),
         *("--engine", "deepspeed,plain", "--compile", "none,blocks", "--precision", "fp32"),
-        *("--steps", "3", "--repeats", "2", "--warmup", "2", *small),
+        *("--steps", "3", "--repeats", "2", "--warmup", "2", "--profile", "1", *small),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -163,6 +163,9 @@ def test_bench_times_the_real_step_and_its_numbers_agree(tmp_path):
         assert all(r["phase_ms"][k] > 0 for k in ("forward", "backward", "optimizer"))
         assert r["loader_img_per_s"] > 0 and math.isfinite(r["loss_last"])
         assert r["graph_breaks"] == 0
+        profiled = r["profile"]  # one more step under torch.profiler: host operators on the CPU
+        assert profiled["profiled_steps"] == 1 and profiled["device_busy"] is None
+        assert len(profiled["top"]) == 8 and all(ms >= 0 for _, ms in profiled["top"])
     # compile took effect under DeepSpeed (one graph for both blocks) and changed nothing it computes
     assert results[("deepspeed", "blocks")]["compiled_graphs"] == 1
     assert results[("deepspeed", "none")]["compiled_graphs"] == 0
@@ -174,13 +177,23 @@ def test_bench_times_the_real_step_and_its_numbers_agree(tmp_path):
     assert plain["loss_last"] == pytest.approx(ds["loss_last"], rel=1e-5)
     assert results[("deepspeed", "none")]["predicted_memory_gb"] > 0
     assert results[("plain", "none")]["predicted_memory_gb"] is None
-    assert "img/s" in out.stdout and "written:" in out.stdout
+    assert "img/s" in out.stdout and "written:" in out.stdout and "profile nepa_tiny plain" in out.stdout
+
+
+def test_device_busy_counts_overlapping_kernels_once():
+    from nepa_scale.bench import merged_length
+
+    assert merged_length([]) == 0
+    assert merged_length([(0, 10), (20, 30)]) == 20  # a gap: idle device
+    assert merged_length([(0, 10), (5, 15), (6, 8), (30, 31)]) == 16  # two streams overlap
+    assert merged_length([(5, 8), (0, 10)]) == 10
 
 
 @pytest.mark.parametrize(
     "args, key",
     [
         (["--engine", "warp"], "--engine"),
+        (["--profile", "-1"], "--profile"),
         (["--models", "nepa_x99"], "model.name"),
         (["--data", "/nonexistent/imagenet"], "--data"),
         (["--decode", "device"], "data.decode: device needs data.kind=imagefolder"),
