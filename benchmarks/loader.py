@@ -7,7 +7,9 @@ Compares workers returning uint8 (normalised on the device) with workers normali
 and with ``data.decode=device``, where workers only read bytes and draw the crop (then the rate of
 ``decode_on_device`` on this machine's device: nvJPEG on a GPU).
 
-    python benchmarks/loader.py [--images 256] [--workers 1,2] [--keep DIR] [--photos DIR]
+    python benchmarks/loader.py [--images 256] [--workers 1,2] [--keep DIR] [--photos DIR] [--resize 256]
+
+``--resize SIDE`` also measures a copy made by ``nepa-scale resize-data --short-side SIDE``.
 
 ``--keep DIR`` leaves the folder (DIR/train/...) for ``nepa-scale bench --data DIR``.
 """
@@ -30,6 +32,7 @@ from torch.utils.data import DataLoader
 from nepa_scale.data import AugmentSpec, ImageFolderDataset, build_transform, collate
 from nepa_scale.data.datasets import NEPA_MEAN, NEPA_STD
 from nepa_scale.data.device_decode import decode_on_device
+from nepa_scale.data.resize import resize_dataset
 
 
 def load_photos(folder: Path | None) -> list[np.ndarray]:
@@ -94,6 +97,7 @@ def main() -> None:
     parser.add_argument(
         "--photos", type=Path, default=None, help="a folder of JPEGs instead of scikit-learn's"
     )
+    parser.add_argument("--resize", type=int, default=None, help="also a copy at this short side")
     parser.add_argument("--json", type=Path, default=Path(os.environ.get("OUT", ".")) / "loader.json")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in a loader worker
@@ -109,6 +113,29 @@ def main() -> None:
     )
     as_float = ImageFolderDataset(root / "train", old)
     encoded = ImageFolderDataset(root / "train", build_transform(spec, train=True), decode_on_device=True)
+    outputs = [
+        ("uint8 out (device normalises)", uint8),
+        ("float32 out (worker normalises)", as_float),
+        ("bytes + crop box out (data.decode=device)", encoded),
+    ]
+    small_root = None
+    if args.resize:
+        small_root = root.parent / f"{root.name}-short{args.resize}"
+        done = resize_dataset(root, small_root, args.resize, workers=os.cpu_count() or 1)
+        print(
+            f"resized copy {small_root}: {done.resized} resized in {done.seconds:.1f} s, {done.bytes_out / done.bytes_in:.0%} of the bytes"
+        )
+        train = small_root / "train"
+        outputs += [
+            (
+                f"uint8 out, short side {args.resize}",
+                ImageFolderDataset(train, build_transform(spec, train=True)),
+            ),
+            (
+                f"bytes + crop box out, short side {args.resize}",
+                ImageFolderDataset(train, build_transform(spec, train=True), decode_on_device=True),
+            ),
+        ]
     start = time.perf_counter()
     for path, _ in uint8.samples:
         with Image.open(path) as img:
@@ -123,17 +150,17 @@ def main() -> None:
         "rates": [],
     }
     for workers in [int(w) for w in args.workers.split(",")]:
-        for name, dataset in (
-            ("uint8 out (device normalises)", uint8),
-            ("float32 out (worker normalises)", as_float),
-            ("bytes + crop box out (data.decode=device)", encoded),
-        ):
+        for name, dataset in outputs:
             r = rate(dataset, workers, args.batch, args.measure)
             print(f"{workers} worker(s), {name}: {r:.0f} img/s = {r / max(workers, 1):.0f} img/s per worker")
-            report["rates"].append({"workers": workers, "output": name.split()[0], "img_per_s": r})
+            report["rates"].append({"workers": workers, "output": name, "img_per_s": r})
     device, r = device_rate(encoded, args.batch, args.measure)
     print(f"data.decode=device: decode + crop + resize + flip on {device}: {r:.0f} img/s")
     report["device_decode"] = {"device": device, "img_per_s": r}
+    if small_root is not None:
+        _, r = device_rate(outputs[-1][1], args.batch, args.measure)
+        print(f"data.decode=device, short side {args.resize}: {r:.0f} img/s on {device}")
+        report["device_decode_resized"] = {"short_side": args.resize, "img_per_s": r}
     args.json.write_text(json.dumps(report, indent=1))
 
 

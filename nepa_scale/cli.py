@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -175,6 +176,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def cmd_resize_data(args: argparse.Namespace) -> int:
+    """A copy of an image folder with every image's shorter side at most --short-side pixels."""
+    from nepa_scale.data.resize import resize_dataset
+
+    try:
+        s = resize_dataset(args.source, args.destination, args.short_side, args.quality, args.workers)
+    except ValueError as exc:
+        return _fail(str(exc))
+    ratio = s.bytes_out / s.bytes_in if s.bytes_in else 1.0
+    print(
+        f"{args.destination}: {s.resized} resized, {s.copied} copied as they were, "
+        f"{len(s.unreadable)} unreadable (copied), {s.already_done} already done; "
+        f"{s.bytes_out / 1e6:.1f} MB from {s.bytes_in / 1e6:.1f} MB ({100 * ratio:.0f}%) in {s.seconds:.1f} s"
+    )
+    for path in s.unreadable[:10]:
+        print(f"unreadable: {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The end-to-end mini scaling study (sweeps/demo.yaml): train, survive a preemption, fit, report."""
     from nepa_scale.launch.demo import DEMO_SWEEP, run_demo
@@ -318,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--wait", action="store_true", help="launch: wait until every run has ended")
     sweep.add_argument("--run", default=None, help="preempt: the run id to send a preemption notice")
     sweep.set_defaults(func=cmd_sweep)
+
+    resize = sub.add_parser(
+        "resize-data", help="a copy of an image folder with smaller images (a faster CPU loader)"
+    )
+    resize.add_argument("source", help="an ImageNet-style folder, e.g. imagenet/ (train/ and val/ inside)")
+    resize.add_argument("destination", help="a new folder; an interrupted copy resumes")
+    resize.add_argument(
+        "--short-side", type=int, required=True, help="pixels, e.g. 256 (no default: it changes the data)"
+    )
+    resize.add_argument("--quality", type=int, default=90, help="JPEG quality of resized JPEGs")
+    resize.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    resize.set_defaults(func=cmd_resize_data)
 
     demo = sub.add_parser("demo", help="end-to-end mini scaling study on this machine (sweeps/demo.yaml)")
     demo.add_argument("--executor", choices=["local", "slurm"], default=None, help="default: local processes")

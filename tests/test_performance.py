@@ -4,12 +4,15 @@ paths on the CPU, and ``nepa-scale bench`` timing the real training step with co
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import random
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -248,3 +251,93 @@ def test_auto_checkpointing_takes_the_fewest_blocks_that_fit():
     chosen, estimate = blocks_to_checkpoint(arch, params, memory_gb=target, **setting)
     assert chosen == 10 and estimate.peak_gb == peaks[10]
     assert blocks_to_checkpoint(arch, params, memory_gb=1.0, **setting)[0] == arch.depth  # nothing fits
+
+
+def test_resized_copy_keeps_every_file_and_only_shrinks_the_pixels(tmp_path):
+    """``nepa-scale resize-data``: the same relative files (so the same samples, classes and order),
+    large images at the short side, everything else byte for byte; resumable; never over its source."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from nepa_scale.data import ImageFolderDataset, Skipped
+    from nepa_scale.data.resize import MANIFEST, resize_dataset
+
+    photo = load_sample_images().images[0]  # 427 x 640
+    src, dst = tmp_path / "imagenet", tmp_path / "imagenet-256"
+    folder = src / "train" / "n01"
+    folder.mkdir(parents=True)
+    Image.fromarray(photo).save(folder / "big.JPEG", quality=95)
+    Image.fromarray(photo[:200, :150]).save(folder / "small.jpg", quality=95)
+    Image.fromarray(photo).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(photo[:300, :400]).convert("RGBA").save(folder / "alpha.png")
+    (folder / "garbage.jpg").write_bytes(b"not an image")
+    big = (folder / "big.JPEG").read_bytes()
+    (folder / "truncated.jpg").write_bytes(big[: len(big) // 2])
+    (src / "val" / "n02").mkdir(parents=True)
+    Image.fromarray(photo[:, ::-1]).save(src / "val" / "n02" / "v.jpg")
+    (src / "LABELS.txt").write_text("n01 tench\n")
+    source_bytes = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+
+    out = subprocess.run(
+        [sys.executable, "-m", "nepa_scale.cli", "resize-data", str(src), str(dst), "--short-side", "256"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "4 resized, 2 copied as they were, 2 unreadable" in out.stdout, out.stdout
+
+    def files(root):
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+    assert files(dst) == files(src)
+    for name in ("small.jpg", "garbage.jpg", "truncated.jpg"):
+        assert (dst / "train" / "n01" / name).read_bytes() == (folder / name).read_bytes()
+    assert (dst / "LABELS.txt").read_bytes() == (src / "LABELS.txt").read_bytes()
+    with Image.open(dst / "train" / "n01" / "big.JPEG") as img:
+        assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (384, 256))
+        with Image.open(folder / "big.JPEG") as source:  # bicubic, then JPEG quality 90: nothing else
+            source.resize((384, 256), Image.BICUBIC).save(encoded := io.BytesIO(), format="JPEG", quality=90)
+        assert np.array_equal(np.asarray(img), np.asarray(Image.open(encoded)))
+    with Image.open(dst / "train" / "n01" / "alpha.png") as img:
+        assert (img.format, img.mode, img.size) == ("PNG", "RGB", (341, 256))
+    with Image.open(dst / "train" / "n01" / "cmyk.jpg") as img:
+        assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (384, 256))
+
+    ours, theirs = ImageFolderDataset(dst / "train", None), ImageFolderDataset(src / "train", None)
+    assert [(Path(p).name, label) for p, label in ours.samples] == [
+        (Path(p).name, label) for p, label in theirs.samples
+    ]
+    skipped = [
+        Path(path).name for i, (path, _) in enumerate(ours.samples) if isinstance(ours.load(i)[0], Skipped)
+    ]
+    assert sorted(skipped) == ["garbage.jpg", "truncated.jpg"]  # the loader still reports them
+
+    # resumable: a lost file and a half-written leftover are redone, the rest is left alone
+    (dst / "train" / "n01" / "big.JPEG").unlink()
+    (dst / "train" / "n01" / ".big.JPEG.part").write_bytes(b"half")
+    untouched = (dst / "val" / "n02" / "v.jpg").stat().st_mtime_ns
+    again = resize_dataset(src, dst, 256)
+    assert (again.resized, again.copied, again.already_done) == (1, 0, 7)
+    assert (dst / "val" / "n02" / "v.jpg").stat().st_mtime_ns == untouched
+    with Image.open(dst / "train" / "n01" / "big.JPEG") as img:
+        assert img.size == (384, 256)
+
+    before = files(dst)
+    for target, short_side, message in (
+        (dst, 224, "was resized with"),  # other settings into the same copy
+        (src / "train" / "small", 256, "overlaps the source"),
+        (src.parent, 256, "overlaps the source"),
+        (src / "val", 256, "overlaps the source"),
+        (tmp_path / "missing" / "x", 0, "--short-side"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            resize_dataset(src, target, short_side)
+    (tmp_path / "someone-elses").mkdir()
+    (tmp_path / "someone-elses" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not empty"):
+        resize_dataset(src, tmp_path / "someone-elses", 256)
+    assert files(dst) == before
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == source_bytes
+    assert (tmp_path / "someone-elses" / "notes.txt").read_text() == "keep"
