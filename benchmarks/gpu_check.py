@@ -6,7 +6,8 @@
    figures are in docs/performance.md, and the whole script must fit one 600 s device call), with
    one profiled step each (how busy the device is, how much kernel time is torch.compile's);
 3. the same bench for L with the plain PyTorch loop (the engine's overhead);
-4. the loader on real JPEG photographs with 1, 4 and 8 workers, and nvJPEG decoding on the device;
+4. the loader on real JPEG photographs with 1, 4 and 8 workers, and nvJPEG decoding on the device,
+   from the photographs and from a copy resized to short side 256 (``nepa-scale resize-data``);
 5. S/14 trained from those JPEGs, decoded in the workers or on the device (is data the bottleneck?).
 
     bash benchmarks/gpu_check.sh            # on the GPU machine (wheels prepared in .whl/)
@@ -139,7 +140,7 @@ def main() -> None:
     section("loader: real JPEGs, decode + augment per worker, and nvJPEG on the device")
     jpegs = OUT / "jpegs" if args.smoke else Path("/tmp/nepa-jpegs")
     loader = [sys.executable, str(REPO / "benchmarks" / "loader.py"), "--photos", args.photos]
-    loader += ["--keep", str(jpegs), "--images", "64" if args.smoke else "3072"]
+    loader += ["--keep", str(jpegs), "--images", "64" if args.smoke else "3072", "--resize", "256"]
     loader += ["--workers", "1,2"] if args.smoke else ["--workers", "1,4,8"]
     subprocess.run(loader, timeout=150)
 

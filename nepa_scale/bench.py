@@ -413,7 +413,8 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def profile_summary(result: dict[str, Any]) -> str:
     prof = result["profile"]
-    head = f"profile {result['model']} {result['engine']} compile={result['compile']}: "
+    data = data_label(result["data"], result["decode"])
+    head = f"profile {result['model']} {result['engine']} compile={result['compile']} data={data}: "
     if prof["device_busy"] is not None:
         head += (
             f"device busy {100 * prof['device_busy']:.0f}% of {prof['device_ms_per_step']:.1f} ms/step, "
