@@ -11,7 +11,9 @@
 
 Status values: created, running, preempted, completed, failed.
 run.json also lists ``restarts`` (each resume: from_step, world size) and, for launched runs,
-``interruptions`` (signal, preemption | timeout | termination, action) and ``timeouts``.
+``interruptions`` (signal, preemption | timeout | termination, action) and ``timeouts``;
+``data_resized`` names the copy, its source and short side when the images come from
+``nepa-scale resize-data`` (else null).
 metrics.jsonl keys: step, images_seen, flops_seen, flop_convention, loss, target_spread, lr,
 grad_norm, img_per_s, tflops_per_s, mfu, max_memory_gb, data_wait_frac, collapsed, time, and
 val_loss on evaluation lines (kind = "train" | "eval").

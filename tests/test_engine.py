@@ -284,11 +284,14 @@ def test_bad_config_fails_fast_naming_the_key(tmp_path, override, key):
 
 @pytest.mark.parametrize("decode", ["cpu", "device"])
 def test_corrupt_images_are_skipped_and_reported(tmp_path, decode):
-    """Either decoder: truncated, garbage and empty files are skipped, reported and counted."""
+    """Either decoder: truncated, garbage and empty files are skipped, reported and counted, also
+    from a resized copy of the folder (which keeps them byte for byte; run.json records the copy)."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    root = tmp_path / "data" / "train"
+    from nepa_scale.data.resize import resize_dataset
+
+    root = tmp_path / "photos" / "train"
     for label, photo in enumerate(load_sample_images().images):  # two real photographs
         folder = root / f"class{label}"
         folder.mkdir(parents=True)
@@ -304,7 +307,9 @@ def test_corrupt_images_are_skipped_and_reported(tmp_path, decode):
     corrupt[0].write_bytes(good[: len(good) // 3])
     corrupt[1].write_bytes(b"definitely not a jpeg" * 50)
     corrupt[2].write_bytes(b"")
-    shutil.copytree(root, tmp_path / "data" / "val")
+    shutil.copytree(root, tmp_path / "photos" / "val")
+    resize_dataset(tmp_path / "photos", tmp_path / "data", short_side=64)
+    corrupt = [tmp_path / "data" / path.relative_to(tmp_path / "photos") for path in corrupt]
     run_dir = tmp_path / "run"
     result = run_train(
         run_dir,
@@ -322,6 +327,12 @@ def test_corrupt_images_are_skipped_and_reported(tmp_path, decode):
     assert sorted(set(info["skipped_files"])) == sorted(str(p) for p in corrupt)
     assert len(info["skipped_files"]) == 6  # each corrupt file once per epoch, two epochs
     assert "skipped 3 unreadable image file(s)" in result.stderr
+    assert info["data_resized"] == {
+        "copy": str(tmp_path / "data"),
+        "source": str((tmp_path / "photos").resolve()),
+        "short_side": 64,
+        "quality": 90,
+    }
 
 
 def test_non_finite_loss_stops_the_run_naming_step_and_rank(tmp_path):

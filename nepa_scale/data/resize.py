@@ -92,6 +92,17 @@ def check_destination(src: Path, dst: Path, settings: dict) -> None:
         raise ValueError(f"destination {dst} is not empty and has no {MANIFEST}: choose a new folder")
 
 
+def resized_copy_settings(root: str | Path, train_split: str = "train") -> dict | None:
+    """The manifest of a resized copy at a dataset root (or its train split), for the run's record."""
+    for folder in (Path(root), Path(root) / train_split):
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            return {"copy": str(folder), "source": manifest["source"], **manifest["settings"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def resize_dataset(
     src: str | Path, dst: str | Path, short_side: int, quality: int = 90, workers: int = 1
 ) -> ResizeSummary:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from nepa_scale.config import RunConfig, check_world, dump_yaml
 from nepa_scale.data import ResumableBatchSampler, build_dataset, collate, to_model_input
 from nepa_scale.data.device_decode import decode_on_device
+from nepa_scale.data.resize import resized_copy_settings
 from nepa_scale.engine import checkpoint as ckpt
 from nepa_scale.engine.distributed import (
     World,
@@ -408,6 +409,9 @@ class Trainer:
                 precision=self.precision,
                 attention_backend=backend,
                 checkpointed_blocks=self.checkpointed_blocks,
+                data_resized=resized_copy_settings(c.data.root, c.data.train_split)
+                if c.data.kind == "imagefolder"
+                else None,
                 total_steps=total_steps,
                 steps_per_epoch=steps_per_epoch,
                 flop_convention=c.budget.flop_convention,
