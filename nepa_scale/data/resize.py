@@ -4,9 +4,9 @@ Decoding and cropping cost grows with the pixels of the source: a 427x640 photog
 augments about twice as fast at short side 256 (docs/performance.md), and nvJPEG on the GPU
 (``data.decode: device``) saves in proportion too. The copy keeps every file's relative path and
 name, so a dataset built on it has the same samples, classes and order, and a run draws the same
-sample stream; only the pixels change (small RandomResizedCrop crops see less detail, so record the
-short side with the run). Files already small enough, files PIL cannot read and files that are not
-images are copied byte for byte: the loader still reports unreadable ones at train time.
+sample stream; only the pixels change (small RandomResizedCrop crops see less detail, and run.json
+records the copy as ``data_resized``). Files already small enough, files PIL cannot read and files
+that are not images are copied byte for byte: the loader still reports unreadable ones at train time.
 
 Interrupted copies resume: each file is written under a temporary name and renamed when complete,
 so a file that exists in the copy is finished and is not redone. ``nepa_resize.json`` in the copy
