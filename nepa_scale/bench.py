@@ -234,23 +234,32 @@ def profile_steps(run_step, device, steps: int, top: int = 8) -> dict[str, Any]:
             "top": [[op.key, op.self_cpu_time_total / 1e3 / steps] for op in ops[:top]],
             "top_unit": "ms per step, host operators' self time",
         }
-    kernels = [e for e in prof.profiler.kineto_results.events() if e.device_type() == DeviceType.CUDA]
+    kernels = [
+        (e.name(), e.start_ns(), e.duration_ns())
+        for e in prof.profiler.kineto_results.events()
+        if e.device_type() == DeviceType.CUDA
+    ]
+    return {"profiled_steps": steps, **device_profile(kernels, steps, top)}
+
+
+def device_profile(kernels: list[tuple[str, int, int]], steps: int, top: int = 8) -> dict[str, Any]:
+    """Kernels as (name, start ns, duration ns) -> the busy share of their span, kernels per step,
+    the share of kernel time in torch.compile's (inductor's ``triton_*``) kernels, the costliest."""
     if not kernels:
-        return {"profiled_steps": steps, "device_busy": None, "top": [], "top_unit": "no device events"}
-    spans = [(k.start_ns(), k.start_ns() + k.duration_ns()) for k in kernels]
+        return {"device_busy": None, "top": [], "top_unit": "no device events"}
+    spans = [(start, start + duration) for _, start, duration in kernels]
     span = max(end for _, end in spans) - min(start for start, _ in spans)
     by_name: dict[str, float] = {}
-    for kernel in kernels:
-        by_name[kernel.name()] = by_name.get(kernel.name(), 0.0) + kernel.duration_ns()
+    for name, _, duration in kernels:
+        by_name[name] = by_name.get(name, 0.0) + duration
     kernel_ns = sum(by_name.values())
     compiled_ns = sum(ns for name, ns in by_name.items() if name.startswith("triton_"))
     costliest = sorted(by_name.items(), key=lambda item: item[1], reverse=True)[:top]
     return {
-        "profiled_steps": steps,
-        "device_busy": merged_length(spans) / span,
+        "device_busy": merged_length(spans) / span if span else None,
         "device_ms_per_step": span / 1e6 / steps,
         "kernels_per_step": len(kernels) / steps,
-        "compiled_kernel_share": compiled_ns / kernel_ns,
+        "compiled_kernel_share": compiled_ns / kernel_ns if kernel_ns else 0.0,
         "top": [[name[:100], ns / 1e6 / steps] for name, ns in costliest],
         "top_unit": "ms per step, device kernels",
     }
@@ -308,9 +317,12 @@ def run_case(case: BenchCase) -> dict[str, Any]:
         profiled = None
         if case.profile:
             more_steps = itertools.count(step)
-            profiled = profile_steps(
-                lambda: trainer.train_step(engine, batches, next(more_steps)), device, case.profile
-            )
+            try:  # a profiler that cannot run here (no CUPTI, say) costs the case its profile only
+                profiled = profile_steps(
+                    lambda: trainer.train_step(engine, batches, next(more_steps)), device, case.profile
+                )
+            except Exception as exc:
+                profiled = {"error": f"{type(exc).__name__}: {exc}"}
         params = sum(p.numel() for p in engine.module.parameters())
         predicted = None
         if case.engine == "deepspeed":  # the planner's model (the plain loop's fp32 weights are not modelled)
@@ -415,6 +427,8 @@ def profile_summary(result: dict[str, Any]) -> str:
     prof = result["profile"]
     data = data_label(result["data"], result["decode"])
     head = f"profile {result['model']} {result['engine']} compile={result['compile']} data={data}: "
+    if "error" in prof:
+        return head + f"failed ({prof['error']})"
     if prof["device_busy"] is not None:
         head += (
             f"device busy {100 * prof['device_busy']:.0f}% of {prof['device_ms_per_step']:.1f} ms/step, "

@@ -183,13 +183,29 @@ def test_bench_times_the_real_step_and_its_numbers_agree(tmp_path):
     assert "img/s" in out.stdout and "written:" in out.stdout and "profile nepa_tiny plain" in out.stdout
 
 
-def test_device_busy_counts_overlapping_kernels_once():
-    from nepa_scale.bench import merged_length
+def test_device_profile_counts_idle_gaps_and_compiled_kernels():
+    """The GPU profile's arithmetic (the GPU run is rare): overlapping kernels count once, gaps count
+    as idle, inductor's triton kernels are the compiled share."""
+    from nepa_scale.bench import device_profile, merged_length
 
     assert merged_length([]) == 0
     assert merged_length([(0, 10), (20, 30)]) == 20  # a gap: idle device
     assert merged_length([(0, 10), (5, 15), (6, 8), (30, 31)]) == 16  # two streams overlap
     assert merged_length([(5, 8), (0, 10)]) == 10
+    ms = 1_000_000  # ns
+    kernels = [  # two steps: a gemm, a fused triton kernel overlapping it on another stream, a gap
+        ("sm90_xmma_gemm_bf16", 0, 6 * ms),
+        ("triton_poi_fused_add_mul_0", 4 * ms, 4 * ms),
+        ("sm90_xmma_gemm_bf16", 10 * ms, 6 * ms),
+        ("triton_poi_fused_add_mul_0", 16 * ms, 4 * ms),
+    ]
+    profiled = device_profile(kernels, steps=2)
+    assert profiled["device_busy"] == pytest.approx(18 / 20)  # busy 0-8 and 10-20 of 0-20
+    assert profiled["device_ms_per_step"] == pytest.approx(10)
+    assert profiled["kernels_per_step"] == 2
+    assert profiled["compiled_kernel_share"] == pytest.approx(8 / 20)
+    assert profiled["top"] == [["sm90_xmma_gemm_bf16", 6.0], ["triton_poi_fused_add_mul_0", 4.0]]
+    assert device_profile([], steps=1)["device_busy"] is None
 
 
 @pytest.mark.parametrize(
