@@ -8,7 +8,9 @@
 3. the same bench for L with the plain PyTorch loop (the engine's overhead);
 4. the loader on real JPEG photographs with 1, 4 and 8 workers, and nvJPEG decoding on the device,
    from the photographs and from a copy resized to short side 256 (``nepa-scale resize-data``);
-5. S/14 trained from those JPEGs, decoded in the workers or on the device (is data the bottleneck?).
+5. S/14 trained from those JPEGs, decoded in the workers or on the device (is data the bottleneck?);
+6. a summary against the targets (``summary.json``): MFU per model, the engine against the plain
+   loop, predicted memory, the profile, and loader workers per 8-GPU node at the target rates.
 
     bash benchmarks/gpu_check.sh            # on the GPU machine (wheels prepared in .whl/)
     python benchmarks/gpu_check.py --smoke  # the same script on this CPU, tiny sizes
@@ -98,6 +100,80 @@ def numerics(device: str, model_name: str, image_size: int) -> dict:
     return result
 
 
+TARGET_MFU = {"nepa_s14": 0.25, "nepa_b14": 0.40, "nepa_l14": 0.50, "nepa_h14": 0.50}  # the issue's
+GPUS_PER_NODE = 8
+
+
+def load(name: str) -> dict | None:
+    path = OUT / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def summary() -> dict:
+    """The performance targets against what this run measured: MFU per model, the engine against
+    the plain loop, memory predictions, the profile, and the loader against an 8-GPU node's needs."""
+    zoo, plain, loader = load("bench_zoo.json"), load("bench_plain.json"), load("loader.json")
+    rows, out = [r for r in (zoo or {}).get("results", []) if "error" not in r], {}
+    print(
+        f"{'model':<9} {'img/s':>7} {'MFU':>6} {'target':>6} {'met':>4} {'mem GiB':>7} {'pred':>6} {'busy':>5} {'compiled':>8}"
+    )
+    for r in rows:
+        target, prof = TARGET_MFU.get(r["model"]), r.get("profile") or {}
+        met = None if target is None else r["mfu"] >= target
+        busy, share = prof.get("device_busy"), prof.get("compiled_kernel_share")
+        out[r["model"]] = {
+            "img_per_s": r["img_per_s"],
+            "mfu": r["mfu"],
+            "target_mfu": target,
+            "met": met,
+            "peak_memory_gb": r["peak_memory_gb"],
+            "predicted_memory_gb": r["predicted_memory_gb"],
+            "device_busy": busy,
+            "compiled_kernel_share": share,
+        }
+        print(
+            f"{r['model']:<9} {r['img_per_s']:>7.0f} {r['mfu']:>6.3f} {target or 0:>6.2f} {str(met):>4} "
+            f"{r['peak_memory_gb']:>7.1f} {r['predicted_memory_gb'] or 0:>6.1f} "
+            f"{'-' if busy is None else f'{100 * busy:.0f}%':>5} {'-' if share is None else f'{100 * share:.0f}%':>8}"
+        )
+    for p in [r for r in (plain or {}).get("results", []) if "error" not in r]:
+        engine = next(
+            (r for r in rows if r["model"] == p["model"] and r["micro_batch"] == p["micro_batch"]), None
+        )
+        if engine:
+            cost = 1 - engine["img_per_s"] / p["img_per_s"]
+            out.setdefault("engine_vs_plain", {})[p["model"]] = cost
+            print(
+                f"{p['model']}: DeepSpeed {engine['img_per_s']:.0f} img/s, plain loop {p['img_per_s']:.0f}: "
+                f"the engine costs {100 * cost:.1f}% (target: at most 5%)"
+            )
+    if loader and rows:
+        per_worker = {}
+        for rate in loader["rates"]:  # the best per-worker rate of each output
+            value = rate["img_per_s"] / rate["workers"]
+            per_worker[rate["output"]] = max(per_worker.get(rate["output"], 0.0), value)
+        for r in rows:
+            if r["model"] not in ("nepa_s14", "nepa_b14"):
+                continue
+            need = TARGET_MFU[r["model"]] * zoo["matmul_peak_tflops"] * 1e12 / r["flops_per_image"]
+            workers = {name: GPUS_PER_NODE * need / rate for name, rate in per_worker.items() if rate}
+            gpu_decode = need / loader["device_decode"]["img_per_s"]
+            resized = loader.get("device_decode_resized")
+            out.setdefault("loader", {})[r["model"]] = {
+                "img_per_s_per_gpu_at_target": need,
+                "workers_per_node": workers,
+                "device_decode_share_of_gpu_time": gpu_decode,
+                "device_decode_share_resized": need / resized["img_per_s"] if resized else None,
+            }
+            print(
+                f"{r['model']} at its target: {need:.0f} img/s per GPU; workers per {GPUS_PER_NODE}-GPU node: "
+                + ", ".join(f"{name}: {n:.0f}" for name, n in workers.items())
+                + f"; nvJPEG path would take {100 * gpu_decode:.0f}% of a GPU's time"
+            )
+    (OUT / "summary.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def bench(out_name: str, args: list[str], timeout: int) -> None:
     cmd = [sys.executable, "-m", "nepa_scale.cli", "bench", "--out", str(OUT / out_name), *args]
     print(" ".join(cmd), flush=True)
@@ -152,6 +228,8 @@ def main() -> None:
         real += ["--workers", "10"]
     real += ["--data", str(jpegs), "--decode", "cpu,device", "--compile", "blocks"]
     bench("bench_jpeg.json", real, timeout=180)
+    section("summary: the targets")
+    summary()
     print(f"\ngpu_check finished in {time.time() - started:.0f} s", flush=True)
 
 

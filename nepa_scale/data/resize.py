@@ -1,8 +1,8 @@
 """A pre-resized copy of an image folder: the cheapest speed-up of the CPU loader.
 
-Decoding and cropping cost grows with the pixels of the source: a 427x640 photograph decodes and
-augments about twice as fast at short side 256 (docs/performance.md), and nvJPEG on the GPU
-(``data.decode: device``) saves in proportion too. The copy keeps every file's relative path and
+Decoding and cropping cost grows with the pixels of the source: at short side 256, ImageNet-sized
+photographs have half their pixels, a PIL worker turns out about 1.3x the images and the device
+path (``data.decode: device``) decodes twice as many (docs/performance.md). The copy keeps every file's relative path and
 name, so a dataset built on it has the same samples, classes and order, and a run draws the same
 sample stream; only the pixels change (small RandomResizedCrop crops see less detail, and run.json
 records the copy as ``data_resized``). Files already small enough, files PIL cannot read and files
