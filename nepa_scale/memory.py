@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 from nepa_scale.models.arch import NepaArch, checkpointed_blocks
 
@@ -139,29 +140,14 @@ def estimate_memory(
 
 
 def blocks_to_checkpoint(
-    arch: NepaArch,
-    params: int,
-    *,
-    micro_batch: int,
-    precision: str,
-    zero_stage: int,
-    world_size: int,
-    memory_gb: float,
-    headroom: float = 0.9,
+    arch: NepaArch, params: int, *, memory_gb: float, headroom: float = 0.9, **run: Any
 ) -> tuple[int, MemoryEstimate]:
     """``grad_checkpointing: auto``: the fewest checkpointed blocks whose predicted peak fits
-    ``headroom`` x ``memory_gb`` (all of them, with that estimate, when nothing fits)."""
+    ``headroom`` x ``memory_gb`` (all of them, with that estimate, when nothing fits). ``run``: the
+    rest of ``estimate_memory``'s settings (micro_batch, precision, zero_stage, world_size)."""
     estimate = None
     for checkpointed in range(arch.depth + 1):
-        estimate = estimate_memory(
-            arch,
-            params,
-            micro_batch=micro_batch,
-            precision=precision,
-            zero_stage=zero_stage,
-            world_size=world_size,
-            grad_checkpointing=checkpointed,
-        )
+        estimate = estimate_memory(arch, params, grad_checkpointing=checkpointed, **run)
         if estimate.peak_gb <= headroom * memory_gb:
             return checkpointed, estimate
     return arch.depth, estimate
