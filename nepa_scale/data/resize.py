@@ -72,24 +72,27 @@ def _resize_one(job: tuple[str, str, int, int]) -> tuple[str, str, int, int]:
     return src, outcome, os.path.getsize(src), os.path.getsize(dst)
 
 
-def check_destination(src: Path, dst: Path, settings: dict) -> None:
+def check_destination(src: Path, dst: Path, settings: dict) -> dict:
+    """Refuse a destination that overlaps the source, belongs to someone else or was started with
+    other settings; returns the copy's manifest so far (empty for a new copy)."""
     if not src.is_dir():
         raise ValueError(f"source folder not found: {src}")
     source, target = src.resolve(), dst.resolve()
     if target == source or source in target.parents or target in source.parents:
         raise ValueError(f"destination {dst} overlaps the source {src}: choose a separate folder")
-    manifest = dst / MANIFEST
-    if manifest.exists():
-        try:
-            recorded = json.loads(manifest.read_text())["settings"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(
-                f"{manifest}: unreadable ({exc}); remove it or choose a new destination"
-            ) from None
-        if recorded != settings:
-            raise ValueError(f"{dst} was resized with {recorded}, not {settings}: choose a new destination")
-    elif dst.is_dir() and any(dst.iterdir()):
-        raise ValueError(f"destination {dst} is not empty and has no {MANIFEST}: choose a new folder")
+    path = dst / MANIFEST
+    if not path.exists():
+        if dst.is_dir() and any(dst.iterdir()):
+            raise ValueError(f"destination {dst} is not empty and has no {MANIFEST}: choose a new folder")
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+        recorded = manifest["settings"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc}); remove it or choose a new destination") from None
+    if recorded != settings:
+        raise ValueError(f"{dst} was resized with {recorded}, not {settings}: choose a new destination")
+    return manifest
 
 
 def resized_copy_settings(root: str | Path, train_split: str = "train") -> dict | None:
@@ -113,10 +116,9 @@ def resize_dataset(
     if not 1 <= quality <= 100:
         raise ValueError(f"--quality: JPEG quality from 1 to 100, got {quality}")
     settings = {"short_side": short_side, "quality": quality}
-    check_destination(src, dst, settings)
+    manifest = check_destination(src, dst, settings)
     dst.mkdir(parents=True, exist_ok=True)
     manifest_path = dst / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.update(source=str(src.resolve()), settings=settings)
     manifest_path.write_text(json.dumps(manifest, indent=1))  # before any image: a resumed copy checks it
     summary, start, jobs = ResizeSummary(), time.perf_counter(), []
