@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -174,20 +175,47 @@ def summary() -> dict:
     return out
 
 
-def bench(out_name: str, args: list[str], timeout: int) -> None:
-    cmd = [sys.executable, "-m", "nepa_scale.cli", "bench", "--out", str(OUT / out_name), *args]
-    print(" ".join(cmd), flush=True)
+class Deadline:
+    """The whole script must end inside one device call: each part gets at most what is left, less
+    the seconds kept for the summary, and a part with too little time left is skipped."""
+
+    def __init__(self, seconds: float, reserve: float = 15.0) -> None:
+        self.end, self.reserve = time.time() + seconds, reserve
+
+    def timeout(self, wanted: float, least: float = 45.0) -> float | None:
+        left = self.end - self.reserve - time.time()
+        return min(wanted, left) if left >= least else None
+
+
+def run_part(name: str, cmd: list[str], wanted: float, deadline: Deadline) -> None:
+    timeout = deadline.timeout(wanted)
+    if timeout is None:
+        print(f"{name}: skipped, too little of the time budget left", flush=True)
+        return
+    print(" ".join(cmd), f"(at most {timeout:.0f} s)", flush=True)
+    # its own process group: a stopped part takes its case processes and loader workers with it,
+    # so nothing it started keeps the GPU busy under the next part's timings
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
-        subprocess.run(cmd, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        print(f"bench {out_name}: stopped after {timeout} s (finished cases are in the JSON)", flush=True)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        print(f"{name}: stopped after {timeout:.0f} s (what finished is in its JSON)", flush=True)
+
+
+def bench(out_name: str, args: list[str], wanted: float, deadline: Deadline) -> None:
+    cmd = [sys.executable, "-m", "nepa_scale.cli", "bench", "--out", str(OUT / out_name), *args]
+    run_part(f"bench {out_name}", cmd, wanted, deadline)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: check this script runs")
     parser.add_argument("--photos", default=str(REPO / ".whl" / "photos"), help="JPEGs for the loader check")
+    parser.add_argument("--budget", type=float, default=500, help="seconds the whole script may take")
     args = parser.parse_args()
+    deadline = Deadline(args.budget)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -205,20 +233,20 @@ def main() -> None:
         zoo = ["--models", "nepa_s14,nepa_b14,nepa_l14,nepa_h14", "--batch", "256,256,128,64"]
         zoo += ["--steps", "8", "--repeats", "2", "--warmup", "3", "--workers", "10", "--case-timeout", "150"]
     zoo += ["--profile", "1"]  # device busy share and compiled-kernel share: does compile take effect?
-    bench("bench_zoo.json", [*zoo, "--zero", "2", "--compile", "blocks"], timeout=300)
+    bench("bench_zoo.json", [*zoo, "--zero", "2", "--compile", "blocks"], 300, deadline)
 
     section("bench: L/14 in a plain PyTorch loop (the engine's overhead)")
     plain = zoo[:]
     if not args.smoke:
         plain[1:4] = ["nepa_l14", "--batch", "128"]
-    bench("bench_plain.json", [*plain, "--engine", "plain", "--compile", "blocks"], timeout=120)
+    bench("bench_plain.json", [*plain, "--engine", "plain", "--compile", "blocks"], 120, deadline)
 
     section("loader: real JPEGs, decode + augment per worker, and nvJPEG on the device")
     jpegs = OUT / "jpegs" if args.smoke else Path("/tmp/nepa-jpegs")
     loader = [sys.executable, str(REPO / "benchmarks" / "loader.py"), "--photos", args.photos]
     loader += ["--keep", str(jpegs), "--images", "64" if args.smoke else "3072", "--resize", "256"]
     loader += ["--workers", "1,2"] if args.smoke else ["--workers", "1,4,8"]
-    subprocess.run(loader, timeout=150)
+    run_part("loader", loader, 150, deadline)
 
     section("bench: S/14 on those JPEGs, decoded by PIL in the workers or on the device")
     if args.smoke:
@@ -227,7 +255,7 @@ def main() -> None:
         real = ["--models", "nepa_s14", "--batch", "256", "--steps", "6", "--repeats", "1", "--warmup", "2"]
         real += ["--workers", "10"]
     real += ["--data", str(jpegs), "--decode", "cpu,device", "--compile", "blocks"]
-    bench("bench_jpeg.json", real, timeout=180)
+    bench("bench_jpeg.json", real, 180, deadline)
     section("summary: the targets")
     summary()
     print(f"\ngpu_check finished in {time.time() - started:.0f} s", flush=True)
