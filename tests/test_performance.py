@@ -183,6 +183,33 @@ def test_bench_times_the_real_step_and_its_numbers_agree(tmp_path):
     assert "img/s" in out.stdout and "written:" in out.stdout and "profile nepa_tiny plain" in out.stdout
 
 
+def test_bf16_optimizer_step_tests_no_gradient_for_overflow(tmp_path):
+    """DeepSpeed's bf16 overflow check (on by default) tests every gradient and then waits for the
+    device, every step: on an H100 that left the GPU idle for a third of the ZeRO-2 step
+    (docs/performance.md). bf16 needs no loss scaling and a non-finite loss stops the run, so our
+    runs turn it off; the step still updates the weights."""
+    from torch.profiler import profile
+
+    from nepa_scale.bench import BenchCase, case_config
+    from nepa_scale.engine.trainer import Trainer
+
+    case = BenchCase(model="nepa_tiny", micro_batch=4, zero_stage=2, precision="bf16")
+    config = case_config(case, str(tmp_path))
+    config.optim.lr, config.optim.warmup_fraction = 1e-2, 0.0  # a step large enough to move bf16 weights
+    trainer = Trainer(config)
+    engine, _, _, _ = trainer.build(resume=False)
+    size = trainer.arch.image_size
+    loss, _ = trainer.task.micro_step(engine, torch.randn(4, 3, size, size, dtype=torch.bfloat16), None)
+    engine.backward(loss)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    with profile() as prof:
+        engine.step()
+    finiteness_tests = sum(e.count for e in prof.key_averages() if e.key == "aten::isfinite")
+    assert finiteness_tests < len(before) // 4, finiteness_tests  # a few on the norm, none per gradient
+    after = list(engine.module.parameters())
+    assert sum(not torch.equal(a, b) for a, b in zip(after, before, strict=True)) > len(before) // 2
+
+
 def test_device_profile_counts_idle_gaps_and_compiled_kernels():
     """The GPU profile's arithmetic (the GPU run is rare): overlapping kernels count once, gaps count
     as idle, inductor's triton kernels are the compiled share."""
