@@ -275,6 +275,8 @@ def run_case(case: BenchCase) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="nepa-bench-") as tmp:
         trainer = Trainer(case_config(case, tmp))
+        counters = torch._dynamo.utils.counters  # the run's own graphs (the memory model compiles too)
+        graphs_before = counters["stats"].get("unique_graphs", 0)
         device = trainer.world.device
         if case.engine == "deepspeed":
             engine, _, _, _ = trainer.build(resume=False)
@@ -324,6 +326,8 @@ def run_case(case: BenchCase) -> dict[str, Any]:
             except Exception as exc:
                 profiled = {"error": f"{type(exc).__name__}: {exc}"}
         params = sum(p.numel() for p in engine.module.parameters())
+        graphs = int(counters["stats"].get("unique_graphs", 0) - graphs_before)
+        graph_breaks = int(sum(counters["graph_break"].values()))
         predicted = None
         if case.engine == "deepspeed":  # the planner's model (the plain loop's fp32 weights are not modelled)
             predicted = estimate_memory(
@@ -334,8 +338,8 @@ def run_case(case: BenchCase) -> dict[str, Any]:
                 zero_stage=case.zero_stage,
                 world_size=trainer.world.world_size,
                 grad_checkpointing=trainer.checkpointed_blocks,
+                compiled=case.compile != "none",
             ).peak_gb
-        counters = torch._dynamo.utils.counters
         timed_steps = case.repeats * case.steps
         median = statistics.median(img_per_s)
         return {
@@ -358,8 +362,8 @@ def run_case(case: BenchCase) -> dict[str, Any]:
             "checkpointed_blocks": trainer.checkpointed_blocks,
             "loader_img_per_s": loader_img_s,
             "loader_img_per_s_per_worker": loader_img_s / max(1, case.num_workers),
-            "compiled_graphs": int(counters["stats"].get("unique_graphs", 0)),
-            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "compiled_graphs": graphs,
+            "graph_breaks": graph_breaks,
             "loss_last": loss,
             "profile": profiled,
         }

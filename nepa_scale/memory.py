@@ -5,8 +5,8 @@ peak = model and optimizer states (by precision and ZeRO stage, per rank)
      + the backward's working set (one block's activations, its gradients)
      + DeepSpeed's fixed buffers (ZeRO-2's contiguous gradient bucket).
 
-Checked against the peaks measured on one H100 (bf16, ZeRO-2, docs/performance.md): S, B, L and
-H/14 are predicted within 5% (tests/test_launch.py pins this).
+Checked against the peaks measured on one H100 (bf16, docs/performance.md): S, B, L and H/14,
+eager under ZeRO-2 and compiled under ZeRO 0-2, are predicted within 6% (tests/test_launch.py).
 
 Activation bytes are not a formula guessed from the architecture: they are counted. One and
 two blocks of the real width run a forward pass on the CPU for one image, with autograd's
@@ -14,6 +14,10 @@ saved-tensor hooks adding up the storage every saved tensor holds (parameters ex
 difference is one block's share; the rest is the embedding and the loss. The CPU's SDPA saves
 what a flash kernel saves (output and log-sum-exp, no T x T matrix), so this matches a GPU's
 SDPA path; fp32 counts are halved for bf16 (LayerNorm statistics stay fp32, a rounding error).
+Compiled blocks (``model.compile``) save less: torch.compile's partitioner recomputes cheap
+pointwise results in backward instead of keeping them. The count then runs the blocks through
+AOTAutograd with that partitioner (``aot_eager_decomp_partition``: the same choice of saved
+tensors as inductor, without generating kernels), which matched the H100's compiled peaks.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ class MemoryEstimate:
 
 
 @functools.lru_cache(maxsize=64)
-def _saved_bytes(arch: NepaArch, depth: int, grad_checkpointing: bool) -> int:
-    """Bytes autograd keeps for one image through ``depth`` blocks (all checkpointed, or none)."""
+def _saved_bytes(arch: NepaArch, depth: int, grad_checkpointing: bool, compiled: bool = False) -> int:
+    """Bytes autograd keeps for one image through ``depth`` blocks (all checkpointed, or none;
+    compiled as ``model.compile: blocks`` does, or eager)."""
     import torch
 
     from nepa_scale.models.vit import NEPA
@@ -51,6 +56,9 @@ def _saved_bytes(arch: NepaArch, depth: int, grad_checkpointing: bool) -> int:
 
     torch.manual_seed(0)
     model = NEPA(arch.replace(depth=depth), attention="sdpa", grad_checkpointing=grad_checkpointing)
+    if compiled:
+        for block in model.blocks:
+            block.compile(backend="aot_eager_decomp_partition")
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     storages: dict[int, int] = {}
 
@@ -68,13 +76,13 @@ def _saved_bytes(arch: NepaArch, depth: int, grad_checkpointing: bool) -> int:
 
 
 def activation_bytes_per_image(
-    arch: NepaArch, precision: str, checkpointed: int
+    arch: NepaArch, precision: str, checkpointed: int, compiled: bool = False
 ) -> tuple[float, float, float]:
     """Bytes per image with the first ``checkpointed`` blocks keeping only their inputs: (kept for
     backward, one block's full activations, what is still kept when backward reaches the
     checkpointed blocks: the embedding, the loss and those blocks' inputs)."""
     scale = 0.5 if precision == "bf16" else 1.0
-    one, two = _saved_bytes(arch, 1, False), _saved_bytes(arch, 2, False)
+    one, two = _saved_bytes(arch, 1, False, compiled), _saved_bytes(arch, 2, False, compiled)
     block_full = two - one
     kept, kept_checkpointed = one - block_full + arch.depth * block_full, 0.0
     if checkpointed:
@@ -117,9 +125,11 @@ def estimate_memory(
     zero_stage: int,
     world_size: int,
     grad_checkpointing: bool | int = False,
+    compiled: bool = False,
 ) -> MemoryEstimate:
+    """``compiled``: the blocks run compiled (``model.compile: blocks`` or ``model``)."""
     checkpointed = checkpointed_blocks(grad_checkpointing, arch.depth)
-    kept, block, kept_checkpointed = activation_bytes_per_image(arch, precision, checkpointed)
+    kept, block, kept_checkpointed = activation_bytes_per_image(arch, precision, checkpointed, compiled)
     element = 2 if precision == "bf16" else 4
     buffers = min(DEEPSPEED_REDUCE_BUCKET, params) * element if zero_stage == 2 else 0.0
     # Backward starts with everything kept plus the last block's gradients; on reaching the

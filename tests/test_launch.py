@@ -376,17 +376,33 @@ def test_bad_sweeps_fail_with_one_line_naming_the_key(tmp_path):
 
 
 def test_memory_model_matches_the_measured_h100_peaks():
-    """Peaks measured by `nepa-scale train` on one H100 (bf16, ZeRO-2; docs/performance.md)."""
+    """Peaks measured on one H100 in bf16 (docs/performance.md): eager blocks with `nepa-scale train`
+    under ZeRO-2 (2026-11-26), compiled blocks with `nepa-scale bench` under ZeRO 0-2 (2026-11-27).
+    The issue asks for 10%; the model is within 6% of every one."""
     from nepa_scale.memory import estimate_memory
     from nepa_scale.models.zoo import count_params, get_arch
 
-    for name, micro, measured_gib in (
-        ("nepa_s14", 256, 13.7),
-        ("nepa_b14", 256, 26.8),
-        ("nepa_l14", 128, 37.4),
+    for name, micro, zero_stage, compiled, measured_gib in (
+        ("nepa_s14", 256, 2, False, 13.7),
+        ("nepa_b14", 256, 2, False, 26.8),
+        ("nepa_l14", 128, 2, False, 37.4),
+        ("nepa_h14", 64, 2, False, 36.2),
+        ("nepa_s14", 256, 2, True, 13.00),
+        ("nepa_s14", 768, 2, True, 36.58),
+        ("nepa_b14", 256, 2, True, 25.46),
+        ("nepa_l14", 128, 0, True, 35.28),
+        ("nepa_l14", 128, 1, True, 35.72),
+        ("nepa_l14", 128, 2, True, 35.72),
+        ("nepa_h14", 64, 2, True, 34.80),
     ):
         arch = get_arch(name)
         estimate = estimate_memory(
-            arch, count_params(arch)["total"], micro_batch=micro, precision="bf16", zero_stage=2, world_size=1
+            arch,
+            count_params(arch)["total"],
+            micro_batch=micro,
+            precision="bf16",
+            zero_stage=zero_stage,
+            world_size=1,
+            compiled=compiled,
         )
-        assert abs(estimate.peak_gb / measured_gib - 1) < 0.10, (name, estimate)
+        assert abs(estimate.peak_gb / measured_gib - 1) < 0.06, (name, micro, zero_stage, compiled, estimate)

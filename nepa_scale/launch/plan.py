@@ -79,7 +79,11 @@ def plan_run(run: PlannedRun) -> RunPlan:
         precision = "bf16" if r.gpus_per_node else "fp32"
     micro = c.budget.micro_batch or c.budget.global_batch // r.world_size
     setting = dict(
-        micro_batch=micro, precision=precision, zero_stage=c.deepspeed.zero_stage, world_size=r.world_size
+        micro_batch=micro,
+        precision=precision,
+        zero_stage=c.deepspeed.zero_stage,
+        world_size=r.world_size,
+        compiled=c.model.compile != "none",
     )
     if c.model.grad_checkpointing == "auto":  # as the trainer will choose on a device of the profile's memory
         checkpointed, memory = blocks_to_checkpoint(arch, params, memory_gb=r.device_memory_gb, **setting)
