@@ -230,7 +230,7 @@ def main() -> None:
     if args.smoke:
         zoo = ["--models", "nepa_tiny", "--batch", "32", "--steps", "2", "--repeats", "2", "--warmup", "1"]
     else:
-        zoo = ["--models", "nepa_s14,nepa_b14,nepa_l14,nepa_h14", "--batch", "256,256,128,64"]
+        zoo = ["--models", "nepa_s14,nepa_b14,nepa_l14,nepa_h14", "--batch", "768,256,128,64"]
         zoo += ["--steps", "8", "--repeats", "2", "--warmup", "3", "--workers", "10", "--case-timeout", "150"]
     zoo += ["--profile", "1"]  # device busy share and compiled-kernel share: does compile take effect?
     bench("bench_zoo.json", [*zoo, "--zero", "2", "--compile", "blocks"], 300, deadline)
