@@ -185,7 +185,7 @@ def test_bench_times_the_real_step_and_its_numbers_agree(tmp_path):
 
 def test_bf16_optimizer_step_tests_no_gradient_for_overflow(tmp_path):
     """DeepSpeed's bf16 overflow check (on by default) tests every gradient and then waits for the
-    device, every step: on an H100 that left the GPU idle for a third of the ZeRO-2 step
+    device, every step: on an H100 that left the GPU idle half of each ZeRO-2 step
     (docs/performance.md). bf16 needs no loss scaling and a non-finite loss stops the run, so our
     runs turn it off; the step still updates the weights."""
     from torch.profiler import profile

@@ -120,7 +120,7 @@ def deepspeed_config(
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         # No per-step overflow check in bf16: DeepSpeed's (on by default) tests every gradient and
-        # waits for the device each step, which halved the H100's busy time. bf16 needs no loss
+        # waits for the device each step, which left an H100 idle half of each step. bf16 needs no loss
         # scaling, and a non-finite loss stops the run anyway (Trainer._check_finite).
         "bf16": {"enabled": resolve_precision(config, world.device) == "bf16", "check_grad_overflow": False},
         "steps_per_print": 2**31 - 1,
