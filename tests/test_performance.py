@@ -183,11 +183,12 @@ def test_bench_times_the_real_step_and_its_numbers_agree(tmp_path):
     assert "img/s" in out.stdout and "written:" in out.stdout and "profile nepa_tiny plain" in out.stdout
 
 
-def test_bf16_optimizer_step_tests_no_gradient_for_overflow(tmp_path):
-    """DeepSpeed's bf16 overflow check (on by default) tests every gradient and then waits for the
+@pytest.mark.parametrize("check_grad_overflow", [False, True])
+def test_bf16_overflow_check_is_off_unless_asked_for(tmp_path, check_grad_overflow):
+    """DeepSpeed's bf16 overflow check (its default) tests every gradient and then waits for the
     device, every step: on an H100 that left the GPU idle half of each ZeRO-2 step
-    (docs/performance.md). bf16 needs no loss scaling and a non-finite loss stops the run, so our
-    runs turn it off; the step still updates the weights."""
+    (docs/performance.md). bf16 needs no loss scaling and a non-finite loss stops the run, so it is
+    off unless ``deepspeed.check_grad_overflow`` asks for it; either way the step updates the weights."""
     from torch.profiler import profile
 
     from nepa_scale.bench import BenchCase, case_config
@@ -196,6 +197,7 @@ def test_bf16_optimizer_step_tests_no_gradient_for_overflow(tmp_path):
     case = BenchCase(model="nepa_tiny", micro_batch=4, zero_stage=2, precision="bf16")
     config = case_config(case, str(tmp_path))
     config.optim.lr, config.optim.warmup_fraction = 1e-2, 0.0  # a step large enough to move bf16 weights
+    config.deepspeed.check_grad_overflow = check_grad_overflow
     trainer = Trainer(config)
     engine, _, _, _ = trainer.build(resume=False)
     size = trainer.arch.image_size
@@ -205,7 +207,10 @@ def test_bf16_optimizer_step_tests_no_gradient_for_overflow(tmp_path):
     with profile() as prof:
         engine.step()
     finiteness_tests = sum(e.count for e in prof.key_averages() if e.key == "aten::isfinite")
-    assert finiteness_tests < len(before) // 4, finiteness_tests  # a few on the norm, none per gradient
+    if check_grad_overflow:
+        assert finiteness_tests >= len(before), finiteness_tests  # every gradient tested
+    else:
+        assert finiteness_tests < len(before) // 4, finiteness_tests  # a few on the norm, none per gradient
     after = list(engine.module.parameters())
     assert sum(not torch.equal(a, b) for a, b in zip(after, before, strict=True)) > len(before) // 2
 

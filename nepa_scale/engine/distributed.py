@@ -119,10 +119,10 @@ def deepspeed_config(
         "gradient_clipping": config.optim.clip_grad,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
-        # No per-step overflow check in bf16: DeepSpeed's (on by default) tests every gradient and
-        # waits for the device each step, which left an H100 idle half of each step. bf16 needs no loss
-        # scaling, and a non-finite loss stops the run anyway (Trainer._check_finite).
-        "bf16": {"enabled": resolve_precision(config, world.device) == "bf16", "check_grad_overflow": False},
+        "bf16": {
+            "enabled": resolve_precision(config, world.device) == "bf16",
+            "check_grad_overflow": ds.check_grad_overflow,  # DeepSpeed's default is on (config.py: why off)
+        },
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},

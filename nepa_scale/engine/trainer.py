@@ -614,8 +614,11 @@ class Trainer:
         bad = {rank: int(t.item()) for rank, t in enumerate(gathered) if int(t.item()) < NO_STEP}
         if bad:
             step = min(bad.values())
+            hint = ""
+            if self.precision == "bf16" and not self.config.deepspeed.check_grad_overflow:
+                hint = "; if it recurs on resume, deepspeed.check_grad_overflow=true skips such steps"
             raise NonFiniteLoss(
-                f"non-finite loss at step {step} on rank(s) {sorted(bad)}: stopping (no checkpoint written after it)"
+                f"non-finite loss at step {step} on rank(s) {sorted(bad)}: stopping (no checkpoint written after it){hint}"
             )
 
     def _loop(self, engine, ema: Ema | None, start_step: int, total_steps: int) -> TrainResult:
