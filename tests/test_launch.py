@@ -259,8 +259,12 @@ def test_scontrol_requeue_resumes_from_last_committed_checkpoint(study):
     assert info["status"] == "completed" and info["step"] == info["total_steps"] == 300
     assert len(info["restarts"]) == 1
     resumed = info["restarts"][0]["from_step"]
-    # From a committed checkpoint: a periodic one, or the save the SIGTERM allowed before the kill.
-    assert 20 <= resumed <= study["watcher"].sent["requeue"][1] + 5
+    # From a committed checkpoint: a periodic one, or the save the SIGTERM allowed before the kill,
+    # never past the step the job had reached when the signal came (recorded by the job; the
+    # watcher's last logged step can trail it by several steps on a busy machine).
+    (termination,) = [e for e in info["interruptions"] if e["kind"] == "termination"]
+    assert study["watcher"].sent["requeue"][1] <= termination["step"]
+    assert 20 <= resumed <= termination["step"]
     steps = [m["step"] for m in metrics(run.run_dir)]
     assert steps == list(range(5, 301, 5))  # every logged step exactly once: nothing lost, nothing doubled
 
