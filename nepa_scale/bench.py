@@ -338,7 +338,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
                 zero_stage=case.zero_stage,
                 world_size=trainer.world.world_size,
                 grad_checkpointing=trainer.checkpointed_blocks,
-                compiled=case.compile != "none",
+                compiled=trainer.config.model.compiled,
             ).peak_gb
         timed_steps = case.repeats * case.steps
         median = statistics.median(img_per_s)

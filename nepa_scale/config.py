@@ -41,6 +41,11 @@ class ModelConfig:
     def arch(self) -> NepaArch:
         return get_arch(self.name, **self.overrides)
 
+    @property
+    def compiled(self) -> bool:
+        """The blocks run compiled (either scope): what the memory model needs to know."""
+        return self.compile != "none"
+
 
 @dataclass
 class DataConfig:

@@ -212,7 +212,7 @@ class Trainer:
             precision=self.precision,
             zero_stage=self.config.deepspeed.zero_stage,
             world_size=self.world.world_size,
-            compiled=self.config.model.compile != "none",
+            compiled=self.config.model.compiled,
             memory_gb=memory_gb,
         )
         log.info(

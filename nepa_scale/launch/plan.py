@@ -83,7 +83,7 @@ def plan_run(run: PlannedRun) -> RunPlan:
         precision=precision,
         zero_stage=c.deepspeed.zero_stage,
         world_size=r.world_size,
-        compiled=c.model.compile != "none",
+        compiled=c.model.compiled,
     )
     if c.model.grad_checkpointing == "auto":  # as the trainer will choose on a device of the profile's memory
         checkpointed, memory = blocks_to_checkpoint(arch, params, memory_gb=r.device_memory_gb, **setting)
