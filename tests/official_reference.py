@@ -1,7 +1,8 @@
 """An independent, functional forward pass over an *official-layout* state dict.
 
-Written from the recipe and the official key table (../shared/reference/), not from our model
-code: separate query/key/value matrices, the official module names, RoPE on patch tokens only.
+Written from the recipe and the official key table (docs/recipe.md, docs/official_layout.md), not
+from our model code: separate query/key/value matrices, the official module names, RoPE on patch
+tokens only.
 Tests load the same dict into our model and require the same hidden states and loss.
 """
 

@@ -333,7 +333,7 @@ def test_classifier_can_start_from_pretrained_weights():
 
 # ----------------------------------------------------------------------------- counts and FLOPs
 
-RECIPE = {  # ../shared/reference/nepa_recipe.md: params (GeLU MLP) and training GFLOP per 224-px image
+RECIPE = {  # docs/recipe.md: params (GeLU MLP) and training GFLOP per 224-px image
     "nepa_s14": (22e6, 37e9),
     "nepa_b14": (86e6, 139e9),
     "nepa_l14": (304e6, 486e9),

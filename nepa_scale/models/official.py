@@ -1,6 +1,6 @@
 """Interop with the official NEPA checkpoints (SixAILab/nepa-{base,large}-patch14-224[-sft]).
 
-The official state dicts use Hugging Face ``ViTNepa*`` names (../shared/reference/official_layout.md)
+The official state dicts use Hugging Face ``ViTNepa*`` names (docs/official_layout.md)
 with separate query/key/value projections; ours fuse them into one ``qkv`` matrix. Conversion is
 a pure renaming plus a concatenation/split, so a round trip is exact. Files are read locally
 (``.safetensors``, or ``.bin``/``.pt`` through ``torch.load(weights_only=True)``); nothing is downloaded.

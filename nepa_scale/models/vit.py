@@ -1,4 +1,4 @@
-"""The NEPA Vision Transformer, top to bottom as in the recipe (../shared/reference/nepa_recipe.md).
+"""The NEPA Vision Transformer, top to bottom as in the recipe (docs/recipe.md).
 
 images -> Conv2d patch embedding -> prepend [CLS] -> pre-norm blocks (QK-LayerNorm, 2D RoPE on
 patch tokens, causal or bidirectional attention, LayerScale on both branches) -> final LayerNorm.
