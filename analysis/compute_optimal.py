@@ -25,7 +25,9 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args()
     settings = StudySettings(n_bootstrap=args.bootstrap)
-    table = fit_table(collect(args.sweep_dir).query("status == 'completed' and budget == 'final'"), settings)
+    table = fit_table(
+        collect(args.sweep_dir).query("status == 'completed' and eval_point == 'final'"), settings
+    )
     fit = fit_chinchilla(
         table["N"], table["D"], table["quantity"], table["run_id"], n_bootstrap=args.bootstrap
     )

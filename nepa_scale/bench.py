@@ -3,8 +3,8 @@
 Each case (model x attention backend x ZeRO stage x compile scope x engine x data decoder) runs in its own process
 (an out-of-memory case does not end the benchmark, and every case starts with fresh peak-memory
 counters and compile caches). A case builds the run exactly as ``nepa-scale train`` does
-(``Trainer.build``: model, compile, DeepSpeed engine, data loader) and calls the loop's own
-``Trainer.train_step``; ``engine: plain`` swaps DeepSpeed for a plain PyTorch step on the same
+(``Trainer.build_engine``: model, compile, DeepSpeed engine; ``Trainer.batches``: the data) and
+calls the loop's own ``Trainer.train_step``; ``engine: plain`` swaps DeepSpeed for a plain PyTorch step on the same
 model (fp32 weights, bf16 autocast, fused AdamW) to measure what the engine costs.
 
 Reported per case: img/s (median of the repeats, and their spread), achieved TFLOP/s under the
@@ -182,21 +182,12 @@ def case_config(case: BenchCase, output_dir: str):
 
 def loader_rate(trainer, batches: int = 8) -> float:
     """Images per second from the case's loader alone (no model): decode, augment, collate."""
-    sampler = trainer.sampler
-    sampler.set_position(1, 0)
-    loader = iter(trainer._loader(sampler))
+    loader = trainer.batches(start_step=trainer.sampler.steps_per_epoch)  # epoch 1: not the timed batches
     next(loader)  # worker start-up
     start, images = time.perf_counter(), 0
     for _, batch in zip(range(batches), loader, strict=False):
         images += len(batch.labels)  # data.decode=device: still encoded (the device's part is in "data")
     return images / (time.perf_counter() - start)
-
-
-def endless_batches(trainer):
-    """The loop's batches, epoch after epoch (a new loader per epoch, as in training)."""
-    for epoch in itertools.count():
-        trainer.sampler.set_position(epoch, 0)
-        yield from trainer._loader(trainer.sampler)
 
 
 def merged_length(intervals: list[tuple[int, int]]) -> int:
@@ -269,26 +260,25 @@ def run_case(case: BenchCase) -> dict[str, Any]:
     import torch
     import torch._dynamo.utils
 
-    from nepa_scale.engine.metrics import IntervalMeter, PhaseTimer, max_memory_gb
-    from nepa_scale.engine.trainer import NO_STEP, Trainer
-    from nepa_scale.memory import estimate_memory
+    from nepa_scale.engine.metrics import PhaseTimer, max_memory_gb
+    from nepa_scale.engine.settings import resolve_step_settings
+    from nepa_scale.engine.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="nepa-bench-") as tmp:
         trainer = Trainer(case_config(case, tmp))
         counters = torch._dynamo.utils.counters  # the run's own graphs (the memory model compiles too)
         graphs_before = counters["stats"].get("unique_graphs", 0)
         device = trainer.world.device
+        settings = trainer.settings
         if case.engine == "deepspeed":
-            engine, _, _, _ = trainer.build(resume=False)
+            engine, _, _ = trainer.build_engine(resume=False)
         else:
-            steps = trainer.prepare_data()
             model = trainer.build_model().to(device)
-            optimizer, scheduler = trainer.optimizer(model, steps)  # the run's AdamW and lr schedule
-            bf16 = trainer.precision == "bf16"
+            optimizer, scheduler = trainer.build_optimizer(model)  # the run's AdamW and lr schedule
+            bf16 = settings.precision == "bf16"
             engine = PlainEngine(model, optimizer, scheduler, device, bf16, trainer.config.optim.clip_grad)
         loader_img_s = loader_rate(trainer)
-        batches = endless_batches(trainer)
-        trainer.first_bad = torch.full((), NO_STEP, dtype=torch.long, device=device)
+        batches = trainer.batches()
 
         def sync() -> None:
             if device.type == "cuda":
@@ -304,7 +294,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
         timer = PhaseTimer(device)
         img_per_s, phases = [], dict.fromkeys(PHASES, 0.0)
         for _ in range(case.repeats):
-            trainer.meter = IntervalMeter()
+            trainer.meter.reset()
             timer.start()
             start = time.perf_counter()
             for _ in range(case.steps):
@@ -330,22 +320,17 @@ def run_case(case: BenchCase) -> dict[str, Any]:
         graph_breaks = int(sum(counters["graph_break"].values()))
         predicted = None
         if case.engine == "deepspeed":  # the planner's model (the plain loop's fp32 weights are not modelled)
-            predicted = estimate_memory(
-                trainer.arch,
-                params,
-                micro_batch=case.micro_batch,
-                precision=trainer.precision,
-                zero_stage=case.zero_stage,
-                world_size=trainer.world.world_size,
-                grad_checkpointing=trainer.checkpointed_blocks,
-                compiled=trainer.config.model.compiled,
-            ).peak_gb
+            predicted = settings.predicted_memory_gb  # known when grad_checkpointing=auto chose the blocks
+            if predicted is None:
+                predicted = resolve_step_settings(
+                    trainer.config, trainer.arch, trainer.world.world_size, device.type, predict_memory=True
+                ).predicted_memory_gb
         timed_steps = case.repeats * case.steps
         median = statistics.median(img_per_s)
         return {
             **asdict(case),
             "device": str(device),
-            "precision": trainer.precision,
+            "precision": settings.precision,
             "attention_resolved": engine.module.blocks[0].attn.backend,
             "params": params,
             "flops_per_image": trainer.flops_per_image,
@@ -359,7 +344,7 @@ def run_case(case: BenchCase) -> dict[str, Any]:
             "peak_memory_gb": peak_memory,
             "peak_memory_kind": "max_memory_allocated" if device.type == "cuda" else "process max RSS",
             "predicted_memory_gb": predicted,
-            "checkpointed_blocks": trainer.checkpointed_blocks,
+            "checkpointed_blocks": settings.checkpointed_blocks,
             "loader_img_per_s": loader_img_s,
             "loader_img_per_s_per_worker": loader_img_s / max(1, case.num_workers),
             "compiled_graphs": graphs,

@@ -1,4 +1,10 @@
-"""``nepa-scale``: thin subcommands over the library."""
+"""``nepa-scale``: thin subcommands over the library.
+
+The project's own errors (``nepa_scale.errors.NepaError``: config, data, checkpoint, layout, fit,
+sweep) are printed as one line: exit code 2 when the command as given cannot run (``UsageError``:
+a bad config value, a folder that is not there), 1 for the rest. Anything else (a bug,
+a device out of memory) keeps its traceback; out of memory adds a hint.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,14 @@ import os
 import sys
 from pathlib import Path
 
-from nepa_scale.config import ConfigError, check_world, load_config
+from nepa_scale.config import check_world, load_config
+from nepa_scale.errors import NepaError, UsageError
+from nepa_scale.rundir import RunDir
+
+OUT_OF_MEMORY_HINT = (
+    "nepa-scale: the device ran out of memory: lower budget.micro_batch (gradient accumulation keeps "
+    "the global batch) or checkpoint activations with model.grad_checkpointing=auto"
+)
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -16,31 +29,25 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import os
+    config = load_config(args.config, args.overrides)
+    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    check_world(config, world_size)
+    done = RunDir(config.output_dir).completed_with(config)
+    if done is not None:  # said at once: without importing and starting the engine
+        print(
+            f"nepa-scale: run {config.output_dir} is already complete (step {done.step} of {done.total_steps}): nothing to train",
+            file=sys.stderr,
+        )
+        return 0
+    from nepa_scale.engine.trainer import train
 
-    try:
-        config = load_config(args.config, args.overrides)
-        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-        check_world(config, world_size)
-    except ConfigError as exc:
-        return _fail(str(exc))
-    from nepa_scale.engine.checkpoint import CheckpointError
-    from nepa_scale.engine.trainer import NonFiniteLoss, ResumeRefused, train
-
-    try:
-        result = train(config)
-    except (CheckpointError, ResumeRefused, NonFiniteLoss, RuntimeError) as exc:
-        return _fail(str(exc).splitlines()[0], code=1)
-    return result.exit_code
+    return train(config).exit_code
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from nepa_scale.engine.export import export_run
 
-    try:
-        written = export_run(args.run_dir, args.out)
-    except (FileNotFoundError, ConfigError) as exc:
-        return _fail(str(exc))
+    written = export_run(args.run_dir, args.out)
     for kind, path in written.items():
         print(f"{kind:>13}: {path}")
     return 0
@@ -72,35 +79,27 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     import torch
 
-    from nepa_scale.config import config_from_dict
+    from nepa_scale.config import apply_overrides, config_from_dict
     from nepa_scale.data import build_dataset
-    from nepa_scale.engine import checkpoint as ckpt
-    from nepa_scale.engine.export import fp32_state_dict
+    from nepa_scale.engine.checkpoint import EMA_FILE
+    from nepa_scale.engine.export import fp32_state_dict, newest_verified
     from nepa_scale.eval.probes import run_probes
     from nepa_scale.models.vit import NEPA
     from nepa_scale.rundir import RunDir
 
     run = RunDir(args.run_dir)
-    info = run.read_run()
-    committed = ckpt.committed_checkpoints(run.checkpoints)
-    if "config" not in info or not committed:
-        return _fail(f"{run.root}: needs run.json and a committed checkpoint")
-    try:
-        overrides = [f"data.{item}" for item in args.data]
-        from nepa_scale.config import apply_overrides
-
-        config = config_from_dict(apply_overrides(info["config"], overrides))
-    except ConfigError as exc:
-        return _fail(str(exc))
-    latest = committed[-1]
-    ckpt.verify(latest)
+    recorded = run.record().run_config().to_dict()
+    config = config_from_dict(
+        apply_overrides(recorded, [f"data.{item}" for item in args.data]), check_paths=False
+    )
+    latest = newest_verified(run)
     if args.random_init:  # the baseline: the same architecture at the run's initialisation (its seed)
         torch.manual_seed(config.seed)
         state = NEPA(config.model.arch()).state_dict()
     elif args.ema:
-        if not (latest.path / "ema.pt").is_file():
-            return _fail(f"{latest.path}: no ema.pt (the run kept no EMA)")
-        state = torch.load(latest.path / "ema.pt", map_location="cpu", weights_only=True)
+        if not (latest.path / EMA_FILE).is_file():
+            return _fail(f"{latest.path}: no {EMA_FILE} (the run kept no EMA)", code=1)
+        state = torch.load(latest.path / EMA_FILE, map_location="cpu", weights_only=True)
     else:
         state = fp32_state_dict(latest)
     arch = config.model.arch()
@@ -142,10 +141,7 @@ def _settings(args: argparse.Namespace):
 def cmd_collect(args: argparse.Namespace) -> int:
     from nepa_scale.scaling.collect import collect, write_table
 
-    try:
-        table = collect(args.sweep_dir, budgets=args.budgets, window=args.window, convention=args.convention)
-    except FileNotFoundError as exc:
-        return _fail(str(exc))
+    table = collect(args.sweep_dir, budgets=args.budgets, window=args.window, convention=args.convention)
     paths = write_table(table, args.out or Path(args.sweep_dir) / "report")
     counts = table.drop_duplicates("run_id")["status"].value_counts().to_dict()
     print(
@@ -155,13 +151,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from nepa_scale.scaling.fits import FitError
     from nepa_scale.scaling.report import build_report
 
-    try:
-        result = build_report(args.sweep_dir, args.out, _settings(args))
-    except (FileNotFoundError, FitError, ValueError) as exc:
-        return _fail(str(exc))
+    result = build_report(args.sweep_dir, args.out, _settings(args))
     for name, fit in result["fits"].items():
         print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in fit.items() if not isinstance(v, list)))
     for warning in result["warnings"]:
@@ -182,7 +174,7 @@ def cmd_resize_data(args: argparse.Namespace) -> int:
 
     try:
         s = resize_dataset(args.source, args.destination, args.short_side, args.quality, args.workers)
-    except ValueError as exc:
+    except ValueError as exc:  # the copy's own checks (source, destination, settings)
         return _fail(str(exc))
     ratio = s.bytes_out / s.bytes_in if s.bytes_in else 1.0
     print(
@@ -199,10 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The end-to-end mini scaling study (sweeps/demo.yaml): train, survive a preemption, fit, report."""
     from nepa_scale.launch.demo import DEMO_SWEEP, run_demo
 
-    try:
-        return run_demo(args.sweep or DEMO_SWEEP, args.executor, args.output_root, args.bootstrap)
-    except ConfigError as exc:
-        return _fail(str(exc))
+    return run_demo(args.sweep or DEMO_SWEEP, args.executor, args.output_root, args.bootstrap)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -211,12 +200,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from nepa_scale.launch.sweep import load_sweep
 
-    try:
-        sweep = load_sweep(
-            args.sweep, executor=args.executor, output_root=args.output_root, overrides=args.set
-        )
-    except ConfigError as exc:
-        return _fail(str(exc))
+    sweep = load_sweep(args.sweep, executor=args.executor, output_root=args.output_root, overrides=args.set)
     from nepa_scale.launch import launcher
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -239,10 +223,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.action == "preempt":
         if not args.run:
             return _fail("sweep preempt: --run RUN_ID is required")
-        try:
-            job = launcher.preempt(sweep, args.run)
-        except (RuntimeError, ConfigError) as exc:
-            return _fail(str(exc))
+        job = launcher.preempt(sweep, args.run)
         print(f"sent SIGUSR2 to job {job} of run {args.run}")
         return 0
     if args.action == "cancel":
@@ -362,7 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        return _fail(str(exc).splitlines()[0], code=2)
+    except NepaError as exc:
+        return _fail(str(exc).splitlines()[0], code=1)
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
+            print(OUT_OF_MEMORY_HINT, file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

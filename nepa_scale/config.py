@@ -17,15 +17,12 @@ from typing import Any
 
 import yaml
 
+from nepa_scale.errors import ConfigError
 from nepa_scale.flops import CONVENTIONS
 from nepa_scale.models.arch import BACKENDS, NepaArch, checkpointed_blocks
 from nepa_scale.models.zoo import get_arch, list_models
 
 COMPILE_SCOPES = ("none", "blocks", "model")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key."""
 
 
 @dataclass
@@ -103,8 +100,8 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     # bf16: skip optimizer steps whose gradients are not finite. DeepSpeed's check tests every
-    # gradient and waits for the GPU each step (L/14 on an H100: 540 instead of 658 img/s), so it
-    # is off: a non-finite loss stops the run instead. Turn it on for a run that keeps stopping.
+    # gradient and makes the host wait for the GPU each step (docs/performance.md: what it costs), so
+    # it is off: a non-finite loss stops the run instead. Turn it on for a run that keeps stopping.
     check_grad_overflow: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
@@ -158,6 +155,9 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every N-th step forever (0: off), for the analysis
     on_corrupt: str = "error"  # error | previous (logged fallback to the previous committed checkpoint)
     ema_decay: float | None = None  # keep an EMA copy of the weights for evaluation and export
+    # Resuming with a different budget.* changes the lr schedule mid-run (a cosine decay restarts its
+    # tail): refused unless asked for, e.g. to extend a finished run on purpose. Logged and recorded.
+    allow_budget_change: bool = False
 
 
 @dataclass
@@ -179,18 +179,33 @@ class RunConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def resume_fingerprint(self) -> dict[str, Any]:
-        """The settings a checkpoint cannot survive a change of: model shape, batch, data order, objective."""
+        """The settings a checkpoint cannot survive a change of: model shape, batch, data order,
+        objective, and the optimizer's settings (restored from the checkpoint, so a change would be
+        silently ignored). As JSON values (lists, not tuples), as a checkpoint records them."""
         arch = dataclasses.asdict(self.model.arch())
-        return {
+        o = self.optim
+        fingerprint = {
             "task": self.task,
             "model": {k: v for k, v in arch.items() if k != "drop_path"},
             "budget.global_batch": self.budget.global_batch,
             "data.kind": self.data.kind,
             "seed": self.seed,
             "objective": dataclasses.asdict(self.objective),
+            "optim": {
+                "peak_lr": o.peak_lr(self.budget.global_batch),
+                "warmup_fraction": o.warmup_fraction,
+                "min_lr": o.min_lr,
+                "betas": o.betas,
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+            },
         }
+        if self.task == "finetune":
+            fingerprint["finetune.layer_decay"] = self.finetune.layer_decay
+        return json.loads(json.dumps(fingerprint))
 
-    def config_hash(self) -> str:
+    def resume_digest(self) -> str:
+        """A short digest of ``resume_fingerprint()`` (recorded in run.json and every checkpoint)."""
         blob = json.dumps(self.resume_fingerprint(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -321,9 +336,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
+def config_from_dict(data: dict[str, Any], check_paths: bool = True) -> RunConfig:
+    """A validated RunConfig. ``check_paths=False`` checks values only: for reading a run back
+    (collect, report, export, probe), where the data may since have moved or been unmounted."""
     config = build_dataclass(RunConfig, data)
     validate(config)
+    if check_paths:
+        check_input_paths(config)
     return config
 
 
@@ -333,7 +352,8 @@ def _require(condition: bool, message: str) -> None:
 
 
 def validate(c: RunConfig) -> None:
-    """Value checks that need no hardware (world-size checks happen in ``check_world``)."""
+    """Value checks that need neither hardware nor files (``check_world`` checks the world size,
+    ``check_input_paths`` the files a run reads)."""
     _require(
         c.model.name in list_models(),
         f"model.name: unknown model '{c.model.name}' (choose from {', '.join(list_models())})",
@@ -365,8 +385,6 @@ def validate(c: RunConfig) -> None:
     )
     if c.data.kind == "imagefolder":
         _require(c.data.root is not None, "data.root: required for data.kind=imagefolder")
-        root = Path(c.data.root) / c.data.train_split
-        _require(root.is_dir(), f"data.root: directory not found: {root}")
     _require(c.data.decode in ("cpu", "device"), f"data.decode: must be cpu or device, got '{c.data.decode}'")
     if c.data.decode == "device":
         _require(
@@ -436,10 +454,6 @@ def validate(c: RunConfig) -> None:
             f"finetune.num_classes: must be > 1, got {ft.num_classes}",
         )
         _require(
-            ft.pretrained is None or Path(ft.pretrained).exists(),
-            f"finetune.pretrained: not found: {ft.pretrained}",
-        )
-        _require(
             (ft.mixup == 0 and ft.cutmix == 0) or c.budget.global_batch % 2 == 0,
             "budget.global_batch: Mixup/CutMix need an even batch",
         )
@@ -478,6 +492,18 @@ def validate(c: RunConfig) -> None:
     _require(
         ck.ema_decay is None or d.zero_stage < 3,
         "checkpoint.ema_decay: EMA needs full parameters on every rank (deepspeed.zero_stage <= 2)",
+    )
+
+
+def check_input_paths(c: RunConfig) -> None:
+    """The files a run reads exist: checked when a run starts or is launched, never when read back."""
+    if c.data.kind == "imagefolder":
+        root = Path(c.data.root) / c.data.train_split
+        _require(root.is_dir(), f"data.root: directory not found: {root}")
+    pretrained = c.finetune.pretrained
+    _require(
+        c.task != "finetune" or pretrained is None or Path(pretrained).exists(),
+        f"finetune.pretrained: not found: {pretrained}",
     )
 
 

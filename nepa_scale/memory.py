@@ -5,8 +5,8 @@ peak = model and optimizer states (by precision and ZeRO stage, per rank)
      + the backward's working set (one block's activations, its gradients)
      + DeepSpeed's fixed buffers (ZeRO-2's contiguous gradient bucket).
 
-Checked against the peaks measured on one H100 (bf16, docs/performance.md): S, B, L and H/14,
-eager under ZeRO-2 and compiled under ZeRO 0-2, are predicted within 6% (tests/test_launch.py).
+Checked against the peaks measured on one H100 (bf16): S, B, L and H/14, eager under ZeRO-2 and
+compiled under ZeRO 0-2 (tests/test_launch.py holds them; docs/performance.md says how close).
 
 Activation bytes are not a formula guessed from the architecture: they are counted. One and
 two blocks of the real width run a forward pass on the CPU for one image, with autograd's

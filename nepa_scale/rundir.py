@@ -1,51 +1,205 @@
 """The run directory: the one contract between the engine, the launcher and the analysis.
 
-    <run>/run.json          resolved config, versions, git revision, world size, restarts, status
-    <run>/metrics.jsonl     one JSON object per log interval (rank 0), schema below
+    <run>/run.json          the run record (``RunRecord`` below: the schema, documented once)
+    <run>/metrics.jsonl     one JSON object per log interval or evaluation (rank 0), keys below
     <run>/config.yaml       the resolved config as YAML (what `nepa-scale train` can be re-run with)
     <run>/checkpoints/step_XXXXXXXX/   DeepSpeed checkpoint + rng_rank*.pt + COMMITTED (written last)
     <run>/export/           consolidated weights (ours and the official layout)
-    <run>/logs/             per-rank logs, discarded metrics of work redone after a restart
+    <run>/logs/             metrics of work redone after a restart (``metrics_discarded_restart*.jsonl``)
     <run>/launch.json       written by the launcher: executor, last job id, submitit folder, code
                             snapshot, resources, every submission (nepa_scale/launch/launcher.py)
 
-Status values: created, running, preempted, completed, failed.
-run.json also lists ``restarts`` (each resume: from_step, world size) and, for launched runs,
-``interruptions`` (signal, preemption | timeout | termination, action) and ``timeouts``;
-``data_resized`` names the copy, its source and short side when the images come from
-``nepa-scale resize-data`` (else null).
-metrics.jsonl keys: step, images_seen, flops_seen, flop_convention, loss, target_spread, lr,
-grad_norm, img_per_s, tflops_per_s, mfu, max_memory_gb, data_wait_frac, collapsed, time, and
-val_loss on evaluation lines (kind = "train" | "eval").
+This module is the only code that reads or writes run.json. Engine and launcher change it through
+named transitions (``RunDir.created``, ``started``, ``preempted``, ``completed``, ``failed``,
+``interrupted``, ...), each a read-modify-write of the whole record through an atomic rename.
+
+metrics.jsonl keys: kind ("train" | "eval"), step, images_seen, flops_seen, flop_convention, loss,
+target_spread, lr, grad_norm, img_per_s, tflops_per_s, mfu, max_memory_gb, data_wait_frac,
+collapsed, time on train lines; val_loss (pretraining), val_acc / val_acc_ema (fine-tuning) and
+probe_* on eval lines.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-SCHEMA_VERSION = 1
+from nepa_scale.errors import RunRecordError
+
+if TYPE_CHECKING:
+    from nepa_scale.config import RunConfig
+
+MARKER = "COMMITTED"  # written last into a checkpoint directory: from then on it counts
+PREFIX = "step_"
+SCHEMA_VERSION = 2  # 2: typed record, resume_digest (1 called it config_hash), steps_done on interruptions
 STATUSES = ("created", "running", "preempted", "completed", "failed")
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, please run me again"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over the target."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Write through ``write(handle)`` into a temporary file beside ``path``, fsync, rename over it.
+
+    The file gets the mode a plain ``open`` would give (0666 less the umask): ``mkstemp`` alone
+    makes it 0600, which colleagues on a shared file system cannot read."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False, default=str)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same directory, fsync, then rename over the target."""
+    _replace_atomically(path, lambda handle: json.dump(data, handle, indent=2, default=str))
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def tag_for(step: int) -> str:
+    """The checkpoint directory name of ``step``."""
+    return f"{PREFIX}{step:08d}"
+
+
+def images_seen(step: int, global_batch: int) -> int:
+    """Images a run has trained on after ``step`` optimizer steps (every step takes one global batch)."""
+    return step * global_batch
+
+
+# ----------------------------------------------------------------------------- the record
+
+
+@dataclass
+class Restart:
+    """One resume from a committed checkpoint."""
+
+    from_step: int
+    world_size: int = 1
+    time: str = ""
+    unix_time: float | None = None
+    discarded_metric_lines: int = 0  # metrics logged past the checkpoint (moved to logs/)
+    changes: list[str] = field(default_factory=list)  # settings changed on purpose (e.g. the budget)
+
+
+@dataclass
+class Interruption:
+    """A signal that stopped a launched job (recorded by the job's rank 0 after the save)."""
+
+    signal: str  # SIGUSR2 | SIGTERM | peer rank
+    kind: str  # preemption | timeout | termination
+    action: str  # requeue | exit | give_up
+    step: int  # the step the run stopped (and saved) at
+    job_id: str = ""
+    time: str = ""
+    signal_unix_time: float | None = None
+    steps_done: int | None = None  # steps this attempt trained (0: the notice came during start-up)
+
+
+@dataclass
+class RunRecord:
+    """run.json. Unknown keys (from newer code) are kept in ``extra`` and written back unchanged."""
+
+    status: str | None = None  # one of STATUSES; None: no run.json yet
+    config: dict[str, Any] | None = None  # the resolved config (RunConfig.to_dict())
+    resume_digest: str | None = None  # RunConfig.resume_digest(): what a checkpoint cannot survive
+    # Facts of the latest start (written by the engine when training starts or resumes).
+    versions: dict[str, str] = field(default_factory=dict)
+    git_revision: str | None = None
+    code: str | None = None  # the nepa_scale package the run imported
+    world_size: int | None = None
+    precision: str | None = None  # fp32 | bf16
+    attention_backend: str | None = None
+    checkpointed_blocks: int | None = None
+    micro_batch: int | None = None
+    data_resized: dict[str, Any] | None = None  # the resize-data copy the images come from, if any
+    total_steps: int | None = None
+    steps_per_epoch: int | None = None
+    flop_convention: str | None = None
+    flops_per_image: float | None = None
+    params: int | None = None
+    # Progress.
+    started: str | None = None
+    finished: str | None = None
+    updated: str | None = None
+    step: int | None = None
+    images_seen: int | None = None
+    restarts: list[Restart] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # unreadable images, once per epoch seen
+    preempted_by: str | None = None
+    error: str | None = None  # the one-line reason of a failed run
+    failed_at_step: int | None = None
+    retried_failure: str | None = None  # the error a `sweep launch --retry-failed` continued past
+    # Launched runs (nepa_scale/launch/job.py).
+    interruptions: list[Interruption] = field(default_factory=list)
+    timeouts: int = 0  # time-limit requeues, counted against the profile's max_requeues
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        """Any run.json this project has written (schema 1 and 2)."""
+        data = dict(data)
+        if "config_hash" in data and "resume_digest" not in data:
+            data["resume_digest"] = data.pop("config_hash")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        known["restarts"] = [_typed(Restart, r) for r in known.get("restarts") or []]
+        known["interruptions"] = [_typed(Interruption, e) for e in known.get("interruptions") or []]
+        for key in ("versions", "skipped_files"):
+            if known.get(key) is None:
+                known.pop(key, None)
+        known["timeouts"] = known.get("timeouts") or 0
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names and k != "config_hash"})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out["restarts"] = [dataclasses.asdict(r) for r in self.restarts]
+        out["interruptions"] = [dataclasses.asdict(e) for e in self.interruptions]
+        return {**self.extra, **out}
+
+    def run_config(self) -> RunConfig:
+        """The run's config, checked for values only: reading a run back never looks for its data
+        or its pretrained weights (they may live on another machine or be unmounted by now)."""
+        from nepa_scale.config import ConfigError, config_from_dict
+
+        if not isinstance(self.config, dict):
+            raise ConfigError("run.json: no config recorded")
+        return config_from_dict(self.config, check_paths=False)
+
+    @property
+    def idle_timeouts(self) -> int:
+        """Time-limit interruptions whose attempt trained no step (start-up took its time)."""
+        return sum(event.kind == "timeout" and event.steps_done == 0 for event in self.interruptions)
+
+
+def _typed(cls, data: Any):
+    if isinstance(data, cls):
+        return data
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(data).items() if k in names})
+
+
+# ----------------------------------------------------------------------------- the directory
 
 
 class RunDir:
@@ -80,19 +234,101 @@ class RunDir:
     def logs(self) -> Path:
         return self.root / "logs"
 
-    def read_run(self) -> dict[str, Any]:
+    # -- the record
+    def record(self) -> RunRecord:
+        """run.json as a typed record (an empty one, status None, when there is none yet)."""
         if not self.run_json.is_file():
-            return {}
-        return json.loads(self.run_json.read_text())
+            return RunRecord()
+        try:
+            return RunRecord.from_dict(json.loads(self.run_json.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise RunRecordError(f"{self.run_json}: cannot be read ({exc})") from None
 
-    def update_run(self, **fields: Any) -> dict[str, Any]:
-        data = self.read_run()
-        data.update(fields)
-        data["schema_version"] = SCHEMA_VERSION
-        data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_json_atomic(self.run_json, data)
-        return data
+    def write_record(self, record: RunRecord) -> RunRecord:
+        record.schema_version = SCHEMA_VERSION
+        record.updated = now()
+        write_json_atomic(self.run_json, record.to_dict())
+        return record
 
+    def _change(self, **fields: Any) -> RunRecord:
+        record = self.record()
+        for key, value in fields.items():
+            setattr(record, key, value)
+        return self.write_record(record)
+
+    # -- transitions (launcher)
+    def created(self, config: RunConfig) -> RunRecord:
+        """A launched run's directory is prepared (the job has not started)."""
+        return self._change(status="created", config=config.to_dict(), resume_digest=config.resume_digest())
+
+    def invalid(self, config_data: dict[str, Any], error: str) -> RunRecord:
+        """A sweep run whose config is invalid: it fails without a job."""
+        return self._change(status="failed", config=config_data, error=error)
+
+    def retried(self) -> RunRecord:
+        """``sweep launch --retry-failed`` continues a failed run from its checkpoint."""
+        record = self.record()
+        return self._change(status="created", error=None, retried_failure=record.error)
+
+    def interrupted(self, event: Interruption, give_up_reason: str | None = None) -> RunRecord:
+        """The job stopped on a signal and saved; a time-limit one counts against max_requeues."""
+        record = self.record()
+        record.interruptions.append(event)
+        if event.kind == "timeout":
+            record.timeouts += 1
+        if give_up_reason:
+            record.status, record.error = "failed", give_up_reason
+        return self.write_record(record)
+
+    # -- transitions (engine)
+    def started(self, restart: Restart | None, **facts: Any) -> RunRecord:
+        """Training starts (``restart`` None) or resumes; ``facts`` are RunRecord fields of this start."""
+        record = self.record()
+        for key, value in facts.items():
+            setattr(record, key, value)
+        record.status, record.error, record.finished = "running", None, None
+        record.started = record.started or now()
+        if restart is None:
+            record.restarts, record.skipped_files = [], []
+        else:
+            record.restarts.append(restart)
+        return self.write_record(record)
+
+    def skipped(self, paths: list[str]) -> RunRecord:
+        record = self.record()
+        record.skipped_files.extend(paths)
+        return self.write_record(record)
+
+    def preempted(self, step: int, global_batch: int, by: str) -> RunRecord:
+        return self._change(
+            status="preempted", step=step, images_seen=images_seen(step, global_batch), preempted_by=by
+        )
+
+    def completed(self, step: int, global_batch: int) -> RunRecord:
+        return self._change(
+            status="completed", step=step, images_seen=images_seen(step, global_batch), finished=now()
+        )
+
+    def failed(self, error: str, step: int | None = None) -> RunRecord:
+        return self._change(
+            status="failed", error=error.splitlines()[0] if error else error, failed_at_step=step
+        )
+
+    def completed_with(self, config: RunConfig) -> RunRecord | None:
+        """The record of this run when it completed with the same resume settings, budget and data
+        (so the same length) and its final checkpoint is committed: there is nothing to train."""
+        record = self.record()
+        if record.status != "completed" or record.step is None or not isinstance(record.config, dict):
+            return None
+        current = config.to_dict()
+        same = (
+            record.resume_digest == config.resume_digest()
+            and all(record.config.get(key) == current[key] for key in ("budget", "data"))
+            and (self.checkpoints / tag_for(record.step) / MARKER).is_file()
+        )
+        return record if same else None
+
+    # -- metrics
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics.is_file():
             return []
@@ -120,8 +356,7 @@ class RunDir:
             self.logs.mkdir(parents=True, exist_ok=True)
             with (self.logs / f"metrics_discarded_restart{restart}.jsonl").open("a") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in dropped)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".metrics.")
-            with os.fdopen(fd, "w") as handle:
-                handle.writelines(json.dumps(r) + "\n" for r in keep)
-            os.replace(tmp, self.metrics)
+            _replace_atomically(
+                self.metrics, lambda handle: handle.writelines(json.dumps(r) + "\n" for r in keep)
+            )
         return len(dropped)

@@ -140,6 +140,13 @@ def run_and_signal(
     return finish(procs, max(1.0, deadline - time.time()))
 
 
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """``nepa-scale ARGS`` in a subprocess, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "nepa_scale.cli", *args], capture_output=True, text=True, env=env(), cwd=REPO
+    )
+
+
 def final_weights(run_dir: Path) -> dict:
     from nepa_scale.engine.checkpoint import committed_checkpoints
     from nepa_scale.engine.export import fp32_state_dict

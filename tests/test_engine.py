@@ -20,6 +20,7 @@ import torch
 from helpers import (
     REPO,
     SMALL,
+    cli,
     env,
     final_weights,
     launch,
@@ -145,7 +146,9 @@ def test_kill_during_checkpoint_write_resumes_from_previous(runs):
     assert half_written, "never caught a checkpoint mid-write"
     newest = committed_checkpoints(run_dir / "checkpoints")[-1].step
     assert all(int(p.name[5:]) > newest for p in half_written)
-    resumed = run_train(run_dir, *overrides, "budget.images=" + str(32 * (newest + 3)))
+    resumed = run_train(
+        run_dir, *overrides, "budget.images=" + str(32 * (newest + 3)), "checkpoint.allow_budget_change=true"
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "removing half-written checkpoint" in resumed.stderr
     info = json.loads((run_dir / "run.json").read_text())
@@ -164,16 +167,204 @@ def test_truncated_shard_is_a_loud_error_or_explicit_fallback(runs):
     newest = committed_checkpoints(run_dir / "checkpoints")[-1]
     shard = newest.path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    overrides = [*RUN, "deepspeed.zero_stage=2", "budget.images=2240"]  # 10 more steps
+    overrides = [
+        *RUN,
+        "deepspeed.zero_stage=2",
+        "budget.images=2240",
+        "checkpoint.allow_budget_change=true",
+    ]  # 10 more steps
     failed = run_train(run_dir, *overrides)
     assert failed.returncode == 1
     assert str(shard) in failed.stderr and "truncated" in failed.stderr
     assert shard.exists()  # nothing the user had is deleted
+    for command in (["export", str(run_dir)], ["probe", str(run_dir), "--limit", "64"]):  # reading it back
+        read = cli(*command)
+        assert read.returncode == 1 and read.stderr.strip().count("\n") == 0, read.stderr[-3000:]
+        assert str(shard) in read.stderr and "truncated" in read.stderr
     fallback = run_train(run_dir, *overrides, "checkpoint.on_corrupt=previous")
     assert fallback.returncode == 0, fallback.stderr[-3000:]
     assert "falling back to the previous committed checkpoint" in fallback.stderr
     previous = committed_checkpoints(source / "checkpoints")[-2].step
     assert json.loads((run_dir / "run.json").read_text())["restarts"][-1]["from_step"] == previous
+
+
+def test_resume_refuses_changed_length_or_state_layout_and_records_a_change_made_on_purpose(runs):
+    """Bug: a changed budget was accepted silently (two lr schedules spliced), a changed ZeRO stage
+    or precision resumed without a word. Now each is refused with the key named, or, for the
+    budget, done on purpose (checkpoint.allow_budget_change) and recorded; a completed run that is
+    started again says so at once and changes nothing."""
+    source = runs / "z0_full"
+    if not source.exists():
+        pytest.skip("needs the ZeRO-0 resume test")
+    run_dir = runs / "changed"
+    shutil.copytree(source, run_dir)
+    overrides = [*RUN, "deepspeed.zero_stage=0", "checkpoint.ema_decay=0.9"]
+    before = (run_dir / "run.json").read_text()
+    again = run_train(run_dir, *overrides)
+    assert again.returncode == 0 and "is already complete (step 60 of 60)" in again.stderr, again.stderr[
+        -3000:
+    ]
+    assert (run_dir / "run.json").read_text() == before  # no spurious restart
+    refused = one_line_error(run_train(run_dir, *overrides, "budget.images=2240"))
+    assert "budget: checkpoint planned 60 steps -> config 70" in refused
+    assert "checkpoint.allow_budget_change" in refused
+    assert (run_dir / "run.json").read_text() == before
+    extended = run_train(
+        run_dir,
+        *overrides,
+        "budget.images=2240",
+        "checkpoint.allow_budget_change=true",
+        "logging.progress=auto",
+    )
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "completed" and info["step"] == 70
+    assert (
+        info["restarts"][-1]["from_step"] == 60
+        and "60 steps -> config 70" in info["restarts"][-1]["changes"][0]
+    )
+    assert sorted(losses(run_dir)) == list(range(1, 71))
+    # A batch job's log says how it goes: progress lines and the end (stderr is not a terminal here).
+    assert "step 70/70 (100%)" in extended.stderr and "completed: step 70 of 70" in extended.stderr
+
+
+def test_the_resume_rule_names_each_refused_key():
+    from nepa_scale.config import load_config
+    from nepa_scale.engine.checkpoint import resume_changes
+    from nepa_scale.engine.settings import resolve_step_settings
+
+    def settings_of(config):
+        return resolve_step_settings(config, config.model.arch(), 1, "cpu")
+
+    base = load_config(REPO / "configs" / "digits_tiny.yaml", [*SMALL, "deepspeed.zero_stage=0"])
+    meta = {
+        "fingerprint": base.resume_fingerprint(),
+        "zero_stage": 0,
+        "precision": "fp32",
+        "total_steps": 60,
+        "world_size": 1,
+    }
+    assert resume_changes(meta, base, settings_of(base), 60, 1) == ([], [])
+    for override, expected in [
+        ("deepspeed.zero_stage=2", "deepspeed.zero_stage: checkpoint 0 -> config 2"),
+        ("deepspeed.precision=bf16", "deepspeed.precision: checkpoint fp32 -> this run bf16"),
+        ("optim.weight_decay=0.1", "optim.weight_decay: checkpoint 0.05 -> config 0.1"),
+        ("optim.lr=4e-3", "optim.peak_lr: checkpoint 0.002 -> config 0.004"),
+        ("seed=3", "seed: checkpoint 0 -> config 3"),
+    ]:
+        changed = load_config(
+            REPO / "configs" / "digits_tiny.yaml", [*SMALL, "deepspeed.zero_stage=0", override]
+        )
+        refused, _ = resume_changes(meta, changed, settings_of(changed), 60, 1)
+        assert any(expected in line for line in refused), (override, refused)
+    refused, changes = resume_changes(meta, base, settings_of(base), 70, 2)
+    assert "budget: checkpoint planned 60 steps -> config 70" in refused[0]
+    assert changes == ["world size 1 -> 2"]
+    # Older checkpoints recorded less: only what they recorded is compared (the length from run.json).
+    old = {"fingerprint": {k: v for k, v in meta["fingerprint"].items() if k != "optim"}, "zero_stage": 0}
+    changed = load_config(
+        REPO / "configs" / "digits_tiny.yaml", [*SMALL, "deepspeed.zero_stage=0", "optim.lr=4e-3"]
+    )
+    assert resume_changes(old, changed, settings_of(changed), 60, 1, recorded_total_steps=60) == ([], [])
+    assert resume_changes(old, changed, settings_of(changed), 70, 1, recorded_total_steps=60)[0]
+
+
+def photo_folder(root: Path, classes: int, per_class: int, size: int = 48) -> Path:
+    """An ImageNet-style folder of real photographs (crops of scikit-learn's two sample images)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    for label in range(classes):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            y, x = (i * 37) % 300, (i * 53 + label * 11) % 500
+            crop = photos[label % 2][y : y + size, x : x + size]
+            Image.fromarray(crop).save(folder / f"img{i:03d}.JPEG", quality=90)
+    return root
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("nepa-scale: error:")]
+    assert result.returncode == 1 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[
+        -3000:
+    ]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", ["unreadable", "empty_class", "too_small"])
+def test_unusable_data_fails_before_the_engine_starts_naming_folder_and_count(tmp_path, case):
+    data = tmp_path / "data"
+    photo_folder(data / "train", classes=2, per_class=20)
+    if case == "unreadable":
+        for path in (data / "train").rglob("*.JPEG"):
+            path.write_bytes(b"not an image" * 10)
+    elif case == "empty_class":
+        (data / "train" / "class9").mkdir()
+    shutil.copytree(data / "train", data / "val")
+    batch = 64 if case == "too_small" else 16
+    result = run_train(
+        tmp_path / "run",
+        "data.kind=imagefolder",
+        f"data.root={data}",
+        f"budget.global_batch={batch}",
+        "budget.images=64",
+    )
+    error = one_line_error(result)
+    expected = {
+        "unreadable": f"none of 16 sampled images under {data / 'train'} can be decoded",
+        "empty_class": f"1 class folder(s) without images (.jpg, .jpeg, .png, .bmp, .webp, .ppm, .tif, .tiff), e.g. {data / 'train' / 'class9'}",
+        "too_small": f"{data / 'train'} has 40 samples, fewer than one global batch of 64",
+    }[case]
+    assert expected in error, error
+    assert not (tmp_path / "run" / "run.json").exists()  # nothing started
+
+
+def test_a_run_that_learns_nothing_does_not_complete(tmp_path):
+    """Identical blank images, no random RoPE rescale and an lr too small to move fp32 weights: the
+    loss is exactly the same in every interval. Such a run must never become a point of a scaling fit."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        folder = tmp_path / "blank" / split / "only"
+        folder.mkdir(parents=True)
+        for i in range(32):
+            Image.new("RGB", (20, 20), (90, 90, 90)).save(folder / f"{i}.png")
+    run_dir = tmp_path / "run"
+    result = run_train(
+        run_dir,
+        "data.kind=imagefolder",
+        f"data.root={tmp_path / 'blank'}",
+        "budget.images=320",
+        "optim.lr=1e-30",
+        "data.hflip=0.0",
+        "model.overrides.rope_rescale=null",
+    )
+    assert "nothing was learned" in one_line_error(result)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+
+
+def test_a_finished_run_reads_back_after_its_data_moved(tmp_path):
+    """Bug: collect/report/export/probe checked that data.root still existed, so a sweep analysed on
+    another machine (or after an unmount) lost its runs. Reading back checks values only."""
+    data = photo_folder(tmp_path / "data" / "train", classes=1, per_class=40).parent
+    shutil.copytree(data / "train", data / "val")
+    run_dir = tmp_path / "sweep" / "run"
+    trained = run_train(
+        run_dir, "data.kind=imagefolder", f"data.root={data}", "budget.images=160", "budget.global_batch=16"
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    moved = data.rename(tmp_path / "moved")
+    from nepa_scale.scaling.collect import collect
+
+    table = collect(tmp_path / "sweep")
+    assert table["status"].tolist() == ["completed"] and table["loss"].notna().all()
+    exported = cli("export", str(run_dir))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    # Probing reads the images, wherever they are now; one class cannot be probed, said in one line.
+    probe = cli("probe", str(run_dir), "--data", f"root={moved}")
+    assert "a probe needs at least two classes" in one_line_error(probe)
 
 
 def test_changed_model_shape_refuses_to_resume(runs):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from nepa_scale.config import RunConfig
 from nepa_scale.engine.tasks import FinetuneTask
-from nepa_scale.models import NEPA, get_arch
+from nepa_scale.models import NEPA
 
 FINETUNE_CONFIG = REPO / "configs" / "finetune_digits_tiny.yaml"
 
@@ -21,9 +21,9 @@ FINETUNE_CONFIG = REPO / "configs" / "finetune_digits_tiny.yaml"
 def test_layer_decay_assigns_the_formula_lr_to_each_block():
     config = RunConfig(task="finetune")
     config.finetune.num_classes, config.finetune.layer_decay = 10, 0.65
-    fake_trainer = SimpleNamespace(config=config, run=SimpleNamespace(root=Path("/nonexistent")))
-    task = FinetuneTask(fake_trainer)
-    arch = task.arch(get_arch("nepa_tiny"))
+    arch = FinetuneTask.resolve_arch(config)
+    fake_context = SimpleNamespace(config=config, arch=arch, run=SimpleNamespace(root=Path("/nonexistent")))
+    task = FinetuneTask(fake_context)
     model = NEPA(arch)
     model.patch_embed.requires_grad_(False)
     groups = task.optimizer_groups(model, peak_lr=1e-3)

@@ -71,12 +71,23 @@ def last_step(run_dir: Path) -> int:
     return train[-1]["step"] if train else 0
 
 
+def job_step_started(run_dir: Path) -> bool:
+    """The run's SLURM job has started its job step (srun launched the task)."""
+    launch_json = run_dir / "launch.json"
+    if not launch_json.is_file():
+        return False
+    job = json.loads(launch_json.read_text())["job_id"]
+    steps = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i"], capture_output=True, text=True)
+    return f"{job}.0" in steps.stdout.split()
+
+
 class Watcher:
     """One thread per run: sends its interruption once the run has logged INTERRUPT_AT steps and
-    committed a checkpoint; remembers when and at which step (threads, so that no slow command
+    committed a checkpoint (or, ``at_start``, half a second after the job's step was launched, while
+    Python is still starting); remembers when and at which step (threads, so that no slow command
     delays another run's signal)."""
 
-    def __init__(self, targets: list[tuple[str, Path, list[str]]]):
+    def __init__(self, targets: list[tuple]):
         self.sent: dict[str, tuple[float, int]] = {}
         self.errors: list[str] = []
         self.stop = threading.Event()
@@ -86,9 +97,18 @@ class Watcher:
         for thread in self.threads:
             thread.start()
 
-    def _watch(self, name: str, run_dir: Path, command: list[str]) -> None:
+    def _due(self, run_dir: Path, at_start: bool) -> bool:
+        if at_start:
+            return job_step_started(run_dir)
+        return last_step(run_dir) >= INTERRUPT_AT and bool(
+            list((run_dir / "checkpoints").glob("*/COMMITTED"))
+        )
+
+    def _watch(self, name: str, run_dir: Path, command: list[str], at_start: bool = False) -> None:
         while not self.stop.is_set():
-            if last_step(run_dir) >= INTERRUPT_AT and list((run_dir / "checkpoints").glob("*/COMMITTED")):
+            if self._due(run_dir, at_start):
+                if at_start:
+                    time.sleep(0.5)  # past the job's first milliseconds: its interpreter is starting
                 step = last_step(run_dir)
                 job = json.loads((run_dir / "launch.json").read_text())["job_id"]
                 argv = [part.replace("{job}", job) for part in command]
@@ -98,7 +118,7 @@ class Watcher:
                 else:
                     self.sent[name] = (time.time(), step)
                 return
-            time.sleep(0.1)
+            time.sleep(0.05 if at_start else 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +126,16 @@ def study(tmp_path_factory):
     subprocess.run(["bash", str(REPO / "slurm/local/start.sh")], check=True, capture_output=True)
     root = tmp_path_factory.mktemp("launch")
     sweeps = {
-        # Longest first: a time limit (1 min, notice 30 s before) shorter than the run's work.
+        # A time limit (1 min, notice 30 s before) shorter than the run's work. SLURM checks time
+        # limits every 30 s, so the notice comes 30-60 s into an attempt: a fast, idle machine trains
+        # up to ~1700 steps before it. While the other jobs start, start-up can take the whole 30 s
+        # (an attempt that trains no step); later attempts train hundreds: many requeues allowed.
         "timeout": write_sweep(
             root,
             "timeout",
             "local",
-            {"time_min": 1, "signal_delay_s": 30, "max_requeues": 8, "mem_gb": 2},
-            **{"budget.images": 16000},  # 500 steps: more than one attempt's worth
+            {"time_min": 1, "signal_delay_s": 30, "max_requeues": 30, "mem_gb": 2},
+            **{"budget.images": 57600},  # 1800 steps: more than one attempt's worth on any machine
         ),
         "sweep": write_sweep(
             root,
@@ -132,36 +155,17 @@ def study(tmp_path_factory):
             for name in ("two_task", "two_task_twin")  # the same run twice: preempted, uninterrupted
         },
         "local": write_sweep(root, "local", "cpu", **{"seed": 0, "optim.warmup_fraction": 0.05}),
+        # A preemption notice while the job is still starting (bug: it died of SIGUSR2 as FAILED).
+        "start_notice": write_sweep(root, "start_notice", "local", {"mem_gb": 2}, **{"budget.images": 1920}),
     }
     loaded = {name: load_sweep(path) for name, path in sweeps.items()}
-    for name in ("timeout", "sweep", "two_task", "two_task_twin"):
-        cli("sweep", "launch", str(sweeps[name]))
-    local = subprocess.Popen(
-        [sys.executable, "-m", "nepa_scale.cli", "sweep", "launch", str(sweeps["local"])],
-        env=env(),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    # The uninterrupted twin of seed 0: the same resolved config, plain `nepa-scale train`.
     seed0 = loaded["sweep"].runs[0]
-    twin_dir = root / "twin"
-    twin_config = root / "twin.yaml"
-    twin_config.write_text(yaml.safe_dump({**seed0.config_data, "output_dir": str(twin_dir)}))
-    twin = subprocess.Popen(
-        [sys.executable, "-m", "nepa_scale.cli", "train", str(twin_config)],
-        env=env(),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     watcher = Watcher(
         [
             ("usr2", seed0.run_dir, ["scancel", "--signal=USR2", "{job}"]),
             ("requeue", loaded["sweep"].runs[1].run_dir, ["scontrol", "requeue", "{job}"]),
             ("two_task", loaded["two_task"].runs[0].run_dir, ["scancel", "--signal=USR2", "{job}"]),
+            ("start", loaded["start_notice"].runs[0].run_dir, ["scancel", "--signal=USR2", "{job}"], True),
             (
                 "local",
                 loaded["local"].runs[0].run_dir,
@@ -178,7 +182,29 @@ def study(tmp_path_factory):
             ),
         ]
     )
-    watcher.start()
+    watcher.start()  # before the launches: the start-up notice must not miss its job's start
+    for name in ("start_notice", "timeout", "sweep", "two_task", "two_task_twin"):
+        cli("sweep", "launch", str(sweeps[name]))
+    local = subprocess.Popen(
+        [sys.executable, "-m", "nepa_scale.cli", "sweep", "launch", str(sweeps["local"])],
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # The uninterrupted twin of seed 0: the same resolved config, plain `nepa-scale train`.
+    twin_dir = root / "twin"
+    twin_config = root / "twin.yaml"
+    twin_config.write_text(yaml.safe_dump({**seed0.config_data, "output_dir": str(twin_dir)}))
+    twin = subprocess.Popen(
+        [sys.executable, "-m", "nepa_scale.cli", "train", str(twin_config)],
+        env=env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     yield {
         "sweeps": sweeps,
         "loaded": loaded,
@@ -188,7 +214,7 @@ def study(tmp_path_factory):
         "watcher": watcher,
     }
     watcher.stop.set()
-    for name in ("timeout", "sweep", "two_task", "two_task_twin"):
+    for name in ("start_notice", "timeout", "sweep", "two_task", "two_task_twin"):
         launcher.cancel(loaded[name])
     for process in (local, twin):
         if process.poll() is None:
@@ -271,11 +297,29 @@ def test_scontrol_requeue_resumes_from_last_committed_checkpoint(study):
 
 def test_time_limit_requeues_until_the_budget_is_done(study):
     sweep = study["loaded"]["timeout"]
-    (row,) = wait_done(sweep)
+    (row,) = wait_done(sweep, timeout=2 * DEADLINE_S)  # a slow machine needs many attempts
     info = run_info(sweep.runs[0].run_dir)
     assert row.state == "completed", row.error
-    assert info["timeouts"] >= 1 and info["step"] == info["total_steps"] == 500
+    assert info["timeouts"] >= 1 and info["step"] == info["total_steps"] == 1800
     assert {e["kind"] for e in info["interruptions"]} == {"timeout"}
+    # Every attempt's progress is recorded; those that trained no step saved nothing.
+    assert all(e["steps_done"] >= 0 for e in info["interruptions"])
+    resumed_from = [r["from_step"] for r in info["restarts"]]
+    assert resumed_from == sorted(resumed_from) and 0 not in resumed_from
+
+
+def test_a_notice_while_the_job_starts_ends_in_a_requeue(study):
+    """Clusters send notices at any moment, seconds after a job starts too. Before any handler
+    exists SIGUSR2 would end the process (sacct: FAILED 0:12); the job's python blocks the notices
+    until the engine's flag is installed, which then stops before the first step and requeues."""
+    sweep = study["loaded"]["start_notice"]
+    (row,) = wait_done(sweep)
+    info = run_info(sweep.runs[0].run_dir)
+    assert "start" in study["watcher"].sent, study["watcher"].errors
+    assert row.state == "completed", row.error
+    (notice,) = info["interruptions"]
+    assert notice["kind"] == "preemption" and notice["action"] == "requeue" and notice["steps_done"] == 0
+    assert notice["step"] == 0 and info["step"] == info["total_steps"] == 60
 
 
 def test_two_task_gloo_run_resumes_after_preemption(study):

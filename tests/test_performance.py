@@ -199,7 +199,7 @@ def test_bf16_overflow_check_is_off_unless_asked_for(tmp_path, check_grad_overfl
     config.optim.lr, config.optim.warmup_fraction = 1e-2, 0.0  # a step large enough to move bf16 weights
     config.deepspeed.check_grad_overflow = check_grad_overflow
     trainer = Trainer(config)
-    engine, _, _, _ = trainer.build(resume=False)
+    engine, _, _ = trainer.build_engine(resume=False)
     size = trainer.arch.image_size
     loss, _ = trainer.task.micro_step(engine, torch.randn(4, 3, size, size, dtype=torch.bfloat16), None)
     engine.backward(loss)

@@ -15,7 +15,7 @@ import pytest
 from nepa_scale.config import RunConfig
 from nepa_scale.flops import train_flops_per_image
 from nepa_scale.models.zoo import count_params
-from nepa_scale.rundir import RunDir
+from nepa_scale.rundir import Restart, RunDir, RunRecord
 from nepa_scale.scaling import figures
 from nepa_scale.scaling.collect import collect, collect_curves
 from nepa_scale.scaling.fits import (
@@ -154,13 +154,15 @@ def make_run(
     per_image = train_flops_per_image(arch)
     run = RunDir(root / run_id)
     run.root.mkdir(parents=True)
-    run.update_run(
-        status=status,
-        config=config.to_dict(),
-        total_steps=steps,
-        world_size=1,
-        restarts=[{"from_step": 10}] if run_id.endswith("r") else [],
-        **({"error": "RuntimeError: boom"} if status == "failed" else {}),
+    run.write_record(
+        RunRecord(
+            status=status,
+            config=config.to_dict(),
+            total_steps=steps,
+            world_size=1,
+            restarts=[Restart(from_step=10)] if run_id.endswith("r") else [],
+            error="RuntimeError: boom" if status == "failed" else None,
+        )
     )
     rng = np.random.default_rng(abs(hash(run_id)) % 2**32)
     for step in range(10, (logged or steps) + 1, 10):
@@ -205,7 +207,7 @@ def test_collect_builds_the_tidy_table(sweep):
     budget = 150 * 128 * per_image48  # a pre-registered compute budget: step 150 of the dim-48 model
     table = collect(root, budgets=[budget], window=1)
     assert set(table["run_id"]) == set(info) | {"failed_run", "incomplete_r"}
-    final = table[table["budget"] == "final"].set_index("run_id")
+    final = table[table["eval_point"] == "final"].set_index("run_id")
     assert (
         final.loc["failed_run", "status"] == "failed"
         and final.loc["failed_run", "error"] == "RuntimeError: boom"
@@ -218,9 +220,9 @@ def test_collect_builds_the_tidy_table(sweep):
     assert row["cosine_distance"] == pytest.approx(law(n48, 200 * 128))
     assert row["val_loss"] == pytest.approx(law(n48, 200 * 128) - 1 + 0.01)
     assert row["gpu_hours"] == pytest.approx(200 * 128 / 1000 / 3600)
-    at_budget = table[(table["budget"] != "final") & (table["run_id"] == "d48_s200")]
+    at_budget = table[(table["eval_point"] != "final") & (table["run_id"] == "d48_s200")]
     assert len(at_budget) == 1 and at_budget["step"].iloc[0] == 150
-    assert "d48_s100" not in set(table[table["budget"] != "final"]["run_id"])  # budget beyond its run
+    assert "d48_s100" not in set(table[table["eval_point"] != "final"]["run_id"])  # budget beyond its run
     assert row["smoothing"] == "mean of last 1 log lines"
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from nepa_scale.config import DataConfig
 from nepa_scale.data.datasets import (
+    IMAGE_EXTENSIONS,
     AugmentSpec,
     Batch,
     DigitsDataset,
@@ -19,6 +20,9 @@ from nepa_scale.data.datasets import (
     to_model_input,
 )
 from nepa_scale.data.sampler import ResumableBatchSampler
+from nepa_scale.errors import DataError
+
+SAMPLE_CHECK = 16  # files decoded before a run starts, to catch a folder of unreadable images early
 
 
 def build_dataset(
@@ -54,6 +58,51 @@ def build_dataset(
     )
 
 
+def batch_loader(dataset, sampler: ResumableBatchSampler, num_workers: int, seed: int, pin_memory: bool):
+    """A DataLoader over ``sampler``'s micro-batches. Its generator is private: creating an
+    iterator must not consume the global RNG (exact resume)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=pin_memory,
+    )
+
+
+def check_training_data(dataset, global_batch: int, what: str = "data") -> None:
+    """Data a run can train on, checked before the engine starts: at least one global batch of
+    samples, no empty class folder, and readable images (a spread sample of the files is decoded).
+    A ``DataError`` names the folder, the count and the reason."""
+    where = getattr(dataset, "root", what)
+    if len(dataset) < global_batch:
+        raise DataError(
+            f"{what}: {where} has {len(dataset)} samples, fewer than one global batch of {global_batch} "
+            "(budget.global_batch)"
+        )
+    if isinstance(dataset, ImageFolderDataset):
+        empty = dataset.empty_classes()
+        if empty:
+            raise DataError(
+                f"{what}: {len(empty)} class folder(s) without images ({', '.join(IMAGE_EXTENSIONS)}), "
+                f"e.g. {dataset.root / empty[0]}: remove them or add images"
+            )
+        picks = sorted(
+            {round(i * (len(dataset) - 1) / max(1, SAMPLE_CHECK - 1)) for i in range(SAMPLE_CHECK)}
+        )
+        failures = [dataset.load(i)[0] for i in picks]
+        failures = [f for f in failures if isinstance(f, Skipped)]
+        if len(failures) == len(picks):
+            raise DataError(
+                f"{what}: none of {len(picks)} sampled images under {dataset.root} can be decoded "
+                f"(e.g. {failures[0].path}: {failures[0].reason})"
+            )
+
+
 __all__ = [
     "AugmentSpec",
     "Batch",
@@ -65,7 +114,9 @@ __all__ = [
     "Skipped",
     "SyntheticDataset",
     "build_dataset",
+    "batch_loader",
     "build_transform",
+    "check_training_data",
     "collate",
     "to_model_input",
 ]

@@ -21,6 +21,8 @@ from timm.data import create_transform
 from torch.utils.data import Dataset
 from torchvision.transforms import RandomHorizontalFlip as HFlip
 
+from nepa_scale.errors import DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 NEPA_MEAN = NEPA_STD = (0.5, 0.5, 0.5)  # the same for every channel (to_model_input relies on it)
 
@@ -64,8 +66,8 @@ def build_transform(spec: AugmentSpec, train: bool):
     """timm's ImageNet transforms, with the recipe's settings (no colour jitter, no auto-augment).
 
     The transforms end in uint8 CHW tensors (timm's ``use_prefetcher`` form): ``to_model_input``
-    normalises on the device: less work per image in a loader worker (6-36% more images per worker
-    in ``benchmarks/loader.py`` runs) and a quarter of the bytes to move to the GPU. RandomErasing works on normalised floats, so a transform that
+    normalises on the device: less work per image in a loader worker (docs/performance.md: how much,
+    from ``benchmarks/loader.py``) and a quarter of the bytes to move to the GPU. RandomErasing works on normalised floats, so a transform that
     uses it (fine-tuning) normalises in the worker instead; ``to_model_input`` accepts both.
     """
     uint8_out = spec.re_prob == 0
@@ -173,7 +175,7 @@ class ImageFolderDataset(SeededDataset):
             self.flip = next((op for op in transform.transforms if isinstance(op, HFlip)), None)
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"data directory not found: {self.root}")
+            raise DataError(f"data: directory not found: {self.root}")
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         self.samples = [
             (str(path), label)
@@ -182,10 +184,17 @@ class ImageFolderDataset(SeededDataset):
             if path.suffix.lower() in IMAGE_EXTENSIONS
         ]
         if not self.samples:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}/<class>/")
+            raise DataError(f"data: no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}/<class>/")
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def empty_classes(self) -> list[str]:
+        """Class folders without an image file."""
+        counts = dict.fromkeys(range(len(self.classes)), 0)
+        for _, label in self.samples:
+            counts[label] += 1
+        return [self.classes[label] for label, n in counts.items() if n == 0]
 
     def load(self, index: int):
         path, label = self.samples[index]

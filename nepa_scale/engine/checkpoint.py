@@ -1,4 +1,4 @@
-"""Atomic, verifiable DeepSpeed checkpoints.
+"""Atomic, verifiable DeepSpeed checkpoints, and the checkpointer that plans, saves and loads them.
 
 A checkpoint is ``checkpoints/step_XXXXXXXX/``: DeepSpeed's own files (every rank writes its shards),
 one ``rng_rankNNNNN.pt`` per rank, and ``COMMITTED``, written last by rank 0 after a barrier, holding
@@ -7,35 +7,43 @@ committed one is verified against its manifest and loaded; directories without t
 half-written leftovers of a kill and are removed. A committed checkpoint that fails verification
 or loading is an error naming the file, or, with ``on_corrupt: previous``, a logged fallback to the
 previous committed one: never a silent fresh start.
+
+The ``Checkpointer`` owns the resume-compatibility rule (``resume_changes``): what a change of
+config between a checkpoint and the run resuming from it does. Refused, with the key named: the
+model's shape, the global batch, the data kind, the seed, the objective, the optimizer's settings
+(DeepSpeed restores them from the checkpoint, so a change would be silently ignored), the ZeRO
+stage and the precision (the optimizer state is laid out for them). Refused unless
+``checkpoint.allow_budget_change`` is set: the run's length (the lr schedule is recomputed for the
+new length from the step it resumes at). Converted, and logged: the world size, through DeepSpeed's
+universal checkpoint (ZeRO 1-3). Every change made on purpose is recorded in run.json's restarts.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from nepa_scale.rundir import write_json_atomic
+from nepa_scale.config import RunConfig
+from nepa_scale.engine.distributed import World, barrier
+from nepa_scale.engine.settings import StepSettings
+from nepa_scale.errors import CheckpointError, ResumeRefused
+from nepa_scale.rundir import MARKER, PREFIX, RunDir, images_seen, tag_for, write_json_atomic
+
+if TYPE_CHECKING:
+    from nepa_scale.engine.ema import Ema
 
 log = logging.getLogger(__name__)
 
-MARKER = "COMMITTED"
-PREFIX = "step_"
 UNIVERSAL_SUFFIX = "_universal"
-
-
-class CheckpointError(RuntimeError):
-    """A committed checkpoint that cannot be used."""
-
-
-def tag_for(step: int) -> str:
-    return f"{PREFIX}{step:08d}"
 
 
 def step_of(path: Path) -> int | None:
@@ -175,3 +183,226 @@ def load_rng(path: Path, rank: int) -> dict[str, Any]:
         return torch.load(file, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"cannot read {file}: {type(exc).__name__}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- the checkpointer
+
+EMA_FILE = "ema.pt"
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    """``key: checkpoint a -> config b`` for each key the checkpoint recorded that now differs (a key
+    added to the fingerprint by newer code is not a change)."""
+    lines = []
+    for key in sorted(old):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += [f"{key}.{line}" for line in fingerprint_diff(a, b)]
+        elif a != b:
+            lines.append(f"{key}: checkpoint {a!r} -> config {b!r}")
+    return lines
+
+
+def resume_changes(
+    meta: dict[str, Any],
+    config: RunConfig,
+    settings: StepSettings,
+    total_steps: int,
+    world_size: int,
+    recorded_total_steps: int | None = None,
+) -> tuple[list[str], list[str]]:
+    """(refused, changed) for resuming from a checkpoint with ``meta``: the rule in this module's
+    docstring. Settings a checkpoint did not record (older code) are not compared, except the run's
+    length, which run.json recorded (``recorded_total_steps``)."""
+    refused = fingerprint_diff(meta.get("fingerprint", {}), config.resume_fingerprint())
+    stage = meta.get("zero_stage")
+    if stage is not None and stage != config.deepspeed.zero_stage:
+        refused.append(
+            f"deepspeed.zero_stage: checkpoint {stage} -> config {config.deepspeed.zero_stage} "
+            "(the optimizer state is partitioned for its stage)"
+        )
+    precision = meta.get("precision")
+    if precision is not None and precision != settings.precision:
+        refused.append(
+            f"deepspeed.precision: checkpoint {precision} -> this run {settings.precision} "
+            f"(deepspeed.precision={config.deepspeed.precision})"
+        )
+    changed = []
+    planned = meta.get("total_steps", recorded_total_steps)
+    if planned is not None and planned != total_steps:
+        change = f"budget: checkpoint planned {planned} steps -> config {total_steps}"
+        if config.checkpoint.allow_budget_change:
+            changed.append(f"{change} (checkpoint.allow_budget_change: the lr schedule is recomputed)")
+        else:
+            refused.append(
+                f"{change} (the lr schedule would change mid-run; "
+                "checkpoint.allow_budget_change=true continues with the new budget on purpose)"
+            )
+    if meta.get("world_size") not in (None, world_size):
+        universal = " through a universal checkpoint" if config.deepspeed.zero_stage > 0 else ""
+        changed.append(f"world size {meta['world_size']} -> {world_size}{universal}")
+    return refused, changed
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    source: Committed
+    load_dir: Path  # the checkpoint itself, or its universal conversion
+    load_universal: bool
+    changes: list[str]
+
+
+class Checkpointer:
+    """Plans the resume, saves and loads one run's checkpoints (every rank calls every method)."""
+
+    def __init__(
+        self, run: RunDir, config: RunConfig, world: World, settings: StepSettings, total_steps: int
+    ):
+        self.run, self.config, self.world = run, config, world
+        self.settings, self.total_steps = settings, total_steps
+        self.root = run.checkpoints
+
+    def plan_resume(self) -> ResumePlan | None:
+        """The newest committed checkpoint that verifies (or, with ``on_corrupt: previous``, the
+        newest before it that does), checked against the resume rule; None for a fresh start."""
+        if self.world.is_main:
+            remove_uncommitted(self.root)
+        barrier()
+        committed = committed_checkpoints(self.root)
+        while committed:
+            candidate = committed[-1]
+            try:
+                verify(candidate)
+            except CheckpointError as exc:
+                if self.config.checkpoint.on_corrupt != "previous" or len(committed) == 1:
+                    raise
+                log.error(
+                    "%s; falling back to the previous committed checkpoint (checkpoint.on_corrupt=previous)",
+                    exc,
+                )
+                committed.pop()
+                continue
+            refused, changes = resume_changes(
+                candidate.meta,
+                self.config,
+                self.settings,
+                self.total_steps,
+                self.world.world_size,
+                self.run.record().total_steps,
+            )
+            if refused:
+                raise ResumeRefused(
+                    f"config changed in a way that breaks resume from {candidate.path}: " + "; ".join(refused)
+                )
+            for change in changes:
+                log.warning("resuming from %s with a change: %s", candidate.path, change)
+            universal = (
+                self.config.deepspeed.zero_stage > 0
+                and candidate.meta.get("world_size", self.world.world_size) != self.world.world_size
+            )
+            load_dir = self._to_universal(candidate) if universal else candidate.path
+            return ResumePlan(candidate, load_dir, universal, changes)
+        if self.world.is_main and self.root.is_dir() and any(self.root.iterdir()):
+            log.warning("no committed checkpoint in %s: starting from step 0", self.root)
+        return None
+
+    def _to_universal(self, source: Committed) -> Path:
+        """DeepSpeed's universal format of a ZeRO checkpoint (rank 0 converts once), for a new world size."""
+        target = source.path.with_name(source.tag + UNIVERSAL_SUFFIX)
+        if self.world.is_main and not (target / MARKER).exists():
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            log.info(
+                "world size %d -> %d: converting %s to a universal checkpoint",
+                source.meta["world_size"],
+                self.world.world_size,
+                source.path,
+            )
+            ds_to_universal(
+                argparse.Namespace(  # ds_to_universal's command-line arguments
+                    input_folder=str(source.path),
+                    output_folder=str(target),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=True,
+                )
+            )
+            commit(target, {"source": source.tag})
+        barrier()
+        return target
+
+    def load(self, engine, plan: ResumePlan, ema: Ema | None) -> tuple[int, dict[str, Any]]:
+        """Weights, optimizer, lr schedule, this rank's RNG streams and EMA; returns the step and
+        this rank's other saved state (``save``'s ``rank_state``; empty without an RNG file)."""
+        source = plan.source
+        try:
+            path, _ = engine.load_checkpoint(
+                str(plan.load_dir.parent),
+                tag=plan.load_dir.name,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
+        except Exception as exc:
+            raise CheckpointError(
+                f"cannot load committed checkpoint {source.path}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found nothing to load in {source.path}")
+        step = int(source.meta["step"])
+        if plan.load_universal:
+            # DeepSpeed restores the lr schedule only from its own client state: set it from the step.
+            engine.lr_scheduler.last_epoch = step - 1
+            engine.lr_scheduler.step()
+        rank_state: dict[str, Any] = {}
+        if rng_file(source.path, self.world.rank).is_file():
+            rank_state = load_rng(source.path, self.world.rank)
+            set_rng_state(rank_state)
+        else:
+            log.warning(
+                "no RNG state for rank %d in %s (world size changed): fresh RNG streams",
+                self.world.rank,
+                source.path,
+            )
+            torch.manual_seed(self.config.seed * 1_000_003 + step)
+        if ema is not None:
+            ema_file = source.path / EMA_FILE
+            if not ema_file.is_file():
+                raise CheckpointError(f"checkpoint.ema_decay is set but {ema_file} is missing")
+            ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
+        log.info("resumed from %s (step %d)", source.path, step)
+        return step, rank_state
+
+    def save(self, engine, ema: Ema | None, step: int, reason: str, rank_state: dict[str, Any]) -> Path:
+        """A committed checkpoint of ``step`` (collective). ``rank_state``: this rank's other state
+        to restore exactly (saved beside its RNG streams)."""
+        c, world = self.config, self.world
+        tag = tag_for(step)
+        path = self.root / tag
+        seen = images_seen(step, c.budget.global_batch)
+        client = {"step": step, "images_seen": seen, "universal_checkpoint_info": {}}
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
+        save_rng(path, world.rank, rank_state)
+        if ema is not None and world.is_main:
+            torch.save(ema.state_dict(), path / EMA_FILE)
+        barrier()
+        if world.is_main:
+            commit(
+                path,
+                {
+                    "step": step,
+                    "images_seen": seen,
+                    "total_steps": self.total_steps,
+                    "world_size": world.world_size,
+                    "zero_stage": c.deepspeed.zero_stage,
+                    "precision": self.settings.precision,
+                    "resume_digest": c.resume_digest(),
+                    "fingerprint": c.resume_fingerprint(),
+                    "reason": reason,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            )
+            retention(self.root, c.checkpoint.keep_last, c.checkpoint.keep_every)
+        barrier()
+        return path

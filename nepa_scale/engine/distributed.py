@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from nepa_scale.config import RunConfig
+from nepa_scale.config import ConfigError, RunConfig
+from nepa_scale.engine.settings import StepSettings
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ def slurm_rendezvous() -> dict[str, str]:
 
 def init_world() -> World:
     """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU)."""
+    # DeepSpeed compiles its CPU communication op on first use into torch's extension cache. The
+    # build names this environment's absolute paths, so checkouts that share one cache rebuild it
+    # whenever another ran last (a minute each time): one cache per environment builds it once.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     import deepspeed
 
     rank, local_rank, world_size = world_from_env()
@@ -68,9 +74,7 @@ def init_world() -> World:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         if world_size > 1:
-            raise RuntimeError(
-                "MASTER_PORT is not set for a multi-process run (use torchrun or the launcher)"
-            )
+            raise ConfigError("MASTER_PORT is not set for a multi-process run (use torchrun or the launcher)")
         os.environ["MASTER_PORT"] = str(_free_port())
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -80,6 +84,12 @@ def init_world() -> World:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return World(rank, local_rank, world_size, device, backend)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def control_group(world: World) -> dist.ProcessGroup | None:
@@ -93,14 +103,8 @@ def control_group(world: World) -> dist.ProcessGroup | None:
     return dist.new_group(backend="gloo")
 
 
-def resolve_precision(config: RunConfig, device: torch.device) -> str:
-    if config.deepspeed.precision != "auto":
-        return config.deepspeed.precision
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 def deepspeed_config(
-    config: RunConfig, world: World, micro_batch: int, load_universal: bool
+    config: RunConfig, world: World, settings: StepSettings, load_universal: bool
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config for this run (the optimizer and scheduler are passed as objects)."""
     ds = config.deepspeed
@@ -114,13 +118,13 @@ def deepspeed_config(
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     out: dict[str, Any] = {
         "train_batch_size": config.budget.global_batch,
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": config.budget.global_batch // (micro_batch * world.world_size),
+        "train_micro_batch_size_per_gpu": settings.micro_batch,
+        "gradient_accumulation_steps": settings.accumulation_steps,
         "gradient_clipping": config.optim.clip_grad,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {
-            "enabled": resolve_precision(config, world.device) == "bf16",
+            "enabled": settings.precision == "bf16",
             "check_grad_overflow": ds.check_grad_overflow,  # DeepSpeed's default is on (config.py: why off)
         },
         "steps_per_print": 2**31 - 1,

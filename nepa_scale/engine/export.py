@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nepa_scale.config import config_from_dict
 from nepa_scale.engine import checkpoint as ckpt
+from nepa_scale.errors import CheckpointError
 from nepa_scale.models.official import official_config, save_official
 from nepa_scale.rundir import RunDir
 
@@ -27,32 +27,41 @@ def fp32_state_dict(checkpoint: ckpt.Committed) -> dict[str, torch.Tensor]:
     stage = checkpoint.meta.get("zero_stage", 0)
     module: dict[str, torch.Tensor] = {}
     if stage < 3:
-        states = torch.load(
-            checkpoint.path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )
+        states_file = checkpoint.path / "mp_rank_00_model_states.pt"
+        try:
+            states = torch.load(states_file, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read {states_file}: {type(exc).__name__}: {exc}") from None
         module = {k: v.float() for k, v in states["module"].items()}
     if stage == 0:
         return module
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot consolidate the ZeRO-{stage} shards of {checkpoint.path}: {type(exc).__name__}: {exc}"
+        ) from None
     out = {k: v.float() for k, v in state.items()}
     for key, value in module.items():
         out.setdefault(key, value)
     return out
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    run = RunDir(run_dir)
+def newest_verified(run: RunDir) -> ckpt.Committed:
+    """The run's newest committed checkpoint, verified against its manifest."""
     committed = ckpt.committed_checkpoints(run.checkpoints)
     if not committed:
-        raise FileNotFoundError(f"no committed checkpoint under {run.checkpoints}")
-    latest = committed[-1]
-    ckpt.verify(latest)
-    info = run.read_run()
-    if "config" not in info:
-        raise FileNotFoundError(f"{run.run_json} is missing or has no config")
-    config = config_from_dict(info["config"])
+        raise CheckpointError(f"no committed checkpoint under {run.checkpoints}")
+    ckpt.verify(committed[-1])
+    return committed[-1]
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    run = RunDir(run_dir)
+    latest = newest_verified(run)
+    config = run.record().run_config()
     arch = config.model.arch()
     out = Path(out_dir) if out_dir else run.export
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +72,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[s
     written["official"].parent.mkdir(exist_ok=True)
     save_official(state, written["official"])
     (written["official"].parent / "config.json").write_text(json.dumps(official_config(arch), indent=2))
-    ema_file = latest.path / "ema.pt"
+    ema_file = latest.path / ckpt.EMA_FILE
     if ema_file.is_file():
         ema = {
             k: v.float().contiguous()

@@ -10,8 +10,12 @@ import time
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from nepa_scale.rundir import RunDir
+from nepa_scale.config import LoggingConfig
+from nepa_scale.engine.distributed import World
+from nepa_scale.errors import ConfigError
+from nepa_scale.rundir import RunDir, images_seen
 
 log = logging.getLogger(__name__)
 
@@ -115,30 +119,83 @@ class _NoTimer(PhaseTimer):
 NO_TIMER = _NoTimer()  # the training loop's timer: marks nothing
 
 
+def train_record(
+    meter: IntervalMeter,
+    world: World,
+    done: int,
+    global_batch: int,
+    flops_per_image: float,
+    flop_convention: str,
+    peak_tflops: float | None,
+    lr: float,
+    grad_norm: float | None,
+) -> dict[str, Any]:
+    """The train line of metrics.jsonl for the interval ending at step ``done``: the interval's
+    means averaged over ranks, throughput and MFU (a collective when world_size > 1)."""
+    means = meter.means()
+    keys = sorted(means)
+    stats = torch.stack([*(means[k] for k in keys), torch.tensor(float(meter.images), device=world.device)])
+    if world.world_size > 1:
+        dist.all_reduce(stats)
+        stats[:-1] /= world.world_size
+    elapsed = meter.elapsed()
+    images = stats[-1].item()
+    img_per_s = images / elapsed
+    tflops = img_per_s * flops_per_image / 1e12
+    seen = images_seen(done, global_batch)
+    return {
+        "kind": "train",
+        "step": done,
+        "images_seen": seen,
+        "flops_seen": seen * flops_per_image,
+        "flop_convention": flop_convention,
+        **{key: stats[i].item() for i, key in enumerate(keys)},
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "img_per_s": img_per_s,
+        "tflops_per_s": tflops,
+        "mfu": tflops / peak_tflops if peak_tflops else None,
+        "max_memory_gb": max_memory_gb(world.device),
+        "data_wait_frac": min(1.0, meter.data_wait / elapsed),
+        "images_in_interval": int(images),  # readable images trained on, all ranks
+        "time": time.time(),
+    }
+
+
 class MetricsWriter:
+    """Rank 0 appends each record to metrics.jsonl (and TensorBoard / W&B when asked for)."""
+
     def __init__(
-        self, run: RunDir, is_main: bool, tensorboard: bool, wandb_project: str | None, config: dict
+        self,
+        run: RunDir,
+        is_main: bool,
+        logging_config: LoggingConfig,
+        config: dict,
+        global_batch: int,
+        flops_per_image: float,
     ):
         self.run, self.is_main = run, is_main
+        self.global_batch, self.flops_per_image = global_batch, flops_per_image
         self.tb = None
         self.wandb = None
         if not is_main:
             return
-        if tensorboard:
+        if logging_config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as exc:
-                raise RuntimeError(
+            except ImportError:
+                raise ConfigError(
                     "logging.tensorboard: needs the tensorboard package (pip install tensorboard)"
-                ) from exc
+                ) from None
             self.tb = SummaryWriter(log_dir=str(run.root / "tensorboard"))
+        wandb_project = logging_config.wandb_project
         if wandb_project:
             try:
                 import wandb
-            except ImportError as exc:
-                raise RuntimeError(
+            except ImportError:
+                raise ConfigError(
                     "logging.wandb_project: needs the wandb package (pip install wandb)"
-                ) from exc
+                ) from None
             self.wandb = wandb.init(
                 project=wandb_project, name=run.root.name, dir=str(run.root), config=config, resume="allow"
             )
@@ -158,6 +215,22 @@ class MetricsWriter:
         if self.wandb is not None:
             self.wandb.log({f"{record.get('kind', 'train')}/{k}": v for k, v in numeric.items()}, step=step)
 
+    def write_eval(self, step: int, values: dict[str, Any]) -> None:
+        """An evaluation line (held-out loss, accuracies, probes) at ``step``."""
+        if not values:
+            return
+        seen = images_seen(step, self.global_batch)
+        self.write(
+            {
+                "kind": "eval",
+                "step": step,
+                "images_seen": seen,
+                "flops_seen": seen * self.flops_per_image,
+                **values,
+                "time": time.time(),
+            }
+        )
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -165,10 +238,44 @@ class MetricsWriter:
             self.wandb.finish()
 
 
-def progress_bar(enabled: str, is_main: bool, total: int, initial: int):
-    """A tqdm bar on interactive terminals (or when forced on); None otherwise."""
-    if not is_main or enabled == "never" or (enabled == "auto" and not sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
+class Progress:
+    """What a person watching the run sees (rank 0): a tqdm bar on an interactive terminal (or with
+    ``logging.progress: always``); otherwise, as in a batch job's log, a line per log interval at
+    most every ``every_s`` seconds, and always the first and the last. ``never``: neither."""
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+    def __init__(self, enabled: str, is_main: bool, total: int, initial: int, every_s: float = 10.0):
+        self.total, self.every_s = total, every_s
+        self.bar = None
+        self.lines = is_main and enabled != "never"
+        self.last_line = -math.inf
+        if self.lines and (enabled == "always" or sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self.lines = False
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def interval(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            return
+        now = time.monotonic()
+        last = record["step"] == self.total
+        if self.lines and (now - self.last_line >= self.every_s or last):
+            self.last_line = now
+            log.info(
+                "step %d/%d (%.0f%%): loss %.4f, lr %.2e, %.0f img/s",
+                record["step"],
+                self.total,
+                100 * record["step"] / self.total,
+                record["loss"],
+                record["lr"],
+                record["img_per_s"],
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -4,6 +4,11 @@ SIGUSR2 (SLURM/submitit's preemption and time-limit notice) and SIGTERM (``scont
 ``kill``) set the flag on whichever ranks receive them. At every step boundary the ranks agree on
 it with an all-reduce (MAX), so all of them save the same checkpoint together, then exit with
 ``REQUEUE_EXIT_CODE``. Nothing is saved inside the handler: a ZeRO checkpoint is collective.
+
+A notice can come at any moment, also before Python has installed any handler (SIGUSR2's default
+action ends the process). Launched jobs therefore start with these signals blocked
+(``nepa_scale.launch.job``): a blocked signal stays pending, and ``install`` unblocks them once its
+handler is in place, so a notice sent while the job was starting is delivered to the flag then.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ class PreemptionFlag:
         self._previous: dict[signal.Signals, object] = {}
 
     def install(self) -> PreemptionFlag:
+        """Handle the signals, then unblock them: one that arrived while blocked is handled now."""
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
         return self
 
     def uninstall(self) -> None:

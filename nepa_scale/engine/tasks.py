@@ -1,28 +1,46 @@
 """What a run optimises: NEPA pretraining or classification fine-tuning, behind one small interface.
 
 The trainer owns everything the two share (DeepSpeed engine, data order, checkpoints, resume,
-preemption, metrics); a task decides the model, the optimizer groups, the training transform, the
-loss of one micro-batch, and what "evaluate" means.
+preemption, metrics). A task gets a narrow ``TaskContext`` (config, arch, world, run directory,
+step settings, evaluator), never the trainer, and decides the model, the optimizer groups, the
+training data, the loss of one micro-batch, and what "evaluate" means.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
+from nepa_scale.config import RunConfig
 from nepa_scale.data import build_dataset, to_model_input
+from nepa_scale.engine.distributed import World
+from nepa_scale.engine.evaluator import Evaluator
+from nepa_scale.engine.settings import StepSettings
 from nepa_scale.models import NEPA
+from nepa_scale.models.arch import NepaArch
 from nepa_scale.objective import next_embedding_loss
+from nepa_scale.rundir import RunDir
 
 if TYPE_CHECKING:
-    from nepa_scale.engine.trainer import Ema, Trainer
+    from nepa_scale.engine.ema import Ema
 
 log = logging.getLogger("nepa_scale.train")
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    config: RunConfig
+    arch: NepaArch  # the task's architecture (resolve_arch)
+    world: World
+    run: RunDir
+    settings: StepSettings
+    evaluator: Evaluator
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -36,29 +54,41 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 class PretrainTask:
     name = "pretrain"
+    eval_each_epoch = False
 
-    def __init__(self, trainer: Trainer):
-        self.t = trainer
+    def __init__(self, ctx: TaskContext):
+        self.ctx = ctx
         self.collapse_warned = False
 
-    def arch(self, arch):
-        return arch
+    @staticmethod
+    def resolve_arch(config: RunConfig) -> NepaArch:
+        return config.model.arch()
+
+    @property
+    def eval_at_start(self) -> bool:
+        """The held-out loss at initialisation, when held-out losses are logged during training."""
+        return bool(self.ctx.config.logging.eval_every)
 
     def build_model(self) -> NEPA:
-        c = self.t.config
-        return NEPA(self.t.arch, attention=c.model.attention, grad_checkpointing=self.t.checkpointed_blocks)
+        c = self.ctx.config
+        return NEPA(
+            self.ctx.arch,
+            attention=c.model.attention,
+            grad_checkpointing=self.ctx.settings.checkpointed_blocks,
+        )
 
     def optimizer_groups(self, model: NEPA, peak_lr: float) -> list[dict]:
-        return decay_groups(model, self.t.config.optim.weight_decay)
+        return decay_groups(model, self.ctx.config.optim.weight_decay)
 
-    def train_dataset(self):
-        data = self.t.config.data
-        return build_dataset(data, "train", self.t.arch.image_size, train=True, decode=data.decode)
+    @staticmethod
+    def train_dataset(config: RunConfig, arch: NepaArch):
+        data = config.data
+        return build_dataset(data, "train", arch.image_size, train=True, decode=data.decode)
 
     def micro_step(
         self, engine, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        objective = self.t.config.objective
+        objective = self.ctx.config.objective
         out = engine(images)
         result = next_embedding_loss(
             out.prediction, out.target, stop_gradient=objective.stop_gradient, shift=objective.shift
@@ -66,7 +96,7 @@ class PretrainTask:
         return result.loss, {"loss": result.loss.detach(), "target_spread": result.target_spread}
 
     def annotate(self, record: dict) -> None:
-        lg = self.t.config.logging
+        lg = self.ctx.config.logging
         record["collapsed"] = bool(
             record["loss"] < lg.collapse_loss and record["target_spread"] < lg.collapse_spread
         )
@@ -79,17 +109,10 @@ class PretrainTask:
             )
             self.collapse_warned = True
 
-    def eval_due(self, done: int, last: bool) -> bool:
-        every = self.t.config.logging.eval_every
-        return bool(every and done % every == 0) or last
-
-    def eval_at_start(self) -> bool:
-        return bool(self.t.config.logging.eval_every)
-
     @torch.no_grad()
-    def evaluate(self, engine, ema: Ema | None) -> dict:
+    def evaluate(self, engine, ema: Ema | None, step: int) -> dict:
         """Held-out NEPA loss on the first ``logging.eval_batches`` micro-batches of the val split."""
-        val = self.t.eval_batches(
+        val = self.ctx.evaluator.held_out(
             engine, lambda out, batch: next_embedding_loss(out.prediction, out.target).loss
         )
         return {} if val is None else {"val_loss": val}
@@ -101,40 +124,48 @@ class FinetuneTask:
     Mixup/CutMix with label smoothing, EMA; top-1 accuracy every epoch, best EMA weights kept."""
 
     name = "finetune"
+    eval_each_epoch = True
+    eval_at_start = False
 
-    def __init__(self, trainer: Trainer):
+    def __init__(self, ctx: TaskContext):
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-        self.t = trainer
-        ft = trainer.config.finetune
-        self.num_classes = ft.num_classes or len(self._classes())
+        self.ctx = ctx
+        ft = ctx.config.finetune
         self.mixup = (
             Mixup(
                 mixup_alpha=ft.mixup,
                 cutmix_alpha=ft.cutmix,
                 label_smoothing=ft.smoothing,
-                num_classes=self.num_classes,
+                num_classes=ctx.arch.num_classes,
             )
             if ft.mixup > 0 or ft.cutmix > 0
             else None
         )
         self.criterion = SoftTargetCrossEntropy() if self.mixup else LabelSmoothingCrossEntropy(ft.smoothing)
-        self.best_file = trainer.run.root / "best_ema.json"
+        self.best_file = ctx.run.root / "best_ema.json"
 
-    def _classes(self) -> list:
-        data = build_dataset(self.t.config.data, "val", self.t.config.model.arch().image_size, train=False)
-        return list(data.classes)
-
-    def arch(self, arch):
-        ft = self.t.config.finetune
-        return arch.replace(num_classes=self.num_classes, causal=ft.causal, drop_path=ft.drop_path)
+    @staticmethod
+    def resolve_arch(config: RunConfig) -> NepaArch:
+        """The zoo arch with a classification head (as many classes as the val split has, unless
+        ``finetune.num_classes`` says), the fine-tuning attention and drop-path."""
+        ft = config.finetune
+        arch = config.model.arch()
+        num_classes = ft.num_classes or len(
+            build_dataset(config.data, "val", arch.image_size, train=False).classes
+        )
+        return arch.replace(num_classes=num_classes, causal=ft.causal, drop_path=ft.drop_path)
 
     def build_model(self) -> NEPA:
         from nepa_scale.models.official import load_weights
 
-        c, ft = self.t.config, self.t.config.finetune
-        model = NEPA(self.t.arch, attention=c.model.attention, grad_checkpointing=self.t.checkpointed_blocks)
+        c, ft = self.ctx.config, self.ctx.config.finetune
+        model = NEPA(
+            self.ctx.arch,
+            attention=c.model.attention,
+            grad_checkpointing=self.ctx.settings.checkpointed_blocks,
+        )
         if ft.pretrained:
             path = Path(ft.pretrained)
             if path.is_dir():
@@ -153,19 +184,20 @@ class FinetuneTask:
 
         groups = param_groups_layer_decay(
             model,
-            weight_decay=self.t.config.optim.weight_decay,
-            layer_decay=self.t.config.finetune.layer_decay,
+            weight_decay=self.ctx.config.optim.weight_decay,
+            layer_decay=self.ctx.config.finetune.layer_decay,
         )
         for group in groups:
             group["lr"] = peak_lr * group["lr_scale"]
         return groups
 
-    def train_dataset(self):
-        ft = self.t.config.finetune
+    @staticmethod
+    def train_dataset(config: RunConfig, arch: NepaArch):
+        ft = config.finetune
         return build_dataset(
-            self.t.config.data,
+            config.data,
             "train",
-            self.t.arch.image_size,
+            arch.image_size,
             train=True,
             auto_augment=ft.auto_augment,
             re_prob=ft.re_prob,
@@ -186,28 +218,20 @@ class FinetuneTask:
     def annotate(self, record: dict) -> None:
         pass
 
-    def eval_due(self, done: int, last: bool) -> bool:
-        every = self.t.config.logging.eval_every
-        return done % self.t.sampler.steps_per_epoch == 0 or last or bool(every and done % every == 0)
-
-    def eval_at_start(self) -> bool:
-        return False
-
     @torch.no_grad()
-    def evaluate(self, engine, ema: Ema | None) -> dict:
+    def evaluate(self, engine, ema: Ema | None, step: int) -> dict:
         """Top-1 accuracy on the whole val split, online weights and EMA; keep the best EMA weights."""
+        ctx = self.ctx
 
         def correct(out, batch):
             return (out.argmax(-1).cpu() == batch.labels).float().mean()
 
-        result = {"val_acc": self.t.eval_batches(engine, correct, limit=None)}
-        if ema is not None and self.t.world.is_main:
-            model = NEPA(self.t.arch, attention="sdpa").to(self.t.world.device)
-            model.load_state_dict(ema.state_dict())
-            model.eval()
+        result = {"val_acc": ctx.evaluator.held_out(engine, correct, limit=None)}
+        if ema is not None and ctx.world.is_main:
+            model = ctx.evaluator.ema_model(ema)
             hits = total = 0
-            for batch in self.t.val_loader():
-                logits = model(to_model_input(batch.images, self.t.world.device, torch.float32))
+            for batch in ctx.evaluator.val_loader():
+                logits = model(to_model_input(batch.images, ctx.world.device, torch.float32))
                 hits += (logits.argmax(-1).cpu() == batch.labels).sum().item()
                 total += len(batch.labels)
             result["val_acc_ema"] = hits / max(total, 1)
@@ -217,15 +241,12 @@ class FinetuneTask:
 
                 save_file(
                     {k: v.contiguous() for k, v in ema.state_dict().items()},
-                    str(self.t.run.root / "best_ema.safetensors"),
+                    str(ctx.run.root / "best_ema.safetensors"),
                 )
-                self.best_file.write_text(
-                    json.dumps({"val_acc_ema": result["val_acc_ema"], "step": self.t.current_step})
-                )
+                self.best_file.write_text(json.dumps({"val_acc_ema": result["val_acc_ema"], "step": step}))
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
         return result
 
 
-def make_task(trainer: Trainer):
-    return {"pretrain": PretrainTask, "finetune": FinetuneTask}[trainer.config.task](trainer)
+TASKS = {"pretrain": PretrainTask, "finetune": FinetuneTask}

@@ -19,6 +19,7 @@ from sklearn.preprocessing import StandardScaler
 from torch.utils.data import DataLoader
 
 from nepa_scale.data import collate, to_model_input
+from nepa_scale.errors import DataError
 
 
 @dataclass
@@ -104,6 +105,12 @@ def run_probes(
         model, train_set, causal=causal, device=device, dtype=dtype, limit=limit
     )
     test_x, test_y = extract_features(model, test_set, causal=causal, device=device, dtype=dtype, limit=limit)
+    classes = np.unique(train_y)
+    if len(classes) < 2:
+        raise DataError(
+            f"probe: the {len(train_y)} training images have a single label ({classes[0]}): "
+            "a probe needs at least two classes"
+        )
     return ProbeResult(
         linear_acc=linear_probe(train_x, train_y, test_x, test_y, c=c),
         knn_acc=knn_probe(train_x, train_y, test_x, test_y, k=k),

@@ -11,6 +11,17 @@ returns "preempted". Then rank 0 decides:
   failed with that reason (``sweep launch --retry-failed`` continues it from its checkpoint).
 - SIGTERM (``scontrol requeue``, ``scancel``): SLURM is already requeueing or ending the job.
 
+A notice can arrive at any moment of the job, also while Python is still starting, before any
+handler exists. So submitit starts the job's Python through ``BLOCK_NOTICES_THEN_EXEC``: the
+notices are blocked first (the mask survives exec, a blocked signal stays pending), and the
+engine's flag unblocks them once installed, so such a notice ends in a save-and-requeue too.
+
+A time-limit notice that arrives before the attempt trained a step (start-up took the time)
+counts against ``max_requeues`` like any other, or a limit shorter than start-up would requeue
+forever; it is not silent: run.json records the attempt's ``steps_done: 0``, the job's log says
+that the attempt made no progress and names the fix (a longer ``time_min``), and ``sweep status``
+counts such attempts.
+
 Requeueing goes through submitit's job environment (``scontrol requeue`` on SLURM, the requeue
 exit code under the local executor); every rank then exits with REQUEUE_EXIT_CODE so that no
 task reports success.
@@ -20,7 +31,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,12 +41,25 @@ from pathlib import Path
 
 import submitit
 
-from nepa_scale.rundir import REQUEUE_EXIT_CODE, RunDir
+from nepa_scale.rundir import REQUEUE_EXIT_CODE, Interruption, RunDir, now
 
 log = logging.getLogger("nepa_scale.launch")
 
 # SLURM may deliver --signal up to 60 s before the requested delay, and a scheduler tick late.
 SIGNAL_SLACK_S = 60
+
+# Block the notices, then become submitit's job process (its arguments follow the code).
+BLOCK_NOTICES_THEN_EXEC = (
+    "import os, signal, sys; "
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGTERM}); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
+
+
+def job_python() -> str:
+    """The ``python`` command submitit runs a job with: this interpreter, notices blocked first
+    (``-S``: the few milliseconds before the mask is set load nothing but the interpreter)."""
+    return f"{shlex.quote(sys.executable)} -S -c {shlex.quote(BLOCK_NOTICES_THEN_EXEC)}"
 
 
 @dataclass(frozen=True)
@@ -44,7 +70,11 @@ class Decision:
 
 
 def decide(
-    signal_name: str | None, seconds_left: float | None, signal_delay_s: int, timeouts: int, max_requeues: int
+    signal_name: str | None,
+    seconds_left: float | None,
+    signal_delay_s: int,
+    timeouts: int,
+    max_requeues: int,
 ) -> Decision:
     """What to do after the trainer saved and stopped; ``timeouts`` counts earlier time-limit requeues."""
     if signal_name == "SIGTERM":
@@ -99,15 +129,15 @@ class RunJob(submitit.helpers.Checkpointable):
         try:
             result = self._train(preempt)
         except BaseException as exc:
-            if env.global_rank == 0 and run.read_run().get("status") != "failed":
-                run.update_run(status="failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0])
+            if env.global_rank == 0 and run.record().status != "failed":
+                run.failed(f"{type(exc).__name__}: {exc}")
             raise
         finally:
             preempt.uninstall()
         if result.status == "completed":
             return {"run_dir": self.run_dir, "status": result.status, "step": result.step}
         if env.global_rank == 0:
-            self._after_preemption(env, run, preempt, started, result.step)
+            self._after_preemption(env, run, preempt, started, result)
         raise SystemExit(REQUEUE_EXIT_CODE)
 
     def _train(self, preempt):
@@ -119,42 +149,52 @@ class RunJob(submitit.helpers.Checkpointable):
         torch.set_num_threads(self.cpus_per_task)
         return train(load_config(RunDir(self.run_dir).config_yaml), preempt)
 
-    def _after_preemption(self, env, run: RunDir, preempt, started: float, step: int) -> None:
+    def _after_preemption(self, env, run: RunDir, preempt, started: float, result) -> None:
         received = preempt.received.name if preempt.received else None
         if env.name() == "slurm":
             end = slurm_end_time(env.job_id)
         else:
             end = started + self.time_min * 60
         at = preempt.received_at or time.time()
-        info = run.read_run()
-        timeouts = info.get("timeouts", 0)
+        record = run.record()
         decision = decide(
-            received, None if end is None else end - at, self.signal_delay_s, timeouts, self.max_requeues
+            received,
+            None if end is None else end - at,
+            self.signal_delay_s,
+            record.timeouts,
+            self.max_requeues,
         )
-        event = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "signal_unix_time": at,
-            "signal": received or "peer rank",
-            "kind": decision.kind,
-            "action": decision.action,
-            "job_id": env.job_id,
-            "step": step,
-        }
-        fields = {"interruptions": [*info.get("interruptions", []), event]}
-        if decision.kind == "timeout":
-            fields["timeouts"] = timeouts + 1
-        if decision.action == "give_up":
-            fields.update(status="failed", error=decision.reason)
-        run.update_run(**fields)
+        event = Interruption(
+            signal=received or "peer rank",
+            kind=decision.kind,
+            action=decision.action,
+            step=result.step,
+            job_id=env.job_id,
+            time=now(),
+            signal_unix_time=at,
+            steps_done=result.steps_done,
+        )
+        record = run.interrupted(event, decision.reason if decision.action == "give_up" else None)
         log.warning(
-            "run %s: %s (%s) at step %d -> %s",
+            "run %s: %s (%s) at step %d after %d steps this attempt -> %s",
             Path(self.run_dir).name,
             decision.kind,
-            event["signal"],
-            step,
+            event.signal,
+            result.step,
+            result.steps_done,
             decision.action,
         )
+        if decision.kind == "timeout" and result.steps_done == 0 and decision.action == "requeue":
+            log.warning(
+                "run %s: the time-limit notice came %.0f s into the job, before the first step: this attempt "
+                "made no progress and still counts against max_requeues (%d of %d used). If start-up keeps "
+                "taking the whole time limit, raise the profile's time_min.",
+                Path(self.run_dir).name,
+                at - started,
+                record.timeouts,
+                self.max_requeues,
+            )
         if decision.action == "give_up":
             raise submitit.core.utils.UncompletedJobError(decision.reason)
         if decision.action == "requeue":
-            env._requeue(self.max_requeues - fields.get("timeouts", timeouts))  # submitit's own requeue
+            env._requeue(self.max_requeues - record.timeouts)  # submitit's own requeue

@@ -25,7 +25,8 @@ import submitit
 
 import nepa_scale
 from nepa_scale.config import dump_yaml
-from nepa_scale.launch.job import RunJob
+from nepa_scale.errors import SweepError
+from nepa_scale.launch.job import RunJob, job_python
 from nepa_scale.launch.plan import training_flops
 from nepa_scale.launch.profiles import ClusterProfile
 from nepa_scale.launch.sweep import PlannedRun, Sweep
@@ -65,7 +66,7 @@ def snapshot_code(root: Path) -> Path:
         staging = target.with_name(target.name + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(package, staging / "nepa_scale", ignore=shutil.ignore_patterns("__pycache__"))
-        from nepa_scale.engine.trainer import git_revision
+        from nepa_scale.engine.provenance import git_revision
 
         write_json_atomic(
             staging / "SNAPSHOT.json",
@@ -91,7 +92,7 @@ def make_executor(profile: ClusterProfile, folder: Path, code_dir: Path, job_nam
         *profile.setup,
     ]
     if profile.executor == "local":
-        executor = submitit.LocalExecutor(folder=folder)
+        executor = submitit.LocalExecutor(folder=folder, python=job_python())
         executor.update_parameters(
             timeout_min=profile.time_min,
             tasks_per_node=profile.tasks_per_node,
@@ -100,7 +101,9 @@ def make_executor(profile: ClusterProfile, folder: Path, code_dir: Path, job_nam
             setup=setup,
         )
         return executor
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_requeues)
+    executor = submitit.SlurmExecutor(
+        folder=folder, max_num_timeout=profile.max_requeues, python=job_python()
+    )
     params: dict = {
         "job_name": job_name,
         "time": profile.time_min,
@@ -198,6 +201,7 @@ class RunStatus:
     timeouts: int
     job_id: str
     error: str | None
+    idle_timeouts: int = 0  # time-limit attempts that trained no step
 
 
 def _job_error_line(launch: dict) -> str | None:
@@ -214,13 +218,13 @@ def _job_error_line(launch: dict) -> str | None:
 
 def run_status(run: PlannedRun, job_state: str) -> RunStatus:
     rd = RunDir(run.run_dir)
-    info, launch = rd.read_run(), read_launch(rd)
+    record, launch = rd.record(), read_launch(rd)
     train = [m for m in rd.read_metrics() if m.get("kind") == "train"]
     step = train[-1]["step"] if train else None
-    total = info.get("total_steps")
-    status = info.get("status")
-    error = info.get("error") or run.error
-    interrupted = bool(info.get("interruptions") or info.get("restarts"))
+    total = record.total_steps
+    status = record.status
+    error = record.error or run.error
+    interrupted = bool(record.interruptions or record.restarts)
     if run.error or status in ("completed", "failed"):
         state = "failed" if run.error else status
     elif job_state in ("PENDING", "CONFIGURING"):
@@ -249,10 +253,11 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
         step / total if step is not None and total else (1.0 if state == "completed" else None),
         step,
         train[-1]["loss"] if train else None,
-        len(info.get("restarts", [])),
-        info.get("timeouts", 0),
+        len(record.restarts),
+        record.timeouts,
         str(launch.get("job_id", "")),
         error,
+        record.idle_timeouts,
     )
 
 
@@ -275,6 +280,11 @@ def status_table(rows: list[RunStatus]) -> str:
         )
         if r.state == "failed" and r.error:
             lines.append(f"    error: {r.error}")
+        if r.idle_timeouts:
+            lines.append(
+                f"    {r.idle_timeouts} time-limit attempt(s) trained no step (start-up took the time): "
+                "they count against max_requeues; consider a longer time_min"
+            )
     counts: dict[str, int] = {}
     for r in rows:
         counts[r.state] = counts.get(r.state, 0) + 1
@@ -289,11 +299,11 @@ def _prepare(run: PlannedRun) -> None:
     rd = RunDir(run.run_dir)
     rd.root.mkdir(parents=True, exist_ok=True)
     if run.error:
-        rd.update_run(status="failed", error=run.error, config=run.config_data)
+        rd.invalid(run.config_data, run.error)
         return
     rd.config_yaml.write_text(dump_yaml(run.config))
     if not rd.run_json.is_file():
-        rd.update_run(status="created", config=run.config.to_dict(), config_hash=run.config.config_hash())
+        rd.created(run.config)
 
 
 def _record_submission(run: PlannedRun, job: submitit.Job, folder: Path, code_dir: Path) -> None:
@@ -340,9 +350,8 @@ def submit(sweep: Sweep, runs: list[PlannedRun], code_dir: Path | None = None) -
     jobs = {}
     for run in runs:
         rd = RunDir(run.run_dir)
-        info = rd.read_run()
-        if info.get("status") == "failed":  # --retry-failed: continue from its checkpoint
-            rd.update_run(status="created", error=None, retried_failure=info.get("error"))
+        if rd.record().status == "failed":  # --retry-failed: continue from its checkpoint
+            rd.retried()
         executor = make_executor(run.resources, folder, code_dir, f"nepa:{sweep.name}:{run.run_id}")
         job = executor.submit(run_job(run))
         _record_submission(run, job, Path(str(folder).replace("%j", str(job.job_id))), code_dir)
@@ -407,12 +416,12 @@ class PreemptOnce:
 
 def _ended_line(run: PlannedRun) -> str:
     row = run_status(run, "ENDED")
-    restarts = RunDir(run.run_dir).read_run().get("restarts", [])
+    restarts = RunDir(run.run_dir).record().restarts
     text = f"[{time.strftime('%H:%M:%S')}] {run.run_id}: {row.state}"
     if row.loss is not None:
         text += f", final loss {row.loss:.4f}"
     if restarts:
-        text += f", resumed {len(restarts)}x (from step {', '.join(str(r['from_step']) for r in restarts)})"
+        text += f", resumed {len(restarts)}x (from step {', '.join(str(r.from_step) for r in restarts)})"
     return text + (f" ({row.error})" if row.error else "")
 
 
@@ -513,9 +522,9 @@ def preempt(sweep: Sweep, run_id: str) -> str:
     """Send a run's job the preemption notice a cluster sends (SIGUSR2 to every task)."""
     launch_info = read_launch(RunDir(sweep.run(run_id).run_dir))
     if not launch_info:
-        raise RuntimeError(f"run {run_id} was never launched")
+        raise SweepError(f"run {run_id} was never launched")
     if launch_info["executor"] == "slurm":
         subprocess.run(["scancel", "--signal=USR2", launch_info["job_id"]], check=True)
     elif _signal_local(launch_info["job_id"], signal.SIGUSR2) == 0:
-        raise RuntimeError(f"run {run_id}: local job {launch_info['job_id']} has no running task")
+        raise SweepError(f"run {run_id}: local job {launch_info['job_id']} has no running task")
     return launch_info["job_id"]

@@ -7,11 +7,12 @@ import json
 from dataclasses import dataclass
 
 from nepa_scale.config import DataConfig, RunConfig
+from nepa_scale.engine.settings import resolve_step_settings
+from nepa_scale.errors import DataError
 from nepa_scale.flops import train_flops_per_image
 from nepa_scale.launch.sweep import PlannedRun, Sweep
-from nepa_scale.memory import blocks_to_checkpoint, estimate_memory
-from nepa_scale.models.arch import checkpointed_blocks
 from nepa_scale.models.zoo import count_params
+from nepa_scale.rundir import images_seen
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def _train_size(data_json: str, image_size: int) -> int:
 
 def training_steps(config: RunConfig) -> int:
     """Optimizer steps of the run's budget, by the trainer's rule (an epochs budget counts the
-    training set, so it may raise FileNotFoundError for a missing dataset)."""
+    training set, so it may raise DataError for a missing dataset)."""
     b = config.budget
     steps_per_epoch = 0
     if b.epochs is not None:
@@ -52,7 +53,7 @@ def training_steps(config: RunConfig) -> int:
 def training_flops(config: RunConfig) -> float:
     """Training FLOPs of the whole run under its budget.flop_convention."""
     per_image = train_flops_per_image(config.model.arch(), config.budget.flop_convention)
-    return training_steps(config) * config.budget.global_batch * per_image
+    return images_seen(training_steps(config), config.budget.global_batch) * per_image
 
 
 def plan_run(run: PlannedRun) -> RunPlan:
@@ -67,29 +68,22 @@ def plan_run(run: PlannedRun) -> RunPlan:
     params = count_params(arch)["total"]
     flops_per_image = train_flops_per_image(arch, c.budget.flop_convention)
     try:
-        images = training_steps(c) * c.budget.global_batch
-    except (FileNotFoundError, OSError) as exc:  # an epochs budget needs the dataset's size
+        images = images_seen(training_steps(c), c.budget.global_batch)
+    except (DataError, OSError) as exc:  # an epochs budget needs the dataset's size
         return RunPlan(
             run.run_id, c.model.name, params, None, None, None, None, None, None, layout, f"data: {exc}"
         )
     flops = images * flops_per_image
     device_hours = flops / (r.device_tflops * 1e12) / 3600
-    precision = c.deepspeed.precision
-    if precision == "auto":
-        precision = "bf16" if r.gpus_per_node else "fp32"
-    micro = c.budget.micro_batch or c.budget.global_batch // r.world_size
-    setting = dict(
-        micro_batch=micro,
-        precision=precision,
-        zero_stage=c.deepspeed.zero_stage,
-        world_size=r.world_size,
-        compiled=c.model.compiled,
+    # As the trainer will resolve them on a device of the profile's kind and memory.
+    settings = resolve_step_settings(
+        c,
+        arch,
+        r.world_size,
+        "cuda" if r.gpus_per_node else "cpu",
+        memory_gb=r.device_memory_gb,
+        predict_memory=True,
     )
-    if c.model.grad_checkpointing == "auto":  # as the trainer will choose on a device of the profile's memory
-        checkpointed, memory = blocks_to_checkpoint(arch, params, memory_gb=r.device_memory_gb, **setting)
-    else:
-        checkpointed = checkpointed_blocks(c.model.grad_checkpointing, arch.depth)
-        memory = estimate_memory(arch, params, grad_checkpointing=checkpointed, **setting)
     return RunPlan(
         run.run_id,
         c.model.name,
@@ -98,8 +92,8 @@ def plan_run(run: PlannedRun) -> RunPlan:
         flops,
         device_hours,
         device_hours / r.devices,
-        memory.peak_gb,
-        checkpointed,
+        settings.predicted_memory_gb,
+        settings.checkpointed_blocks,
         layout,
         None,
     )

@@ -16,6 +16,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from nepa_scale.errors import BackendUnavailable
 from nepa_scale.models.arch import BACKENDS
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def resolve_backend(requested: str, device: torch.device | str, dtype: torch.dty
     if requested == "xformers":
         reason = xformers_unavailable_reason(device_type, dtype)
         if reason is not None:
-            raise RuntimeError(f"attention backend 'xformers' was requested but cannot run: {reason}")
+            raise BackendUnavailable(f"model.attention: 'xformers' was requested but cannot run: {reason}")
         return "xformers"
     if requested != "auto":
         return requested

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from nepa_scale.errors import LayoutError
 from nepa_scale.models.vit import NEPA, NepaArch
 
 PREFIX = "vit_nepa."
@@ -41,10 +42,6 @@ _TOP_RENAMES = [
     ("head", "classifier"),
 ]
 _QKV_OFFICIAL = ("query", "key", "value")
-
-
-class LayoutError(ValueError):
-    """A state dict whose keys or shapes do not fit the target model."""
 
 
 def _rename(key: str, renames: list[tuple[str, str]], reverse: bool) -> str | None:

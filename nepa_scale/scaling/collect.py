@@ -1,4 +1,8 @@
-"""From run directories to one tidy table: a row per run and per pre-registered evaluation budget.
+"""From run directories to one tidy table: a row per run and per evaluation point.
+
+A run's evaluation points (the ``eval_point`` column) are its final step ("final") and each
+pre-registered compute budget (in training FLOPs) that the run passed: the step where it had spent
+that much compute.
 
 Reads only the run-directory contract (``nepa_scale/rundir.py``). Losses at a budget are the
 mean of the logged training losses over a window of log lines ending at the budget (stated in the
@@ -15,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nepa_scale.config import ConfigError, config_from_dict
+from nepa_scale.errors import NepaError, UsageError
 from nepa_scale.flops import CONVENTIONS, train_flops_per_image
 from nepa_scale.models.zoo import count_params
-from nepa_scale.rundir import RunDir
+from nepa_scale.rundir import RunDir, images_seen
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +33,20 @@ def run_dirs(sweep_dir: Path) -> list[Path]:
     """Every directory under ``sweep_dir`` holding a run.json (the sweep directory itself included)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep directory not found: {sweep_dir}")
+        raise UsageError(f"sweep directory not found: {sweep_dir}")
     return sorted(p.parent for p in sweep_dir.rglob("run.json"))
 
 
 def _run_summary(run: RunDir) -> dict:
-    info = run.read_run()
-    row: dict = {"run_id": run.root.name, "run_dir": str(run.root), "status": info.get("status", "unknown")}
+    """The run's facts from its record; its config is checked for values only (the data it trained
+    on need not be reachable from where the analysis runs)."""
+    row: dict = {"run_id": run.root.name, "run_dir": str(run.root), "status": "unknown"}
     try:
-        config = config_from_dict(info["config"])
-    except (KeyError, ConfigError) as exc:
-        row.update(status="invalid", error=f"run.json: {exc}")
+        record = run.record()
+        row["status"] = record.status or "unknown"
+        config = record.run_config()
+    except NepaError as exc:
+        row.update(status="invalid", error=str(exc))
         return row
     arch = config.model.arch()
     counts = count_params(arch)
@@ -49,10 +56,10 @@ def _run_summary(run: RunDir) -> dict:
         params_no_embed=counts["without_patch_embed"],
         tokens_per_image=arch.num_tokens,
         global_batch=config.budget.global_batch,
-        total_steps=info.get("total_steps"),
-        restarts=len(info.get("restarts", [])),
-        world_size=info.get("world_size", 1),
-        error=info.get("error"),
+        total_steps=record.total_steps,
+        restarts=len(record.restarts),
+        world_size=record.world_size or 1,
+        error=record.error,
         **{f"flops_per_image_{c}": train_flops_per_image(arch, c) for c in CONVENTIONS},
     )
     return row
@@ -62,7 +69,7 @@ def _gpu_hours(train: pd.DataFrame, world_size: int, global_batch: int) -> float
     """Device-hours from the logged throughput: images of each interval / img/s, times the ranks."""
     if train.empty or "img_per_s" not in train:
         return float("nan")
-    images = train["step"].diff().fillna(train["step"].iloc[0]) * global_batch
+    images = images_seen(train["step"].diff().fillna(train["step"].iloc[0]), global_batch)
     seconds = (images / train["img_per_s"].replace(0, np.nan)).sum()
     return float(seconds * world_size / 3600)
 
@@ -81,7 +88,7 @@ def collect(
         summary = _run_summary(run)
         metrics = pd.DataFrame(run.read_metrics())
         if summary["status"] == "invalid" or metrics.empty:
-            rows.append({**summary, "budget": "final", "images_seen": 0, "loss": math.nan})
+            rows.append({**summary, "eval_point": "final", "images_seen": 0, "loss": math.nan})
             continue
         kind = metrics["kind"] if "kind" in metrics else pd.Series("train", index=metrics.index)
         train = metrics[kind == "train"].sort_values("step").drop_duplicates("step", keep="last")
@@ -99,10 +106,10 @@ def collect(
             upto = train[train["step"] <= step]
             if upto.empty:
                 continue
-            images = int(step * summary["global_batch"])
+            images = images_seen(step, summary["global_batch"])
             row = {
                 **summary,
-                "budget": label,
+                "eval_point": label,
                 "step": step,
                 "images_seen": images,
                 "complete": complete,
@@ -124,7 +131,7 @@ def collect(
             rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
-        raise FileNotFoundError(f"no runs (run.json) under {sweep_dir}")
+        raise UsageError(f"no runs (run.json) under {sweep_dir}")
     table.attrs["convention"] = convention
     return table
 
@@ -159,7 +166,7 @@ def collect_curves(
                 "params_no_embed": summary["params_no_embed"],
                 "status": summary["status"],
                 "step": train["step"].to_numpy(),
-                "images_seen": train["step"].to_numpy() * summary["global_batch"],
+                "images_seen": images_seen(train["step"].to_numpy(), summary["global_batch"]),
                 "loss": train["loss"].rolling(window, min_periods=1).mean().to_numpy(),
             }
         )

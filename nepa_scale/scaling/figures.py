@@ -139,10 +139,12 @@ def n_opt_vs_compute(iso: IsoFlopFit, n_label: str, convention: str) -> plt.Figu
 
 def loss_vs_params(table: pd.DataFrame, quantity_label: str, n_label: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    budgets = sorted(table["budget"].unique(), key=lambda b: (b == "final", float(b) if b != "final" else 0))
+    budgets = sorted(
+        table["eval_point"].unique(), key=lambda b: (b == "final", float(b) if b != "final" else 0)
+    )
     cmap = plt.get_cmap("plasma")
     for i, budget in enumerate(budgets):
-        rows = table[table["budget"] == budget].sort_values("N")
+        rows = table[table["eval_point"] == budget].sort_values("N")
         ax.plot(
             rows["N"],
             rows["quantity"],

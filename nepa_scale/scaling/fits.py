@@ -25,9 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import minimize
 
-
-class FitError(ValueError):
-    """The data cannot support the requested fit (the message says why)."""
+from nepa_scale.errors import FitError
 
 
 @dataclass

@@ -120,7 +120,7 @@ def build_report(
             "loss_curves",
         )["png"]
 
-    final = done[done["budget"] == "final"]
+    final = done[done["eval_point"] == "final"]
     fit_rows = final if not s.budgets else done
     chinchilla = None
     try:
@@ -150,7 +150,7 @@ def build_report(
         warnings.append(f"Chinchilla fit skipped: {exc}")
 
     if s.budgets:
-        iso_rows = done[done["budget"] != "final"]
+        iso_rows = done[done["eval_point"] != "final"]
         try:
             iso = fit_isoflop(
                 iso_rows["compute"],
@@ -245,7 +245,7 @@ RUN_COLUMNS = [
     "model",
     "params",
     "params_no_embed",
-    "budget",
+    "eval_point",
     "images_seen",
     "flops_6N+attn",
     "loss",
@@ -259,7 +259,7 @@ RUN_COLUMNS = [
 
 def _run_table(table: pd.DataFrame) -> pd.DataFrame:
     cols = [c for c in RUN_COLUMNS if c in table]
-    return table[cols].sort_values(["params", "run_id", "budget"]) if "params" in table else table[cols]
+    return table[cols].sort_values(["params", "run_id", "eval_point"]) if "params" in table else table[cols]
 
 
 def _write_html(out: Path, table: pd.DataFrame, results: dict, figs: dict[str, Path]) -> None:

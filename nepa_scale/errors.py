@@ -1,0 +1,55 @@
+"""The project's own errors: bad input a user can fix, reported by the CLI as one line.
+
+Everything else (a device out of memory, a bug) is not a ``NepaError`` and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class NepaError(Exception):
+    """Base class of every error the user can act on from its message alone."""
+
+
+class UsageError(NepaError):
+    """The command as given cannot run: a bad argument, a file or folder named on it that is not
+    there (the CLI exits 2 for these, 1 for the other project errors)."""
+
+
+class ConfigError(UsageError, ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+class DataError(NepaError):
+    """Training or evaluation data that cannot be used; the message names the folder or file."""
+
+
+class CheckpointError(NepaError):
+    """A committed checkpoint that cannot be used; the message names the file."""
+
+
+class ResumeRefused(NepaError):
+    """The config changed in a way the newest checkpoint cannot continue; the message names the key."""
+
+
+class NonFiniteLoss(NepaError):
+    """The loss became NaN or infinite: the run stops before any checkpoint is written after it."""
+
+
+class BackendUnavailable(NepaError, RuntimeError):
+    """An attention backend that was asked for by name cannot run here."""
+
+
+class LayoutError(NepaError, ValueError):
+    """Weights that do not fit the official layout or the model."""
+
+
+class FitError(NepaError, ValueError):
+    """A scaling fit that cannot be made from the data given."""
+
+
+class RunRecordError(NepaError):
+    """run.json exists but cannot be read."""
+
+
+class SweepError(NepaError):
+    """A sweep action that cannot be carried out (a run never launched, a job without tasks)."""

@@ -1,0 +1,138 @@
+"""The run record, the CLI's error contract and the notice-during-start-up mechanism: no engine needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+from helpers import REPO, cli, env
+
+from nepa_scale.launch.job import job_python
+from nepa_scale.rundir import Interruption, RunDir, RunRecord, write_json_atomic
+
+OLD_RUN = REPO / "tests" / "data" / "run_schema1"  # written by the code before the typed record
+
+
+def test_a_run_directory_written_by_the_previous_code_reads_back(tmp_path):
+    run = RunDir(tmp_path / "old")
+    shutil.copytree(OLD_RUN, run.root)
+    record = run.record()
+    assert record.status == "completed" and record.step == record.total_steps == 300
+    assert record.resume_digest == json.loads((OLD_RUN / "run.json").read_text())["config_hash"]
+    assert record.run_config().model.overrides == {"dim": 48, "depth": 2, "num_heads": 2}
+    # Written back, it keeps every field it had (nothing the analysis reads is lost).
+    run.write_record(record)
+    again = json.loads(run.run_json.read_text())
+    before = json.loads((OLD_RUN / "run.json").read_text())
+    for key, value in before.items():
+        if key not in ("config_hash", "schema_version", "updated"):
+            assert again[key] == value, key
+
+
+def test_transitions_write_the_documented_record(tmp_path):
+    run = RunDir(tmp_path / "r")
+    from nepa_scale.config import load_config
+
+    config = load_config(REPO / "configs" / "digits_tiny.yaml", [f"output_dir={run.root}"])
+    run.created(config)
+    assert run.record().status == "created" and run.record().resume_digest == config.resume_digest()
+    run.started(None, total_steps=10, world_size=1)
+    run.preempted(4, config.budget.global_batch, "SIGUSR2")
+    record = run.interrupted(Interruption("SIGUSR2", "timeout", "requeue", 4, steps_done=0))
+    assert record.timeouts == 1 and record.idle_timeouts == 1
+    record = run.interrupted(Interruption("SIGUSR2", "preemption", "requeue", 6, steps_done=2))
+    assert record.timeouts == 1 and record.idle_timeouts == 1
+    run.skipped(["a.jpg"])
+    run.completed(10, config.budget.global_batch)
+    data = json.loads(run.run_json.read_text())
+    assert data["status"] == "completed" and data["images_seen"] == 10 * config.budget.global_batch
+    assert data["interruptions"][0]["steps_done"] == 0 and data["skipped_files"] == ["a.jpg"]
+    assert RunRecord.from_dict(data).to_dict() == data
+
+
+def test_a_completed_run_is_recognised_only_with_the_same_length_and_its_final_checkpoint(tmp_path):
+    from nepa_scale.config import load_config
+
+    run = RunDir(tmp_path / "old")
+    shutil.copytree(OLD_RUN, run.root)
+    config = load_config(run.config_yaml, [f"output_dir={run.root}"])
+    run.write_record(RunRecord.from_dict({**run.record().to_dict(), "resume_digest": config.resume_digest()}))
+    assert run.completed_with(config) is not None
+    longer = load_config(run.config_yaml, [f"output_dir={run.root}", "budget.images=19200"])
+    assert run.completed_with(longer) is None
+    (run.checkpoints / "step_00000300" / "COMMITTED").unlink()
+    assert run.completed_with(config) is None
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_records_and_markers_respect_the_umask(tmp_path, umask):
+    """mkstemp alone makes 0600 files that colleagues on a shared file system cannot read."""
+    old = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "run.json", {"a": 1})
+        run = RunDir(tmp_path)
+        run.append_metrics({"step": 1})
+        run.append_metrics({"step": 2})
+        run.truncate_metrics(1, 0)
+    finally:
+        os.umask(old)
+    for name in ("run.json", "metrics.jsonl"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_a_notice_during_python_start_up_reaches_the_flag(tmp_path):
+    """The job's python blocks the notices before anything else runs; the flag unblocks them once
+    installed. A SIGUSR2 sent while the interpreter starts is then handled, never fatal."""
+    ready = tmp_path / "ready"
+    code = (
+        "import pathlib, time; "
+        f"pathlib.Path({str(ready)!r}).touch(); "
+        "time.sleep(0.5); "  # the notice arrives here, before any handler exists
+        "from nepa_scale.engine.preemption import PreemptionFlag; "
+        "flag = PreemptionFlag().install(); "
+        "print(flag.received.name if flag.received else 'none')"
+    )
+    command = [*shlex.split(job_python()), "-c", code]  # as submitit's controller and srun start it
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env(), cwd=REPO)
+    deadline = time.time() + 60
+    while not ready.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGUSR2)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0 and out.strip() == "SIGUSR2"
+
+
+def test_project_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    import nepa_scale.cli as command_line
+    from nepa_scale.errors import DataError
+
+    missing = cli("report", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0, missing.stderr
+    assert "sweep directory not found" in missing.stderr
+
+    def raises(error):
+        def command(args):
+            raise error
+
+        return command
+
+    monkeypatch.setattr(command_line, "cmd_models", raises(DataError("data: the folder x has no images")))
+    assert command_line.main(["models"]) == 1
+    assert capsys.readouterr().err == "nepa-scale: error: data: the folder x has no images\n"
+    monkeypatch.setattr(command_line, "cmd_models", raises(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # not swallowed into one line
+        command_line.main(["models"])
+    import torch
+
+    monkeypatch.setattr(command_line, "cmd_models", raises(torch.OutOfMemoryError("CUDA out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        command_line.main(["models"])
+    hint = capsys.readouterr().err
+    assert "budget.micro_batch" in hint and "model.grad_checkpointing" in hint
