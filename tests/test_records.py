@@ -34,6 +34,10 @@ def test_a_run_directory_written_by_the_previous_code_reads_back(tmp_path):
     for key, value in before.items():
         if key not in ("config_hash", "schema_version", "updated"):
             assert again[key] == value, key
+    # Its checkpoint exports (committed before the resume rule recorded precision and length).
+    from nepa_scale.engine.export import export_run
+
+    assert export_run(run.root)["official"].is_file()
 
 
 def test_transitions_write_the_documented_record(tmp_path):
