@@ -132,7 +132,8 @@ def run_slug(values: dict[str, Any]) -> str:
     return slug[:60] or "run"
 
 
-def config_digest(data: dict[str, Any]) -> str:
+def run_id_digest(data: dict[str, Any]) -> str:
+    """The short hash that ends a run id: the run's config, less what cannot change its result."""
     hashed = {k: v for k, v in data.items() if k not in UNHASHED}
     return hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -194,7 +195,7 @@ def load_sweep(
             data = config.to_dict()
         except ConfigError as exc:
             error = str(exc)
-        run_id = f"{run_slug(values)}-{config_digest(data)}"
+        run_id = f"{run_slug(values)}-{run_id_digest(data)}"
         if run_id in seen:
             raise ConfigError(
                 f"{path}: runs {seen[run_id]} and {values} resolve to the same config (id {run_id})"
