@@ -25,12 +25,12 @@ import submitit
 
 import nepa_scale
 from nepa_scale.config import dump_yaml
-from nepa_scale.errors import SweepError
+from nepa_scale.errors import RunRecordError, SweepError
 from nepa_scale.launch.job import RunJob, job_python
 from nepa_scale.launch.plan import training_flops
 from nepa_scale.launch.profiles import ClusterProfile
 from nepa_scale.launch.sweep import PlannedRun, Sweep
-from nepa_scale.rundir import RunDir, write_json_atomic
+from nepa_scale.rundir import RunDir, RunRecord, write_json_atomic
 
 log = logging.getLogger("nepa_scale.launch")
 
@@ -218,7 +218,11 @@ def _job_error_line(launch: dict) -> str | None:
 
 def run_status(run: PlannedRun, job_state: str) -> RunStatus:
     rd = RunDir(run.run_dir)
-    record, launch = rd.record(), read_launch(rd)
+    launch = read_launch(rd)
+    try:
+        record = rd.record()
+    except RunRecordError as exc:  # one unreadable run.json must not hide the sweep's other runs
+        record = RunRecord(status="failed", error=str(exc))
     train = [m for m in rd.read_metrics() if m.get("kind") == "train"]
     step = train[-1]["step"] if train else None
     total = record.total_steps
