@@ -126,16 +126,17 @@ def study(tmp_path_factory):
     subprocess.run(["bash", str(REPO / "slurm/local/start.sh")], check=True, capture_output=True)
     root = tmp_path_factory.mktemp("launch")
     sweeps = {
-        # A time limit (1 min, notice 30 s before) shorter than the run's work. SLURM checks time
-        # limits every 30 s, so the notice comes 30-60 s into an attempt: a fast, idle machine trains
-        # up to ~1700 steps before it. While the other jobs start, start-up can take the whole 30 s
-        # (an attempt that trains no step); later attempts train hundreds: many requeues allowed.
+        # A time limit (1 min, notice 30 s before) shorter than the run's work. SLURM sends the
+        # notice at its 30-s time-limit check, up to 60 s early: here at the first check after the
+        # job starts, 0-30 s in. Start-up takes about 7 s on an idle machine, so an attempt trains
+        # at most ~23 s (~1100 steps at this machine kind's ~46 steps/s); while the other jobs start
+        # it may train none. Many requeues allowed: a slow machine needs them.
         "timeout": write_sweep(
             root,
             "timeout",
             "local",
             {"time_min": 1, "signal_delay_s": 30, "max_requeues": 30, "mem_gb": 2},
-            **{"budget.images": 57600},  # 1800 steps: more than one attempt's worth on any machine
+            **{"budget.images": 48000},  # 1500 steps: more than one attempt's worth on any machine
         ),
         "sweep": write_sweep(
             root,
@@ -300,7 +301,7 @@ def test_time_limit_requeues_until_the_budget_is_done(study):
     (row,) = wait_done(sweep, timeout=2 * DEADLINE_S)  # a slow machine needs many attempts
     info = run_info(sweep.runs[0].run_dir)
     assert row.state == "completed", row.error
-    assert info["timeouts"] >= 1 and info["step"] == info["total_steps"] == 1800
+    assert info["timeouts"] >= 1 and info["step"] == info["total_steps"] == 1500
     assert {e["kind"] for e in info["interruptions"]} == {"timeout"}
     # Every attempt's progress is recorded; those that trained no step saved nothing.
     assert all(e["steps_done"] >= 0 for e in info["interruptions"])

@@ -59,12 +59,27 @@ def slurm_rendezvous() -> dict[str, str]:
     return {"MASTER_ADDR": hosts[0], "MASTER_PORT": str(20000 + job % 20000)}
 
 
+def use_environment_extensions_dir() -> None:
+    """DeepSpeed compiles its CPU communication op on first use into torch's extension cache. The
+    build names this environment's absolute paths, so checkouts that share one cache rebuild it
+    whenever another ran last (a minute each time): one cache per environment builds it once."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+
+def prebuild_cpu_comm_op() -> None:
+    """Build DeepSpeed's CPU communication op now (``make setup`` does), so that no run's start-up
+    pays for the compile; nothing to do where DeepSpeed communicates through a GPU library."""
+    use_environment_extensions_dir()
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    if get_accelerator().device_name() == "cpu":
+        build_shm_op()
+
+
 def init_world() -> World:
     """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU)."""
-    # DeepSpeed compiles its CPU communication op on first use into torch's extension cache. The
-    # build names this environment's absolute paths, so checkouts that share one cache rebuild it
-    # whenever another ran last (a minute each time): one cache per environment builds it once.
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    use_environment_extensions_dir()
     import deepspeed
 
     rank, local_rank, world_size = world_from_env()
