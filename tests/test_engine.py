@@ -321,6 +321,36 @@ def test_unusable_data_fails_before_the_engine_starts_naming_folder_and_count(tm
     assert not (tmp_path / "run" / "run.json").exists()  # nothing started
 
 
+def test_a_step_without_one_readable_image_stops_the_run(tmp_path):
+    """The check before the start decodes a sample of the files; a step whose every file is
+    unreadable still stops the run (it used to train on zeros and complete)."""
+    from nepa_scale.data import SAMPLE_CHECK, ResumableBatchSampler
+
+    data = photo_folder(tmp_path / "data" / "train", classes=2, per_class=32).parent
+    files = sorted((data / "train").rglob("*.JPEG"))  # the dataset's order: class, then name
+    sampled = {round(i * (len(files) - 1) / (SAMPLE_CHECK - 1)) for i in range(SAMPLE_CHECK)}
+    # A seed whose first global batch of 8 holds none of the sampled files: make that batch unreadable.
+    seed = next(
+        s
+        for s in range(1000)
+        if not {*ResumableBatchSampler(len(files), 8, 8, seed=s).permutation(0)[:8].tolist()} & sampled
+    )
+    for index in ResumableBatchSampler(len(files), 8, 8, seed=seed).permutation(0)[:8].tolist():
+        files[index].write_bytes(b"no image here" * 20)
+    shutil.copytree(data / "train", data / "val")
+    run_dir = tmp_path / "run"
+    result = run_train(
+        run_dir,
+        "data.kind=imagefolder",
+        f"data.root={data}",
+        "budget.global_batch=8",
+        "budget.images=80",
+        f"seed={seed}",
+    )
+    assert "no readable image in steps 1-1 (8 files skipped" in one_line_error(result)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+
+
 def test_a_run_that_learns_nothing_does_not_complete(tmp_path):
     """Identical blank images, no random RoPE rescale and an lr too small to move fp32 weights: the
     loss is exactly the same in every interval. Such a run must never become a point of a scaling fit."""
