@@ -32,12 +32,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     check_world(config, world_size)
-    done = RunDir(config.output_dir).completed_with(config)
-    if done is not None:  # said at once: without importing and starting the engine
-        print(
-            f"nepa-scale: run {config.output_dir} is already complete (step {done.step} of {done.total_steps}): nothing to train",
-            file=sys.stderr,
-        )
+    complete = RunDir(config.output_dir).already_complete(config)
+    if complete is not None:  # said at once: without importing and starting the engine
+        print(f"nepa-scale: {complete}", file=sys.stderr)
         return 0
     from nepa_scale.engine.trainer import train
 

@@ -192,6 +192,15 @@ class RunRecord:
         return sum(event.kind == "timeout" and event.steps_done == 0 for event in self.interruptions)
 
 
+def _set_fields(record: RunRecord, fields: dict[str, Any]) -> None:
+    """Set RunRecord fields; a name that is not one is a bug, never a silently dropped value."""
+    names = {f.name for f in dataclasses.fields(RunRecord)}
+    for key, value in fields.items():
+        if key not in names:
+            raise TypeError(f"RunRecord has no field {key!r}")
+        setattr(record, key, value)
+
+
 def _typed(cls, data: Any):
     if isinstance(data, cls):
         return data
@@ -252,8 +261,7 @@ class RunDir:
 
     def _change(self, **fields: Any) -> RunRecord:
         record = self.record()
-        for key, value in fields.items():
-            setattr(record, key, value)
+        _set_fields(record, fields)
         return self.write_record(record)
 
     # -- transitions (launcher)
@@ -284,8 +292,7 @@ class RunDir:
     def started(self, restart: Restart | None, **facts: Any) -> RunRecord:
         """Training starts (``restart`` None) or resumes; ``facts`` are RunRecord fields of this start."""
         record = self.record()
-        for key, value in facts.items():
-            setattr(record, key, value)
+        _set_fields(record, facts)
         record.status, record.error, record.finished = "running", None, None
         record.started = record.started or now()
         if restart is None:
@@ -313,6 +320,14 @@ class RunDir:
         return self._change(
             status="failed", error=error.splitlines()[0] if error else error, failed_at_step=step
         )
+
+    def already_complete(self, config: RunConfig) -> str | None:
+        """What to say when this run completed with the same settings and length (nothing to
+        train); None otherwise."""
+        record = self.completed_with(config)
+        if record is None:
+            return None
+        return f"run {self.root} is already complete (step {record.step} of {record.total_steps}): nothing to train"
 
     def completed_with(self, config: RunConfig) -> RunRecord | None:
         """The record of this run when it completed with the same resume settings, budget and data

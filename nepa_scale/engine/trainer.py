@@ -55,7 +55,7 @@ from nepa_scale.errors import DataError
 from nepa_scale.flops import train_flops_per_image
 from nepa_scale.memory import device_memory_gb
 from nepa_scale.models import NEPA, resolve_backend
-from nepa_scale.rundir import REQUEUE_EXIT_CODE, Restart, RunDir, RunRecord, images_seen, now
+from nepa_scale.rundir import REQUEUE_EXIT_CODE, Restart, RunDir, now
 
 log = logging.getLogger("nepa_scale.train")
 
@@ -264,10 +264,12 @@ class Trainer:
 
     # -- the run
     def fit(self) -> TrainResult:
-        done = self.run.completed_with(self.config)
-        if done is not None:
-            log.info(already_complete_line(self.run, done))
-            return TrainResult("completed", done.step, self.total_steps, 0, start_step=done.step)
+        complete = self.run.already_complete(self.config)
+        if complete is not None:
+            log.info(complete)
+            return TrainResult(
+                "completed", self.total_steps, self.total_steps, 0, start_step=self.total_steps
+            )
         engine, ema, start_step = self.build_engine()
         return self.train(engine, ema, start_step)
 
@@ -408,14 +410,6 @@ class Trainer:
         return record
 
 
-def already_complete_line(run: RunDir, record: RunRecord) -> str:
-    return (
-        f"run {run.root} is already complete (step {record.step} of {record.total_steps}): nothing to train"
-    )
-
-
 def train(config: RunConfig, preempt: PreemptionFlag | None = None) -> TrainResult:
     return Trainer(config, preempt).fit()
 
-
-__all__ = ["TrainResult", "Trainer", "apply_compile", "images_seen", "train"]
