@@ -82,7 +82,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from nepa_scale.engine.export import fp32_state_dict, newest_verified
     from nepa_scale.eval.probes import run_probes
     from nepa_scale.models.vit import NEPA
-    from nepa_scale.rundir import RunDir
 
     run = RunDir(args.run_dir)
     recorded = run.record().run_config().to_dict()
