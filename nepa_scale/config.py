@@ -23,6 +23,8 @@ from nepa_scale.models.arch import BACKENDS, NepaArch, checkpointed_blocks
 from nepa_scale.models.zoo import get_arch, list_models
 
 COMPILE_SCOPES = ("none", "blocks", "model")
+SCHEDULES = ("cosine", "wsd", "constant")
+COOLDOWN_SHAPES = ("linear", "1-sqrt")
 
 
 @dataclass
@@ -68,8 +70,16 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.05  # not on biases, norms, LayerScale (every parameter with ndim <= 1)
     warmup_fraction: float = 0.025
+    # A warmup of fixed length (overrides warmup_fraction): what a WSD study needs, so that runs of
+    # different lengths share one trunk.
+    warmup_steps: int | None = None
     min_lr: float = 0.0
     clip_grad: float = 1.0
+    # cosine: decay to min_lr over the whole run (the paper's) | wsd: warmup-stable-decay, constant
+    # until the last cooldown_fraction of the run, then cooldown_shape down to min_lr | constant
+    schedule: str = "cosine"
+    cooldown_fraction: float = 0.2
+    cooldown_shape: str = "1-sqrt"  # linear | 1-sqrt (Hägele et al. 2024)
 
     def peak_lr(self, global_batch: int) -> float:
         return self.lr if self.lr is not None else self.base_lr * global_batch / 256
@@ -158,6 +168,18 @@ class CheckpointConfig:
     # Resuming with a different budget.* changes the lr schedule mid-run (a cosine decay restarts its
     # tail): refused unless asked for, e.g. to extend a finished run on purpose. Logged and recorded.
     allow_budget_change: bool = False
+    # Also save at these steps and keep them for good: a WSD trunk's branch points (set by the planner).
+    keep_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class BranchConfig:
+    """A WSD cooldown branch: the run starts from ``parent``'s committed checkpoint at ``step`` (its
+    cooldown start) and trains only its cooldown. Set by the sweep planner; bitwise the same run
+    as a standalone one of its budget, so none of this enters the run id."""
+
+    parent: str | None = None  # the trunk's run directory
+    step: int | None = None
 
 
 @dataclass
@@ -172,6 +194,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    branch: BranchConfig = field(default_factory=BranchConfig)
     output_dir: str = "runs/default"
     seed: int = 0
 
@@ -200,6 +223,13 @@ class RunConfig:
                 "weight_decay": o.weight_decay,
             },
         }
+        # Settings added later enter only when set, so that digests recorded before them still match.
+        if o.warmup_steps is not None:
+            fingerprint["optim"]["warmup_steps"] = o.warmup_steps
+        if o.schedule != "cosine":
+            fingerprint["optim"]["schedule"] = o.schedule
+        if o.schedule == "wsd":
+            fingerprint["optim"]["cooldown"] = [o.cooldown_fraction, o.cooldown_shape]
         if self.task == "finetune":
             fingerprint["finetune.layer_decay"] = self.finetune.layer_decay
         return json.loads(json.dumps(fingerprint))
@@ -412,6 +442,22 @@ def validate(c: RunConfig) -> None:
         0 <= c.optim.warmup_fraction < 1,
         f"optim.warmup_fraction: must be in [0, 1), got {c.optim.warmup_fraction}",
     )
+    _require(
+        c.optim.warmup_steps is None or c.optim.warmup_steps >= 0,
+        f"optim.warmup_steps: must be >= 0, got {c.optim.warmup_steps}",
+    )
+    _require(
+        c.optim.schedule in SCHEDULES,
+        f"optim.schedule: unknown schedule '{c.optim.schedule}' (choose from {', '.join(SCHEDULES)})",
+    )
+    _require(
+        0 < c.optim.cooldown_fraction <= 1,
+        f"optim.cooldown_fraction: must be in (0, 1], got {c.optim.cooldown_fraction}",
+    )
+    _require(
+        c.optim.cooldown_shape in COOLDOWN_SHAPES,
+        f"optim.cooldown_shape: must be one of {', '.join(COOLDOWN_SHAPES)}, got '{c.optim.cooldown_shape}'",
+    )
     _require(c.optim.clip_grad >= 0, f"optim.clip_grad: must be >= 0 (0 disables), got {c.optim.clip_grad}")
     b = c.budget
     _require(b.global_batch > 0, f"budget.global_batch: must be > 0, got {b.global_batch}")
@@ -481,6 +527,22 @@ def validate(c: RunConfig) -> None:
     _require(ck.every > 0, f"checkpoint.every: must be > 0, got {ck.every}")
     _require(ck.keep_last >= 1, f"checkpoint.keep_last: must be >= 1, got {ck.keep_last}")
     _require(ck.keep_every >= 0, f"checkpoint.keep_every: must be >= 0, got {ck.keep_every}")
+    _require(
+        all(step > 0 for step in ck.keep_steps),
+        f"checkpoint.keep_steps: steps must be > 0, got {ck.keep_steps}",
+    )
+    br = c.branch
+    _require(
+        (br.parent is None) == (br.step is None),
+        "branch: set both branch.parent and branch.step, or neither",
+    )
+    if br.parent is not None:
+        _require(br.step > 0, f"branch.step: must be > 0, got {br.step}")
+        _require(
+            c.optim.schedule == "wsd",
+            f"branch: a cooldown branch needs optim.schedule=wsd, got '{c.optim.schedule}'",
+        )
+        _require(c.task == "pretrain", "branch: cooldown branches are for pretraining (task: pretrain)")
     _require(
         ck.on_corrupt in ("error", "previous"),
         f"checkpoint.on_corrupt: must be error or previous, got '{ck.on_corrupt}'",

@@ -144,6 +144,8 @@ class RunRecord:
     step: int | None = None
     images_seen: int | None = None
     restarts: list[Restart] = field(default_factory=list)
+    # A WSD cooldown branch: its trunk's run directory, the branch step and checkpoint it started from.
+    branch: dict[str, Any] | None = None
     skipped_files: list[str] = field(default_factory=list)  # unreadable images, once per epoch seen
     preempted_by: str | None = None
     error: str | None = None  # the one-line reason of a failed run
@@ -361,6 +363,14 @@ class RunDir:
         with self.metrics.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
+
+    def copy_metrics_from(self, parent: RunDir, up_to_step: int) -> int:
+        """A branch's log starts as its trunk's up to the branch step (the same steps, computed once)."""
+        lines = [r for r in parent.read_metrics() if r.get("step", 0) <= up_to_step]
+        _replace_atomically(
+            self.metrics, lambda handle: handle.writelines(json.dumps(r) + "\n" for r in lines)
+        )
+        return len(lines)
 
     def truncate_metrics(self, after_step: int, restart: int) -> int:
         """Drop records beyond ``after_step`` (work that will be redone); keep them under logs/."""

@@ -16,6 +16,9 @@ stage and the precision (the optimizer state is laid out for them). Refused unle
 ``checkpoint.allow_budget_change`` is set: the run's length (the lr schedule is recomputed for the
 new length from the step it resumes at). Converted, and logged: the world size, through DeepSpeed's
 universal checkpoint (ZeRO 1-3). Every change made on purpose is recorded in run.json's restarts.
+
+A WSD cooldown branch (``branch.parent``, ``branch.step``) without checkpoints of its own starts
+from its trunk's committed checkpoint at the branch step: the same rule, its length excepted.
 """
 
 from __future__ import annotations
@@ -129,10 +132,11 @@ def verify(checkpoint: Committed) -> None:
             )
 
 
-def retention(root: Path, keep_last: int, keep_every: int) -> list[Path]:
-    """Delete committed checkpoints beyond the newest ``keep_last`` unless their step is a multiple of ``keep_every``."""
+def retention(root: Path, keep_last: int, keep_every: int, keep_steps: list[int] | None = None) -> list[Path]:
+    """Delete committed checkpoints beyond the newest ``keep_last`` unless their step is a multiple of
+    ``keep_every`` or one of ``keep_steps`` (a WSD trunk's branch points)."""
     committed = committed_checkpoints(root)
-    recent = {c.step for c in committed[-keep_last:]}
+    recent = {c.step for c in committed[-keep_last:]} | set(keep_steps or [])
     removed = []
     for c in committed:
         if c.step in recent or (keep_every and c.step % keep_every == 0):
@@ -210,10 +214,12 @@ def resume_changes(
     total_steps: int,
     world_size: int,
     recorded_total_steps: int | None = None,
+    branch: bool = False,
 ) -> tuple[list[str], list[str]]:
     """(refused, changed) for resuming from a checkpoint with ``meta``: the rule in this module's
     docstring. Settings a checkpoint did not record (older code) are not compared, except the run's
-    length, which run.json recorded (``recorded_total_steps``)."""
+    length, which run.json recorded (``recorded_total_steps``). ``branch``: a WSD cooldown branch
+    starting from its trunk's checkpoint, whose length differs by design."""
     refused = fingerprint_diff(meta.get("fingerprint", {}), config.resume_fingerprint())
     stage = meta.get("zero_stage")
     if stage is not None and stage != config.deepspeed.zero_stage:
@@ -231,7 +237,9 @@ def resume_changes(
     planned = meta.get("total_steps", recorded_total_steps)
     if planned is not None and planned != total_steps:
         change = f"budget: checkpoint planned {planned} steps -> config {total_steps}"
-        if config.checkpoint.allow_budget_change:
+        if branch:
+            changed.append(f"cooldown branch: the trunk planned {planned} steps, this run {total_steps}")
+        elif config.checkpoint.allow_budget_change:
             changed.append(f"{change} (checkpoint.allow_budget_change: the lr schedule is recomputed)")
         else:
             refused.append(
@@ -250,6 +258,7 @@ class ResumePlan:
     load_dir: Path  # the checkpoint itself, or its universal conversion
     load_universal: bool
     changes: list[str]
+    branch: bool = False  # the trunk's branch point, not one of this run's own checkpoints
 
 
 class Checkpointer:
@@ -264,11 +273,14 @@ class Checkpointer:
 
     def plan_resume(self) -> ResumePlan | None:
         """The newest committed checkpoint that verifies (or, with ``on_corrupt: previous``, the
-        newest before it that does), checked against the resume rule; None for a fresh start."""
+        newest before it that does), checked against the resume rule; for a cooldown branch without
+        checkpoints of its own, its trunk's branch point; None for a fresh start."""
         if self.world.is_main:
             remove_uncommitted(self.root)
         barrier()
         committed = committed_checkpoints(self.root)
+        if not committed and self.config.branch.parent is not None:
+            return self._plan_branch()
         while committed:
             candidate = committed[-1]
             try:
@@ -296,15 +308,38 @@ class Checkpointer:
                 )
             for change in changes:
                 log.warning("resuming from %s with a change: %s", candidate.path, change)
-            universal = (
-                self.config.deepspeed.zero_stage > 0
-                and candidate.meta.get("world_size", self.world.world_size) != self.world.world_size
-            )
-            load_dir = self._to_universal(candidate) if universal else candidate.path
-            return ResumePlan(candidate, load_dir, universal, changes)
+            return self._plan(candidate, changes)
         if self.world.is_main and self.root.is_dir() and any(self.root.iterdir()):
             log.warning("no committed checkpoint in %s: starting from step 0", self.root)
         return None
+
+    def _plan(self, candidate: Committed, changes: list[str], branch: bool = False) -> ResumePlan:
+        universal = (
+            self.config.deepspeed.zero_stage > 0
+            and candidate.meta.get("world_size", self.world.world_size) != self.world.world_size
+        )
+        load_dir = self._to_universal(candidate) if universal else candidate.path
+        return ResumePlan(candidate, load_dir, universal, changes, branch)
+
+    def _plan_branch(self) -> ResumePlan:
+        """A cooldown branch's first start: the trunk's committed checkpoint at the branch step."""
+        branch = self.config.branch
+        path = Path(branch.parent) / "checkpoints" / tag_for(branch.step)
+        meta = read_marker(path)
+        if meta is None:
+            raise CheckpointError(
+                f"branch point not committed: {path} (the trunk {branch.parent} has not saved step "
+                f"{branch.step} yet; it submits this branch when it has)"
+            )
+        candidate = Committed(path, branch.step, meta)
+        verify(candidate)
+        refused, changes = resume_changes(
+            meta, self.config, self.settings, self.total_steps, self.world.world_size, branch=True
+        )
+        if refused:
+            raise ResumeRefused(f"this branch cannot start from its trunk's {path}: " + "; ".join(refused))
+        log.info("cooldown branch: starting from the trunk's %s (step %d)", path, branch.step)
+        return self._plan(candidate, changes, branch=True)
 
     def _to_universal(self, source: Committed) -> Path:
         """DeepSpeed's universal format of a ZeRO checkpoint (rank 0 converts once), for a new world size."""
@@ -403,6 +438,6 @@ class Checkpointer:
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 },
             )
-            retention(self.root, c.checkpoint.keep_last, c.checkpoint.keep_every)
+            retention(self.root, c.checkpoint.keep_last, c.checkpoint.keep_every, c.checkpoint.keep_steps)
         barrier()
         return path

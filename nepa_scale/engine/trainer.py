@@ -22,7 +22,7 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,10 +48,10 @@ from nepa_scale.engine.metrics import (
 )
 from nepa_scale.engine.preemption import PreemptionFlag
 from nepa_scale.engine.provenance import git_revision, package_dir, package_versions
-from nepa_scale.engine.schedule import build_optimizer
+from nepa_scale.engine.schedule import build_optimizer, check_schedule, cooldown_start
 from nepa_scale.engine.settings import resolve_step_settings
 from nepa_scale.engine.tasks import TASKS, TaskContext
-from nepa_scale.errors import DataError
+from nepa_scale.errors import ConfigError, DataError
 from nepa_scale.flops import train_flops_per_image
 from nepa_scale.memory import device_memory_gb
 from nepa_scale.models import NEPA, resolve_backend
@@ -93,10 +93,17 @@ def apply_compile(model: NEPA, scope: str) -> None:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, preempt: PreemptionFlag | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        preempt: PreemptionFlag | None = None,
+        on_commit: Callable[[int], None] | None = None,
+    ):
         """``preempt``: a flag installed by the caller before start-up (the launcher does, so that a
-        signal during start-up is not lost); by default ``train`` installs its own."""
-        self.config, self.preempt = config, preempt
+        signal during start-up is not lost); by default ``train`` installs its own. ``on_commit``:
+        called on rank 0 with the step of each committed checkpoint (the launcher submits a WSD
+        trunk's branches from it)."""
+        self.config, self.preempt, self.on_commit = config, preempt, on_commit
         self.world = init_world()
         self.control_group = control_group(self.world)
         setup_logging(self.world)
@@ -130,6 +137,13 @@ class Trainer:
             config.seed,
         )
         self.total_steps = config.budget.total_steps(self.sampler.steps_per_epoch, self.flops_per_image)
+        check_schedule(config.optim, self.total_steps)
+        branch_point = cooldown_start(config.optim, self.total_steps)
+        if config.branch.step is not None and config.branch.step != branch_point:
+            raise ConfigError(
+                f"branch.step: {config.branch.step} is not this run's cooldown start (step {branch_point} "
+                f"of {self.total_steps}, optim.cooldown_fraction={config.optim.cooldown_fraction})"
+            )
         epoch_steps = self.sampler.steps_per_epoch if task_class.eval_each_epoch else None
         self.evaluator = Evaluator(config, self.arch, self.world, self.settings, epoch_steps)
         self.task = task_class(
@@ -209,8 +223,16 @@ class Trainer:
         if world.is_main:
             run.root.mkdir(parents=True, exist_ok=True)
             run.config_yaml.write_text(dump_yaml(c))
-            restart = None
-            if plan is not None:
+            restart, branch = None, None
+            if plan is not None and plan.branch:  # a fresh start from the trunk: its log up to here
+                copied = run.copy_metrics_from(RunDir(c.branch.parent), start_step)
+                branch = {
+                    "parent": c.branch.parent,
+                    "step": start_step,
+                    "checkpoint": str(plan.source.path),
+                    "copied_metric_lines": copied,
+                }
+            elif plan is not None:
                 dropped = run.truncate_metrics(start_step, len(run.record().restarts))
                 restart = Restart(
                     from_step=start_step,
@@ -222,8 +244,10 @@ class Trainer:
                 )
             else:
                 run.truncate_metrics(0, 0)
+            fresh = {} if restart is not None else {"branch": branch}  # a resume keeps the record's
             run.started(
                 restart,
+                **fresh,
                 config=c.to_dict(),
                 resume_digest=c.resume_digest(),
                 versions=package_versions(),
@@ -309,10 +333,13 @@ class Trainer:
                 if self.evaluator.probe_due(done, last):
                     writer.write_eval(done, self.evaluator.probe(engine, ema))
                 stop = preempt.agreed(self.control_group)
-                if done % c.checkpoint.every == 0 or last or stop:
+                kept = done in c.checkpoint.keep_steps
+                if done % c.checkpoint.every == 0 or last or stop or kept:
                     self.loss_watch.check_finite()
-                    reason = "preempted" if stop else ("final" if last else "periodic")
+                    reason = "preempted" if stop else ("final" if last else "kept" if kept else "periodic")
                     self.checkpointer.save(engine, ema, done, reason, {"interval": self.meter.partial()})
+                    if self.on_commit is not None and world.is_main:
+                        self.on_commit(done)
                 step = done
                 if stop and not last:
                     return self._stopped(preempt, done, start_step)
@@ -410,6 +437,9 @@ class Trainer:
         return record
 
 
-def train(config: RunConfig, preempt: PreemptionFlag | None = None) -> TrainResult:
-    return Trainer(config, preempt).fit()
-
+def train(
+    config: RunConfig,
+    preempt: PreemptionFlag | None = None,
+    on_commit: Callable[[int], None] | None = None,
+) -> TrainResult:
+    return Trainer(config, preempt, on_commit).fit()

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from nepa_scale.launch import launcher
-from nepa_scale.launch.plan import plan_table, training_steps
+from nepa_scale.launch.design import training_steps
+from nepa_scale.launch.plan import plan_table
 from nepa_scale.launch.sweep import PlannedRun, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]

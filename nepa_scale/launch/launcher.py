@@ -26,8 +26,8 @@ import submitit
 import nepa_scale
 from nepa_scale.config import dump_yaml
 from nepa_scale.errors import RunRecordError, SweepError
+from nepa_scale.launch.design import training_flops
 from nepa_scale.launch.job import RunJob, job_python
-from nepa_scale.launch.plan import training_flops
 from nepa_scale.launch.profiles import ClusterProfile
 from nepa_scale.launch.sweep import PlannedRun, Sweep
 from nepa_scale.rundir import RunDir, RunRecord, write_json_atomic

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
 
-from nepa_scale.config import DataConfig, RunConfig
 from nepa_scale.engine.settings import resolve_step_settings
 from nepa_scale.errors import DataError
 from nepa_scale.flops import train_flops_per_image
+from nepa_scale.launch.design import training_steps
 from nepa_scale.launch.sweep import PlannedRun, Sweep
 from nepa_scale.models.zoo import count_params
 from nepa_scale.rundir import images_seen
@@ -28,32 +26,6 @@ class RunPlan:
     checkpointed: int | None  # blocks under activation checkpointing (auto: chosen for the profile's memory)
     layout: str  # nodes x devices per node
     error: str | None
-
-
-@functools.lru_cache(maxsize=16)
-def _train_size(data_json: str, image_size: int) -> int:
-    from nepa_scale.config import build_dataclass
-    from nepa_scale.data import build_dataset
-
-    data = build_dataclass(DataConfig, json.loads(data_json), "data")
-    return len(build_dataset(data, "train", image_size, train=False))
-
-
-def training_steps(config: RunConfig) -> int:
-    """Optimizer steps of the run's budget, by the trainer's rule (an epochs budget counts the
-    training set, so it may raise DataError for a missing dataset)."""
-    b = config.budget
-    steps_per_epoch = 0
-    if b.epochs is not None:
-        data_json = json.dumps(config.to_dict()["data"], sort_keys=True)
-        steps_per_epoch = _train_size(data_json, config.model.arch().image_size) // b.global_batch
-    return b.total_steps(steps_per_epoch, train_flops_per_image(config.model.arch(), b.flop_convention))
-
-
-def training_flops(config: RunConfig) -> float:
-    """Training FLOPs of the whole run under its budget.flop_convention."""
-    per_image = train_flops_per_image(config.model.arch(), config.budget.flop_convention)
-    return images_seen(training_steps(config), config.budget.global_batch) * per_image
 
 
 def plan_run(run: PlannedRun) -> RunPlan:

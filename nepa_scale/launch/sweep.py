@@ -6,19 +6,30 @@
     axes:                              # blocks multiply; inside a block:
       - grid: {model.overrides.dim: [32, 64, 128]}       #   grid: every combination
       - zip: {budget.images: [...], optim.lr: [...]}     #   zip: the i-th values together
+      - seeds: 3                                         #   seeds: seed 0, 1, 2 (or a list)
+      - isoflop:                                         #   isoflop: compute budgets x model sizes,
+          compute: [1.0e12, 3.0e12]                      #     each run as long as its budget (whole
+          models: {model.overrides.dim: [32, 64]}        #     steps, within 1%); models: a zip
+      - union: [[{zip: ...}, {seeds: 3}], [{zip: ...}]]  #   union: the runs of each list, together
     profile: local                     # slurm/profiles/NAME.yaml or a path
     resources: {time_min: 30}          # profile overrides for every run
     output_root: runs/demo             # run directories: <output_root>/<run id>
 
 Axis keys under ``resources.`` (e.g. ``resources.nodes``) set the profile per run. A run's id is
-a readable slug of its axis values plus a hash of its resolved config (output directory and
-resources excluded): the same spec gives the same ids, and changing one run's config changes only
-that run's id. Configs are validated here, so a typo fails at ``plan`` with the key it names.
+a readable slug of its axis values plus a hash of what determines its result (``run_id_digest``):
+the same spec gives the same ids wherever the data is mounted, and changing one run's config
+changes only that run's id. Configs are validated here, so a typo fails at ``plan`` with the key
+it names; missing data is a warning here and an error at launch.
+
+WSD runs that differ only in length become one trunk and its cooldown branches
+(nepa_scale/launch/design.py): the planner sets the trunk's ``checkpoint.keep_steps`` and each
+branch's ``branch.parent`` and ``branch.step``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -30,17 +41,31 @@ from typing import Any
 from nepa_scale.config import (
     ConfigError,
     RunConfig,
+    check_input_paths,
     check_world,
     config_from_dict,
     parse_override,
     read_yaml_mapping,
     set_dotted,
 )
+from nepa_scale.launch.design import check_flops_budget, plan_branches
 from nepa_scale.launch.profiles import ClusterProfile, load_profile
 
 SWEEP_KEYS = {"name", "description", "base", "set", "axes", "profile", "resources", "output_root"}
 RESOURCE_PREFIX = "resources."
-UNHASHED = ("output_dir",)  # where a run lives does not change what it computes
+BLOCK_KINDS = ("grid", "zip", "seeds", "isoflop", "union")
+# Not what a run computes: where it lives, how a branch gets its start (left out of the digest),
+# where its data is mounted (hashed as unset, so runs without a data.root kept their ids).
+UNHASHED = ("output_dir", "branch", "checkpoint.keep_steps")
+BLANKED = ("data.root",)
+# Settings added after run ids were first recorded enter the digest only when set, so that adding
+# a setting to nepa-scale never renames the runs of a study already under way.
+LATER_SETTINGS = {
+    "optim.schedule": "cosine",
+    "optim.warmup_steps": None,
+    "optim.cooldown_fraction": 0.2,
+    "optim.cooldown_shape": "1-sqrt",
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,9 @@ class PlannedRun:
     config: RunConfig | None  # None when the config is invalid
     resources: ClusterProfile
     error: str | None = None
+    parent: str | None = None  # a cooldown branch: its trunk's run id
+    branch_step: int | None = None  # ... and the step it starts from
+    trunk_of: tuple[str, ...] = ()  # a trunk: its branches' run ids
 
     @property
     def run_dir(self) -> Path:
@@ -64,6 +92,7 @@ class Sweep:
     output_root: Path
     profile_name: str
     runs: list[PlannedRun]
+    warnings: tuple[str, ...] = ()  # said once by plan and launch (e.g. data.root not there)
 
     def run(self, run_id: str) -> PlannedRun:
         for run in self.runs:
@@ -86,23 +115,64 @@ def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _axis_block(block: Any, index: int) -> list[dict[str, Any]]:
-    where = f"axes[{index}]"
-    if not isinstance(block, dict) or len(block) != 1 or next(iter(block)) not in ("grid", "zip"):
-        raise ConfigError(f"{where}: each block is {{grid: {{key: [values]}}}} or {{zip: {{key: [values]}}}}")
-    kind, keys = next(iter(block.items()))
-    if not isinstance(keys, dict) or not keys:
-        raise ConfigError(f"{where}.{kind}: expected a mapping of dotted keys to lists of values")
-    for key, values in keys.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"{where}.{kind}.{key}: expected a non-empty list of values, got {values!r}")
-    names = list(keys)
+def _axis_block(block: Any, where: str) -> list[dict[str, Any]]:
+    """The axis values of one block (see the module docstring), one mapping per run."""
+    if not isinstance(block, dict) or len(block) != 1 or next(iter(block)) not in BLOCK_KINDS:
+        raise ConfigError(
+            f"{where}: each block is one of {', '.join(BLOCK_KINDS)} (e.g. {{grid: {{key: [values]}}}})"
+        )
+    kind, body = next(iter(block.items()))
+    where = f"{where}.{kind}"
+    if kind == "seeds":
+        if isinstance(body, int) and not isinstance(body, bool) and body > 0:
+            body = list(range(body))
+        if not isinstance(body, list) or not body or not all(isinstance(s, int) for s in body):
+            raise ConfigError(f"{where}: a number of seeds or a list of integer seeds, got {body!r}")
+        return [{"seed": seed} for seed in body]
+    if kind == "union":
+        if not isinstance(body, list) or not body:
+            raise ConfigError(f"{where}: a list of alternatives, each a block or a list of blocks")
+        runs = []
+        for i, part in enumerate(body):
+            runs += _product(part if isinstance(part, list) else [part], f"{where}[{i}]")
+        return runs
+    if kind == "isoflop":
+        if not isinstance(body, dict) or set(body) != {"compute", "models"}:
+            raise ConfigError(f"{where}: expected {{compute: [FLOPs], models: {{key: [values]}}}}")
+        compute = _values(body["compute"], f"{where}.compute")
+        if not all(isinstance(c, int | float) and not isinstance(c, bool) and c > 0 for c in compute):
+            raise ConfigError(f"{where}.compute: training FLOPs per run, positive numbers, got {compute!r}")
+        models = _axis_block({"zip": body["models"]}, f"{where}.models")
+        lengths = {"budget.images": None, "budget.epochs": None}  # the budget alone sets the length
+        return [{**lengths, "budget.flops": float(c), **model} for c in compute for model in models]
+    if not isinstance(body, dict) or not body:
+        raise ConfigError(f"{where}: expected a mapping of dotted keys to lists of values")
+    columns = {key: _values(values, f"{where}.{key}") for key, values in body.items()}
+    names = list(columns)
     if kind == "grid":
-        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*keys.values())]
-    lengths = {key: len(values) for key, values in keys.items()}
+        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*columns.values())]
+    lengths = {key: len(values) for key, values in columns.items()}
     if len(set(lengths.values())) != 1:
-        raise ConfigError(f"{where}.zip: lists must have equal lengths, got {lengths}")
-    return [dict(zip(names, combo, strict=True)) for combo in zip(*keys.values(), strict=True)]
+        raise ConfigError(f"{where}: lists must have equal lengths, got {lengths}")
+    return [dict(zip(names, combo, strict=True)) for combo in zip(*columns.values(), strict=True)]
+
+
+def _values(values: Any, where: str) -> list[Any]:
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}: expected a non-empty list of values, got {values!r}")
+    return values
+
+
+def _product(blocks: list[Any], where: str) -> list[dict[str, Any]]:
+    """Every combination of the blocks' runs (one run with no values for no blocks)."""
+    expanded = [_axis_block(block, f"{where}[{i}]") for i, block in enumerate(blocks)]
+    runs = []
+    for combo in itertools.product(*expanded):
+        values: dict[str, Any] = {}
+        for part in combo:
+            values.update(part)
+        runs.append(values)
+    return runs
 
 
 def _format_value(value: Any) -> str:
@@ -120,7 +190,7 @@ def run_slug(values: dict[str, Any]) -> str:
     """A readable prefix for the run id: the axis values (booleans by their key, when on)."""
     parts = []
     for key, value in values.items():
-        if key.startswith(RESOURCE_PREFIX):
+        if key.startswith(RESOURCE_PREFIX) or value is None:
             continue
         short = key.split(".")[-1]
         if isinstance(value, bool):
@@ -133,9 +203,36 @@ def run_slug(values: dict[str, Any]) -> str:
 
 
 def run_id_digest(data: dict[str, Any]) -> str:
-    """The short hash that ends a run id: the run's config, less what cannot change its result."""
-    hashed = {k: v for k, v in data.items() if k not in UNHASHED}
+    """The short hash that ends a run id: the run's config, less what cannot change its result
+    (``UNHASHED``, ``BLANKED``) and less later settings at their defaults (``LATER_SETTINGS``)."""
+    hashed = copy.deepcopy(data)
+    for dotted in UNHASHED:
+        _pop_dotted(hashed, dotted)
+    for dotted in BLANKED:
+        if _get_dotted(hashed, dotted) is not None:
+            set_dotted(hashed, dotted, None)
+    for dotted, default in LATER_SETTINGS.items():
+        if _get_dotted(hashed, dotted, default) == default:
+            _pop_dotted(hashed, dotted)
     return hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _get_dotted(data: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _pop_dotted(data: dict[str, Any], dotted: str) -> None:
+    *sections, last = dotted.split(".")
+    node: Any = data
+    for part in sections:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
 
 
 def _base_config(spec: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
@@ -166,8 +263,8 @@ def load_sweep(
     common.update(parse_override(item, "--set") for item in overrides or [])
     axes = spec.get("axes") or []
     if not isinstance(axes, list):
-        raise ConfigError(f"{path}: axes: expected a list of grid/zip blocks")
-    blocks = [_axis_block(block, i) for i, block in enumerate(axes)]
+        raise ConfigError(f"{path}: axes: expected a list of blocks ({', '.join(BLOCK_KINDS)})")
+    combos = _product(axes, "axes")
     profile_name = str(spec.get("profile", "local"))
     sweep_resources = dict(spec.get("resources") or {})
     if executor is not None:
@@ -176,10 +273,8 @@ def load_sweep(
 
     runs: list[PlannedRun] = []
     seen: dict[str, dict[str, Any]] = {}
-    for combo in itertools.product(*blocks) if blocks else [()]:
-        values: dict[str, Any] = {}
-        for part in combo:
-            values.update(part)
+    missing_paths: set[str] = set()
+    for values in combos:
         resources = dict(sweep_resources)
         data = copy.deepcopy(base)
         for key, value in {**common, **values}.items():
@@ -190,11 +285,17 @@ def load_sweep(
         profile = load_profile(profile_name, resources, relative_to=path.parent)
         config, error = None, None
         try:
-            config = config_from_dict(data)
+            config = config_from_dict(data, check_paths=False)  # costs do not depend on where the data is
             check_world(config, profile.world_size)
+            check_flops_budget(config)
             data = config.to_dict()
         except ConfigError as exc:
             error = str(exc)
+        if config is not None:
+            try:
+                check_input_paths(config)
+            except ConfigError as exc:
+                missing_paths.add(str(exc))
         run_id = f"{run_slug(values)}-{run_id_digest(data)}"
         if run_id in seen:
             raise ConfigError(
@@ -205,4 +306,27 @@ def load_sweep(
         if config is not None:
             config.output_dir = data["output_dir"]
         runs.append(PlannedRun(run_id, values, data, config, profile, error))
-    return Sweep(name, path, root, profile_name, runs)
+    warnings = tuple(f"{m} (costs are planned anyway; launch needs it)" for m in sorted(missing_paths))
+    return Sweep(name, path, root, profile_name, _with_branches(runs), warnings)
+
+
+def _with_branches(runs: list[PlannedRun]) -> list[PlannedRun]:
+    """Turn WSD runs that differ only in length into trunks and cooldown branches (design.py)."""
+    valid = {run.run_id: run.config for run in runs if run.config is not None and not run.error}
+    groups, errors = plan_branches(valid)
+    by_id = {run.run_id: run for run in runs}
+    for run_id, error in errors.items():
+        by_id[run_id] = dataclasses.replace(by_id[run_id], error=error)
+    for group in groups:
+        trunk = by_id[group.trunk]
+        trunk.config.checkpoint.keep_steps = sorted(set(group.branches.values()))
+        by_id[group.trunk] = dataclasses.replace(
+            trunk, config_data=trunk.config.to_dict(), trunk_of=tuple(group.branches)
+        )
+        for run_id, step in group.branches.items():
+            run = by_id[run_id]
+            run.config.branch.parent, run.config.branch.step = str(trunk.run_dir), step
+            by_id[run_id] = dataclasses.replace(
+                run, config_data=run.config.to_dict(), parent=group.trunk, branch_step=step
+            )
+    return [by_id[run.run_id] for run in runs]

@@ -1,0 +1,135 @@
+"""Study design: how a sweep's runs are trained, beyond one independent job each.
+
+- **Cooldown branches.** Runs that differ only in their length (``budget.images`` / ``epochs`` /
+  ``flops``) and use the ``wsd`` schedule share everything up to the shortest one's cooldown: the
+  lr is constant until then whatever the length. So one trunk per configuration (the longest
+  budget) trains, keeps a checkpoint at each shorter budget's cooldown start, and every shorter
+  budget becomes a branch that starts there and trains only its cooldown (Hägele et al. 2024).
+  A branch is bitwise the standalone run of its budget (tests/test_study.py).
+- **IsoFLOP budgets.** ``budget.flops`` runs last whole steps; the planner checks that they land
+  within ``ISOFLOP_TOLERANCE`` of their compute budget.
+
+Both need each run's length in steps, computed here by the trainer's own rule.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+
+from nepa_scale.config import DataConfig, RunConfig
+from nepa_scale.engine.schedule import check_schedule, cooldown_start
+from nepa_scale.errors import ConfigError, NepaError
+from nepa_scale.flops import train_flops_per_image
+from nepa_scale.rundir import images_seen
+
+LENGTH_KEYS = ("images", "epochs", "flops")  # budget.* keys that set a run's length, nothing else
+ISOFLOP_TOLERANCE = 0.01
+
+
+@functools.lru_cache(maxsize=16)
+def _train_size(data_json: str, image_size: int) -> int:
+    from nepa_scale.config import build_dataclass
+    from nepa_scale.data import build_dataset
+
+    data = build_dataclass(DataConfig, json.loads(data_json), "data")
+    return len(build_dataset(data, "train", image_size, train=False))
+
+
+def training_steps(config: RunConfig) -> int:
+    """Optimizer steps of the run's budget, by the trainer's rule (an epochs budget counts the
+    training set, so it may raise DataError for a missing dataset)."""
+    b = config.budget
+    steps_per_epoch = 0
+    if b.epochs is not None:
+        data_json = json.dumps(config.to_dict()["data"], sort_keys=True)
+        steps_per_epoch = _train_size(data_json, config.model.arch().image_size) // b.global_batch
+    return b.total_steps(steps_per_epoch, train_flops_per_image(config.model.arch(), b.flop_convention))
+
+
+def training_flops(config: RunConfig) -> float:
+    """Training FLOPs of the whole run under its budget.flop_convention."""
+    per_image = train_flops_per_image(config.model.arch(), config.budget.flop_convention)
+    return images_seen(training_steps(config), config.budget.global_batch) * per_image
+
+
+def check_flops_budget(config: RunConfig) -> None:
+    """A ``budget.flops`` run's whole steps land within ISOFLOP_TOLERANCE of its budget."""
+    target = config.budget.flops
+    if target is None:
+        return
+    steps = training_steps(config)
+    off = training_flops(config) / target - 1
+    if abs(off) > ISOFLOP_TOLERANCE:
+        raise ConfigError(
+            f"budget.flops: {target:.3g} FLOPs is {steps} whole step(s) of {config.budget.global_batch} images "
+            f"for this model, {100 * off:+.1f}% off the budget (more than {100 * ISOFLOP_TOLERANCE:g}%): "
+            "lower budget.global_batch or raise the budget"
+        )
+
+
+def trunk_key(config_data: dict) -> str:
+    """Runs with the same key differ at most in their length: one trunk can serve them all."""
+    data = json.loads(json.dumps(config_data))
+    for key in LENGTH_KEYS:
+        data["budget"].pop(key, None)
+    for key in ("output_dir", "branch"):
+        data.pop(key, None)
+    data["checkpoint"].pop("keep_steps", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Branching:
+    """One trunk and its branches: run id -> branch step (the branch's cooldown start)."""
+
+    trunk: str
+    trunk_steps: int
+    branches: dict[str, int]
+
+
+def plan_branches(runs: dict[str, RunConfig]) -> tuple[list[Branching], dict[str, str]]:
+    """Group WSD runs that differ only in length under one trunk each (the longest).
+
+    Returns the groups and, per run id, an error for runs that cannot take part (a warmup in
+    fractions, a warmup that reaches the branch point, an unknown length). Runs of other schedules,
+    and WSD runs alone in their group, stay independent."""
+    groups: dict[str, list[str]] = {}
+    for run_id, config in runs.items():
+        if config.optim.schedule == "wsd":
+            groups.setdefault(trunk_key(config.to_dict()), []).append(run_id)
+    plans, errors = [], {}
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        optim = runs[members[0]].optim
+        if optim.warmup_steps is None:
+            for run_id in members:
+                errors[run_id] = (
+                    f"optim.warmup_steps: runs {', '.join(members)} differ only in budget and use the wsd "
+                    "schedule, so they share one trunk, which needs a warmup of fixed length: set "
+                    f"optim.warmup_steps (optim.warmup_fraction={optim.warmup_fraction} gives each budget its own)"
+                )
+            continue
+        steps = {}
+        for run_id in members:
+            try:
+                steps[run_id] = training_steps(runs[run_id])
+                check_schedule(runs[run_id].optim, steps[run_id])
+            except (
+                NepaError,
+                OSError,
+            ) as exc:  # a warmup into the cooldown; an epochs budget without its data
+                errors[run_id] = str(exc)
+        usable = [run_id for run_id in members if run_id in steps and run_id not in errors]
+        if len(usable) < 2:
+            continue
+        trunk = max(usable, key=lambda run_id: steps[run_id])
+        branches = {
+            run_id: cooldown_start(optim, steps[run_id]) for run_id in usable if steps[run_id] < steps[trunk]
+        }
+        if branches:
+            plans.append(Branching(trunk, steps[trunk], branches))
+    return plans, errors
