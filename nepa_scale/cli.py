@@ -203,8 +203,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.action == "plan":
         from nepa_scale.launch.plan import plan_table
 
+        against = None
+        if args.against:
+            against = load_sweep(args.against, executor=args.executor, overrides=args.set)
         print(f"sweep {sweep.name}: {len(sweep.runs)} runs -> {sweep.output_root}")
-        print(plan_table(sweep))
+        print(plan_table(sweep, against))
         return 1 if any(run.error for run in sweep.runs) else 0
     if args.action == "launch":
         pending = launcher.launch(sweep, retry_failed=args.retry_failed, dry_run=args.dry_run)
@@ -309,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="extra run config, e.g. data.root=/data/imagenet",
+    )
+    sweep.add_argument(
+        "--against", default=None, help="plan: compare the device-hours with another sweep file (same --set)"
     )
     sweep.add_argument("--retry-failed", action="store_true", help="launch: also resubmit failed runs")
     sweep.add_argument("--dry-run", action="store_true", help="launch: only say what would be submitted")

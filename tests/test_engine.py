@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import (
     REPO,
     SMALL,
@@ -375,17 +376,34 @@ def test_a_run_that_learns_nothing_does_not_complete(tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
 
 
-def test_a_finished_run_reads_back_after_its_data_moved(tmp_path):
-    """Bug: collect/report/export/probe checked that data.root still existed, so a sweep analysed on
-    another machine (or after an unmount) lost its runs. Reading back checks values only."""
+def test_a_finished_sweep_survives_its_data_moving(tmp_path):
+    """Bugs: run ids hashed data.root, so a new mount point renamed every run and a relaunch
+    retrained the sweep; and collect/report/export/probe checked that data.root still existed, so
+    a sweep analysed on another machine (or after an unmount) lost its runs."""
     data = photo_folder(tmp_path / "data" / "train", classes=1, per_class=40).parent
     shutil.copytree(data / "train", data / "val")
-    run_dir = tmp_path / "sweep" / "run"
-    trained = run_train(
-        run_dir, "data.kind=imagefolder", f"data.root={data}", "budget.images=160", "budget.global_batch=16"
-    )
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    small = dict(override.split("=", 1) for override in SMALL)
+    spec = {
+        "base": str(REPO / "configs" / "digits_tiny.yaml"),
+        "set": {
+            **{key: yaml.safe_load(value) for key, value in small.items()},
+            "data.kind": "imagefolder",
+            "data.root": str(data),
+            "budget.images": 160,
+            "budget.global_batch": 16,
+        },
+        "profile": "cpu",
+        "output_root": str(tmp_path / "sweep"),
+    }
+    sweep_file = tmp_path / "study.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    launched = cli("sweep", "launch", str(sweep_file))
+    assert launched.returncode == 0 and "submitted 1 of 1 runs" in launched.stdout, launched.stderr[-3000:]
+    (run_dir,) = [p for p in (tmp_path / "sweep").iterdir() if not p.name.startswith(".")]
     moved = data.rename(tmp_path / "moved")
+    again = cli("sweep", "launch", str(sweep_file), "--set", f"data.root={moved}")
+    assert again.returncode == 0 and again.stdout.startswith("submitted 0 of 1 runs"), again.stdout
+    assert [p.name for p in (tmp_path / "sweep").iterdir() if not p.name.startswith(".")] == [run_dir.name]
     from nepa_scale.scaling.collect import collect
 
     table = collect(tmp_path / "sweep")

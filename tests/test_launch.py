@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ import yaml
 from helpers import DIGITS_CONFIG, REPO, env, final_weights, losses, metrics
 
 from nepa_scale.config import ConfigError
+from nepa_scale.engine.checkpoint import committed_checkpoints
 from nepa_scale.launch import launcher
 from nepa_scale.launch.job import decide
 from nepa_scale.launch.sweep import load_sweep
@@ -104,12 +106,19 @@ class Watcher:
             list((run_dir / "checkpoints").glob("*/COMMITTED"))
         )
 
-    def _watch(self, name: str, run_dir: Path, command: list[str], at_start: bool = False) -> None:
+    def _watch(self, name: str, run_dir: Path, command, at_start: bool = False) -> None:
         while not self.stop.is_set():
             if self._due(run_dir, at_start):
                 if at_start:
                     time.sleep(0.5)  # past the job's first milliseconds: its interpreter is starting
                 step = last_step(run_dir)
+                if callable(command):  # in this process: no interpreter start-up before the signal
+                    try:
+                        command()
+                        self.sent[name] = (time.time(), step)
+                    except Exception as exc:  # noqa: BLE001 - reported by the test that waits for it
+                        self.errors.append(f"{name}: {exc}")
+                    return
                 job = json.loads((run_dir / "launch.json").read_text())["job_id"]
                 argv = [part.replace("{job}", job) for part in command]
                 result = subprocess.run(argv, capture_output=True, text=True, env=env(), cwd=REPO)
@@ -156,6 +165,16 @@ def study(tmp_path_factory):
             for name in ("two_task", "two_task_twin")  # the same run twice: preempted, uninterrupted
         },
         "local": write_sweep(root, "local", "cpu", **{"seed": 0, "optim.warmup_fraction": 0.05}),
+        # A WSD study of one model: the 300-step trunk's job submits the 100- and 200-step budgets'
+        # cooldown branches (from steps 75 and 150) as it commits those checkpoints.
+        "wsd": write_sweep(
+            root,
+            "wsd",
+            "local",
+            {"mem_gb": 2},
+            axes=[{"grid": {"budget.images": [3200, 6400, 9600]}}],
+            **{"optim.schedule": "wsd", "optim.warmup_steps": 10, "optim.cooldown_fraction": 0.25},
+        ),
         # A preemption notice while the job is still starting (bug: it died of SIGUSR2 as FAILED).
         "start_notice": write_sweep(root, "start_notice", "local", {"mem_gb": 2}, **{"budget.images": 1920}),
     }
@@ -163,7 +182,8 @@ def study(tmp_path_factory):
     seed0 = loaded["sweep"].runs[0]
     watcher = Watcher(
         [
-            ("usr2", seed0.run_dir, ["scancel", "--signal=USR2", "{job}"]),
+            # An array task: through `sweep preempt`'s code, which stops scancel's retries (slurm/README.md).
+            ("usr2", seed0.run_dir, lambda: launcher.preempt(loaded["sweep"], seed0.run_id)),
             ("requeue", loaded["sweep"].runs[1].run_dir, ["scontrol", "requeue", "{job}"]),
             ("two_task", loaded["two_task"].runs[0].run_dir, ["scancel", "--signal=USR2", "{job}"]),
             ("start", loaded["start_notice"].runs[0].run_dir, ["scancel", "--signal=USR2", "{job}"], True),
@@ -184,7 +204,7 @@ def study(tmp_path_factory):
         ]
     )
     watcher.start()  # before the launches: the start-up notice must not miss its job's start
-    for name in ("start_notice", "timeout", "sweep", "two_task", "two_task_twin"):
+    for name in ("start_notice", "timeout", "sweep", "two_task", "two_task_twin", "wsd"):
         cli("sweep", "launch", str(sweeps[name]))
     local = subprocess.Popen(
         [sys.executable, "-m", "nepa_scale.cli", "sweep", "launch", str(sweeps["local"])],
@@ -215,7 +235,7 @@ def study(tmp_path_factory):
         "watcher": watcher,
     }
     watcher.stop.set()
-    for name in ("start_notice", "timeout", "sweep", "two_task", "two_task_twin"):
+    for name in ("start_notice", "timeout", "sweep", "two_task", "two_task_twin", "wsd"):
         launcher.cancel(loaded[name])
     for process in (local, twin):
         if process.poll() is None:
@@ -226,7 +246,7 @@ def wait_done(sweep, timeout: float = DEADLINE_S) -> list[launcher.RunStatus]:
     deadline = time.time() + timeout
     while time.time() < deadline:
         rows = launcher.sweep_status(sweep)
-        if not any(r.state in ("pending", "running", "requeued", "not launched") for r in rows):
+        if not any(r.state in ("pending", "running", "requeued", "not launched", "waiting") for r in rows):
             return rows
         time.sleep(1)
     raise AssertionError("sweep did not finish:\n" + launcher.status_table(launcher.sweep_status(sweep)))
@@ -334,6 +354,60 @@ def test_two_task_gloo_run_resumes_after_preemption(study):
     assert_same_run(sweep.runs[0].run_dir, twin.runs[0].run_dir)
 
 
+def test_runs_with_the_same_resources_go_in_as_one_job_array(study):
+    sweep = study["loaded"]["sweep"]
+    wait_done(sweep)
+    jobs = [json.loads((run.run_dir / "launch.json").read_text())["job_id"] for run in sweep.runs[:3]]
+    arrays = {job.split("_")[0] for job in jobs}
+    assert len(arrays) == 1 and sorted(job.split("_")[1] for job in jobs) == ["0", "1", "2"], jobs
+    # The preempted (USR2) and requeued (scontrol requeue) runs were tasks of that array.
+    states = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", arrays.pop(), "-o", "JobID,State"], capture_output=True, text=True
+    ).stdout.split()
+    assert {line.split("|")[0] for line in states} == set(jobs)
+
+
+def test_a_trunk_submits_its_cooldown_branches_which_start_from_its_checkpoints(study):
+    sweep = study["loaded"]["wsd"]
+    rows = wait_done(sweep)
+    assert [(r.design, r.state) for r in rows] == [
+        ("branch@75", "completed"),
+        ("branch@150", "completed"),
+        ("trunk", "completed"),
+    ], [r.error for r in rows]
+    trunk = sweep.runs[2]
+    assert {75, 150} <= {c.step for c in committed_checkpoints(trunk.run_dir / "checkpoints")}
+    trunk_done = datetime.strptime(run_info(trunk.run_dir)["finished"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    for branch in sweep.runs[:2]:
+        info = run_info(branch.run_dir)
+        assert info["branch"]["step"] == branch.branch_step and info["branch"]["parent"] == str(trunk.run_dir)
+        assert info["step"] == info["total_steps"] and not info["restarts"]
+        assert min(c.step for c in committed_checkpoints(branch.run_dir / "checkpoints")) > branch.branch_step
+        assert [m["step"] for m in metrics(branch.run_dir)] == list(range(5, info["total_steps"] + 1, 5))
+        # Submitted by the trunk's job once the branch point committed, before the trunk finished.
+        marker = trunk.run_dir / "checkpoints" / f"step_{branch.branch_step:08d}" / "COMMITTED"
+        submitted = json.loads((branch.run_dir / "launch.json").read_text())["jobs"][0]["submitted"]
+        submitted_at = datetime.strptime(submitted, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        assert int(marker.stat().st_mtime) - 1 <= submitted_at <= trunk_done
+
+
+def test_sweep_cancel_cancels_a_job_array(study, tmp_path):
+    path = write_sweep(
+        tmp_path, "cancel", "local", {"mem_gb": 2}, axes=[{"seeds": 2}], **{"budget.images": 96000}
+    )
+    sweep = load_sweep(path)
+    cli("sweep", "launch", str(path))
+    deadline = time.time() + DEADLINE_S
+    while time.time() < deadline and not any(r.state == "running" for r in launcher.sweep_status(sweep)):
+        time.sleep(0.5)
+    jobs = [json.loads((run.run_dir / "launch.json").read_text())["job_id"] for run in sweep.runs]
+    assert len({job.split("_")[0] for job in jobs}) == 1 and all("_" in job for job in jobs), jobs
+    result = cli("sweep", "cancel", str(path))
+    assert result.stdout.startswith("cancelled 2 runs"), result.stdout
+    rows = wait_done(sweep)
+    assert [r.state for r in rows] == ["cancelled", "cancelled"], launcher.status_table(rows)
+
+
 # ----------------------------------------------------------------------------- local executor
 
 
@@ -400,9 +474,9 @@ def test_sweep_plan_takes_every_set_and_checkpoints_what_the_profile_memory_need
     assert all(float(row[7]) <= 0.9 * 24 for row in rows.values())  # mem GB
     assert main(["sweep", "plan", sweep, *sets, "--set", "budget.micro_batch=512"]) == 1
     out = capsys.readouterr().out
-    assert (
-        "nepa_b14   INVALID: budget.global_batch: 4096 is not divisible by world size 16 x micro_batch 512"
-        in out
+    invalid = [line.split(maxsplit=2) for line in out.splitlines() if "INVALID" in line]
+    assert [(model, rest) for _, model, rest in invalid if model == "nepa_b14"][0][1] == (
+        "INVALID: budget.global_batch: 4096 is not divisible by world size 16 x micro_batch 512"
     )
 
 

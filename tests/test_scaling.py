@@ -25,6 +25,7 @@ from nepa_scale.scaling.fits import (
     fit_power_law,
     holdout,
     pareto_frontier,
+    seed_spread,
 )
 from nepa_scale.scaling.report import StudySettings, build_report, fit_table
 
@@ -143,9 +144,10 @@ def make_run(
     status: str = "completed",
     logged: int | None = None,
     noise: float = 0.0,
+    seed: int = 0,
 ):
     """A run directory as the engine writes it: run.json with the resolved config, metrics.jsonl."""
-    config = RunConfig()
+    config = RunConfig(seed=seed)
     config.model.overrides = _arch_overrides(dim)
     config.budget.global_batch = 128
     config.budget.images = steps * 128
@@ -327,3 +329,25 @@ def test_analysis_scripts_run_on_a_sweep(sweep, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert figure.exists() and out.stdout.count("alpha") == 2
+
+
+def test_seeds_are_grouped_and_their_spread_is_the_noise_floor(tmp_path):
+    """Three seeds of each (N, D) with 2% log-normal noise per logged loss: the pooled spread of
+    the final points recovers it, and the report states it."""
+    for dim in DIMS[:3]:
+        for steps in BUDGET_STEPS[:2]:
+            for seed in range(3):
+                make_run(tmp_path / "study", f"d{dim}_s{steps}_seed{seed}", dim, steps, noise=0.02, seed=seed)
+    table = collect(tmp_path / "study", window=1)
+    final = table[table["eval_point"] == "final"]
+    assert sorted(set(final["seed"])) == [0, 1, 2]
+    spread = seed_spread(final["params"], final["images_seen"], final["cosine_distance"], final["seed"])
+    assert spread.cells == 6 and spread.replicates == 18
+    assert 0.01 < spread.std_log < 0.03
+    assert (
+        seed_spread(final["params"], final["images_seen"], final["cosine_distance"], [0] * len(final)) is None
+    )
+    results = build_report(tmp_path / "study", tmp_path / "report", StudySettings(n_bootstrap=20, window=1))
+    floor = results["fits"]["noise floor (seeds)"]
+    assert floor["cells"] == 6 and floor["std_log"] == pytest.approx(spread.std_log)
+    assert "noise floor (seeds)" in (tmp_path / "report" / "report.md").read_text()

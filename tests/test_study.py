@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import REPO, final_weights, losses, metrics, run_and_signal, run_train
 
 from nepa_scale.config import OptimConfig, load_config
 from nepa_scale.engine.checkpoint import committed_checkpoints
 from nepa_scale.engine.schedule import cooldown_start, lr_factor
+from nepa_scale.launch.design import training_flops, training_steps
+from nepa_scale.launch.plan import plan_table
+from nepa_scale.launch.sweep import load_sweep
 
 WSD = [
     "deepspeed.zero_stage=2",
@@ -92,3 +96,96 @@ def test_a_branch_must_start_at_its_cooldown(tmp_path):
         ConfigError, match=r"branch.step: 20 is not this run's cooldown start \(step 30 of 40"
     ):
         Trainer(config)
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def write_sweep(tmp_path: Path, axes: list, **set_values) -> Path:
+    spec = {
+        "name": "study",
+        "base": str(REPO / "configs" / "digits_tiny.yaml"),
+        "set": {"model.overrides.depth": 2, **set_values},
+        "axes": axes,
+        "profile": "cpu",
+        "output_root": str(tmp_path / "runs"),
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+MODELS = {"model.overrides.dim": [32, 64, 128], "model.overrides.num_heads": [2, 4, 8]}
+
+
+def test_isoflop_runs_hit_their_compute_budget_within_one_percent(tmp_path):
+    budgets = [3e12, 1e13]
+    sweep = load_sweep(write_sweep(tmp_path, [{"isoflop": {"compute": budgets, "models": MODELS}}]))
+    assert len(sweep.runs) == 6 and not any(run.error for run in sweep.runs)
+    for run in sweep.runs:
+        target = run.values["budget.flops"]
+        assert run.config.budget.images is None and target in budgets
+        assert abs(training_flops(run.config) / target - 1) <= 0.01
+    steps = {run.run_id: training_steps(run.config) for run in sweep.runs}
+    small, large = sweep.runs[0], sweep.runs[2]  # the same budget: the larger model trains fewer steps
+    assert steps[small.run_id] > 3 * steps[large.run_id]
+    table = plan_table(sweep)
+    assert "C FLOPs" in table and "N params" in table and "D images" in table and "% of budget 3e+12" in table
+    # A budget too small for whole steps to land within 1% is refused, naming the key.
+    tiny = load_sweep(write_sweep(tmp_path, [{"isoflop": {"compute": [2e10], "models": MODELS}}]))
+    assert all(run.error and run.error.startswith("budget.flops:") for run in tiny.runs[1:])
+
+
+def test_seeds_give_distinct_ids_and_share_everything_else(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, [{"seeds": 3}]))
+    assert len({run.run_id for run in sweep.runs}) == 3
+    assert [run.config.seed for run in sweep.runs] == [0, 1, 2]
+    configs = [{**run.config_data, "seed": None, "output_dir": None} for run in sweep.runs]
+    assert configs[0] == configs[1] == configs[2]
+
+
+def test_wsd_budgets_plan_as_one_trunk_and_branches_with_a_fixed_warmup(tmp_path):
+    axes = [{"grid": {"budget.images": [12800, 25600, 51200]}}]
+    sweep = load_sweep(write_sweep(tmp_path, axes, **{"optim.schedule": "wsd", "optim.warmup_steps": 10}))
+    short, mid, trunk = sweep.runs
+    assert trunk.trunk_of == (short.run_id, mid.run_id) and trunk.config.checkpoint.keep_steps == [80, 160]
+    assert (short.parent, short.branch_step, mid.branch_step) == (trunk.run_id, 80, 160)
+    assert short.config.branch.parent == str(trunk.run_dir)
+    # Branching does not rename runs: a branch has the id of the standalone run of its budget.
+    alone = load_sweep(
+        write_sweep(
+            tmp_path,
+            [{"grid": {"budget.images": [12800]}}],
+            **{"optim.schedule": "wsd", "optim.warmup_steps": 10},
+        )
+    )
+    assert alone.runs[0].run_id == short.run_id and alone.runs[0].parent is None
+    table = plan_table(sweep)
+    assert "branch@80" in table and "trunk" in table and "this design saves" in table
+    # A warmup in fractions gives each budget its own: they cannot share a trunk.
+    fractions = load_sweep(write_sweep(tmp_path, axes, **{"optim.schedule": "wsd"}))
+    assert all(run.error.startswith("optim.warmup_steps: runs") for run in fractions.runs)
+
+
+def test_planning_without_the_data_plans_costs_and_warns_once(capsys):
+    from nepa_scale.cli import main
+
+    assert (
+        main(["sweep", "plan", str(REPO / "sweeps" / "scaling_imagenet.yaml"), "--set", "data.root=/nowhere"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.count("warning: data.root: directory not found: /nowhere/train") == 1
+    assert "INVALID" not in out and "16 runs (0 invalid)" in out
+
+
+def test_the_branched_imagenet_study_saves_gpu_hours():
+    from nepa_scale.cli import main
+
+    wsd = load_sweep(REPO / "sweeps" / "scaling_imagenet_wsd.yaml")
+    trunks = [run for run in wsd.runs if run.trunk_of]
+    assert len(trunks) == 8 and all(len(run.trunk_of) == 3 for run in trunks)  # S, B x 3 seeds; L; H
+    assert {run.config.model.name for run in wsd.runs} == {"nepa_s14", "nepa_b14", "nepa_l14", "nepa_h14"}
+    table = plan_table(wsd, load_sweep(REPO / "sweeps" / "scaling_imagenet.yaml"))
+    assert "this design saves" in table.splitlines()[-3]
+    assert main(["sweep", "plan", str(REPO / "sweeps" / "scaling_imagenet_wsd.yaml")]) == 0

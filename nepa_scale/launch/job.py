@@ -147,7 +147,30 @@ class RunJob(submitit.helpers.Checkpointable):
         from nepa_scale.engine.trainer import train
 
         torch.set_num_threads(self.cpus_per_task)
-        return train(load_config(RunDir(self.run_dir).config_yaml), preempt)
+        return train(load_config(RunDir(self.run_dir).config_yaml), preempt, self._branch_submitter())
+
+    def _branch_submitter(self):
+        """For a WSD trunk on SLURM: after each commit, submit the branches whose point it is."""
+        from nepa_scale.launch.launcher import BRANCHES_FILE, submit_ready_branches
+
+        spec = Path(self.run_dir) / BRANCHES_FILE
+        if not spec.is_file() or submitit.JobEnvironment().name() != "slurm":
+            return None
+
+        def on_commit(step: int) -> None:
+            try:
+                for run_id in submit_ready_branches(self.run_dir):
+                    log.info("step %d committed: submitted cooldown branch %s", step, run_id)
+            except Exception as exc:  # noqa: BLE001 - never stop the trunk; `sweep launch` submits them too
+                log.error(
+                    "could not submit the branches of step %d (%s: %s); `nepa-scale sweep launch` "
+                    "submits them",
+                    step,
+                    type(exc).__name__,
+                    exc,
+                )
+
+        return on_commit
 
     def _after_preemption(self, env, run: RunDir, preempt, started: float, result) -> None:
         received = preempt.received.name if preempt.received else None

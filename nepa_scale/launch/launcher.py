@@ -5,13 +5,29 @@ ids, code snapshot) at submission; the engine owns ``run.json``. Whether a run n
 is decided from those files and the scheduler's view of its last job, so ``launch`` is
 idempotent: completed and in-flight runs are skipped, preempted or cancelled ones continue from
 their checkpoints, failed ones only with ``retry_failed``.
+
+On SLURM, the runs of one launch that share their resources go in as one job array (submitit's
+batch submission), at most the profile's ``array_parallelism`` running at once, so a study of
+hundreds of runs stays within a cluster's per-user job limits. Each array task is a run like any
+other: its own requeues, preemptions, status and cancel (job ids ``ARRAY_TASK``).
+
+Cooldown branches (nepa_scale/launch/design.py) wait for their trunk's branch-point checkpoint,
+and no allocation waits for them: on SLURM the trunk's own job submits each branch the moment that
+checkpoint commits (``submit_ready_branches``, from the engine's on-commit hook). The trunk's job is
+the one process that knows that moment, and ``sweep launch`` returns once it has submitted, so
+nothing else is watching. A launch also submits any branch whose point is already committed (a
+trunk that finished, or one killed between commit and submission). Under the local executor the
+launching process is watching anyway, and starts a branch when a slot is free and its point is
+committed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import shlex
 import shutil
 import signal
@@ -24,13 +40,13 @@ from pathlib import Path
 import submitit
 
 import nepa_scale
-from nepa_scale.config import dump_yaml
+from nepa_scale.config import check_input_paths, dump_yaml
 from nepa_scale.errors import RunRecordError, SweepError
 from nepa_scale.launch.design import training_flops
 from nepa_scale.launch.job import RunJob, job_python
 from nepa_scale.launch.profiles import ClusterProfile
 from nepa_scale.launch.sweep import PlannedRun, Sweep
-from nepa_scale.rundir import RunDir, RunRecord, write_json_atomic
+from nepa_scale.rundir import MARKER, RunDir, RunRecord, tag_for, write_json_atomic
 
 log = logging.getLogger("nepa_scale.launch")
 
@@ -126,9 +142,8 @@ def make_executor(profile: ClusterProfile, folder: Path, code_dir: Path, job_nam
     return executor
 
 
-def run_job(run: PlannedRun) -> RunJob:
-    r = run.resources
-    return RunJob(str(run.run_dir), r.max_requeues, r.signal_delay_s, r.time_min, r.cpus_per_task)
+def _run_job(run_dir: Path, r: ClusterProfile) -> RunJob:
+    return RunJob(str(run_dir), r.max_requeues, r.signal_delay_s, r.time_min, r.cpus_per_task)
 
 
 # ----------------------------------------------------------------------------- job state
@@ -140,7 +155,8 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     if not job_ids:
         return states
     ids = ",".join(job_ids)
-    live = subprocess.run(["squeue", "-h", "-j", ids, "-o", "%i %T"], capture_output=True, text=True)
+    # -r: one line per array task, also for tasks still pending inside their array's record.
+    live = subprocess.run(["squeue", "-h", "-r", "-j", ids, "-o", "%i %T"], capture_output=True, text=True)
     for line in live.stdout.splitlines():
         job, state = line.split()
         states[job] = state
@@ -202,6 +218,7 @@ class RunStatus:
     job_id: str
     error: str | None
     idle_timeouts: int = 0  # time-limit attempts that trained no step
+    design: str = ""  # trunk | branch@STEP | "" (independent)
 
 
 def _job_error_line(launch: dict) -> str | None:
@@ -214,6 +231,21 @@ def _job_error_line(launch: dict) -> str | None:
         if errors or lines:
             return (errors or lines)[-1].strip()
     return None
+
+
+def branch_point_committed(run: PlannedRun) -> bool:
+    """A branch's start, its trunk's checkpoint at the branch step, is committed (True for other runs)."""
+    if run.parent is None:
+        return True
+    return (
+        Path(run.config_data["branch"]["parent"]) / "checkpoints" / tag_for(run.branch_step) / MARKER
+    ).is_file()
+
+
+def design_label(run: PlannedRun) -> str:
+    if run.parent is not None:
+        return f"branch@{run.branch_step}"
+    return "trunk" if run.trunk_of else ""
 
 
 def run_status(run: PlannedRun, job_state: str) -> RunStatus:
@@ -248,6 +280,8 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
         )
     elif status == "preempted":
         state = "preempted"
+    elif not launch and not branch_point_committed(run):
+        state = "waiting"  # for its trunk's branch point
     else:
         state = "not launched" if not launch else (status or "unknown")
     return RunStatus(
@@ -262,6 +296,7 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
         str(launch.get("job_id", "")),
         error,
         record.idle_timeouts,
+        design_label(run),
     )
 
 
@@ -272,7 +307,7 @@ def sweep_status(sweep: Sweep) -> list[RunStatus]:
 
 
 def status_table(rows: list[RunStatus]) -> str:
-    head = f"{'run id':<46} {'model':<10} {'state':<12} {'progress':>8} {'step':>7} {'loss':>9} {'restarts':>8} {'job':>9}"
+    head = f"{'run id':<46} {'model':<10} {'design':<10} {'state':<12} {'progress':>8} {'step':>7} {'loss':>9} {'restarts':>8} {'job':>11}"
     lines = [head, "-" * len(head)]
     for r in rows:
         progress = f"{100 * r.progress:.0f}%" if r.progress is not None else "-"
@@ -280,7 +315,7 @@ def status_table(rows: list[RunStatus]) -> str:
         step = str(r.step) if r.step is not None else "-"
         restarts = f"{r.restarts}" + (f" ({r.timeouts} t/o)" if r.timeouts else "")
         lines.append(
-            f"{r.run_id:<46} {r.model:<10} {r.state:<12} {progress:>8} {step:>7} {loss:>9} {restarts:>8} {r.job_id:>9}"
+            f"{r.run_id:<46} {r.model:<10} {r.design:<10} {r.state:<12} {progress:>8} {step:>7} {loss:>9} {restarts:>8} {r.job_id:>11}"
         )
         if r.state == "failed" and r.error:
             lines.append(f"    error: {r.error}")
@@ -293,10 +328,15 @@ def status_table(rows: list[RunStatus]) -> str:
     for r in rows:
         counts[r.state] = counts.get(r.state, 0) + 1
     lines.append(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    if counts.get("waiting"):
+        lines.append("waiting: cooldown branches whose trunk has not yet committed their branch point")
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- launch
+
+
+BRANCHES_FILE = "branches.json"  # in a trunk's run directory: its branches and how to submit them
 
 
 def _prepare(run: PlannedRun) -> None:
@@ -310,31 +350,57 @@ def _prepare(run: PlannedRun) -> None:
         rd.created(run.config)
 
 
-def _record_submission(run: PlannedRun, job: submitit.Job, folder: Path, code_dir: Path) -> None:
-    rd = RunDir(run.run_dir)
+def _record_branches(sweep: Sweep, trunk: PlannedRun, folder: Path, code_dir: Path) -> None:
+    """What the trunk's job needs to submit its branches: their run directories, branch steps and
+    resources, the submitit folder and the code snapshot of this launch."""
+    branches = [sweep.run(run_id) for run_id in trunk.trunk_of]
+    write_json_atomic(
+        trunk.run_dir / BRANCHES_FILE,
+        {
+            "sweep": sweep.name,
+            "folder": str(folder),
+            "code": str(code_dir),
+            "branches": [
+                {
+                    "run_id": b.run_id,
+                    "run_dir": str(b.run_dir),
+                    "step": b.branch_step,
+                    "resources": b.resources.to_dict(),
+                }
+                for b in branches
+            ],
+        },
+    )
+
+
+def _record_submission(
+    run_dir: Path, resources: ClusterProfile, job: submitit.Job, folder: Path, code_dir: Path
+) -> None:
+    rd = RunDir(run_dir)
     previous = read_launch(rd)
     entry = {"job_id": str(job.job_id), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_json_atomic(
         rd.launch_json,
         {
-            "executor": run.resources.executor,
+            "executor": resources.executor,
             "job_id": str(job.job_id),
             "folder": str(folder),
             "code": str(code_dir),
-            "resources": run.resources.to_dict(),
+            "resources": resources.to_dict(),
             "jobs": [*previous.get("jobs", []), entry],
         },
     )
 
 
 def to_submit(sweep: Sweep, retry_failed: bool = False) -> tuple[list[PlannedRun], list[RunStatus]]:
-    """The runs ``launch`` would submit now, and the status of every run."""
+    """The runs ``launch`` would submit now (branches included once their point is committed), and
+    the status of every run."""
     rows = sweep_status(sweep)
     pending = []
     for run, row in zip(sweep.runs, rows, strict=True):
         if run.error:
             continue
-        if row.state in ("completed", "pending", "running", "requeued"):
+        if row.state in ("completed", "pending", "running", "requeued", "waiting"):
             continue
         if row.state == "failed" and not retry_failed:
             continue
@@ -342,26 +408,123 @@ def to_submit(sweep: Sweep, retry_failed: bool = False) -> tuple[list[PlannedRun
     return pending, rows
 
 
-def submit(sweep: Sweep, runs: list[PlannedRun], code_dir: Path | None = None) -> dict[str, submitit.Job]:
-    """Submit ``runs`` now (one job each) and record them; returns run id -> job."""
-    code_dir = code_dir or snapshot_code(sweep.output_root)
-    # SLURM replaces %j with the job id; the local executor keeps one folder (files carry the pid).
-    folder = (
-        sweep.output_root
-        / ".submitit"
-        / ("%j" if runs and runs[0].resources.executor == "slurm" else "local")
-    )
-    jobs = {}
-    for run in runs:
-        rd = RunDir(run.run_dir)
-        if rd.record().status == "failed":  # --retry-failed: continue from its checkpoint
-            rd.retried()
-        executor = make_executor(run.resources, folder, code_dir, f"nepa:{sweep.name}:{run.run_id}")
-        job = executor.submit(run_job(run))
-        _record_submission(run, job, Path(str(folder).replace("%j", str(job.job_id))), code_dir)
-        jobs[run.run_id] = job
-        log.info("submitted %s as %s job %s", run.run_id, run.resources.executor, job.job_id)
+def submission_folder(sweep: Sweep, executor: str) -> Path:
+    """submitit's folder: SLURM replaces %j with the job id (ARRAY_TASK for array tasks); the local
+    executor keeps one folder (its files carry the pid)."""
+    return sweep.output_root / ".submitit" / ("%j" if executor == "slurm" else "local")
+
+
+SUBMIT_LOCK = ".submitting"  # beside run.json while a run is checked and submitted
+
+
+def _claim(run_dir: Path) -> bool:
+    """Take the run's submit lock, so that a launch and a trunk's job never both submit the same
+    branch (an exclusively created file; one older than five minutes was left by a killed submitter)."""
+    lock = run_dir / SUBMIT_LOCK
+    try:
+        lock.touch(exist_ok=False)
+        return True
+    except FileExistsError:
+        if time.time() - lock.stat().st_mtime > 300:
+            lock.touch()
+            return True
+        return False
+
+
+def _release(run_dir: Path) -> None:
+    (run_dir / SUBMIT_LOCK).unlink(missing_ok=True)
+
+
+def _submit_group(
+    sweep_name: str, runs: list[tuple[Path, ClusterProfile]], folder: Path, code_dir: Path
+) -> list[submitit.Job]:
+    """Submit runs that share their resources: one job each, or one job array on SLURM."""
+    profile = runs[0][1]
+    name = f"nepa:{sweep_name}" if len(runs) > 1 else f"nepa:{sweep_name}:{runs[0][0].name}"
+    executor = make_executor(profile, folder, code_dir, name)
+    if profile.executor == "slurm" and len(runs) > 1:
+        with executor.batch():
+            jobs = [executor.submit(_run_job(run_dir, r)) for run_dir, r in runs]
+    else:
+        jobs = [executor.submit(_run_job(run_dir, r)) for run_dir, r in runs]
+    for (run_dir, resources), job in zip(runs, jobs, strict=True):
+        where = Path(str(folder).replace("%j", str(job.job_id)))
+        _record_submission(run_dir, resources, job, where, code_dir)
+        log.info("submitted %s as %s job %s", run_dir.name, resources.executor, job.job_id)
     return jobs
+
+
+def submit(sweep: Sweep, runs: list[PlannedRun], code_dir: Path | None = None) -> dict[str, submitit.Job]:
+    """Submit ``runs`` now and record them; returns run id -> job. On SLURM, runs with the same
+    resources go in as one job array."""
+    code_dir = code_dir or snapshot_code(sweep.output_root)
+    groups: dict[str, list[PlannedRun]] = {}
+    claimed = [run for run in runs if _claim(run.run_dir)]
+    jobs = {}
+    try:
+        for run in claimed:
+            rd = RunDir(run.run_dir)
+            if run.parent is not None and _in_flight(rd):  # its trunk's job was quicker
+                continue
+            if rd.record().status == "failed":  # --retry-failed: continue from its checkpoint
+                rd.retried()
+            if run.trunk_of:
+                _record_branches(sweep, run, submission_folder(sweep, run.resources.executor), code_dir)
+            groups.setdefault(json.dumps(run.resources.to_dict(), sort_keys=True), []).append(run)
+        for group in groups.values():
+            folder = submission_folder(sweep, group[0].resources.executor)
+            submitted = _submit_group(sweep.name, [(r.run_dir, r.resources) for r in group], folder, code_dir)
+            jobs.update({run.run_id: job for run, job in zip(group, submitted, strict=True)})
+    finally:
+        for run in claimed:
+            _release(run.run_dir)
+    return jobs
+
+
+def _in_flight(rd: RunDir) -> bool:
+    launch_info = read_launch(rd)
+    return bool(launch_info) and job_states({"run": launch_info})["run"] in LIVE_SLURM_STATES
+
+
+def submit_ready_branches(trunk_dir: str | Path) -> list[str]:
+    """Submit the trunk's branches whose branch point is committed and that were never submitted
+    (called by the trunk's job after each commit, on SLURM). Returns the submitted run ids."""
+    trunk_dir = Path(trunk_dir)
+    spec = json.loads((trunk_dir / BRANCHES_FILE).read_text())
+    submitted = []
+    for branch in spec["branches"]:
+        run_dir = Path(branch["run_dir"])
+        committed = (trunk_dir / "checkpoints" / tag_for(branch["step"]) / MARKER).is_file()
+        if not committed or RunDir(run_dir).launch_json.is_file() or not _claim(run_dir):
+            continue
+        try:
+            if not RunDir(run_dir).launch_json.is_file():  # a launch may have been quicker
+                resources = ClusterProfile(**branch["resources"])
+                with _outside_this_job():
+                    _submit_group(
+                        spec["sweep"], [(run_dir, resources)], Path(spec["folder"]), Path(spec["code"])
+                    )
+                submitted.append(branch["run_id"])
+        finally:
+            _release(run_dir)
+    return submitted
+
+
+JOB_ENV_PREFIXES = ("SLURM_", "SUBMITIT_")
+JOB_ENV_NAMES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def _outside_this_job():
+    """sbatch passes its environment on: a job submitted from inside a job must not inherit that
+    job's identity (an array task's SLURM_ARRAY_* would make submitit misname the new job)."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith(JOB_ENV_PREFIXES) or k in JOB_ENV_NAMES}
+    for key in saved:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def launch(
@@ -369,15 +532,18 @@ def launch(
 ) -> list[PlannedRun]:
     """Prepare every run directory and submit what is neither done nor in flight (SLURM: returns
     once submitted; local executor: runs them here, ``array_parallelism`` at a time, and returns
-    when they are done)."""
-    pending, _ = to_submit(sweep, retry_failed)
+    when they are done). Branches still waiting for their trunk are prepared, not submitted."""
+    pending, rows = to_submit(sweep, retry_failed)
+    waiting = [run for run, row in zip(sweep.runs, rows, strict=True) if row.state == "waiting"]
     if dry_run:
         return pending
+    for run in pending + waiting:
+        check_input_paths(run.config)  # the data must be there now (plan only warned)
     for run in sweep.runs:
-        if run.error or run in pending:
+        if run.error or run in pending or run in waiting:
             _prepare(run)
-    if any(run.resources.executor == "local" for run in pending):
-        run_local(sweep, pending, preempt_at)
+    if any(run.resources.executor == "local" for run in pending + waiting):
+        run_local(sweep, pending + waiting, preempt_at)
     else:
         submit(sweep, pending)
     return pending
@@ -444,8 +610,17 @@ def run_local(
     parallel = min((r.resources.array_parallelism for r in runs), default=1)
     last_report = time.time()
     while queue or active:
-        while queue and len(active) < parallel:
-            run = queue.pop(0)
+        ready = [run for run in queue if branch_point_committed(run)]  # a branch once its point is
+        if not ready and not active:
+            for run in queue:
+                print(
+                    f"{run.run_id}: not started, its trunk {run.parent} ended before step {run.branch_step}",
+                    file=out,
+                )
+            return
+        while ready and len(active) < parallel:
+            run = ready.pop(0)
+            queue.remove(run)
             active[run.run_id] = submit(sweep, [run], code_dir)[run.run_id]
         for run_id, job in list(active.items()):
             if job.done():
@@ -494,17 +669,45 @@ def wait(
 
 def cancel(sweep: Sweep) -> list[str]:
     """Stop every in-flight job of the sweep (they save on SIGTERM when there is time)."""
-    cancelled = []
+    cancelled, slurm_jobs = [], []
     for run, row in zip(sweep.runs, sweep_status(sweep), strict=True):
         if row.state not in ("pending", "running", "requeued"):
             continue
         launch_info = read_launch(RunDir(run.run_dir))
         if launch_info["executor"] == "slurm":
-            subprocess.run(["scancel", launch_info["job_id"]], check=True)
+            slurm_jobs.append(launch_info["job_id"])  # a job, or one task of an array (ARRAY_TASK)
         else:
             _signal_local(launch_info["job_id"], signal.SIGTERM, controller=True)
         cancelled.append(run.run_id)
+    if slurm_jobs:
+        subprocess.run(["scancel", *slurm_jobs], check=True)
     return cancelled
+
+
+def _notify_slurm_job(job_id: str, run: RunDir, timeout_s: float = 120.0) -> None:
+    """``scancel --signal=USR2``, stopped once the run has recorded the interruption.
+
+    For an array task, SLURM 22.05 sometimes delivers the signal yet answers "Job can not be
+    altered now, try again later", and scancel then retries every few seconds until it succeeds:
+    into the same task after its requeue, a second notice nobody sent (seen on the local
+    cluster). The run's record says when the first one arrived."""
+    before = len(run.record().interruptions)
+    scancel = subprocess.Popen(
+        ["scancel", "--signal=USR2", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + timeout_s
+    while scancel.poll() is None:
+        if len(run.record().interruptions) > before:
+            scancel.terminate()
+            log.info("job %s recorded the notice; stopped scancel's retries", job_id)
+            scancel.wait()
+            return
+        if time.time() > deadline:
+            scancel.kill()
+            raise SweepError(f"scancel --signal=USR2 {job_id}: no answer within {timeout_s:.0f} s")
+        time.sleep(0.2)
+    if scancel.returncode:
+        raise SweepError(f"scancel --signal=USR2 {job_id}: {scancel.stderr.read().strip()}")
 
 
 def _signal_local(job_id: str, sig: signal.Signals, controller: bool = False) -> int:
@@ -528,7 +731,7 @@ def preempt(sweep: Sweep, run_id: str) -> str:
     if not launch_info:
         raise SweepError(f"run {run_id} was never launched")
     if launch_info["executor"] == "slurm":
-        subprocess.run(["scancel", "--signal=USR2", launch_info["job_id"]], check=True)
+        _notify_slurm_job(launch_info["job_id"], RunDir(sweep.run(run_id).run_dir))
     elif _signal_local(launch_info["job_id"], signal.SIGUSR2) == 0:
         raise SweepError(f"run {run_id}: local job {launch_info['job_id']} has no running task")
     return launch_info["job_id"]

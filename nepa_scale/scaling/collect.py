@@ -52,6 +52,11 @@ def _run_summary(run: RunDir) -> dict:
     counts = count_params(arch)
     row.update(
         model=config.model.name,
+        seed=config.seed,
+        schedule=config.optim.schedule,
+        # The bootstrap's resampling unit: a run, or a WSD trunk with its branches (they share the
+        # trunk's steps, so they are not independent draws). Seeds are separate trunks.
+        trunk=Path(config.branch.parent).name if config.branch.parent else run.root.name,
         params=counts["total"],
         params_no_embed=counts["without_patch_embed"],
         tokens_per_image=arch.num_tokens,

@@ -11,6 +11,7 @@ the fitted quantity as data, so a probe error (or anything positive) is fitted t
 - ``fit_isoflop``: approach 2: per compute budget a parabola of L in log N, its minimum, and power
   laws N_opt(C), D_opt(C).
 - ``holdout``: fit without the largest model(s), predict them.
+- ``seed_spread``: the spread of replicates (seeds) of the same (N, D): the study's noise floor.
 """
 
 from __future__ import annotations
@@ -514,3 +515,41 @@ def holdout(n, d, quantity, runs=None, *, largest: int = 1, **fit_kwargs) -> Hol
     predicted = fit.predict(n[test], d[test])
     err = float(np.mean(np.abs(predicted - q[test]) / q[test]))
     return HoldoutResult(list(held), predicted, q[test], err, fit)
+
+
+@dataclass
+class SeedSpread:
+    """Replicates of the same (N, D) that differ only in their seed."""
+
+    cells: int  # (N, D) cells with at least two seeds
+    replicates: int  # runs in those cells
+    std_log: float  # pooled within-cell standard deviation of log(quantity)
+    max_range_log: float  # the widest cell: max - min of log(quantity)
+
+    def __str__(self) -> str:
+        return (
+            f"seed-to-seed std of log(quantity) {self.std_log:.3g} (about {100 * math.expm1(self.std_log):.2g}% "
+            f"of the quantity), pooled over {self.cells} (N, D) cells with {self.replicates} runs; widest cell "
+            f"{100 * math.expm1(self.max_range_log):.2g}%"
+        )
+
+
+def seed_spread(n, d, quantity, seeds) -> SeedSpread | None:
+    """The pooled within-cell spread of log(quantity) over cells of the same (N, D) with two or more
+    seeds; None without replicates. Differences smaller than this are noise, not scaling."""
+    n, d, q, seeds = (np.asarray(x) for x in (n, d, quantity, seeds))
+    keep = np.isfinite(q) & (q > 0)
+    n, d, q, seeds = n[keep], d[keep], np.log(q[keep]), seeds[keep]
+    squares, dof, ranges, replicates = 0.0, 0, [], 0
+    for cell in {(a, b) for a, b in zip(n.tolist(), d.tolist(), strict=True)}:
+        mask = (n == cell[0]) & (d == cell[1])
+        if len(np.unique(seeds[mask])) < 2:
+            continue
+        values = q[mask]
+        squares += float(((values - values.mean()) ** 2).sum())
+        dof += len(values) - 1
+        ranges.append(float(values.max() - values.min()))
+        replicates += len(values)
+    if not dof:
+        return None
+    return SeedSpread(len(ranges), replicates, math.sqrt(squares / dof), max(ranges))

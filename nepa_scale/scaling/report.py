@@ -24,6 +24,7 @@ from nepa_scale.scaling.fits import (
     fit_power_law,
     holdout,
     pareto_frontier,
+    seed_spread,
 )
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def build_report(
             fit_rows["N"],
             fit_rows["D"],
             fit_rows["quantity"],
-            fit_rows["run_id"],
+            fit_rows["trunk"] if "trunk" in fit_rows else fit_rows["run_id"],
             n_bootstrap=s.n_bootstrap,
             seed=s.seed,
             n_label=N_KINDS[s.n_kind],
@@ -218,6 +219,15 @@ def build_report(
         except FitError as exc:
             warnings.append(f"hold-out skipped: {exc}")
 
+    if "seed" in final:
+        spread = seed_spread(final["N"], final["D"], final["quantity"], final["seed"])
+        if spread is not None:
+            results["fits"]["noise floor (seeds)"] = {
+                "what": str(spread),
+                "std_log": spread.std_log,
+                "cells": spread.cells,
+                "replicates": spread.replicates,
+            }
     results["warnings"] = warnings
     results["conventions"] = {
         "FLOPs": f"{s.convention} (nepa_scale/flops.py: training = 3 x forward)",
@@ -225,7 +235,8 @@ def build_report(
         "D": D_KINDS[s.d_kind],
         "fitted quantity": s.quantity_label,
         "loss smoothing": f"mean of the last {s.window} logged training losses",
-        "intervals": f"95% percentile bootstrap over runs, {s.n_bootstrap} resamples, seed {s.seed}",
+        "intervals": f"95% percentile bootstrap over runs (a WSD trunk and its branches resampled together; "
+        f"each seed its own), {s.n_bootstrap} resamples, seed {s.seed}",
     }
     (out / "fits.json").write_text(json.dumps(results, indent=2, default=str))
     _write_html(out, table, results, figs)
@@ -243,6 +254,7 @@ def build_report(
 RUN_COLUMNS = [
     "run_id",
     "model",
+    "seed",
     "params",
     "params_no_embed",
     "eval_point",

@@ -8,7 +8,8 @@ mkdir -p "$SLURM_ETC" "$NEPA_SLURM_STATE"/{log,run,ctld,spool}
 owned_or_absent "$SLURM_ETC/slurm.conf"
 owned_or_absent "$SLURM_ETC/slurmdbd.conf"
 
-cpus=$(nproc)
+# nproc honours OMP_NUM_THREADS (the test command sets it to 1): count the cores without it.
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 mem_mib=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
 state=$NEPA_SLURM_STATE
 
