@@ -35,6 +35,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -108,13 +109,22 @@ class RunJob(submitit.helpers.Checkpointable):
     so a requeued job simply calls it again (``checkpoint()`` resubmits it unchanged)."""
 
     def __init__(
-        self, run_dir: str, max_requeues: int, signal_delay_s: int, time_min: int, cpus_per_task: int
+        self,
+        run_dir: str,
+        max_requeues: int,
+        signal_delay_s: int,
+        time_min: int,
+        cpus_per_task: int,
+        submit_branches: Callable[[str], list[str]] | None = None,
     ):
+        """``submit_branches``: for a WSD trunk on SLURM, called with the run directory after each
+        committed checkpoint (the launcher's ``submit_ready_branches``, pickled by reference)."""
         self.run_dir = run_dir
         self.max_requeues = max_requeues
         self.signal_delay_s = signal_delay_s
         self.time_min = time_min
         self.cpus_per_task = cpus_per_task
+        self.submit_branches = submit_branches
 
     def __call__(self) -> dict:
         from nepa_scale.engine.preemption import PreemptionFlag
@@ -151,15 +161,12 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def _branch_submitter(self):
         """For a WSD trunk on SLURM: after each commit, submit the branches whose point it is."""
-        from nepa_scale.launch.launcher import BRANCHES_FILE, submit_ready_branches
-
-        spec = Path(self.run_dir) / BRANCHES_FILE
-        if not spec.is_file() or submitit.JobEnvironment().name() != "slurm":
+        if self.submit_branches is None or submitit.JobEnvironment().name() != "slurm":
             return None
 
         def on_commit(step: int) -> None:
             try:
-                for run_id in submit_ready_branches(self.run_dir):
+                for run_id in self.submit_branches(self.run_dir):
                     log.info("step %d committed: submitted cooldown branch %s", step, run_id)
             except Exception as exc:  # noqa: BLE001 - never stop the trunk; `sweep launch` submits them too
                 log.error(

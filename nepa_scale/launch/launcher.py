@@ -143,7 +143,16 @@ def make_executor(profile: ClusterProfile, folder: Path, code_dir: Path, job_nam
 
 
 def _run_job(run_dir: Path, r: ClusterProfile) -> RunJob:
-    return RunJob(str(run_dir), r.max_requeues, r.signal_delay_s, r.time_min, r.cpus_per_task)
+    """A trunk (its run directory holds BRANCHES_FILE) gets the branch submitter for its job."""
+    trunk = (run_dir / BRANCHES_FILE).is_file()
+    return RunJob(
+        str(run_dir),
+        r.max_requeues,
+        r.signal_delay_s,
+        r.time_min,
+        r.cpus_per_task,
+        submit_ready_branches if trunk and r.executor == "slurm" else None,
+    )
 
 
 # ----------------------------------------------------------------------------- job state
