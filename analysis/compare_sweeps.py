@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 
 from nepa_scale.scaling.collect import collect_curves  # noqa: E402
 from nepa_scale.scaling.fits import fit_power_law, pareto_frontier  # noqa: E402
+from nepa_scale.scaling.report import frontier_start  # noqa: E402
 
 
 def main() -> None:
@@ -35,11 +36,19 @@ def main() -> None:
     for sweep, label, color in zip(args.sweeps, labels, ("tab:blue", "tab:orange"), strict=True):
         curves = collect_curves(sweep)
         frontier = curves.iloc[pareto_frontier(curves["flops"], curves["cosine_distance"])]
-        fit = fit_power_law(frontier["flops"], frontier["cosine_distance"], n_bootstrap=args.bootstrap)
-        print(f"{label}: E = {fit.E}, A = {fit.A}, alpha = {fit.alpha} ({fit.n_points} frontier points)")
+        start = frontier_start(frontier)  # past the initial plateau, as `nepa-scale report` fits it
+        fitted = frontier[frontier["flops"] >= start]
+        fit = fit_power_law(fitted["flops"], fitted["cosine_distance"], n_bootstrap=args.bootstrap)
+        print(
+            f"{label}: E = {fit.E}, A = {fit.A}, alpha = {fit.alpha} ({fit.n_points} frontier points "
+            f"from {start:.3g} FLOPs)"
+        )
         ax.scatter(frontier["flops"], frontier["cosine_distance"], s=8, color=color)
-        xs = np.logspace(np.log10(frontier["flops"].min()), np.log10(frontier["flops"].max()), 100)
+        xs = np.logspace(np.log10(start), np.log10(frontier["flops"].max()), 100)
         ax.plot(xs, fit.predict(xs), color=color, label=f"{label}: alpha = {fit.alpha}")
+        low, high = fit.band(xs)
+        if np.isfinite(low).all():
+            ax.fill_between(xs, low, high, color=color, alpha=0.15)
     ax.set(
         xscale="log",
         yscale="log",

@@ -2,18 +2,39 @@
 
     python analysis/compute_optimal.py SWEEP_DIR --compute 1e21 [--bootstrap 1000]
 
-Fits L(N, D) = E + A/N^alpha + B/D^beta (fitted quantity: 1 + loss) on the completed runs' final
-points, then prints N_opt and D_opt for the budget, with the FLOPs per (parameter x image) taken
-from the sweep itself (C = k N D, k the median over its runs), and the predicted quantity there.
+Fits L(N, D) = E + A/N^alpha + B/D^beta on the completed runs' final points (the held-out
+quantity when every run measured it, as `nepa-scale report` does), then prints N_opt and D_opt
+for each budget with 95% bootstrap intervals, the FLOPs per (parameter x image) taken from the
+sweep itself (C = k N D, k the median over its runs). An allocation far beyond the trained model
+sizes is an extrapolation of the law, said in proportion; a fit whose parameters are not
+identified gives no allocation at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 from nepa_scale.scaling.collect import collect
-from nepa_scale.scaling.fits import fit_chinchilla
-from nepa_scale.scaling.report import StudySettings, fit_table
+from nepa_scale.scaling.fits import fit_chinchilla, human
+from nepa_scale.scaling.report import StudySettings, fit_table, resolve_quantity
+
+
+def extrapolation_note(n_opt: float, trained: tuple[float, float]) -> str:
+    """How far N_opt lies outside the trained sizes, in words proportional to the distance."""
+    low, high = trained
+    factor = max(n_opt / high, low / n_opt, 1.0)
+    if factor <= 1.0:
+        return "inside the trained sizes"
+    decades = math.log10(factor)
+    if factor < 3:
+        return f"{factor:.2g}x outside the trained sizes: a short extrapolation"
+    if factor < 100:
+        return f"{factor:.3g}x ({decades:.1f} decades) outside the trained sizes: the law is assumed to hold there"
+    return (
+        f"{factor:.3g}x ({decades:.1f} decades) outside the trained sizes {human(low)}-{human(high)}: "
+        "far beyond the data; treat it as a guess, not a prediction"
+    )
 
 
 def main() -> None:
@@ -24,24 +45,28 @@ def main() -> None:
     parser.add_argument("--compute", type=float, nargs="+", required=True, help="training FLOPs (6N+attn)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args()
-    settings = StudySettings(n_bootstrap=args.bootstrap)
-    table = fit_table(
-        collect(args.sweep_dir).query("status == 'completed' and eval_point == 'final'"), settings
-    )
-    fit = fit_chinchilla(
-        table["N"], table["D"], table["quantity"], table["run_id"], n_bootstrap=args.bootstrap
-    )
+    rows = collect(args.sweep_dir).query("status == 'completed' and eval_point == 'final'")
+    settings = resolve_quantity(rows, StudySettings(n_bootstrap=args.bootstrap))
+    table = fit_table(rows, settings)
+    clusters = table["trunk"] if "trunk" in table else table["run_id"]
+    fit = fit_chinchilla(table["N"], table["D"], table["quantity"], clusters, n_bootstrap=args.bootstrap)
     k = float((table["compute"] / (table["N"] * table["D"])).median())
     print(f"fit on {fit.n_points} runs ({settings.quantity_label}; N = total params, D = images):")
     for name, est in fit.params.items():
         print(f"  {name:>5} = {est}")
     for warning in fit.warnings:
         print(f"  warning: {warning}")
+    if not (fit.params["alpha"].identified and fit.params["beta"].identified):
+        print("N_opt, D_opt: not identified (alpha or beta is not identified, see above): no allocation")
+        return
+    trained = (float(table["N"].min()), float(table["N"].max()))
     print(f"FLOPs per parameter-image in this sweep: k = {k:.4g} (C = k N D, 6N+attn)")
     for compute in args.compute:
+        n_opt = fit.allocation_interval(compute, k)
         n, d = fit.optimal_allocation(compute, k)
         print(
-            f"C = {compute:.3g}: N_opt = {n:.4g} params, D_opt = {d:.4g} images, predicted {fit.predict(n, d).item():.4g}"
+            f"C = {compute:.3g}: N_opt = {n_opt} params, D_opt = {human(d)} images, "
+            f"predicted {fit.predict(n, d).item():.4g}; {extrapolation_note(n, trained)}"
         )
 
 

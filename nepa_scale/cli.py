@@ -131,6 +131,7 @@ def _settings(args: argparse.Namespace):
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         downstream=args.downstream or [],
+        frontier_from=getattr(args, "frontier_from", None),
     )
 
 
@@ -147,11 +148,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from nepa_scale.scaling.report import build_report
+    from nepa_scale.scaling.report import build_report, describe
 
     result = build_report(args.sweep_dir, args.out, _settings(args))
+    print(f"fitted quantity: {result['conventions']['fitted quantity']}")
     for name, fit in result["fits"].items():
-        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in fit.items() if not isinstance(v, list)))
+        print(f"{name}: {describe(fit)}")
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     print(f"report: {result['paths']['html']} (and {result['paths']['markdown'].name})")
@@ -288,7 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--window", type=int, default=5, help="log lines averaged for the loss at a budget")
         p.add_argument("--convention", default="6N+attn", choices=["6N", "6N+attn", "6N+attn_causal"])
-        p.add_argument("--quantity", default="cosine_distance", help="fitted column (default: 1 + loss)")
+        p.add_argument(
+            "--quantity",
+            default="auto",
+            help="fitted column (default auto: held-out 1 + val_loss when every run has it, else 1 + training loss)",
+        )
+        p.add_argument(
+            "--frontier-from",
+            type=float,
+            default=None,
+            help="FLOPs where the frontier fit starts (default: where the frontier has covered 10%% of its drop)",
+        )
         p.add_argument("--n", default="params", choices=["params", "params_no_embed"])
         p.add_argument("--d", default="images", choices=["images", "patches"])
         p.add_argument("--bootstrap", type=int, default=1000)

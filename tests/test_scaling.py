@@ -19,15 +19,17 @@ from nepa_scale.rundir import Restart, RunDir, RunRecord
 from nepa_scale.scaling import figures
 from nepa_scale.scaling.collect import collect, collect_curves
 from nepa_scale.scaling.fits import (
+    Estimate,
     FitError,
     fit_chinchilla,
     fit_isoflop,
     fit_power_law,
     holdout,
+    judged,
     pareto_frontier,
     seed_spread,
 )
-from nepa_scale.scaling.report import StudySettings, build_report, fit_table
+from nepa_scale.scaling.report import StudySettings, build_report, fit_table, read_fits
 
 TRUE = {"E": 0.05, "A": 40.0, "B": 200.0, "alpha": 0.34, "beta": 0.28}
 
@@ -83,6 +85,11 @@ def test_isoflop_recovers_the_known_optimum():
     g = (TRUE["alpha"] * TRUE["A"] / (TRUE["beta"] * TRUE["B"])) ** (1 / (TRUE["alpha"] + TRUE["beta"]))
     analytic = g * (budgets / 6) ** exponent
     assert np.all(np.abs(np.log(iso.n_opt / analytic)) < np.log(1.3))
+    # Every parabola's minimum and N_opt(C) come with intervals, which contain the truth.
+    assert all(m.identified and m.has_interval for m in iso.minima) and iso.n_exponent.identified
+    middle = budgets[2]
+    low, high = iso.interval_at(middle)
+    assert low < g * (middle / 6) ** exponent < high and high / low < 2
 
 
 def test_holdout_predicts_the_largest_model():
@@ -145,8 +152,10 @@ def make_run(
     logged: int | None = None,
     noise: float = 0.0,
     seed: int = 0,
+    loss=None,
 ):
-    """A run directory as the engine writes it: run.json with the resolved config, metrics.jsonl."""
+    """A run directory as the engine writes it: run.json with the resolved config, metrics.jsonl.
+    ``loss(n, images, step, steps)``: the cosine distance at a step (default: the law at the images seen)."""
     config = RunConfig(seed=seed)
     config.model.overrides = _arch_overrides(dim)
     config.budget.global_batch = 128
@@ -168,7 +177,8 @@ def make_run(
     )
     rng = np.random.default_rng(abs(hash(run_id)) % 2**32)
     for step in range(10, (logged or steps) + 1, 10):
-        cos_dist = law(n, step * 128) * math.exp(rng.normal(0, noise))
+        exact = law(n, step * 128) if loss is None else loss(n, step * 128, step, steps)
+        cos_dist = exact * math.exp(rng.normal(0, noise))
         run.append_metrics(
             {
                 "kind": "train",
@@ -241,6 +251,7 @@ def test_figures_have_the_expected_axes_and_series(sweep):
     run_lines = [line for line in ax.get_lines() if str(line.get_gid()).startswith("run:")]
     assert len(run_lines) == curves["run_id"].nunique() == 11
     assert any(line.get_gid() == "fit" for line in ax.get_lines())
+    assert any(c.get_gid() == "band" for c in ax.collections)  # the fit's 95% bootstrap band
     colors = {line.get_gid(): line.get_color() for line in run_lines}
     assert colors["run:d48_s100"] == colors["run:d48_s400"] != colors["run:d192_s400"]  # one colour per size
     plt.close(fig)
@@ -249,6 +260,15 @@ def test_figures_have_the_expected_axes_and_series(sweep):
     fig = figures.residuals(table, chin, "images seen", "total parameters")
     assert len([c for c in fig.axes[0].collections if str(c.get_gid()).startswith("resid:")]) == len(DIMS)
     assert np.abs(np.concatenate([c.get_offsets()[:, 1] for c in fig.axes[0].collections])).max() < 0.02
+    plt.close(fig)
+    # Loss vs N: one line per D joining sizes in order (no zig-zag across budgets), with the fit's band.
+    final = table[table["eval_point"] == "final"]
+    chin = fit_chinchilla(final["N"], final["D"], final["quantity"], final["run_id"], n_bootstrap=30)
+    fig = figures.loss_vs_params(final, chin, "q", "total parameters", "images seen")
+    lines = [line for line in fig.axes[0].get_lines() if str(line.get_gid()).startswith("D:")]
+    assert len(lines) == final["D"].nunique() == len(BUDGET_STEPS)
+    assert all(np.all(np.diff(line.get_xdata()) > 0) for line in lines)
+    assert sum(str(c.get_gid()).startswith("band:") for c in fig.axes[0].collections) == len(BUDGET_STEPS)
     plt.close(fig)
 
 
@@ -347,7 +367,90 @@ def test_seeds_are_grouped_and_their_spread_is_the_noise_floor(tmp_path):
     assert (
         seed_spread(final["params"], final["images_seen"], final["cosine_distance"], [0] * len(final)) is None
     )
-    results = build_report(tmp_path / "study", tmp_path / "report", StudySettings(n_bootstrap=20, window=1))
+    settings = StudySettings(n_bootstrap=20, window=1, quantity="cosine_distance")
+    results = build_report(tmp_path / "study", tmp_path / "report", settings)
     floor = results["fits"]["noise floor (seeds)"]
     assert floor["cells"] == 6 and floor["std_log"] == pytest.approx(spread.std_log)
     assert "noise floor (seeds)" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_estimates_at_a_bound_or_too_wide_are_not_identified():
+    assert judged(Estimate(0.35, 0.32, 0.38), 0.0, 5.0).identified
+    at_bound = judged(Estimate(2.19, 0.08, 5.0), 0.0, 5.0)
+    assert (
+        not at_bound.identified and "upper bound 5" in at_bound.reason and "factor of 62.5" in at_bound.reason
+    )
+    pinned = judged(Estimate(1.5e-14, 1.5e-14, 1.5e-14), floor=1e-6)
+    assert not pinned.identified and "lower bound 0" in pinned.reason and "zero width" in pinned.reason
+    assert str(pinned).startswith("not identified (")
+    assert str(Estimate(403712.0, 400000.5, 410000.25)) == "403,712 [4e+05, 4.1e+05]"
+    assert Estimate.from_dict(json.loads(json.dumps(at_bound.to_dict()))) == at_bound
+
+
+def test_single_size_and_degenerate_studies_are_not_identified(tmp_path):
+    """Bugs: a one-size study printed a "law" (its frontier is one model's curve); a study whose
+    loss does not depend on N or D printed exponents at the bounds of their search."""
+    for steps in BUDGET_STEPS:
+        make_run(tmp_path / "one_size", f"d96_s{steps}", 96, steps)
+    results = build_report(tmp_path / "one_size", tmp_path / "r1", StudySettings(n_bootstrap=50, window=1))
+    assert (
+        not results["fits"]["frontier"]["identified"]
+        and "1 model size" in results["fits"]["frontier"]["reason"]
+    )
+    assert not results["fits"]["chinchilla"]["identified"]
+    assert "at least two model sizes" in results["fits"]["chinchilla"]["reason"]
+    assert results["warnings"][0].startswith(("frontier: not identified", "chinchilla: not identified"))
+
+    def flat(n, images, step, steps):  # nothing to learn from N or D
+        return 0.5
+
+    for dim in DIMS:
+        for steps in BUDGET_STEPS:
+            make_run(tmp_path / "flat", f"d{dim}_s{steps}", dim, steps, loss=flat, noise=0.01)
+    results = build_report(tmp_path / "flat", tmp_path / "r2", StudySettings(n_bootstrap=100, window=1))
+    chinchilla = results["fits"]["chinchilla"]
+    assert not chinchilla["identified"] and (
+        "bound" in chinchilla["reason"] or "factor" in chinchilla["reason"]
+    )
+    shown = (tmp_path / "r2" / "report.md").read_text()
+    assert "not identified (" in shown and "np.float64" not in shown
+
+
+def test_mid_schedule_points_stay_out_of_the_n_d_fits(tmp_path):
+    """Bug: --budgets put mid-run points of cosine runs into the Chinchilla fit. A decaying schedule
+    ends lower than its mid-run points: here a run at fraction f of its length sits 15% (1 - f)
+    above the law, so mid-run points bias beta; only each run's end may enter."""
+
+    def cosine_like(n, images, step, steps):
+        return law(n, images) * (1 + 0.15 * (1 - step / steps))
+
+    for dim in (24, 48, 96, 192):
+        for steps in (100, 200, 400, 800):
+            make_run(tmp_path / "cosine", f"d{dim}_s{steps}", dim, steps, loss=cosine_like)
+    per_image = make_run(tmp_path / "probe", "p", 96, 100)[1]
+    budgets = [150 * 128 * per_image, 300 * 128 * per_image]
+    results = build_report(
+        tmp_path / "cosine", tmp_path / "r", StudySettings(n_bootstrap=50, window=1, budgets=budgets)
+    )
+    chinchilla = results["fits"]["chinchilla"]
+    assert chinchilla["points"] == 16  # the runs' ends, not the budget rows
+    assert abs(chinchilla["params"]["beta"]["value"] - TRUE["beta"]) < 0.02
+    assert any("--budgets rows are mid-run points" in w for w in results["warnings"])
+    table = pd.read_parquet(tmp_path / "r" / "table.parquet")
+    assert (table["eval_point"] != "final").sum() > 0  # still in the table
+
+
+def test_fits_json_holds_numbers_and_round_trips(sweep, tmp_path):
+    root, _ = sweep
+    results = build_report(root, tmp_path, StudySettings(n_bootstrap=40, window=1))
+    raw = json.loads((tmp_path / "fits.json").read_text())
+    alpha = raw["fits"]["chinchilla"]["params"]["alpha"]
+    assert (
+        isinstance(alpha["value"], float)
+        and isinstance(alpha["low"], float)
+        and alpha["identified"] in (True, False)
+    )
+    back = read_fits(tmp_path / "fits.json")
+    assert back["fits"]["chinchilla"]["params"] == results["objects"]["chinchilla"].params
+    html = (tmp_path / "report.html").read_text()
+    assert html.index("<h2>Warnings") < html.index("<h2>Figures") < html.index("<h2>Fits")

@@ -47,7 +47,7 @@ def run_demo(
     n_bootstrap: int = 1000,
     out=sys.stdout,
 ) -> int:
-    from nepa_scale.scaling.report import StudySettings, build_report
+    from nepa_scale.scaling.report import StudySettings, build_report, describe
 
     started = time.time()
     sweep = load_sweep(sweep_file, executor=executor, output_root=output_root)
@@ -82,18 +82,14 @@ def run_demo(
     result = build_report(sweep.output_root, None, StudySettings(n_bootstrap=n_bootstrap))
     fits = result["fits"]
     print(
-        f"\nfits (quantity: 1 + training loss = cosine distance; {n_bootstrap} bootstrap resamples, 95% intervals)",
+        f"\nfits of {result['conventions']['fitted quantity']} ({n_bootstrap} bootstrap resamples, 95% "
+        "intervals; a parameter the data do not pin down is shown as not identified, with the reason)",
         file=out,
     )
     if "frontier" in fits:
-        f = fits["frontier"]
-        print(f"  compute frontier  L(C) = E + A * C^-alpha:  alpha = {f['alpha']}, E = {f['E']}", file=out)
+        print(f"  compute frontier  L(C) = E + A * C^-alpha:  {describe(fits['frontier'])}", file=out)
     if "chinchilla" in fits:
-        c = fits["chinchilla"]
-        print(
-            f"  Chinchilla  L(N, D) = E + A/N^alpha + B/D^beta:  alpha = {c['alpha']}, beta = {c['beta']}, E = {c['E']}",
-            file=out,
-        )
+        print(f"  Chinchilla  L(N, D) = E + A/N^alpha + B/D^beta:  {describe(fits['chinchilla'])}", file=out)
     for warning in result["warnings"]:
         print(f"  note: {warning}", file=out)
     print(

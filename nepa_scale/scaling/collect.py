@@ -54,6 +54,7 @@ def _run_summary(run: RunDir) -> dict:
         model=config.model.name,
         seed=config.seed,
         schedule=config.optim.schedule,
+        flops_budget=config.budget.flops,  # an IsoFLOP run's compute budget (its own FLOP convention)
         # The bootstrap's resampling unit: a run, or a WSD trunk with its branches (they share the
         # trunk's steps, so they are not independent draws). Seeds are separate trunks.
         trunk=Path(config.branch.parent).name if config.branch.parent else run.root.name,

@@ -33,7 +33,10 @@ def loss_curves(
     fit: PowerLawFit | None,
     quantity_label: str,
     convention: str,
+    fit_from: float | None = None,
 ) -> plt.Figure:
+    """The runs' curves, the compute-efficient frontier, and its fit with the 95% bootstrap band
+    (drawn from ``fit_from``, where the fit starts)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = size_colors(curves["params"])
     for (params, run_id), group in curves.groupby(["params", "run_id"]):  # legend from small to large
@@ -57,10 +60,15 @@ def loss_curves(
             gid="frontier",
         )
     if fit is not None:
-        xs = np.logspace(np.log10(curves["flops"].min()), np.log10(curves["flops"].max()), 200)
-        ax.plot(
-            xs, fit.predict(xs), "r--", lw=1.5, gid="fit", label=f"fit: E + A C^-α, α={fit.alpha.value:.3f}"
-        )
+        start = fit_from if fit_from is not None else curves["flops"].min()
+        xs = np.logspace(np.log10(start), np.log10(curves["flops"].max()), 200)
+        alpha = f"α={fit.alpha.value:.3f}" if fit.alpha.identified else "α not identified"
+        ax.plot(xs, fit.predict(xs), "r--", lw=1.5, gid="fit", label=f"fit: E + A C^-α, {alpha}")
+        low, high = fit.band(xs)
+        if np.isfinite(low).all():
+            ax.fill_between(xs, low, high, color="r", alpha=0.15, gid="band", label="95% bootstrap band")
+    if fit_from is not None:
+        ax.axvline(fit_from, color="0.5", lw=0.8, ls=":", gid="fit_from", label="frontier fit starts")
     ax.set(
         xscale="log",
         yscale="log",
@@ -111,21 +119,15 @@ def n_opt_vs_compute(iso: IsoFlopFit, n_label: str, convention: str) -> plt.Figu
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.scatter(iso.budgets, iso.n_opt, color="k", zorder=3, label="IsoFLOP minima", gid="minima")
     xs = np.logspace(np.log10(iso.budgets.min()) - 0.3, np.log10(iso.budgets.max()) + 0.3, 100)
-    ax.plot(xs, iso.n_opt_at(xs), "b-", gid="fit", label=f"N_opt ∝ C^{iso.n_exponent.value:.3f}")
-    if np.isfinite(iso.n_exponent.low):
-        pivot = np.exp(np.mean(np.log(iso.budgets)))
-        centre = iso.n_opt_at(pivot)
-        lo = centre * (xs / pivot) ** iso.n_exponent.low
-        hi = centre * (xs / pivot) ** iso.n_exponent.high
-        ax.fill_between(
-            xs,
-            np.minimum(lo, hi),
-            np.maximum(lo, hi),
-            color="b",
-            alpha=0.15,
-            gid="band",
-            label=f"95% interval of the exponent [{iso.n_exponent.low:.3f}, {iso.n_exponent.high:.3f}]",
-        )
+    ax.plot(xs, iso.n_opt_at(xs), "b-", gid="fit", label=f"N_opt ∝ C^a, a = {iso.n_exponent}")
+    low, high = iso.interval_at(xs, "N")
+    if np.isfinite(low).all():
+        ax.fill_between(xs, low, high, color="b", alpha=0.15, gid="band", label="95% bootstrap band")
+    for budget, minimum in zip(iso.budgets, iso.minima, strict=True):
+        if minimum.has_interval:
+            ax.plot(
+                [budget, budget], [minimum.low, minimum.high], color="k", lw=1, gid=f"minimum:{budget:.3g}"
+            )
     ax.set(
         xscale="log",
         yscale="log",
@@ -137,31 +139,36 @@ def n_opt_vs_compute(iso: IsoFlopFit, n_label: str, convention: str) -> plt.Figu
     return fig
 
 
-def loss_vs_params(table: pd.DataFrame, quantity_label: str, n_label: str) -> plt.Figure:
+def loss_vs_params(
+    final: pd.DataFrame, fit: ChinchillaFit | None, quantity_label: str, n_label: str, d_label: str
+) -> plt.Figure:
+    """Each run's final point; one line per compute budget (IsoFLOP runs) or per D, so that no line
+    joins points of different budgets; the fitted L(N, D) of each D with its 95% bootstrap band."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    budgets = sorted(
-        table["eval_point"].unique(), key=lambda b: (b == "final", float(b) if b != "final" else 0)
-    )
+    by_budget = "flops_budget" in final and final["flops_budget"].notna().all()
+    key = "flops_budget" if by_budget else "D"
+    groups = sorted(final[key].unique())
     cmap = plt.get_cmap("plasma")
-    for i, budget in enumerate(budgets):
-        rows = table[table["eval_point"] == budget].sort_values("N")
-        ax.plot(
-            rows["N"],
-            rows["quantity"],
-            "o-",
-            color=cmap(i / max(1, len(budgets) - 1) * 0.85),
-            ms=4,
-            label=f"budget {budget}",
-            gid=f"budget:{budget}",
-        )
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel=f"N ({n_label})",
-        ylabel=quantity_label,
-        title="Loss vs model size per budget",
-    )
-    ax.legend(fontsize=8)
+    for i, value in enumerate(groups):
+        rows = final[final[key] == value].groupby("N", as_index=False)["quantity"].agg(["mean", "min", "max"])
+        color = cmap(i / max(1, len(groups) - 1) * 0.85)
+        label = f"C = {value:.2g}" if by_budget else f"D = {value:.3g}"
+        ax.plot(rows["N"], rows["mean"], "o-", color=color, ms=4, label=label, gid=f"{key}:{value:.4g}")
+        if (rows["max"] > rows["min"]).any():  # seeds: their range
+            ax.vlines(rows["N"], rows["min"], rows["max"], color=color, lw=1, gid=f"seeds:{value:.4g}")
+        if fit is not None and not by_budget:
+            ns = np.logspace(np.log10(final["N"].min()), np.log10(final["N"].max()), 60)
+            ax.plot(
+                ns, fit.predict(ns, np.full_like(ns, value)), "--", color=color, lw=1, gid=f"fit:{value:.4g}"
+            )
+            low, high = fit.band(ns, np.full_like(ns, value))
+            if np.isfinite(low).all():
+                ax.fill_between(ns, low, high, color=color, alpha=0.12, gid=f"band:{value:.4g}")
+    title = "Final loss vs model size, per compute budget" if by_budget else "Final loss vs model size, per D"
+    if fit is not None and not by_budget:
+        title += " (dashed: L(N, D) fit, 95% band)"
+    ax.set(xscale="log", yscale="log", xlabel=f"N ({n_label})", ylabel=quantity_label, title=title)
+    ax.legend(fontsize=8, title=None if by_budget else f"D: {d_label}", title_fontsize=8)
     return fig
 
 

@@ -28,20 +28,106 @@ from scipy.optimize import minimize
 
 from nepa_scale.errors import FitError
 
+MAX_INTERVAL_RATIO = 10.0  # a 95% interval wider than this factor (high / low) is not a result
+
 
 @dataclass
 class Estimate:
+    """A fitted number, its 95% bootstrap interval, and whether the data identify it.
+
+    A parameter at a bound of its search, with an interval spanning more than a factor of
+    ``MAX_INTERVAL_RATIO``, with an interval of zero width (the resamples cannot move it: pinned),
+    or without an interval is not identified: reports show the reason instead of the number."""
+
     value: float
     low: float = math.nan  # 95% bootstrap interval
     high: float = math.nan
+    identified: bool = True
+    reason: str = ""
 
     def contains(self, x: float) -> bool:
         return self.low <= x <= self.high
 
+    @property
+    def has_interval(self) -> bool:
+        return math.isfinite(self.low) and math.isfinite(self.high)
+
     def __str__(self) -> str:
-        if math.isnan(self.low):
-            return f"{self.value:.4g}"
-        return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
+        if not self.identified:
+            return f"not identified ({self.reason})"
+        if not self.has_interval:
+            return human(self.value)
+        return f"{human(self.value)} [{human(self.low)}, {human(self.high)}]"
+
+    def to_dict(self) -> dict:
+        """Plain numbers for fits.json (NaN as null)."""
+
+        def number(x: float) -> float | None:
+            return float(x) if math.isfinite(x) else None
+
+        return {
+            "value": number(self.value),
+            "low": number(self.low),
+            "high": number(self.high),
+            "identified": self.identified,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Estimate:
+        def number(x) -> float:
+            return math.nan if x is None else float(x)
+
+        return cls(
+            number(data["value"]),
+            number(data.get("low")),
+            number(data.get("high")),
+            bool(data.get("identified", True)),
+            str(data.get("reason", "")),
+        )
+
+
+def human(x: float) -> str:
+    """A number for people: 4 significant digits, no numpy repr (``np.float64(403712.0)``)."""
+    x = float(x)
+    if not math.isfinite(x):
+        return str(x)
+    if x == int(x) and abs(x) < 1e6:
+        return f"{int(x):,}"
+    return f"{x:.4g}"
+
+
+def judged(
+    estimate: Estimate,
+    lower: float | None = None,
+    upper: float | None = None,
+    floor: float | None = None,
+) -> Estimate:
+    """``estimate`` with its identification decided: ``lower``/``upper`` are the bounds of the
+    search, ``floor`` a value below which a non-negative parameter counts as at its bound 0."""
+    reasons = []
+    width = (upper - lower) if lower is not None and upper is not None else None
+    tol = 1e-3 * width if width else 1e-9
+    for bound, name in ((lower, "lower"), (upper, "upper")):
+        if bound is None:
+            continue
+        if abs(estimate.value - bound) <= tol:
+            reasons.append(f"at the {name} bound {human(bound)} of its search")
+        elif estimate.has_interval and min(abs(estimate.low - bound), abs(estimate.high - bound)) <= tol:
+            reasons.append(f"its interval reaches the {name} bound {human(bound)} of its search")
+    if floor is not None and estimate.value < floor:
+        reasons.append(f"{human(estimate.value)} is at its lower bound 0 (below {floor:.1g})")
+    if not estimate.has_interval:
+        reasons.append("no bootstrap interval")
+    elif estimate.high == estimate.low:
+        reasons.append("its interval has zero width: the resamples cannot move it (pinned)")
+    elif estimate.low > 0 and estimate.high / estimate.low > MAX_INTERVAL_RATIO:
+        reasons.append(f"its 95% interval spans a factor of {estimate.high / estimate.low:.3g}")
+    elif estimate.low <= 0 < estimate.high and lower is None:
+        reasons.append("its 95% interval includes 0")
+    if reasons:
+        return Estimate(estimate.value, estimate.low, estimate.high, False, "; ".join(dict.fromkeys(reasons)))
+    return Estimate(estimate.value, estimate.low, estimate.high)
 
 
 def _clean(*arrays: np.ndarray, names: tuple[str, ...], warnings: list[str]) -> tuple[np.ndarray, ...]:
@@ -83,6 +169,8 @@ def _parallel_map(fn, tasks: list) -> list:
 # ----------------------------------------------------------------------------- Chinchilla (approach 3)
 
 CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta")
+EXPONENT_BOUNDS = (0.0, 5.0)  # the L-BFGS-B bounds of every fitted exponent
+CHINCHILLA_BOUNDS = {"alpha": EXPONENT_BOUNDS, "beta": EXPONENT_BOUNDS}
 
 
 def _huber_objective(
@@ -126,7 +214,7 @@ def _lbfgs(start: np.ndarray, data: tuple, delta: float) -> tuple[float, np.ndar
         args=(*data, delta),
         jac=True,
         method="L-BFGS-B",
-        bounds=[(None, None), (None, None), (None, None), (0, 5), (0, 5)],
+        bounds=[(None, None), (None, None), (None, None), EXPONENT_BOUNDS, EXPONENT_BOUNDS],
         options={"ftol": 1e-13, "gtol": 1e-10, "maxiter": 5000},
     )
     return float(res.fun), res.x
@@ -169,6 +257,13 @@ class ChinchillaFit:
     quantity: str
     residuals: np.ndarray = field(repr=False)
     warnings: list[str] = field(default_factory=list)
+    samples: np.ndarray = field(
+        default_factory=lambda: np.empty((0, 5)), repr=False
+    )  # bootstrap, CHINCHILLA_PARAMS
+
+    @property
+    def identified(self) -> bool:
+        return all(p.identified for p in self.params.values())
 
     def predict(self, n, d) -> np.ndarray:
         p = {k: v.value for k, v in self.params.items()}
@@ -176,13 +271,35 @@ class ChinchillaFit:
             p["E"] + p["A"] / np.asarray(n, float) ** p["alpha"] + p["B"] / np.asarray(d, float) ** p["beta"]
         )
 
+    def band(self, n, d) -> tuple[np.ndarray, np.ndarray]:
+        """The 95% band of the prediction over the bootstrap resamples (NaN without them)."""
+        n, d = np.asarray(n, float), np.asarray(d, float)
+        if len(self.samples) < 10:
+            return np.full(n.shape, np.nan), np.full(n.shape, np.nan)
+        e, a, b, alpha, beta = (self.samples[:, i, None] for i in range(5))
+        preds = e + a / n[None] ** alpha + b / d[None] ** beta
+        return np.percentile(preds, 2.5, axis=0), np.percentile(preds, 97.5, axis=0)
+
     def optimal_allocation(self, compute: float, flops_per_param_datum: float = 6.0) -> tuple[float, float]:
         """The N, D that minimise L(N, D) under C = k N D (closed form of approach 3)."""
         p = {k: v.value for k, v in self.params.items()}
-        a, b = p["alpha"], p["beta"]
-        g = (a * p["A"] / (b * p["B"])) ** (1 / (a + b))
-        n = g * (compute / flops_per_param_datum) ** (b / (a + b))
-        return n, compute / (flops_per_param_datum * n)
+        return _allocation(p["A"], p["B"], p["alpha"], p["beta"], compute, flops_per_param_datum)
+
+    def allocation_interval(self, compute: float, flops_per_param_datum: float = 6.0) -> Estimate:
+        """N_opt at ``compute`` with its 95% interval over the bootstrap fits."""
+        n, _ = self.optimal_allocation(compute, flops_per_param_datum)
+        if len(self.samples) < 10:
+            return Estimate(n)
+        _, a, b, alpha, beta = self.samples.T
+        with np.errstate(all="ignore"):
+            ns, _ = _allocation(a, b, alpha, beta, compute, flops_per_param_datum)
+        return Estimate(n, *_interval(np.asarray(ns, float)))
+
+
+def _allocation(a, b, alpha, beta, compute: float, k: float):
+    g = (alpha * a / (beta * b)) ** (1 / (alpha + beta))
+    n = g * (compute / k) ** (beta / (alpha + beta))
+    return n, compute / (k * n)
 
 
 def _bootstrap_chinchilla(task) -> list[np.ndarray]:
@@ -217,10 +334,6 @@ def fit_chinchilla(
     n, d, run_codes, q = _clean(
         n, d, run_codes, quantity, names=("N", "D", "run", "quantity"), warnings=warnings
     )
-    if len(q) < len(CHINCHILLA_PARAMS) + 1:
-        raise FitError(
-            f"Chinchilla fit needs at least {len(CHINCHILLA_PARAMS) + 1} points for {len(CHINCHILLA_PARAMS)} parameters, got {len(q)}"
-        )
     if len(np.unique(n)) < 2:
         raise FitError(
             "Chinchilla fit needs at least two model sizes (N): with one, alpha and A are not identifiable"
@@ -228,6 +341,10 @@ def fit_chinchilla(
     if len(np.unique(d)) < 2:
         raise FitError(
             "Chinchilla fit needs at least two data budgets (D): with one, beta and B are not identifiable"
+        )
+    if len(q) < len(CHINCHILLA_PARAMS) + 1:
+        raise FitError(
+            f"Chinchilla fit needs at least {len(CHINCHILLA_PARAMS) + 1} points for {len(CHINCHILLA_PARAMS)} parameters, got {len(q)}"
         )
     if len(np.unique(n)) < 3 or len(np.unique(d)) < 3:
         warnings.append("fewer than three distinct N or D: exponents are poorly constrained")
@@ -259,14 +376,18 @@ def fit_chinchilla(
         else np.empty((0, 5))
     )
     params = {
-        k: Estimate(point[k], *(_interval(boot[:, i]) if len(boot) else (math.nan, math.nan)))
+        k: judged(
+            Estimate(point[k], *(_interval(boot[:, i]) if len(boot) else (math.nan, math.nan))),
+            *CHINCHILLA_BOUNDS.get(k, (None, None)),
+            floor=1e-6 * float(q.min()) if k == "E" else None,
+        )
         for i, k in enumerate(CHINCHILLA_PARAMS)
     }
     rms = float(np.sqrt(np.mean(residuals**2)))
     if rms > 0.05:
         warnings.append(f"poor fit: RMS residual of log {quantity_label} is {rms:.3f}")
     return ChinchillaFit(
-        params, len(q), len(groups), len(samples), n_label, d_label, quantity_label, residuals, warnings
+        params, len(q), len(groups), len(samples), n_label, d_label, quantity_label, residuals, warnings, boot
     )
 
 
@@ -287,9 +408,27 @@ class PowerLawFit:
     x_label: str
     quantity: str
     warnings: list[str] = field(default_factory=list)
+    samples: np.ndarray = field(
+        default_factory=lambda: np.empty((0, 3)), repr=False
+    )  # bootstrap (E, A, alpha)
+
+    @property
+    def identified(self) -> bool:
+        return self.E.identified and self.A.identified and self.alpha.identified
+
+    def params(self) -> dict[str, Estimate]:
+        return {"E": self.E, "A": self.A, "alpha": self.alpha}
 
     def predict(self, x) -> np.ndarray:
         return self.E.value + self.A.value * np.asarray(x, float) ** -self.alpha.value
+
+    def band(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """The 95% band of the prediction over the bootstrap resamples (NaN without them)."""
+        x = np.asarray(x, float)
+        if len(self.samples) < 10:
+            return np.full(x.shape, np.nan), np.full(x.shape, np.nan)
+        preds = self.samples[:, 0, None] + self.samples[:, 1, None] * x[None] ** -self.samples[:, 2, None]
+        return np.percentile(preds, 2.5, axis=0), np.percentile(preds, 97.5, axis=0)
 
 
 def pareto_frontier(x, y) -> np.ndarray:
@@ -328,7 +467,7 @@ def _power_law_once(log_x: np.ndarray, log_y: np.ndarray, starts: list | None = 
             start,
             jac=True,
             method="L-BFGS-B",
-            bounds=[(None, None), (0, 5), (None, None)],
+            bounds=[(None, None), EXPONENT_BOUNDS, (None, None)],
             options={"ftol": 1e-13, "gtol": 1e-10, "maxiter": 5000},
         )
         if res.fun < best_val:
@@ -368,13 +507,14 @@ def fit_power_law(
 
     point = to_params(theta)
     samples = np.array([to_params(t) for t in boot]) if len(boot) else np.empty((0, 3))
-    est = [
+    raw = [
         Estimate(point[i], *(_interval(samples[:, i]) if len(samples) else (math.nan, math.nan)))
         for i in range(3)
     ]
+    est = [judged(raw[0], floor=1e-6 * float(q.min())), judged(raw[1]), judged(raw[2], *EXPONENT_BOUNDS)]
     if len(q) < 8:
         warnings.append(f"only {len(q)} points on the frontier: the exponent is poorly constrained")
-    return PowerLawFit(est[0], est[1], est[2], len(q), x_label, quantity_label, warnings)
+    return PowerLawFit(est[0], est[1], est[2], len(q), x_label, quantity_label, warnings, samples)
 
 
 # ----------------------------------------------------------------------------- IsoFLOP (approach 2)
@@ -392,12 +532,24 @@ class IsoFlopFit:
     n_coefficient: float
     d_coefficient: float
     warnings: list[str] = field(default_factory=list)
+    # bootstrap: (N exponent, log N coefficient, D exponent, log D coefficient) per resample
+    samples: np.ndarray = field(default_factory=lambda: np.empty((0, 4)), repr=False)
+    minima: list[Estimate] = field(default_factory=list)  # N_opt per budget, with its interval
 
     def n_opt_at(self, compute) -> np.ndarray:
         return self.n_coefficient * np.asarray(compute, float) ** self.n_exponent.value
 
     def d_opt_at(self, compute) -> np.ndarray:
         return self.d_coefficient * np.asarray(compute, float) ** self.d_exponent.value
+
+    def interval_at(self, compute, which: str = "N") -> tuple[np.ndarray, np.ndarray]:
+        """The 95% interval of N_opt (or D_opt) at ``compute`` over the bootstrap power laws."""
+        compute = np.asarray(compute, float)
+        if len(self.samples) < 10:
+            return np.full(compute.shape, np.nan), np.full(compute.shape, np.nan)
+        col = 0 if which == "N" else 2
+        logs = self.samples[:, col + 1, None] + self.samples[:, col, None] * np.log(compute)[None]
+        return np.exp(np.percentile(logs, 2.5, axis=0)), np.exp(np.percentile(logs, 97.5, axis=0))
 
 
 def _isoflop_core(c, n, d, q, warnings: list[str] | None):
@@ -429,24 +581,27 @@ def _isoflop_core(c, n, d, q, warnings: list[str] | None):
 
 
 def _bootstrap_isoflop(task):
+    """Per resample: {budget: (N_opt, D_opt)} of the budgets whose parabola has a minimum."""
     seed, count, groups, c, n, d, q = task
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
         idx = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
         budgets, n_opt, d_opt, _, _ = _isoflop_core(c[idx], n[idx], d[idx], q[idx], None)
-        if len(budgets) >= 2:
-            out.append(
-                (
-                    np.polyfit(np.log(budgets), np.log(n_opt), 1)[0],
-                    np.polyfit(np.log(budgets), np.log(d_opt), 1)[0],
-                )
-            )
+        out.append({float(b): (nn, dd) for b, nn, dd in zip(budgets, n_opt, d_opt, strict=True)})
     return out
 
 
+def _power_fit(budgets: np.ndarray, values: np.ndarray) -> tuple[float, float]:
+    """(exponent, log coefficient) of values ~ coefficient * budgets^exponent."""
+    slope, intercept = np.polyfit(np.log(budgets), np.log(values), 1)
+    return float(slope), float(intercept)
+
+
 def fit_isoflop(c, n, d, quantity, runs=None, *, n_bootstrap: int = 1000, seed: int = 0) -> IsoFlopFit:
-    """Rows share a compute budget when their ``c`` is equal (pre-registered budgets)."""
+    """Rows share a compute budget when their ``c`` is equal (pre-registered budgets). Resamples
+    draw whole runs (``runs``); each gives every budget's minimum and the two power laws, so the
+    minima, the exponents and N_opt(C) at any C get intervals."""
     warnings: list[str] = []
     runs = np.arange(len(c)) if runs is None else np.asarray(runs)
     run_codes = np.unique(runs, return_inverse=True)[1].astype(float)
@@ -458,30 +613,61 @@ def fit_isoflop(c, n, d, quantity, runs=None, *, n_bootstrap: int = 1000, seed: 
         raise FitError(
             f"IsoFLOP fit needs at least two compute budgets with 3+ model sizes each, got {len(budgets)}"
         )
-    n_fit = np.polyfit(np.log(budgets), np.log(n_opt), 1)
-    d_fit = np.polyfit(np.log(budgets), np.log(d_opt), 1)
+    n_fit, d_fit = _power_fit(budgets, n_opt), _power_fit(budgets, d_opt)
     groups = [np.flatnonzero(run_codes == code) for code in np.unique(run_codes)]
-    samples = []
+    resamples: list[dict] = []
     if n_bootstrap:
         chunks = max(1, min(os.cpu_count() or 1, n_bootstrap))
         seeds = np.random.SeedSequence(seed).spawn(chunks)
         counts = [n_bootstrap // chunks + (i < n_bootstrap % chunks) for i in range(chunks)]
         tasks = [(s, k, groups, c, n, d, q) for s, k in zip(seeds, counts, strict=True)]
-        samples = [x for part in _parallel_map(_bootstrap_isoflop, tasks) for x in part]
-    boot = np.array(samples) if samples else np.empty((0, 2))
+        resamples = [x for part in _parallel_map(_bootstrap_isoflop, tasks) for x in part]
+    minima = []  # per budget: the 95% interval of N_opt over the resamples that found a minimum
+    for b, value in zip(budgets, n_opt, strict=True):
+        found = np.array([r[float(b)][0] for r in resamples if float(b) in r])
+        estimate = judged(Estimate(float(value), *(_interval(found) if len(found) else (math.nan, math.nan))))
+        sizes = n[c == b]
+        if not sizes.min() <= value <= sizes.max():
+            reason = f"the minimum lies outside the sampled sizes {human(sizes.min())}-{human(sizes.max())}"
+            estimate = Estimate(
+                estimate.value,
+                estimate.low,
+                estimate.high,
+                False,
+                "; ".join(filter(None, [estimate.reason, reason])),
+            )
+        minima.append(estimate)
+    laws = []
+    for r in resamples:
+        keys = sorted(k for k in r if k in set(map(float, budgets)))
+        if len(keys) >= 2:
+            bs = np.array(keys)
+            laws.append(
+                (
+                    *_power_fit(bs, np.array([r[k][0] for k in keys])),
+                    *_power_fit(bs, np.array([r[k][1] for k in keys])),
+                )
+            )
+    boot = np.array(laws) if laws else np.empty((0, 4))
     if len(budgets) < 3:
         warnings.append(f"only {len(budgets)} budgets: the N_opt(C) exponent rests on {len(budgets)} points")
+
+    def exponent(value: float, column: int) -> Estimate:
+        return judged(Estimate(value, *(_interval(boot[:, column]) if len(boot) else (math.nan, math.nan))))
+
     return IsoFlopFit(
         budgets,
         n_opt,
         d_opt,
         l_opt,
         parabolas,
-        Estimate(float(n_fit[0]), *(_interval(boot[:, 0]) if len(boot) else (math.nan, math.nan))),
-        Estimate(float(d_fit[0]), *(_interval(boot[:, 1]) if len(boot) else (math.nan, math.nan))),
+        exponent(n_fit[0], 0),
+        exponent(d_fit[0], 2),
         float(math.exp(n_fit[1])),
         float(math.exp(d_fit[1])),
         warnings,
+        boot,
+        minima,
     )
 
 

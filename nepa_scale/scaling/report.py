@@ -7,22 +7,27 @@ Writes ``<out>/report.html`` (self-contained: figures embedded), ``<out>/report.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from nepa_scale.scaling import figures
 from nepa_scale.scaling.collect import DEFAULT_WINDOW, collect, collect_curves, write_table
 from nepa_scale.scaling.fits import (
+    MAX_INTERVAL_RATIO,
+    Estimate,
     FitError,
     fit_chinchilla,
     fit_isoflop,
     fit_power_law,
     holdout,
+    human,
     pareto_frontier,
     seed_spread,
 )
@@ -39,24 +44,43 @@ D_KINDS = {"images": "images seen", "patches": "patches seen (images x patches p
 
 @dataclass
 class StudySettings:
-    quantity: str = "cosine_distance"  # any positive column of the table (e.g. a probe error)
+    # auto: the held-out 1 + val_loss when every completed run measured it, else 1 + training loss;
+    # or any positive column of the table (e.g. a probe error)
+    quantity: str = "auto"
     n_kind: str = "params"
     d_kind: str = "images"
     convention: str = "6N+attn"
-    budgets: list[float] | None = None  # pre-registered compute budgets (FLOPs) for IsoFLOP
+    budgets: list[float] | None = None  # extra table rows at these training FLOPs (mid-run points)
     window: int = DEFAULT_WINDOW
     n_bootstrap: int = 1000
     seed: int = 0
     holdout_largest: int = 1
     downstream: list[str] = field(default_factory=list)
+    # FLOPs where the frontier fit starts; None: the end of the initial loss plateau (PLATEAU_DROP)
+    frontier_from: float | None = None
 
     @property
     def quantity_label(self) -> str:
         return QUANTITIES.get(self.quantity, self.quantity)
 
 
+# Before learning starts the loss sits on a plateau near its initial value, which no power law in
+# compute describes. The frontier fit starts where the frontier has covered this fraction of its
+# total drop.
+PLATEAU_DROP = 0.1
+
+
+def resolve_quantity(final: pd.DataFrame, s: StudySettings) -> StudySettings:
+    """``quantity: auto`` -> the held-out quantity when every completed run has it."""
+    if s.quantity != "auto":
+        return s
+    held_out = "val_cosine_distance" in final and len(final) and final["val_cosine_distance"].notna().all()
+    return dataclasses.replace(s, quantity="val_cosine_distance" if held_out else "cosine_distance")
+
+
 def fit_table(table: pd.DataFrame, s: StudySettings) -> pd.DataFrame:
     """Add the columns the fits use: N, D, compute, quantity (named in the settings)."""
+    s = resolve_quantity(table[table["eval_point"] == "final"] if "eval_point" in table else table, s)
     if s.quantity not in table:
         raise FitError(
             f"quantity '{s.quantity}' is not a column of the table (have: {', '.join(table.columns)})"
@@ -67,6 +91,66 @@ def fit_table(table: pd.DataFrame, s: StudySettings) -> pd.DataFrame:
     out["compute"] = out[f"flops_{s.convention}"]
     out["quantity"] = out[s.quantity]
     return out
+
+
+def frontier_start(frontier: pd.DataFrame) -> float:
+    """The FLOPs where the frontier has covered PLATEAU_DROP of its drop (the plateau's end)."""
+    q = frontier["cosine_distance"].to_numpy()
+    reached = q <= q[0] - PLATEAU_DROP * (q[0] - q.min())
+    return (
+        float(frontier["flops"].to_numpy()[reached.argmax()])
+        if reached.any()
+        else float(frontier["flops"].min())
+    )
+
+
+def not_identified(reason: str) -> dict:
+    return {"identified": False, "reason": reason}
+
+
+def fit_entry(params: dict[str, Estimate], **facts) -> dict:
+    """A fit as fits.json holds it: numbers, intervals, and whether each parameter is identified."""
+    reasons = [f"{name}: {p.reason}" for name, p in params.items() if not p.identified]
+    entry = {"identified": not reasons, "params": {k: v.to_dict() for k, v in params.items()}, **facts}
+    if reasons:
+        entry["reason"] = "; ".join(reasons)
+    return entry
+
+
+def read_fits(path: str | Path) -> dict:
+    """fits.json with every parameter back as an ``Estimate``."""
+    data = json.loads(Path(path).read_text())
+    for entry in data["fits"].values():
+        if "params" in entry:
+            entry["params"] = {k: Estimate.from_dict(v) for k, v in entry["params"].items()}
+    return data
+
+
+def describe(entry: dict) -> str:
+    """One line for people: each parameter as a number with its interval, or why it is not identified."""
+    if "params" not in entry:
+        if not entry.get("identified", True):
+            return f"not identified ({entry['reason']})"
+        return ", ".join(f"{k} = {_display(v)}" for k, v in entry.items() if k != "identified")
+    params = entry["params"]
+    shown = [f"{k} = {p if isinstance(p, Estimate) else Estimate.from_dict(p)}" for k, p in params.items()]
+    return "; ".join(shown)
+
+
+def _display(value) -> str:
+    if isinstance(value, Estimate):
+        return str(value)
+    if isinstance(value, dict) and "value" in value and "identified" in value:
+        return str(Estimate.from_dict(value))
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, int | float | np.floating | np.integer):
+        return human(value)
+    if isinstance(value, list):
+        return "; ".join(_display(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_display(v)}" for k, v in value.items())
+    return str(value)
 
 
 def _fig_html(path: Path) -> str:
@@ -94,42 +178,71 @@ def build_report(
             + (f": {row['error']}" if isinstance(row.get("error"), str) else "")
             + " (kept in the table, left out of the fits)"
         )
-    done = fit_table(table[table["status"] == "completed"], s)
+    completed = table[table["status"] == "completed"]
+    s = resolve_quantity(completed[completed["eval_point"] == "final"], s)
+    done = fit_table(completed, s)
+    # Only a run's end is the loss of a run of that length: a mid-run point of a decaying schedule
+    # is not (WSD branches are runs of their own, with their own ends).
+    final = done[done["eval_point"] == "final"]
+    if s.budgets:
+        warnings.append(
+            "--budgets rows are mid-run points: they are in the table and the loss curves, never in the "
+            "(N, D) or IsoFLOP fits (those take each run's final point; design IsoFLOP runs or WSD branches)"
+        )
     results: dict = {"settings": s.__dict__, "fits": {}}
     figs: dict[str, Path] = {}
+    objects: dict = {}
 
     frontier_fit, frontier = None, None
     if len(curves):
-        idx = pareto_frontier(curves["flops"], curves["cosine_distance"])
-        frontier = curves.iloc[idx]
-        try:
-            frontier_fit = fit_power_law(
-                frontier["flops"],
-                frontier["cosine_distance"],
-                n_bootstrap=s.n_bootstrap,
-                seed=s.seed,
-                x_label=f"FLOPs ({s.convention})",
-                quantity_label=QUANTITIES["cosine_distance"],
+        frontier = curves.iloc[pareto_frontier(curves["flops"], curves["cosine_distance"])]
+        start = s.frontier_from if s.frontier_from is not None else frontier_start(frontier)
+        fitted = frontier[frontier["flops"] >= start]
+        facts = {
+            "quantity": QUANTITIES["cosine_distance"]
+            + ", from the loss curves (mid-run points are fair here)",
+            "starts at FLOPs": start,
+            "points": len(fitted),
+        }
+        if fitted["params"].nunique() < 2:
+            results["fits"]["frontier"] = (
+                not_identified(
+                    f"the frontier past {human(start)} FLOPs holds {fitted['params'].nunique()} model size(s): it is "
+                    "one model's loss curve, not a law in compute"
+                )
+                | facts
             )
-            warnings += [f"frontier: {w}" for w in frontier_fit.warnings]
-            results["fits"]["frontier"] = {k: str(getattr(frontier_fit, k)) for k in ("E", "A", "alpha")}
-        except FitError as exc:
-            warnings.append(f"frontier fit skipped: {exc}")
+        else:
+            try:
+                frontier_fit = fit_power_law(
+                    fitted["flops"],
+                    fitted["cosine_distance"],
+                    n_bootstrap=s.n_bootstrap,
+                    seed=s.seed,
+                    x_label=f"FLOPs ({s.convention})",
+                    quantity_label=QUANTITIES["cosine_distance"],
+                )
+                warnings += [f"frontier: {w}" for w in frontier_fit.warnings]
+                results["fits"]["frontier"] = fit_entry(frontier_fit.params(), **facts)
+            except FitError as exc:
+                results["fits"]["frontier"] = not_identified(str(exc)) | facts
         figs["loss_curves"] = figures.save(
-            figures.loss_curves(curves, frontier, frontier_fit, QUANTITIES["cosine_distance"], s.convention),
+            figures.loss_curves(
+                curves, frontier, frontier_fit, QUANTITIES["cosine_distance"], s.convention, start
+            ),
             fig_dir,
             "loss_curves",
         )["png"]
+    objects["frontier"] = frontier_fit
 
-    final = done[done["eval_point"] == "final"]
-    fit_rows = final if not s.budgets else done
+    clusters = final["trunk"] if "trunk" in final else final["run_id"]
     chinchilla = None
     try:
         chinchilla = fit_chinchilla(
-            fit_rows["N"],
-            fit_rows["D"],
-            fit_rows["quantity"],
-            fit_rows["trunk"] if "trunk" in fit_rows else fit_rows["run_id"],
+            final["N"],
+            final["D"],
+            final["quantity"],
+            clusters,
             n_bootstrap=s.n_bootstrap,
             seed=s.seed,
             n_label=N_KINDS[s.n_kind],
@@ -137,51 +250,62 @@ def build_report(
             quantity_label=s.quantity_label,
         )
         warnings += [f"Chinchilla: {w}" for w in chinchilla.warnings]
-        results["fits"]["chinchilla"] = {k: str(v) for k, v in chinchilla.params.items()} | {
-            "points": chinchilla.n_points,
-            "runs": chinchilla.n_runs,
-            "bootstrap": chinchilla.n_bootstrap,
-        }
+        results["fits"]["chinchilla"] = fit_entry(
+            chinchilla.params,
+            quantity=s.quantity_label,
+            points=chinchilla.n_points,
+            resampled_units=chinchilla.n_runs,
+            bootstrap=chinchilla.n_bootstrap,
+        )
         figs["residuals"] = figures.save(
-            figures.residuals(fit_rows, chinchilla, D_KINDS[s.d_kind], N_KINDS[s.n_kind]),
-            fig_dir,
-            "residuals",
+            figures.residuals(final, chinchilla, D_KINDS[s.d_kind], N_KINDS[s.n_kind]), fig_dir, "residuals"
         )["png"]
     except FitError as exc:
-        warnings.append(f"Chinchilla fit skipped: {exc}")
+        results["fits"]["chinchilla"] = not_identified(str(exc))
+    objects["chinchilla"] = chinchilla
 
-    if s.budgets:
-        iso_rows = done[done["eval_point"] != "final"]
+    iso_rows = final[final["flops_budget"].notna()] if "flops_budget" in final else final.iloc[:0]
+    iso = None
+    if len(iso_rows):
         try:
             iso = fit_isoflop(
-                iso_rows["compute"],
+                iso_rows["flops_budget"],
                 iso_rows["N"],
                 iso_rows["D"],
                 iso_rows["quantity"],
-                iso_rows["run_id"],
+                iso_rows["trunk"] if "trunk" in iso_rows else iso_rows["run_id"],
                 n_bootstrap=s.n_bootstrap,
                 seed=s.seed,
             )
             warnings += [f"IsoFLOP: {w}" for w in iso.warnings]
-            results["fits"]["isoflop"] = {
-                "N_opt exponent": str(iso.n_exponent),
-                "D_opt exponent": str(iso.d_exponent),
-                "minima": [
-                    {"C": float(c), "N_opt": float(n), "D_opt": float(d)}
-                    for c, n, d in zip(iso.budgets, iso.n_opt, iso.d_opt, strict=True)
+            results["fits"]["isoflop"] = fit_entry(
+                {"N_opt exponent": iso.n_exponent, "D_opt exponent": iso.d_exponent},
+                minima=[
+                    {"C": float(c), "N_opt": m.to_dict(), "D_opt": float(d)}
+                    for c, m, d in zip(iso.budgets, iso.minima, iso.d_opt, strict=True)
                 ],
-            }
+            )
             figs["isoflop"] = figures.save(
-                figures.isoflop_curves(iso_rows, iso, s.quantity_label, N_KINDS[s.n_kind]), fig_dir, "isoflop"
+                figures.isoflop_curves(
+                    iso_rows.assign(compute=iso_rows["flops_budget"]),
+                    iso,
+                    s.quantity_label,
+                    N_KINDS[s.n_kind],
+                ),
+                fig_dir,
+                "isoflop",
             )["png"]
             figs["n_opt"] = figures.save(
                 figures.n_opt_vs_compute(iso, N_KINDS[s.n_kind], s.convention), fig_dir, "n_opt"
             )["png"]
         except FitError as exc:
-            warnings.append(f"IsoFLOP fit skipped: {exc}")
-    if len(done):
+            results["fits"]["isoflop"] = not_identified(str(exc))
+    objects["isoflop"] = iso
+    if len(final):
         figs["loss_vs_params"] = figures.save(
-            figures.loss_vs_params(done, s.quantity_label, N_KINDS[s.n_kind]), fig_dir, "loss_vs_params"
+            figures.loss_vs_params(final, chinchilla, s.quantity_label, N_KINDS[s.n_kind], D_KINDS[s.d_kind]),
+            fig_dir,
+            "loss_vs_params",
         )["png"]
     for metric in s.downstream:
         if metric in done and done[metric].notna().any():
@@ -190,30 +314,30 @@ def build_report(
             )["png"]
             try:
                 f = fit_power_law(
-                    done["compute"],
-                    done[metric],
+                    final["compute"],
+                    final[metric],
                     n_bootstrap=s.n_bootstrap,
                     seed=s.seed,
                     quantity_label=metric,
                 )
-                results["fits"][f"downstream_{metric}"] = {k: str(getattr(f, k)) for k in ("E", "A", "alpha")}
+                results["fits"][f"downstream_{metric}"] = fit_entry(f.params())
             except FitError as exc:
-                warnings.append(f"downstream {metric} fit skipped: {exc}")
+                results["fits"][f"downstream_{metric}"] = not_identified(str(exc))
         else:
             warnings.append(f"downstream metric '{metric}' has no values")
     if s.holdout_largest and chinchilla is not None:
         try:
             ho = holdout(
-                fit_rows["N"],
-                fit_rows["D"],
-                fit_rows["quantity"],
-                fit_rows["run_id"],
+                final["N"],
+                final["D"],
+                final["quantity"],
+                clusters,
                 largest=s.holdout_largest,
                 n_bootstrap=0,
                 seed=s.seed,
             )
             results["fits"]["holdout"] = {
-                "held out N": ho.held_out_sizes,
+                "held out N": [float(n) for n in ho.held_out_sizes],
                 "mean |relative error|": ho.mean_abs_rel_error,
             }
         except FitError as exc:
@@ -228,6 +352,9 @@ def build_report(
                 "cells": spread.cells,
                 "replicates": spread.replicates,
             }
+    for name, entry in results["fits"].items():
+        if not entry.get("identified", True):
+            warnings.insert(0, f"{name}: not identified: {entry['reason']}")
     results["warnings"] = warnings
     results["conventions"] = {
         "FLOPs": f"{s.convention} (nepa_scale/flops.py: training = 3 x forward)",
@@ -237,6 +364,8 @@ def build_report(
         "loss smoothing": f"mean of the last {s.window} logged training losses",
         "intervals": f"95% percentile bootstrap over runs (a WSD trunk and its branches resampled together; "
         f"each seed its own), {s.n_bootstrap} resamples, seed {s.seed}",
+        "not identified": f"a parameter at a bound of its search, or whose 95% interval spans more than a "
+        f"factor of {MAX_INTERVAL_RATIO:g} or has zero width",
     }
     (out / "fits.json").write_text(json.dumps(results, indent=2, default=str))
     _write_html(out, table, results, figs)
@@ -247,7 +376,7 @@ def build_report(
         "figures": figs,
         "table": out / "table.parquet",
     }
-    results["objects"] = {"frontier": frontier_fit, "chinchilla": chinchilla}
+    results["objects"] = objects
     return results
 
 
@@ -274,6 +403,19 @@ def _run_table(table: pd.DataFrame) -> pd.DataFrame:
     return table[cols].sort_values(["params", "run_id", "eval_point"]) if "params" in table else table[cols]
 
 
+def _fit_rows(entry: dict) -> dict:
+    """A fit's lines for people: its parameters (or why it is not identified), then its facts."""
+    rows = {}
+    if not entry.get("identified", True) and "params" not in entry:
+        rows["result"] = f"not identified ({entry['reason']})"
+    for name, value in entry.get("params", {}).items():
+        rows[name] = _display(value)
+    for name, value in entry.items():
+        if name not in ("params", "identified", "reason"):
+            rows[name] = _display(value)
+    return rows
+
+
 def _write_html(out: Path, table: pd.DataFrame, results: dict, figs: dict[str, Path]) -> None:
     def rows(d: dict) -> str:
         return "".join(
@@ -286,22 +428,18 @@ def _write_html(out: Path, table: pd.DataFrame, results: dict, figs: dict[str, P
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}img{max-width:520px}figure{display:inline-block}"
         ".warn{color:#a40}",
         "</style></head><body><h1>Scaling report</h1>",
-        "<h2>Conventions</h2><table>",
-        rows(results["conventions"]),
-        "</table>",
-        "<h2>Fits</h2>",
-    ]
-    for name, fit in results["fits"].items():
-        parts += [f"<h3>{html.escape(name)}</h3><table>", rows(fit), "</table>"]
-    parts.append(
         "<h2>Warnings</h2>"
         + (
             "<ul>" + "".join(f"<li class='warn'>{html.escape(w)}</li>" for w in results["warnings"]) + "</ul>"
             if results["warnings"]
             else "<p>none</p>"
-        )
-    )
-    parts.append("<h2>Figures</h2>" + "".join(_fig_html(p) for p in figs.values()))
+        ),
+        "<h2>Figures</h2>" + "".join(_fig_html(p) for p in figs.values()),
+        "<h2>Fits</h2>",
+    ]
+    for name, fit in results["fits"].items():
+        parts += [f"<h3>{html.escape(name)}</h3><table>", rows(_fit_rows(fit)), "</table>"]
+    parts += ["<h2>Conventions</h2><table>", rows(results["conventions"]), "</table>"]
     parts.append(
         "<h2>Runs</h2>" + _run_table(table).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="")
     )
@@ -310,14 +448,15 @@ def _write_html(out: Path, table: pd.DataFrame, results: dict, figs: dict[str, P
 
 
 def _write_markdown(out: Path, table: pd.DataFrame, results: dict, figs: dict[str, Path]) -> None:
-    lines = ["# Scaling report", "", "## Conventions", ""]
-    lines += [f"- **{k}**: {v}" for k, v in results["conventions"].items()]
+    lines = ["# Scaling report", "", "## Warnings", ""]
+    lines += [f"- {w}" for w in results["warnings"]] or ["none"]
+    lines += ["", "## Figures", ""] + [f"![{name}](figures/{p.name})" for name, p in figs.items()]
     lines += ["", "## Fits", ""]
     for name, fit in results["fits"].items():
-        lines += [f"### {name}", ""] + [f"- {k}: {v}" for k, v in fit.items()] + [""]
-    lines += ["## Warnings", ""] + ([f"- {w}" for w in results["warnings"]] or ["none"]) + [""]
-    lines += ["## Figures", ""] + [f"![{name}](figures/{p.name})" for name, p in figs.items()] + [""]
+        lines += [f"### {name}", ""] + [f"- {k}: {v}" for k, v in _fit_rows(fit).items()] + [""]
+    lines += ["## Conventions", ""] + [f"- **{k}**: {v}" for k, v in results["conventions"].items()]
     lines += [
+        "",
         "## Runs",
         "",
         _run_table(table).to_markdown(index=False, floatfmt=".4g")
@@ -335,4 +474,4 @@ def _has_tabulate() -> bool:
     return True
 
 
-__all__ = ["StudySettings", "build_report", "fit_table"]
+__all__ = ["StudySettings", "build_report", "describe", "fit_table", "read_fits"]
