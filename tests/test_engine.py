@@ -163,9 +163,9 @@ def test_kill_during_checkpoint_write_resumes_from_previous(runs):
 
 
 def test_truncated_shard_is_a_loud_error_or_explicit_fallback(runs):
-    source = runs / "z2_full"
+    source = runs / "z1_full"
     if not source.exists():
-        pytest.skip("needs the ZeRO-2 resume test")
+        pytest.skip("needs the ZeRO-1 resume test")
     run_dir = runs / "truncated"
     shutil.copytree(source, run_dir)
     newest = committed_checkpoints(run_dir / "checkpoints")[-1]
@@ -173,7 +173,7 @@ def test_truncated_shard_is_a_loud_error_or_explicit_fallback(runs):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     overrides = [
         *RUN,
-        "deepspeed.zero_stage=2",
+        "deepspeed.zero_stage=1",
         "budget.images=2240",
         "checkpoint.allow_budget_change=true",
     ]  # 10 more steps
