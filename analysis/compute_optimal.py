@@ -48,8 +48,14 @@ def main() -> None:
     rows = collect(args.sweep_dir).query("status == 'completed' and eval_point == 'final'")
     settings = resolve_quantity(rows, StudySettings(n_bootstrap=args.bootstrap))
     table = fit_table(rows, settings)
-    clusters = table["trunk"] if "trunk" in table else table["run_id"]
-    fit = fit_chinchilla(table["N"], table["D"], table["quantity"], clusters, n_bootstrap=args.bootstrap)
+    fit = fit_chinchilla(
+        table["N"],
+        table["D"],
+        table["quantity"],
+        table["run_id"],
+        replicates=table["seed"],
+        n_bootstrap=args.bootstrap,
+    )
     k = float((table["compute"] / (table["N"] * table["D"])).median())
     print(f"fit on {fit.n_points} runs ({settings.quantity_label}; N = total params, D = images):")
     for name, est in fit.params.items():

@@ -27,6 +27,7 @@ from nepa_scale.scaling.fits import (
     holdout,
     judged,
     pareto_frontier,
+    resample,
     seed_spread,
 )
 from nepa_scale.scaling.report import StudySettings, build_report, fit_table, read_fits
@@ -371,6 +372,19 @@ def test_seeds_are_grouped_and_their_spread_is_the_noise_floor(tmp_path):
     assert (
         seed_spread(final["params"], final["images_seen"], final["cosine_distance"], [0] * len(final)) is None
     )
+    # The bootstrap draws seeds whole, then runs within each drawn seed.
+    groups = [np.array([2 * i, 2 * i + 1]) for i in range(6)]  # six runs of two points
+    strata = np.array([0, 0, 0, 1, 1, 1])  # two seeds of three runs
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        idx = resample(groups, strata, rng)
+        runs = sorted({int(i) // 2 for i in idx})
+        assert len(idx) == 12 and all(2 * r in idx and 2 * r + 1 in idx for r in runs)
+        per_seed = [
+            sum(int(i) // 2 in (0, 1, 2) for i in idx) // 2,
+            sum(int(i) // 2 in (3, 4, 5) for i in idx) // 2,
+        ]
+        assert sorted(per_seed) in ([0, 6], [3, 3])  # a seed drawn twice, or each once
     settings = StudySettings(n_bootstrap=20, window=1, quantity="cosine_distance")
     results = build_report(tmp_path / "study", tmp_path / "report", settings)
     floor = results["fits"]["noise floor (seeds)"]

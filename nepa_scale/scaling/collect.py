@@ -55,8 +55,7 @@ def _run_summary(run: RunDir) -> dict:
         seed=config.seed,
         schedule=config.optim.schedule,
         flops_budget=config.budget.flops,  # an IsoFLOP run's compute budget (its own FLOP convention)
-        # The bootstrap's resampling unit: a run, or a WSD trunk with its branches (they share the
-        # trunk's steps, so they are not independent draws). Seeds are separate trunks.
+        # A WSD branch's trunk (its own id for other runs): branches share their trunk's steps.
         trunk=Path(config.branch.parent).name if config.branch.parent else run.root.name,
         params=counts["total"],
         params_no_embed=counts["without_patch_embed"],

@@ -302,13 +302,25 @@ def _allocation(a, b, alpha, beta, compute: float, k: float):
     return n, compute / (k * n)
 
 
+def resample(groups: list[np.ndarray], strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The point indices of one bootstrap resample: seeds drawn whole (with replacement), then the
+    runs of each drawn seed drawn with replacement; with one seed, simply runs. ``groups``: each
+    run's points; ``strata``: each run's seed."""
+    labels = np.unique(strata)
+    drawn = rng.choice(labels, len(labels)) if len(labels) > 1 else labels
+    chosen = []
+    for label in drawn:
+        members = np.flatnonzero(strata == label)
+        chosen += [groups[g] for g in rng.choice(members, len(members))]
+    return np.concatenate(chosen)
+
+
 def _bootstrap_chinchilla(task) -> list[np.ndarray]:
-    seed, count, groups, data, starts, delta = task
+    seed, count, groups, strata, data, starts, delta = task
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(count):
-        chosen = rng.integers(0, len(groups), len(groups))
-        idx = np.concatenate([groups[i] for i in chosen])
+        idx = resample(groups, strata, rng)
         sample = tuple(x[idx] for x in data)
         out.append(_fit_from(starts, sample, delta, top=len(starts)))
     return out
@@ -320,6 +332,7 @@ def fit_chinchilla(
     quantity,
     runs=None,
     *,
+    replicates=None,
     delta: float = 1e-3,
     n_bootstrap: int = 1000,
     seed: int = 0,
@@ -327,12 +340,15 @@ def fit_chinchilla(
     d_label: str = "images",
     quantity_label: str = "cosine distance (1 + loss)",
 ) -> ChinchillaFit:
-    """L(N, D) = E + A/N^alpha + B/D^beta by Huber regression on log L; bootstrap over ``runs``."""
+    """L(N, D) = E + A/N^alpha + B/D^beta by Huber regression on log L; bootstrap over ``runs``
+    (a run's points together), and over ``replicates`` (each point's seed) first when given."""
     warnings: list[str] = []
     runs = np.arange(len(n)) if runs is None else np.asarray(runs)
     run_codes = np.unique(runs, return_inverse=True)[1].astype(float)
-    n, d, run_codes, q = _clean(
-        n, d, run_codes, quantity, names=("N", "D", "run", "quantity"), warnings=warnings
+    replicates = np.zeros(len(n)) if replicates is None else np.asarray(replicates)
+    seed_codes = np.unique(replicates, return_inverse=True)[1].astype(float)
+    n, d, run_codes, seed_codes, q = _clean(
+        n, d, run_codes, seed_codes, quantity, names=("N", "D", "run", "seed", "quantity"), warnings=warnings
     )
     if len(np.unique(n)) < 2:
         raise FitError(
@@ -355,6 +371,7 @@ def fit_chinchilla(
     best = _center(best_c, mu_n, mu_d, -1)
     residuals = np.log(q) - np.log(_theta_to_params_predict(best, n, d))
     groups = [np.flatnonzero(run_codes == code) for code in np.unique(run_codes)]
+    strata = np.array([seed_codes[g[0]] for g in groups])
     if len(groups) < 5:
         warnings.append(f"only {len(groups)} runs to resample: bootstrap intervals are unreliable")
     samples: list[np.ndarray] = []
@@ -365,7 +382,7 @@ def fit_chinchilla(
         chunks = max(1, min(os.cpu_count() or 1, n_bootstrap))
         seeds = np.random.SeedSequence(seed).spawn(chunks)
         counts = [n_bootstrap // chunks + (i < n_bootstrap % chunks) for i in range(chunks)]
-        tasks = [(s, c, groups, data, starts, delta) for s, c in zip(seeds, counts, strict=True)]
+        tasks = [(s, c, groups, strata, data, starts, delta) for s, c in zip(seeds, counts, strict=True)]
         samples = [
             _center(t, mu_n, mu_d, -1) for part in _parallel_map(_bootstrap_chinchilla, tasks) for t in part
         ]

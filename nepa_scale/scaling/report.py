@@ -235,14 +235,15 @@ def build_report(
         )["png"]
     objects["frontier"] = frontier_fit
 
-    clusters = final["trunk"] if "trunk" in final else final["run_id"]
+    seeds = final["seed"] if "seed" in final else None
     chinchilla = None
     try:
         chinchilla = fit_chinchilla(
             final["N"],
             final["D"],
             final["quantity"],
-            clusters,
+            final["run_id"],
+            replicates=seeds,
             n_bootstrap=s.n_bootstrap,
             seed=s.seed,
             n_label=N_KINDS[s.n_kind],
@@ -273,7 +274,7 @@ def build_report(
                 iso_rows["N"],
                 iso_rows["D"],
                 iso_rows["quantity"],
-                iso_rows["trunk"] if "trunk" in iso_rows else iso_rows["run_id"],
+                iso_rows["run_id"],
                 n_bootstrap=s.n_bootstrap,
                 seed=s.seed,
             )
@@ -331,7 +332,7 @@ def build_report(
                 final["N"],
                 final["D"],
                 final["quantity"],
-                clusters,
+                final["run_id"],
                 largest=s.holdout_largest,
                 n_bootstrap=0,
                 seed=s.seed,
@@ -362,8 +363,8 @@ def build_report(
         "D": D_KINDS[s.d_kind],
         "fitted quantity": s.quantity_label,
         "loss smoothing": f"mean of the last {s.window} logged training losses",
-        "intervals": f"95% percentile bootstrap over runs (a WSD trunk and its branches resampled together; "
-        f"each seed its own), {s.n_bootstrap} resamples, seed {s.seed}",
+        "intervals": f"95% percentile bootstrap: seeds drawn whole, then runs within each seed (a run's "
+        f"points together), {s.n_bootstrap} resamples, seed {s.seed}",
         "not identified": f"a parameter at a bound of its search, or whose 95% interval spans more than a "
         f"factor of {MAX_INTERVAL_RATIO:g} or has zero width",
     }
