@@ -251,12 +251,6 @@ def branch_point_committed(run: PlannedRun) -> bool:
     ).is_file()
 
 
-def design_label(run: PlannedRun) -> str:
-    if run.parent is not None:
-        return f"branch@{run.branch_step}"
-    return "trunk" if run.trunk_of else ""
-
-
 def run_status(run: PlannedRun, job_state: str) -> RunStatus:
     rd = RunDir(run.run_dir)
     launch = read_launch(rd)
@@ -305,7 +299,7 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
         str(launch.get("job_id", "")),
         error,
         record.idle_timeouts,
-        design_label(run),
+        run.design,
     )
 
 

@@ -42,7 +42,7 @@ def plan_run(run: PlannedRun) -> RunPlan:
     r = run.resources
     per_node = r.gpus_per_node or r.tasks_per_node
     layout = f"{r.nodes}x{per_node} {'GPU' if r.gpus_per_node else 'CPU task'}"
-    design = f"branch@{run.branch_step}" if run.parent else ("trunk" if run.trunk_of else "")
+    design = run.design
     model = str(run.config_data.get("model", {}).get("name", "?"))
     nothing = dict(params=None, images=None, flops=None, device_hours=None, spent_device_hours=None)
     unknown = dict(nothing, wall_hours=None, memory_gb=None, checkpointed=None, layout=layout)

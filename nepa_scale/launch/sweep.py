@@ -84,6 +84,13 @@ class PlannedRun:
     def run_dir(self) -> Path:
         return Path(self.config_data["output_dir"])
 
+    @property
+    def design(self) -> str:
+        """trunk | branch@STEP | "" (an independent run)."""
+        if self.parent is not None:
+            return f"branch@{self.branch_step}"
+        return "trunk" if self.trunk_of else ""
+
 
 @dataclass(frozen=True)
 class Sweep:
