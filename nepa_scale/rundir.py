@@ -341,9 +341,13 @@ class RunDir:
         same = (
             record.resume_digest == config.resume_digest()
             and all(record.config.get(key) == current[key] for key in ("budget", "data"))
-            and (self.checkpoints / tag_for(record.step) / MARKER).is_file()
+            and self.has_committed(record.step)
         )
         return record if same else None
+
+    def has_committed(self, step: int) -> bool:
+        """A committed checkpoint of ``step`` is there (e.g. a WSD trunk's branch point)."""
+        return (self.checkpoints / tag_for(step) / MARKER).is_file()
 
     # -- metrics
     def read_metrics(self) -> list[dict[str, Any]]:

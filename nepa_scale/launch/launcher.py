@@ -46,7 +46,7 @@ from nepa_scale.launch.design import training_flops
 from nepa_scale.launch.job import RunJob, job_python
 from nepa_scale.launch.profiles import ClusterProfile
 from nepa_scale.launch.sweep import PlannedRun, Sweep
-from nepa_scale.rundir import MARKER, RunDir, RunRecord, tag_for, write_json_atomic
+from nepa_scale.rundir import RunDir, RunRecord, write_json_atomic
 
 log = logging.getLogger("nepa_scale.launch")
 
@@ -246,9 +246,7 @@ def branch_point_committed(run: PlannedRun) -> bool:
     """A branch's start, its trunk's checkpoint at the branch step, is committed (True for other runs)."""
     if run.parent is None:
         return True
-    return (
-        Path(run.config_data["branch"]["parent"]) / "checkpoints" / tag_for(run.branch_step) / MARKER
-    ).is_file()
+    return RunDir(run.config_data["branch"]["parent"]).has_committed(run.branch_step)
 
 
 def run_status(run: PlannedRun, job_state: str) -> RunStatus:
@@ -497,7 +495,7 @@ def submit_ready_branches(trunk_dir: str | Path) -> list[str]:
     submitted = []
     for branch in spec["branches"]:
         run_dir = Path(branch["run_dir"])
-        committed = (trunk_dir / "checkpoints" / tag_for(branch["step"]) / MARKER).is_file()
+        committed = RunDir(trunk_dir).has_committed(branch["step"])
         if not committed or RunDir(run_dir).launch_json.is_file() or not _claim(run_dir):
             continue
         try:
