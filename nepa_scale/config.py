@@ -138,6 +138,9 @@ class FinetuneConfig:
     mixup: float = 0.8
     cutmix: float = 1.0
     smoothing: float = 0.1
+    # Few-label transfer: fine-tune on this class-stratified share of the training split (the same
+    # images for every run that asks for the same share; evaluation still uses the whole val split).
+    label_fraction: float = 1.0
 
 
 @dataclass
@@ -232,6 +235,8 @@ class RunConfig:
             fingerprint["optim"]["cooldown"] = [o.cooldown_fraction, o.cooldown_shape]
         if self.task == "finetune":
             fingerprint["finetune.layer_decay"] = self.finetune.layer_decay
+            if self.finetune.label_fraction != 1.0:  # a different training set, a different data order
+                fingerprint["finetune.label_fraction"] = self.finetune.label_fraction
         return json.loads(json.dumps(fingerprint))
 
     def resume_digest(self) -> str:
@@ -495,6 +500,13 @@ def validate(c: RunConfig) -> None:
         _require(0 <= ft.re_prob <= 1, f"finetune.re_prob: must be in [0, 1], got {ft.re_prob}")
         _require(ft.mixup >= 0 and ft.cutmix >= 0, "finetune.mixup/cutmix: must be >= 0")
         _require(0 <= ft.smoothing < 1, f"finetune.smoothing: must be in [0, 1), got {ft.smoothing}")
+        _require(
+            0 < ft.label_fraction <= 1, f"finetune.label_fraction: must be in (0, 1], got {ft.label_fraction}"
+        )
+        _require(
+            ft.label_fraction == 1 or c.data.kind != "synthetic",
+            "finetune.label_fraction: synthetic images have no labels to subsample (use digits or imagefolder)",
+        )
         _require(
             ft.num_classes is None or ft.num_classes > 1,
             f"finetune.num_classes: must be > 1, got {ft.num_classes}",

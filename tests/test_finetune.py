@@ -89,3 +89,43 @@ def test_finetuning_improves_resumes_exactly_and_keeps_the_stem_frozen(pretraine
     wa, wb = tuned, final_weights(tmp_path / "cut")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [e["val_acc"] for e in metrics(tmp_path / "cut", "eval")] == [e["val_acc"] for e in evals]
+
+
+def test_few_labels_take_each_class_evenly_and_the_same_images_every_time():
+    from nepa_scale.data import build_dataset, few_labels
+
+    config = RunConfig(task="finetune")
+    full = build_dataset(config.data, "train", 16, train=False)
+    subset = few_labels(full, 0.1)
+    again = few_labels(build_dataset(config.data, "train", 16, train=False), 0.1)
+    assert subset.indices == again.indices
+    labels = [full.labels[i] for i in subset.indices]
+    per_class = {c: labels.count(c) for c in range(10)}
+    # every class keeps a tenth of its ~157 training images, rounded
+    expected = {c: round(0.1 * full.labels.count(c)) for c in range(10)}
+    assert per_class == expected and len(subset) == sum(expected.values())
+    image, label = subset[(3, 3)]
+    assert label == full.labels[subset.indices[3]] and torch.equal(image, full[(subset.indices[3], 3)][0])
+    assert few_labels(full, 1.0) is full
+
+
+def test_held_out_evaluation_covers_the_whole_split_not_only_whole_batches():
+    """The val sampler yields whole steps; the evaluator adds the remainder (229 digits, batches of 64)."""
+    from nepa_scale.engine.distributed import World
+    from nepa_scale.engine.evaluator import Evaluator
+    from nepa_scale.engine.settings import StepSettings
+
+    config = RunConfig(task="finetune")
+    world = World(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    settings = StepSettings("fp32", micro_batch=64, accumulation_steps=1, checkpointed_blocks=0, predicted_memory_gb=None)
+    evaluator = Evaluator(config, FinetuneTask.resolve_arch(config), world, settings)
+    labels = evaluator.val_set.labels
+    assert len(labels) % 64  # the split is not a whole number of batches
+
+    def mean_label(_out, batch):
+        return batch.labels.float().mean()
+
+    whole = evaluator.held_out(torch.nn.Identity(), mean_label, limit=None)
+    assert whole == pytest.approx(sum(labels) / len(labels), rel=1e-6)
+    first_two = evaluator.held_out(torch.nn.Identity(), mean_label, limit=2)
+    assert first_two == pytest.approx(sum(labels[:128]) / 128, rel=1e-6)

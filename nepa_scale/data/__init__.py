@@ -12,6 +12,7 @@ from nepa_scale.data.datasets import (
     DigitsDataset,
     EncodedJpeg,
     ImageFolderDataset,
+    LabelSubset,
     SeededDataset,
     Skipped,
     SyntheticDataset,
@@ -56,6 +57,14 @@ def build_dataset(
     return ImageFolderDataset(
         Path(config.root) / folder, transform, decode_on_device=train and decode == "device"
     )
+
+
+def few_labels(dataset: DigitsDataset | ImageFolderDataset, fraction: float) -> SeededDataset:
+    """``fraction`` of each class of a training split (``finetune.label_fraction``); all of it at 1."""
+    if fraction >= 1:
+        return dataset
+    labels = dataset.labels if isinstance(dataset, DigitsDataset) else [label for _, label in dataset.samples]
+    return LabelSubset(dataset, labels, fraction)
 
 
 def batch_loader(dataset, sampler: ResumableBatchSampler, num_workers: int, seed: int, pin_memory: bool):

@@ -260,6 +260,29 @@ class DigitsDataset(SeededDataset):
         return self.images[index], self.labels[index]
 
 
+class LabelSubset(SeededDataset):
+    """A class-stratified share of a labelled dataset, for few-label transfer: of each class's images
+    (in the dataset's order), ``fraction`` of them evenly spaced, at least one. Deterministic, so
+    every run asking for the same share trains on the same labelled images."""
+
+    def __init__(self, base: SeededDataset, labels: list[int], fraction: float):
+        super().__init__(base.transform)
+        self.base, self.classes = base, base.classes
+        labels_array = np.asarray(labels)
+        keep = []
+        for label in np.unique(labels_array):
+            members = np.flatnonzero(labels_array == label)
+            count = max(1, round(fraction * len(members)))
+            keep.extend(members[np.linspace(0, len(members) - 1, count).round().astype(int)].tolist())
+        self.indices = sorted(keep)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int):
+        return self.base.load(self.indices[index])
+
+
 class SyntheticDataset(SeededDataset):
     """Smooth random images (deterministic per index): throughput and plumbing, not learning."""
 

@@ -82,12 +82,27 @@ class Evaluator:
         loader = batch_loader(
             self.val_set, self.val_sampler, self.config.data.num_workers, self.config.seed, pin
         )
-        for i, batch in enumerate(loader):
-            if (limit is not None and i >= limit) or len(batch.images) == 0:
-                break
+        def add(batch, weight: float) -> None:
             value = score(engine(to_model_input(batch.images, device, self.settings.dtype)), batch)
-            n = float(len(batch.images))
-            total += torch.stack([value.float().to(device) * n, torch.tensor(n, device=device)])
+            n = float(len(batch.images)) * weight
+            total.add_(torch.stack([value.float().to(device) * n, torch.tensor(n, device=device)]))
+
+        done = 0
+        for batch in loader:
+            if (limit is not None and done >= limit) or len(batch.images) == 0:
+                break
+            add(batch, 1.0)
+            done += 1
+        if limit is None or done < limit:
+            # The sampler yields whole steps; the split's remainder is shared out here, so that "the
+            # whole split" is all of it. Every rank runs one forward (ZeRO-3's is a collective): a
+            # rank with no image left repeats the first one at weight zero.
+            covered = self.val_sampler.steps_per_epoch * self.val_sampler.global_batch
+            tail = list(range(covered, len(self.val_set)))
+            if tail:
+                mine = tail[self.world.rank :: self.world.world_size]
+                batch = collate([self.val_set[(i, i)] for i in (mine or tail[:1])])
+                add(batch, 1.0 if mine else 0.0)
         engine.train()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(total)

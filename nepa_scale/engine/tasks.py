@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nepa_scale.config import RunConfig
-from nepa_scale.data import build_dataset, to_model_input
+from nepa_scale.data import build_dataset, few_labels, to_model_input
 from nepa_scale.engine.distributed import World
 from nepa_scale.engine.evaluator import Evaluator
 from nepa_scale.engine.settings import StepSettings
@@ -194,7 +194,7 @@ class FinetuneTask:
     @staticmethod
     def train_dataset(config: RunConfig, arch: NepaArch):
         ft = config.finetune
-        return build_dataset(
+        dataset = build_dataset(
             config.data,
             "train",
             arch.image_size,
@@ -202,6 +202,7 @@ class FinetuneTask:
             auto_augment=ft.auto_augment,
             re_prob=ft.re_prob,
         )
+        return few_labels(dataset, ft.label_fraction)
 
     def micro_step(
         self, engine, images: torch.Tensor, labels: torch.Tensor

@@ -144,7 +144,10 @@ class Trainer:
                 f"branch.step: {config.branch.step} is not this run's cooldown start (step {branch_point} "
                 f"of {self.total_steps}, optim.cooldown_fraction={config.optim.cooldown_fraction})"
             )
-        epoch_steps = self.sampler.steps_per_epoch if task_class.eval_each_epoch else None
+        # Fine-tuning evaluates every epoch unless logging.eval_every says otherwise (a few-label
+        # split's epoch can be two steps).
+        per_epoch = task_class.eval_each_epoch and not config.logging.eval_every
+        epoch_steps = self.sampler.steps_per_epoch if per_epoch else None
         self.evaluator = Evaluator(config, self.arch, self.world, self.settings, epoch_steps)
         self.task = task_class(
             TaskContext(config, self.arch, self.world, self.run, self.settings, self.evaluator)

@@ -65,6 +65,7 @@ LATER_SETTINGS = {
     "optim.warmup_steps": None,
     "optim.cooldown_fraction": 0.2,
     "optim.cooldown_shape": "1-sqrt",
+    "finetune.label_fraction": 1.0,
 }
 
 
@@ -194,13 +195,18 @@ def _format_value(value: Any) -> str:
 
 
 def run_slug(values: dict[str, Any]) -> str:
-    """A readable prefix for the run id: the axis values (booleans by their key, when on)."""
+    """A readable prefix for the run id: the axis values (booleans by their key, when on; a path by
+    its last part; an unset value as ``no-KEY``)."""
     parts = []
     for key, value in values.items():
-        if key.startswith(RESOURCE_PREFIX) or value is None:
+        if key.startswith(RESOURCE_PREFIX):
             continue
         short = key.split(".")[-1]
-        if isinstance(value, bool):
+        if value is None:
+            parts.append(f"no-{short}")
+        elif isinstance(value, str) and "/" in value:
+            parts.append(f"{short}-{Path(value).name}")
+        elif isinstance(value, bool):
             parts.append(short if value else "")
         else:
             parts.append(_format_value(value) if short == "name" else f"{short}{_format_value(value)}")
