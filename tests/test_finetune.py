@@ -117,7 +117,9 @@ def test_held_out_evaluation_covers_the_whole_split_not_only_whole_batches():
 
     config = RunConfig(task="finetune")
     world = World(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
-    settings = StepSettings("fp32", micro_batch=64, accumulation_steps=1, checkpointed_blocks=0, predicted_memory_gb=None)
+    settings = StepSettings(
+        "fp32", micro_batch=64, accumulation_steps=1, checkpointed_blocks=0, predicted_memory_gb=None
+    )
     evaluator = Evaluator(config, FinetuneTask.resolve_arch(config), world, settings)
     labels = evaluator.val_set.labels
     assert len(labels) % 64  # the split is not a whole number of batches

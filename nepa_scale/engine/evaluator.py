@@ -82,6 +82,7 @@ class Evaluator:
         loader = batch_loader(
             self.val_set, self.val_sampler, self.config.data.num_workers, self.config.seed, pin
         )
+
         def add(batch, weight: float) -> None:
             value = score(engine(to_model_input(batch.images, device, self.settings.dtype)), batch)
             n = float(len(batch.images)) * weight
