@@ -72,48 +72,20 @@ def cmd_models(args: argparse.Namespace) -> int:  # noqa: ARG001
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """kNN + linear probe of a run's newest committed checkpoint (or its EMA weights)."""
-    import json
+    from nepa_scale.eval.probes import probe_run
 
-    import torch
-
-    from nepa_scale.config import apply_overrides, config_from_dict
-    from nepa_scale.data import build_dataset
-    from nepa_scale.engine.checkpoint import EMA_FILE
-    from nepa_scale.engine.export import fp32_state_dict, newest_verified
-    from nepa_scale.eval.probes import run_probes
-    from nepa_scale.models.vit import NEPA
-
-    run = RunDir(args.run_dir)
-    recorded = run.record().run_config().to_dict()
-    config = config_from_dict(
-        apply_overrides(recorded, [f"data.{item}" for item in args.data]), check_paths=False
+    record, out = probe_run(
+        args.run_dir,
+        weights="random_init" if args.random_init else ("ema" if args.ema else "online"),
+        causal=not args.bidirectional,
+        k=args.k,
+        limit=args.limit,
+        data_overrides=args.data,
     )
-    latest = newest_verified(run)
-    if args.random_init:  # the baseline: the same architecture at the run's initialisation (its seed)
-        torch.manual_seed(config.seed)
-        state = NEPA(config.model.arch()).state_dict()
-    elif args.ema:
-        if not (latest.path / EMA_FILE).is_file():
-            return _fail(f"{latest.path}: no {EMA_FILE} (the run kept no EMA)", code=1)
-        state = torch.load(latest.path / EMA_FILE, map_location="cpu", weights_only=True)
-    else:
-        state = fp32_state_dict(latest)
-    arch = config.model.arch()
-    model = NEPA(arch, attention="sdpa")
-    model.load_state_dict(state)
-    train_set = build_dataset(config.data, "train", arch.image_size, train=False)
-    val_set = build_dataset(config.data, "val", arch.image_size, train=False)
-    result = run_probes(model, train_set, val_set, causal=not args.bidirectional, k=args.k, limit=args.limit)
-    weights = "random_init" if args.random_init else ("ema" if args.ema else "online")
-    record = {"step": 0 if args.random_init else latest.step, "weights": weights, **result.__dict__}
-    name = "random_init" if args.random_init else f"{latest.tag}{'_ema' if args.ema else ''}"
-    out = run.root / "probes" / f"{name}{'_bidir' if args.bidirectional else ''}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
     print(
-        f"step {record['step']} ({weights} weights, {'bidirectional' if args.bidirectional else 'causal'}): "
-        f"linear probe {result.linear_acc:.4f}, kNN (k={result.k}) {result.knn_acc:.4f} "
-        f"on {result.n_test} held-out images -> {out}"
+        f"step {record['step']} ({record['weights']} weights, {'causal' if record['causal'] else 'bidirectional'}): "
+        f"linear probe {record['linear_acc']:.4f}, kNN (k={record['k']}) {record['knn_acc']:.4f} "
+        f"on {record['n_test']} held-out images -> {out}"
     )
     return 0
 
@@ -187,9 +159,10 @@ def cmd_resize_data(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The end-to-end mini scaling study (sweeps/demo.yaml): train, survive a preemption, fit, report."""
-    from nepa_scale.launch.demo import DEMO_SWEEP, run_demo
+    from nepa_scale.launch.demo import DEMO_SWEEP, TRANSFER_SWEEP, run_demo
 
-    return run_demo(args.sweep or DEMO_SWEEP, args.executor, args.output_root, args.bootstrap)
+    transfer = None if args.transfer_sweep == "none" else (args.transfer_sweep or TRANSFER_SWEEP)
+    return run_demo(args.sweep or DEMO_SWEEP, args.executor, args.output_root, args.bootstrap, transfer)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -351,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-root", default=None, help="default: the sweep's output_root (runs/demo)")
     demo.add_argument("--sweep", default=None, help="another sweep file (e.g. a smaller one)")
     demo.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the fit intervals")
+    demo.add_argument(
+        "--transfer-sweep",
+        default=None,
+        help="the fine-tune recipe of the transfer comparison (default sweeps/demo_transfer.yaml; none: skip it)",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

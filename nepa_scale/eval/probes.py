@@ -8,7 +8,9 @@ Fitting uses scikit-learn; feature extraction is plain inference and works on an
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -119,3 +121,54 @@ def run_probes(
         n_test=len(test_y),
         causal=causal,
     )
+
+
+def probe_run(
+    run_dir: str | Path,
+    *,
+    weights: str = "online",
+    causal: bool = True,
+    k: int = 20,
+    limit: int | None = None,
+    data_overrides: list[str] = (),
+) -> tuple[dict, Path]:
+    """Probe a run's newest committed checkpoint: its ``online`` weights, its ``ema`` weights, or the
+    same architecture at the run's initialisation (``random_init``, the baseline a probe is read
+    against). The record is written to RUN_DIR/probes/ and returned with its path."""
+    from nepa_scale.config import apply_overrides, config_from_dict
+    from nepa_scale.data import build_dataset
+    from nepa_scale.engine.checkpoint import EMA_FILE
+    from nepa_scale.engine.export import fp32_state_dict, newest_verified
+    from nepa_scale.errors import CheckpointError
+    from nepa_scale.models.vit import NEPA
+    from nepa_scale.rundir import RunDir
+
+    if weights not in ("online", "ema", "random_init"):
+        raise ValueError(f"weights: choose online, ema or random_init, got '{weights}'")
+    run = RunDir(run_dir)
+    recorded = run.record().run_config().to_dict()
+    config = config_from_dict(
+        apply_overrides(recorded, [f"data.{item}" for item in data_overrides]), check_paths=False
+    )
+    latest = newest_verified(run)
+    if weights == "random_init":
+        torch.manual_seed(config.seed)
+        state = NEPA(config.model.arch()).state_dict()
+    elif weights == "ema":
+        if not (latest.path / EMA_FILE).is_file():
+            raise CheckpointError(f"{latest.path}: no {EMA_FILE} (the run kept no EMA)")
+        state = torch.load(latest.path / EMA_FILE, map_location="cpu", weights_only=True)
+    else:
+        state = fp32_state_dict(latest)
+    arch = config.model.arch()
+    model = NEPA(arch, attention="sdpa")
+    model.load_state_dict(state)
+    train_set = build_dataset(config.data, "train", arch.image_size, train=False)
+    val_set = build_dataset(config.data, "val", arch.image_size, train=False)
+    result = run_probes(model, train_set, val_set, causal=causal, k=k, limit=limit)
+    record = {"step": 0 if weights == "random_init" else latest.step, "weights": weights, **result.__dict__}
+    name = "random_init" if weights == "random_init" else f"{latest.tag}{'_ema' if weights == 'ema' else ''}"
+    out = run.root / "probes" / f"{name}{'' if causal else '_bidir'}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    return record, out
