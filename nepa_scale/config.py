@@ -168,6 +168,7 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every N-th step forever (0: off), for the analysis
     on_corrupt: str = "error"  # error | previous (logged fallback to the previous committed checkpoint)
     ema_decay: float | None = None  # keep an EMA copy of the weights for evaluation and export
+    ema_warmup: bool = False  # timm's EMA warmup (decay grows to ema_decay): for short runs
     # Resuming with a different budget.* changes the lr schedule mid-run (a cosine decay restarts its
     # tail): refused unless asked for, e.g. to extend a finished run on purpose. Logged and recorded.
     allow_budget_change: bool = False

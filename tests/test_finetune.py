@@ -131,3 +131,18 @@ def test_held_out_evaluation_covers_the_whole_split_not_only_whole_batches():
     assert whole == pytest.approx(sum(labels) / len(labels), rel=1e-6)
     first_two = evaluator.held_out(torch.nn.Identity(), mean_label, limit=2)
     assert first_two == pytest.approx(sum(labels[:128]) / 128, rel=1e-6)
+
+
+def test_ema_warmup_follows_the_weights_early_and_reaches_the_set_decay():
+    from nepa_scale.engine.ema import Ema
+
+    model = torch.nn.Linear(3, 2)
+    plain, warm = Ema(model, 0.99), Ema(model, 0.99, warmup=True)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    plain.update(model, 0)
+    warm.update(model, 0)
+    assert torch.equal(warm.shadow["weight"], model.weight)  # the first update takes the weights
+    assert torch.allclose(plain.shadow["weight"], model.weight - 0.99)  # 99% still the initial weights
+    assert warm.decay_at(9) == pytest.approx(1 - 10 ** (-2 / 3))  # timm ModelEmaV3's schedule
+    assert warm.decay_at(10_000) == 0.99 and plain.decay_at(0) == 0.99

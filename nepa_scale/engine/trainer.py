@@ -203,7 +203,7 @@ class Trainer:
         c = self.config
         plan = self.checkpointer.plan_resume() if resume else None  # a refusal needs no model
         model = self.build_model()
-        ema = Ema(model, c.checkpoint.ema_decay) if c.checkpoint.ema_decay else None
+        ema = Ema(model, c.checkpoint.ema_decay, c.checkpoint.ema_warmup) if c.checkpoint.ema_decay else None
         optimizer, scheduler = self.build_optimizer(model)
         ds_config = deepspeed_config(
             c, self.world, self.settings, load_universal=bool(plan and plan.load_universal)
@@ -323,7 +323,7 @@ class Trainer:
             for step in range(start_step, total):
                 skipped += self.train_step(engine, batches, step)
                 if ema is not None:
-                    ema.update(engine.module)
+                    ema.update(engine.module, step)
                 done, last = step + 1, step + 1 == total
                 progress.step()
                 if done % c.logging.log_every == 0 or last:

@@ -66,6 +66,7 @@ LATER_SETTINGS = {
     "optim.cooldown_fraction": 0.2,
     "optim.cooldown_shape": "1-sqrt",
     "finetune.label_fraction": 1.0,
+    "checkpoint.ema_warmup": False,
 }
 
 
