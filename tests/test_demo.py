@@ -7,8 +7,10 @@ budgets are cut so it fits the CI budget. The full demo is timed by benchmarks/d
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from helpers import REPO, env
@@ -24,6 +26,11 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
     ]
     sweep = tmp_path / "demo_small.yaml"
     sweep.write_text(yaml.safe_dump(spec))
+    transfer = yaml.safe_load((REPO / "sweeps" / "demo_transfer.yaml").read_text())
+    transfer["base"] = str(REPO / "configs" / "finetune_digits_tiny.yaml")
+    transfer["set"].update({"budget.images": 1280, "logging.eval_every": 10})  # 20 steps of 64
+    transfer_sweep = tmp_path / "transfer_small.yaml"
+    transfer_sweep.write_text(yaml.safe_dump(transfer))
     out_root = tmp_path / "runs"
     command = [
         sys.executable,
@@ -34,6 +41,8 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
         str(sweep),
         "--output-root",
         str(out_root),
+        "--transfer-sweep",
+        str(transfer_sweep),
     ]
     result = subprocess.run(
         [*command, "--bootstrap", "200"], capture_output=True, text=True, env=env(), cwd=REPO
@@ -41,14 +50,32 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     out = result.stdout
     assert "preempting" in out and "resumed 1x" in out
-    assert "compute frontier" in out and "alpha =" in out
+    assert "compute frontier" in out and "Chinchilla" in out
+    # Every fitted parameter is a value inside its 95% interval, or "not identified" with the reason.
+    fits = json.loads((out_root / "report" / "fits.json").read_text())["fits"]
+    for name in ("frontier", "chinchilla"):
+        entry = fits[name]
+        assert "params" in entry or (not entry["identified"] and entry["reason"]), entry
+        for p in entry.get("params", {}).values():
+            assert (p["identified"] and p["low"] <= p["value"] <= p["high"]) or (
+                not p["identified"] and p["reason"]
+            ), (name, p)
+    # The transfer comparison: the largest model's probe against its random init, and the few-label
+    # fine-tune from the pretrained weights against from scratch (their numbers are not asserted).
+    probe = re.search(r"linear probe: pretrained (0\.\d+) vs random init (0\.\d+)", out)
+    finetune = re.search(r"few-label fine-tune: from pretrained (0\.\d+).* vs from scratch (0\.\d+)", out)
+    assert probe and finetune, out[-3000:]
+    source = "dim64_num_heads4_images9.6k"  # the largest model, its longest run
+    transfer_json = json.loads((out_root / "transfer.json").read_text())
+    assert Path(transfer_json["source"]).name.startswith(source)
+    assert {"pretrained", "scratch"} <= set(transfer_json["finetune"])
+    assert (out_root.parent / "runs_transfer" / "transfer_sweep.yaml").is_file()
     report = out_root / "report"
     html = (report / "report.html").read_text()
-    assert "<img" in html and "Chinchilla" in html
+    assert "<img" in html and "Chinchilla" in html and "<h2>Transfer</h2>" in html
+    assert probe.group(0) in html
     for figure in ("loss_curves", "loss_vs_params"):
         assert (report / "figures" / f"{figure}.png").stat().st_size > 10_000
-    fits = json.loads((report / "fits.json").read_text())
-    assert "frontier" in fits["fits"]
     runs = [json.loads(p.read_text()) for p in out_root.glob("*/run.json")]
     assert len(runs) == 6 and all(r["status"] == "completed" for r in runs)
     assert sum(len(r.get("restarts", [])) for r in runs) == 1
@@ -59,3 +86,4 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "6 runs already done, 0 to train" in again.stdout
+    assert "few-label fine-tune" in again.stdout and "submitted" not in again.stdout

@@ -499,3 +499,22 @@ def test_the_frontier_fit_starts_past_the_initial_plateau(tmp_path):
         tmp_path / "study", tmp_path / "r2", StudySettings(n_bootstrap=0, window=1, frontier_from=3e12)
     )
     assert chosen["fits"]["frontier"]["starts at FLOPs"] == 3e12
+
+
+def test_width_effect_is_measured_against_the_seed_spread():
+    from nepa_scale.scaling.fits import seed_spread, width_effect
+
+    rng = np.random.default_rng(0)
+    n = np.repeat([1e4, 1e5], 12)
+    d = np.tile(np.repeat([1e4, 1e5], 6), 2)
+    seeds = np.tile(np.arange(6), 4)
+    noise = rng.normal(0, 0.05, size=24)
+    noise -= np.array([noise[i : i + 6].mean() for i in range(0, 24, 6)]).repeat(6)  # cell means exact
+    for shift, expected in ((0.2, True), (0.0, False)):
+        q = np.exp(np.where(n == 1e4, shift, 0.0) - 0.1 * np.log10(d) + noise)
+        spread = seed_spread(n, d, q, seeds)
+        effect = width_effect(n, d, q, spread)
+        assert effect.log_ratio == pytest.approx(shift, abs=1e-9) and effect.budgets == 2
+        assert effect.standard_error == pytest.approx(spread.std_log * np.sqrt(2 / 6) / np.sqrt(2))
+        assert (effect.z >= 2) is expected
+        assert ("does not stand above" not in str(effect)) is expected

@@ -21,6 +21,7 @@ from nepa_scale.launch.sweep import PlannedRun, load_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SWEEP = REPO / "sweeps" / "demo.yaml"
+TRANSFER_SWEEP = REPO / "sweeps" / "demo_transfer.yaml"
 PREEMPT_FRACTION = 0.4  # the preempted run gets its notice this far into its budget
 
 
@@ -45,8 +46,10 @@ def run_demo(
     executor: str | None = None,
     output_root: str | Path | None = None,
     n_bootstrap: int = 1000,
+    transfer_sweep: str | Path | None = TRANSFER_SWEEP,
     out=sys.stdout,
 ) -> int:
+    from nepa_scale.eval.transfer import run_transfer, transfer_lines
     from nepa_scale.scaling.report import StudySettings, build_report, describe
 
     started = time.time()
@@ -79,6 +82,8 @@ def run_demo(
         print("demo: not every run completed; see the errors above (re-run to continue them)", file=out)
         return 1
     trained = time.time() - started
+    transfer = run_transfer(sweep, transfer_sweep, executor, out=out) if transfer_sweep else None
+    transferred = time.time() - started
     result = build_report(sweep.output_root, None, StudySettings(n_bootstrap=n_bootstrap))
     fits = result["fits"]
     print(
@@ -90,11 +95,23 @@ def run_demo(
         print(f"  compute frontier  L(C) = E + A * C^-alpha:  {describe(fits['frontier'])}", file=out)
     if "chinchilla" in fits:
         print(f"  Chinchilla  L(N, D) = E + A/N^alpha + B/D^beta:  {describe(fits['chinchilla'])}", file=out)
+    if "isoflop" in fits:
+        print(f"  IsoFLOP  N_opt ~ C^a, D_opt ~ C^b:  {describe(fits['isoflop'])}", file=out)
+    noise = fits.get("noise floor (seeds)")
+    if noise:
+        print(f"  seeds: {noise['what']}", file=out)
+        if "width effect" in noise:
+            print(f"  width: {noise['width effect']}", file=out)
     for warning in result["warnings"]:
         print(f"  note: {warning}", file=out)
+    if transfer is not None:
+        print("\ntransfer (the largest model against the same model untrained)", file=out)
+        for line in transfer_lines(transfer):
+            print(f"  {line}", file=out)
     print(
         f"\nreport: {result['paths']['html']}\nfigures: {result['paths']['html'].parent / 'figures'}\n"
-        f"time: {trained:.0f} s training, {time.time() - started:.0f} s in all",
+        f"time: {trained:.0f} s pretraining, {transferred - trained:.0f} s transfer, "
+        f"{time.time() - started:.0f} s in all",
         file=out,
         flush=True,
     )

@@ -756,3 +756,44 @@ def seed_spread(n, d, quantity, seeds) -> SeedSpread | None:
     if not dof:
         return None
     return SeedSpread(len(ranges), replicates, math.sqrt(squares / dof), max(ranges))
+
+
+@dataclass
+class WidthEffect:
+    """How much lower the quantity is at the largest model size than at the smallest, at the same D,
+    measured against the seed-to-seed spread: the first thing a scaling law in N needs."""
+
+    log_ratio: float  # mean over D of mean log q(smallest N) - mean log q(largest N); > 0: larger is better
+    standard_error: float  # of that mean, from the pooled seed spread
+    budgets: int  # values of D with both sizes
+
+    @property
+    def z(self) -> float:
+        return self.log_ratio / self.standard_error if self.standard_error > 0 else math.inf
+
+    def __str__(self) -> str:
+        verdict = "stands above" if self.z >= 2 else "does not stand above"
+        return (
+            f"the largest model's quantity is {100 * -math.expm1(-self.log_ratio):.2g}% below the smallest's at the "
+            f"same D (mean over {self.budgets} values of D), {self.z:.2g} standard errors of the seed spread: "
+            f"the width effect {verdict} the seed-to-seed noise"
+        )
+
+
+def width_effect(n, d, quantity, spread: SeedSpread) -> WidthEffect | None:
+    """The smallest-vs-largest-N difference of mean log(quantity) at each D with both sizes, averaged,
+    with its standard error from ``spread`` (None when no D has both sizes)."""
+    n, d, q = (np.asarray(x, dtype=float) for x in (n, d, quantity))
+    keep = np.isfinite(q) & (q > 0)
+    n, d, q = n[keep], d[keep], np.log(q[keep])
+    diffs, variances = [], []
+    for budget in np.unique(d):
+        at = d == budget
+        small, large = at & (n == n[at].min()), at & (n == n[at].max())
+        if n[at].min() == n[at].max():
+            continue
+        diffs.append(q[small].mean() - q[large].mean())
+        variances.append(spread.std_log**2 * (1 / small.sum() + 1 / large.sum()))
+    if not diffs:
+        return None
+    return WidthEffect(float(np.mean(diffs)), math.sqrt(sum(variances)) / len(diffs), len(diffs))

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nepa_scale.eval.transfer import TRANSFER_FILE, transfer_lines
 from nepa_scale.scaling import figures
 from nepa_scale.scaling.collect import DEFAULT_WINDOW, collect, collect_curves, write_table
 from nepa_scale.scaling.fits import (
@@ -30,6 +31,7 @@ from nepa_scale.scaling.fits import (
     human,
     pareto_frontier,
     seed_spread,
+    width_effect,
 )
 
 log = logging.getLogger(__name__)
@@ -353,6 +355,15 @@ def build_report(
                 "cells": spread.cells,
                 "replicates": spread.replicates,
             }
+            effect = width_effect(final["N"], final["D"], final["quantity"], spread)
+            if effect is not None:
+                results["fits"]["noise floor (seeds)"] |= {
+                    "width effect": str(effect),
+                    "width effect z": effect.z,
+                }
+    transfer_file = sweep_dir / TRANSFER_FILE
+    if transfer_file.is_file():  # written by the demo's transfer step (nepa_scale/eval/transfer.py)
+        results["transfer"] = transfer_lines(json.loads(transfer_file.read_text()))
     for name, entry in results["fits"].items():
         if not entry.get("identified", True):
             warnings.insert(0, f"{name}: not identified: {entry['reason']}")
@@ -440,6 +451,12 @@ def _write_html(out: Path, table: pd.DataFrame, results: dict, figs: dict[str, P
     ]
     for name, fit in results["fits"].items():
         parts += [f"<h3>{html.escape(name)}</h3><table>", rows(_fit_rows(fit)), "</table>"]
+    if results.get("transfer"):
+        parts.append(
+            "<h2>Transfer</h2><ul>"
+            + "".join(f"<li>{html.escape(t)}</li>" for t in results["transfer"])
+            + "</ul>"
+        )
     parts += ["<h2>Conventions</h2><table>", rows(results["conventions"]), "</table>"]
     parts.append(
         "<h2>Runs</h2>" + _run_table(table).to_html(index=False, float_format=lambda x: f"{x:.4g}", na_rep="")
@@ -455,6 +472,8 @@ def _write_markdown(out: Path, table: pd.DataFrame, results: dict, figs: dict[st
     lines += ["", "## Fits", ""]
     for name, fit in results["fits"].items():
         lines += [f"### {name}", ""] + [f"- {k}: {v}" for k, v in _fit_rows(fit).items()] + [""]
+    if results.get("transfer"):
+        lines += ["## Transfer", ""] + [f"- {t}" for t in results["transfer"]] + [""]
     lines += ["## Conventions", ""] + [f"- **{k}**: {v}" for k, v in results["conventions"].items()]
     lines += [
         "",
