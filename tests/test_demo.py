@@ -65,7 +65,7 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
     probe = re.search(r"linear probe: pretrained (0\.\d+) vs random init (0\.\d+)", out)
     finetune = re.search(r"few-label fine-tune: from pretrained (0\.\d+).* vs from scratch (0\.\d+)", out)
     assert probe and finetune, out[-3000:]
-    source = "dim64_num_heads4_images9.6k"  # the largest model, its longest run
+    source = "dim64_num_heads4_images9600-"  # the largest model, its longest run
     transfer_json = json.loads((out_root / "transfer.json").read_text())
     assert Path(transfer_json["source"]).name.startswith(source)
     assert {"pretrained", "scratch"} <= set(transfer_json["finetune"])

@@ -131,10 +131,12 @@ def probe_run(
     k: int = 20,
     limit: int | None = None,
     data_overrides: list[str] = (),
+    reuse: bool = False,
 ) -> tuple[dict, Path]:
     """Probe a run's newest committed checkpoint: its ``online`` weights, its ``ema`` weights, or the
     same architecture at the run's initialisation (``random_init``, the baseline a probe is read
-    against). The record is written to RUN_DIR/probes/ and returned with its path."""
+    against). The record is written to RUN_DIR/probes/ and returned with its path; ``reuse``: a record
+    already there for the same checkpoint (and no data overrides) is returned as it is."""
     from nepa_scale.config import apply_overrides, config_from_dict
     from nepa_scale.data import build_dataset
     from nepa_scale.engine.checkpoint import EMA_FILE
@@ -151,6 +153,12 @@ def probe_run(
         apply_overrides(recorded, [f"data.{item}" for item in data_overrides]), check_paths=False
     )
     latest = newest_verified(run)
+    name = "random_init" if weights == "random_init" else f"{latest.tag}{'_ema' if weights == 'ema' else ''}"
+    out = run.root / "probes" / f"{name}{'' if causal else '_bidir'}.json"
+    if reuse and not data_overrides and out.is_file():
+        record = json.loads(out.read_text())
+        if record.get("k") == k and record.get("limit") == limit:
+            return record, out
     if weights == "random_init":
         torch.manual_seed(config.seed)
         state = NEPA(config.model.arch()).state_dict()
@@ -166,9 +174,8 @@ def probe_run(
     train_set = build_dataset(config.data, "train", arch.image_size, train=False)
     val_set = build_dataset(config.data, "val", arch.image_size, train=False)
     result = run_probes(model, train_set, val_set, causal=causal, k=k, limit=limit)
-    record = {"step": 0 if weights == "random_init" else latest.step, "weights": weights, **result.__dict__}
-    name = "random_init" if weights == "random_init" else f"{latest.tag}{'_ema' if weights == 'ema' else ''}"
-    out = run.root / "probes" / f"{name}{'' if causal else '_bidir'}.json"
+    step = 0 if weights == "random_init" else latest.step
+    record = {"step": step, "weights": weights, "limit": limit, **result.__dict__}
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     return record, out

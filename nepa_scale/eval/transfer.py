@@ -87,7 +87,7 @@ def run_transfer(sweep, spec_file: str | Path, executor: str | None = None, out=
 
     source = largest_run(sweep)
     print(f"\ntransfer of {source.name} (the largest, longest-trained model)", file=out, flush=True)
-    probes = {weights: probe_run(source, weights=weights)[0] for weights in ("online", "random_init")}
+    probes = {w: probe_run(source, weights=w, reuse=True)[0] for w in ("online", "random_init")}
     if not (RunDir(source).export / "model.safetensors").is_file():
         export_run(source)
     # Beside the study, not in it: the analysis collects every run under the study's directory.
