@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from helpers import REPO, final_weights, losses, metrics, run_and_signal, run_train
@@ -146,3 +147,13 @@ def test_ema_warmup_follows_the_weights_early_and_reaches_the_set_decay():
     assert torch.allclose(plain.shadow["weight"], model.weight - 0.99)  # 99% still the initial weights
     assert warm.decay_at(9) == pytest.approx(1 - 10 ** (-2 / 3))  # timm ModelEmaV3's schedule
     assert warm.decay_at(10_000) == 0.99 and plain.decay_at(0) == 0.99
+
+
+def test_digits_are_read_as_scikit_learn_reads_them():
+    from sklearn.datasets import load_digits
+
+    from nepa_scale.data.datasets import load_digits_file
+
+    pixels, labels = load_digits_file()
+    reference = load_digits()
+    assert np.array_equal(pixels, reference.images) and np.array_equal(labels, reference.target)

@@ -224,6 +224,22 @@ class ImageFolderDataset(SeededDataset):
         return EncodedJpeg(encoded, tuple(int(v) for v in box), flipped, path), label
 
 
+def load_digits_file() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits (8x8 images with values 0-16, and labels), read from the file the package
+    ships, as ``sklearn.datasets.load_digits`` reads it, without importing scikit-learn: that import
+    (scipy included) is 2 s of every run's start-up (docs/demo.md)."""
+    import gzip
+    from importlib.util import find_spec
+
+    spec = find_spec("sklearn")  # locates the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("data.kind=digits: scikit-learn, which ships the digits, is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as handle:
+        data = np.loadtxt(handle, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 class DigitsDataset(SeededDataset):
     """scikit-learn's 1,797 handwritten digits (8x8, shipped inside the package), upscaled to RGB.
 
@@ -234,11 +250,8 @@ class DigitsDataset(SeededDataset):
         super().__init__(transform)
         if split not in ("train", "val"):
             raise ValueError(f"unknown split '{split}' (choose train or val)")
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = (digits.images / 16.0 * 255.0).round().astype(np.uint8)
-        labels = digits.target.astype(int)
+        pixels, labels = load_digits_file()
+        images = (pixels / 16.0 * 255.0).round().astype(np.uint8)
         rank_in_class = np.zeros(len(labels), dtype=int)
         for label in np.unique(labels):
             members = np.flatnonzero(labels == label)

@@ -57,12 +57,15 @@ def run_demo(
     kind = sweep.runs[0].resources.executor
     if kind == "slurm":
         ensure_local_slurm(out)
-    pending, _ = launcher.to_submit(sweep)
+    pending, rows = launcher.to_submit(sweep)
+    done = sum(row.state == "completed" for row in rows)
+    waiting = sum(row.state == "waiting" for row in rows)
     print(f"NEPA scaling demo: sweep {sweep.path} -> {sweep.output_root}", file=out)
     print(plan_table(sweep), file=out)
     print(
-        f"\n{len(sweep.runs) - len(pending)} runs already done, {len(pending)} to train through the "
-        f"{kind} executor ({'local SLURM cluster' if kind == 'slurm' else 'processes on this machine'})",
+        f"\n{done} runs already done, {len(sweep.runs) - done} to train"
+        + (f" ({waiting} cooldown branches start when their trunk reaches their step)" if waiting else "")
+        + f" through the {kind} executor ({'local SLURM cluster' if kind == 'slurm' else 'processes on this machine'})",
         file=out,
         flush=True,
     )
