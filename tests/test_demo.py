@@ -67,8 +67,8 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
     assert probe and finetune, out[-3000:]
     source = "dim64_num_heads4_images9600-"  # the largest model, its longest run
     transfer_json = json.loads((out_root / "transfer.json").read_text())
-    assert Path(transfer_json["source"]).name.startswith(source)
-    assert {"pretrained", "scratch"} <= set(transfer_json["finetune"])
+    assert [Path(s).name[: len(source)] for s in transfer_json["sources"]] == [source]
+    assert len(transfer_json["finetune"]["pretrained"]) == len(transfer_json["finetune"]["scratch"]) == 1
     assert (out_root.parent / "runs_transfer" / "transfer_sweep.yaml").is_file()
     report = out_root / "report"
     html = (report / "report.html").read_text()

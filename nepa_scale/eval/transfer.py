@@ -2,16 +2,16 @@
 
 Two comparisons, each against the same architecture without pretraining:
 
-- **linear probe** (and kNN) on frozen features of the largest, longest-trained run, against the
-  same model at its random initialisation;
+- **linear probe** (and kNN) on frozen features of the largest, longest-trained run (each seed's),
+  against the same model at its random initialisation;
 - **few-label fine-tune**: a short fine-tune on a class-stratified share of the training labels
   (``finetune.label_fraction``) from the pretrained weights, against the same fine-tune from scratch.
 
-The fine-tunes are a sweep of their own (a transfer sweep file such as sweeps/demo_transfer.yaml,
-given the source run's model shape and the axis ``finetune.pretrained: [source run, null]``), so they
-share the engine's checkpoints, resume and run records, and a re-run skips what is done. The result
-is written to SWEEP_DIR/transfer.json, which the report shows; the fine-tunes live beside the
-study, in SWEEP_DIR_transfer/.
+The fine-tunes are a sweep of their own: a transfer sweep file such as sweeps/demo_transfer.yaml,
+given the source runs' model shape and, per source seed, one run from its weights and one from
+scratch. They share the engine's checkpoints, resume and run records, and a re-run skips what is
+done. The result is written to SWEEP_DIR/transfer.json, which the report shows; the fine-tunes live
+beside the study, in SWEEP_DIR_transfer/.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from nepa_scale.rundir import RunDir
 TRANSFER_FILE = "transfer.json"
 
 
-def largest_run(sweep) -> Path:
-    """The completed run with the most parameters, the longest-trained of those (not a branch of a
-    shorter budget): the model whose transfer a study is most interested in."""
+def largest_runs(sweep) -> list[Path]:
+    """The completed runs with the most parameters and the longest budget, one per seed: the model
+    whose transfer a study is most interested in, as many times as the study trained it."""
     from nepa_scale.models.zoo import count_params
 
     done = [
@@ -41,27 +41,34 @@ def largest_run(sweep) -> Path:
         raise ConfigError(
             f"transfer: sweep {sweep.name} has no completed run to take the pretrained model from"
         )
-    best = max(
-        done,
-        key=lambda r: (count_params(r.config.model.arch())["total"], r.config.budget.images or 0, r.run_id),
-    )
-    return best.run_dir
+
+    def size(run) -> tuple[int, int]:
+        return count_params(run.config.model.arch())["total"], run.config.budget.images or 0
+
+    largest = max(size(r) for r in done)
+    return [r.run_dir for r in sorted((r for r in done if size(r) == largest), key=lambda r: r.config.seed)]
 
 
-def transfer_sweep(spec_file: str | Path, source: Path, output_root: Path, executor: str | None = None):
-    """The transfer sweep for ``source``: the file's recipe, the source's model shape, and one run
-    from the pretrained weights and one from scratch. The resolved file is kept with the runs."""
+def transfer_sweep(
+    spec_file: str | Path, sources: list[Path], output_root: Path, executor: str | None = None
+):
+    """The transfer sweep for ``sources``: the file's recipe, their model shape, and for each source a
+    fine-tune from its weights and one from scratch, with the source's seed. The resolved file is kept
+    with the runs."""
     from nepa_scale.launch.sweep import load_sweep
 
     spec = read_yaml_mapping(spec_file, "transfer sweep")
-    recorded = RunDir(source).record().run_config()
+    recorded = [RunDir(source).record().run_config() for source in sources]
     spec["base"] = str((Path(spec_file).parent / spec["base"]).resolve())
     spec["set"] = {
-        "model.name": recorded.model.name,
-        **{f"model.overrides.{k}": v for k, v in recorded.model.overrides.items()},
+        "model.name": recorded[0].model.name,
+        **{f"model.overrides.{k}": v for k, v in recorded[0].model.overrides.items()},
         **(spec.get("set") or {}),
     }
-    spec["axes"] = [{"grid": {"finetune.pretrained": [str(source), None]}}]
+    seeds = [config.seed for config in recorded]
+    spec["axes"] = [
+        {"zip": {"finetune.pretrained": [str(s) for s in sources] + [None] * len(sources), "seed": seeds * 2}}
+    ]
     spec["output_root"] = str(output_root)
     output_root.mkdir(parents=True, exist_ok=True)
     resolved = output_root / "transfer_sweep.yaml"
@@ -85,38 +92,46 @@ def run_transfer(sweep, spec_file: str | Path, executor: str | None = None, out=
     from nepa_scale.eval.probes import probe_run
     from nepa_scale.launch import launcher
 
-    source = largest_run(sweep)
-    print(f"\ntransfer of {source.name} (the largest, longest-trained model)", file=out, flush=True)
-    probes = {w: probe_run(source, weights=w, reuse=True)[0] for w in ("online", "random_init")}
-    if not (RunDir(source).export / "model.safetensors").is_file():
-        export_run(source)
+    sources = largest_runs(sweep)
+    names = ", ".join(source.name for source in sources)
+    print(f"\ntransfer of {names} (the largest, longest-trained model)", file=out, flush=True)
+    probes: dict[str, list[dict]] = {"pretrained": [], "random_init": []}
+    for source in sources:
+        probes["pretrained"].append(probe_run(source, weights="online", reuse=True)[0])
+        probes["random_init"].append(probe_run(source, weights="random_init", reuse=True)[0])
+        if not (RunDir(source).export / "model.safetensors").is_file():
+            export_run(source)
     # Beside the study, not in it: the analysis collects every run under the study's directory.
     root = sweep.output_root.parent / f"{sweep.output_root.name}_transfer"
-    ft_sweep = transfer_sweep(spec_file, source, root, executor)
+    ft_sweep = transfer_sweep(spec_file, sources, root, executor)
     launcher.launch(ft_sweep)
     if ft_sweep.runs[0].resources.executor == "slurm":
         launcher.wait(ft_sweep, out=out)
-    finetunes = {}
+    finetunes: dict[str, list[dict]] = {"pretrained": [], "scratch": []}
     for run in ft_sweep.runs:
         if RunDir(run.run_dir).record().status != "completed":
             raise ConfigError(f"transfer: fine-tune {run.run_dir} did not complete (see its run.json)")
         init = "pretrained" if run.config.finetune.pretrained else "scratch"
-        finetunes[init] = {"run": str(run.run_dir), **final_accuracy(run.run_dir)}
-    ft = ft_sweep.runs[0].config
+        finetunes[init].append(
+            {"run": str(run.run_dir), "seed": run.config.seed, **final_accuracy(run.run_dir)}
+        )
+    ft, first = ft_sweep.runs[0].config, probes["pretrained"][0]
     result = {
-        "source": str(source),
+        "sources": [str(source) for source in sources],
         "probe": {
-            "what": f"logistic regression and kNN (k={probes['online']['k']}) on frozen mean-pooled features "
-            f"(causal attention, as pretrained), {probes['online']['n_train']} training and "
-            f"{probes['online']['n_test']} held-out images",
-            "pretrained": {k: probes["online"][k] for k in ("linear_acc", "knn_acc", "step")},
-            "random_init": {k: probes["random_init"][k] for k in ("linear_acc", "knn_acc")},
+            "what": f"logistic regression and kNN (k={first['k']}) on frozen mean-pooled features (causal "
+            f"attention, as pretrained), {first['n_train']} training and {first['n_test']} held-out images",
+            **{
+                init: [{k: record[k] for k in ("linear_acc", "knn_acc", "step")} for record in records]
+                for init, records in probes.items()
+            },
         },
         "finetune": {
             "what": f"{ft.finetune.label_fraction:.0%} of the training labels, {ft.budget.images:,} images "
             f"(batch {ft.budget.global_batch}), lr {ft.optim.lr:g}, layer decay {ft.finetune.layer_decay:g}, "
-            f"patch embedding {'frozen' if ft.finetune.freeze_patch_embed else 'trained'}; top-1 on the whole "
-            "val split at the end (online weights; EMA beside)",
+            f"{'causal' if ft.finetune.causal else 'bidirectional'} attention, patch embedding "
+            f"{'frozen' if ft.finetune.freeze_patch_embed else 'trained'}; top-1 on the whole val split at the "
+            "end (online weights; EMA beside)",
             **finetunes,
         },
     }
@@ -124,22 +139,28 @@ def run_transfer(sweep, spec_file: str | Path, executor: str | None = None, out=
     return result
 
 
+def _mean_of(entries: list[dict], key: str) -> str:
+    """``0.873`` for one run; ``0.873 (0.856, 0.891)``: the mean and each seed's value, for several."""
+    values = [entry[key] for entry in entries]
+    mean = f"{sum(values) / len(values):.3f}"
+    return mean if len(values) == 1 else f"{mean} ({', '.join(f'{v:.3f}' for v in values)})"
+
+
 def transfer_lines(result: dict) -> list[str]:
-    """The comparison in words, for the console and the report."""
+    """The comparison in words (means over the seeds, each seed's value in brackets), for the console
+    and the report."""
     p, f = result["probe"], result["finetune"]
     lines = [
-        f"linear probe: pretrained {p['pretrained']['linear_acc']:.3f} vs random init "
-        f"{p['random_init']['linear_acc']:.3f} (kNN {p['pretrained']['knn_acc']:.3f} vs "
-        f"{p['random_init']['knn_acc']:.3f}); {p['what']}",
+        f"linear probe: pretrained {_mean_of(p['pretrained'], 'linear_acc')} vs random init "
+        f"{_mean_of(p['random_init'], 'linear_acc')} (kNN {_mean_of(p['pretrained'], 'knn_acc')} vs "
+        f"{_mean_of(p['random_init'], 'knn_acc')}); {p['what']}",
     ]
-    if "pretrained" in f and "scratch" in f:
-
-        def acc(entry: dict) -> str:
-            ema = f" (EMA {entry['val_acc_ema']:.3f})" if "val_acc_ema" in entry else ""
-            return f"{entry['val_acc']:.3f}{ema}"
-
+    if f.get("pretrained") and f.get("scratch"):
+        ema = ""
+        if all("val_acc_ema" in entry for entry in f["pretrained"] + f["scratch"]):
+            ema = f" (EMA {_mean_of(f['pretrained'], 'val_acc_ema')} vs {_mean_of(f['scratch'], 'val_acc_ema')})"
         lines.append(
-            f"few-label fine-tune: from pretrained {acc(f['pretrained'])} vs from scratch "
-            f"{acc(f['scratch'])}; {f['what']}"
+            f"few-label fine-tune: from pretrained {_mean_of(f['pretrained'], 'val_acc')} vs from scratch "
+            f"{_mean_of(f['scratch'], 'val_acc')}{ema}; {f['what']}"
         )
     return lines
