@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Time the full end-to-end demo (README Quick start) from an empty run directory, and the re-run
+# Time the full end-to-end demo (README Quick start) from empty run directories, and the re-run
 # that only rebuilds the report. Usage: bash benchmarks/demo.sh [--executor slurm]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rm -rf runs/demo
+rm -rf runs/demo runs/demo_transfer
 start=$(date +%s)
 .venv/bin/nepa-scale demo "$@" | tee /tmp/nepa_demo.log
 middle=$(date +%s)
