@@ -59,6 +59,8 @@ def transfer_sweep(
 
     spec = read_yaml_mapping(spec_file, "transfer sweep")
     recorded = [RunDir(source).record().run_config() for source in sources]
+    if "base" not in spec:
+        raise ConfigError(f"{spec_file}: base: the fine-tuning run config the transfer starts from")
     spec["base"] = str((Path(spec_file).parent / spec["base"]).resolve())
     spec["set"] = {
         "model.name": recorded[0].model.name,
@@ -127,8 +129,9 @@ def run_transfer(sweep, spec_file: str | Path, executor: str | None = None, out=
             },
         },
         "finetune": {
-            "what": f"{ft.finetune.label_fraction:.0%} of the training labels, {ft.budget.images:,} images "
-            f"(batch {ft.budget.global_batch}), lr {ft.optim.lr:g}, layer decay {ft.finetune.layer_decay:g}, "
+            "what": f"{ft.finetune.label_fraction:.0%} of the training labels, "
+            + (f"{ft.budget.images:,} images" if ft.budget.images else f"{ft.budget.epochs:g} epochs")
+            + f" (batch {ft.budget.global_batch}), lr {ft.optim.lr:g}, layer decay {ft.finetune.layer_decay:g}, "
             f"{'causal' if ft.finetune.causal else 'bidirectional'} attention, patch embedding "
             f"{'frozen' if ft.finetune.freeze_patch_embed else 'trained'}; top-1 on the whole val split at the "
             "end (online weights; EMA beside)",
