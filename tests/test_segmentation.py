@@ -1,4 +1,5 @@
-"""Segmentation (issue: ADE20K transfer), its first parts: the ADE20K layout and the mIoU metric."""
+"""Segmentation (issue: ADE20K transfer), its first parts: the ADE20K layout, the mIoU metric and
+the feature pyramid."""
 
 from __future__ import annotations
 
@@ -84,3 +85,20 @@ def test_ade20k_missing_or_corrupt_annotations_name_the_file(tmp_path):
         pairs.load(1)
     with pytest.raises(DataError, match="directory not found"):
         Ade20kPairs(tmp_path / "nowhere", "train")
+
+
+@pytest.mark.parametrize("name", ["nepa_s14", "nepa_b14", "nepa_l14", "nepa_h14"])
+def test_pyramid_levels_have_the_strides_and_channels_the_decoder_expects(name):
+    from nepa_scale.models.segmentation import SEGMENT_CROP, FeaturePyramid, feature_blocks
+    from nepa_scale.models.zoo import get_arch
+
+    arch = get_arch(name)
+    grid = SEGMENT_CROP // arch.patch_size
+    assert grid * arch.patch_size == SEGMENT_CROP and SEGMENT_CROP >= 512  # 518 = 37 x 14
+    blocks = feature_blocks(arch.depth)
+    assert len(blocks) == 4 and blocks[-1] == arch.depth and list(blocks) == sorted(set(blocks))
+    with torch.no_grad():
+        levels = FeaturePyramid(arch.dim).eval()([torch.zeros(1, arch.dim, grid, grid)] * 4)
+    strides = [arch.patch_size / 4, arch.patch_size / 2, arch.patch_size, arch.patch_size * 2]
+    for level, stride in zip(levels, strides, strict=True):
+        assert level.shape == (1, arch.dim, int(SEGMENT_CROP // stride), int(SEGMENT_CROP // stride))
