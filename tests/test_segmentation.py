@@ -102,3 +102,16 @@ def test_pyramid_levels_have_the_strides_and_channels_the_decoder_expects(name):
     strides = [arch.patch_size / 4, arch.patch_size / 2, arch.patch_size, arch.patch_size * 2]
     for level, stride in zip(levels, strides, strict=True):
         assert level.shape == (1, arch.dim, int(SEGMENT_CROP // stride), int(SEGMENT_CROP // stride))
+
+
+def test_upernet_and_auxiliary_heads_predict_at_the_finest_and_third_levels():
+    from nepa_scale.models.segmentation import FCNHead, FeaturePyramid, UPerHead
+
+    dim, grid, classes = 32, 9, 7
+    grids = [torch.randn(2, dim, grid, grid, requires_grad=True) for _ in range(4)]
+    levels = FeaturePyramid(dim)(grids)
+    logits = UPerHead(dim, classes, channels=16)(levels)
+    aux = FCNHead(dim, classes, channels=8)(levels)
+    assert logits.shape == (2, classes, 4 * grid, 4 * grid) and aux.shape == (2, classes, grid, grid)
+    logits.square().sum().backward()  # every block's features reach the decoder's output
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in grids)

@@ -51,3 +51,69 @@ class FeaturePyramid(nn.Module):
         if len(grids) != 4:
             raise ValueError(f"the pyramid takes 4 block outputs, got {len(grids)}")
         return [op(grid) for op, grid in zip((self.up4, self.up2, self.same, self.down2), grids, strict=True)]
+
+
+class ConvBnRelu(nn.Sequential):
+    def __init__(self, cin: int, cout: int, kernel: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+        )
+
+
+class UPerHead(nn.Module):
+    """UPerNet's decoder as mmsegmentation's ``UPerHead`` (what BEiT's and MAE's ADE20K numbers use):
+    a pyramid pooling module (scales 1, 2, 3, 6) on the coarsest level, 1x1 lateral convolutions and
+    a top-down path over the others, a 3x3 convolution per level, then the four levels upsampled to
+    the finest, concatenated and fused by a 3x3 convolution, dropout 0.1 and a 1x1 classifier.
+
+    Written here rather than taken from segmentation-models-pytorch: its UPerNet decoder puts a
+    LayerNorm on every input level, which mmsegmentation's head does not have, and expects six
+    encoder levels (strides 1 to 32) where a ViT pyramid has four."""
+
+    def __init__(self, in_dim: int, num_classes: int, channels: int = 512, pool_scales=(1, 2, 3, 6)):
+        """``channels``: 512 is mmsegmentation's default; BEiT's ViT-B UPerNet config uses 768."""
+        super().__init__()
+        self.pools = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(scale), ConvBnRelu(in_dim, channels, 1))
+            for scale in pool_scales
+        )
+        self.psp_bottleneck = ConvBnRelu(in_dim + len(pool_scales) * channels, channels, 3)
+        self.laterals = nn.ModuleList(ConvBnRelu(in_dim, channels, 1) for _ in range(3))
+        self.fpn_convs = nn.ModuleList(ConvBnRelu(channels, channels, 3) for _ in range(3))
+        self.fuse = ConvBnRelu(4 * channels, channels, 3)
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        coarsest = levels[3]
+        pooled = [
+            nn.functional.interpolate(
+                pool(coarsest), size=coarsest.shape[2:], mode="bilinear", align_corners=False
+            )
+            for pool in self.pools
+        ]
+        tops = [lateral(level) for lateral, level in zip(self.laterals, levels[:3], strict=True)]
+        tops.append(self.psp_bottleneck(torch.cat([coarsest, *pooled], dim=1)))
+        for i in (2, 1, 0):  # top-down: each level adds the upsampled coarser one
+            tops[i] = tops[i] + nn.functional.interpolate(
+                tops[i + 1], size=tops[i].shape[2:], mode="bilinear", align_corners=False
+            )
+        outs = [conv(top) for conv, top in zip(self.fpn_convs, tops[:3], strict=True)] + [tops[3]]
+        size = outs[0].shape[2:]
+        outs = [outs[0]] + [
+            nn.functional.interpolate(out, size=size, mode="bilinear", align_corners=False)
+            for out in outs[1:]
+        ]
+        return self.classifier(self.fuse(torch.cat(outs, dim=1)))
+
+
+class FCNHead(nn.Module):
+    """The auxiliary head on the third level (mmsegmentation's ``FCNHead``, one 3x3 convolution):
+    a second loss (weight 0.4 in the BEiT/MAE configs) that trains the middle of the backbone."""
+
+    def __init__(self, in_dim: int, num_classes: int, channels: int = 256):
+        super().__init__()
+        self.conv = ConvBnRelu(in_dim, channels, 3)
+        self.classifier = nn.Sequential(nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        return self.classifier(self.conv(levels[2]))
