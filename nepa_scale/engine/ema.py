@@ -9,7 +9,7 @@ class Ema:
     """fp32 shadow weights, updated after every optimizer step: shadow += (1 - decay) (w - shadow).
 
     ``warmup``: timm's ModelEmaV3 warmup, decay_t = min(decay, 1 - (1 + t)^(-2/3)) after t updates.
-    Without it the initial weights keep a share decay^steps of the average: after 148 steps at 0.99
+    Without it the initial weights keep a share decay^steps of the average: after 144 steps at 0.99
     that is 23%, which made a short fine-tune's EMA far worse than its weights (docs/demo.md)."""
 
     WARMUP_POWER = 2.0 / 3.0  # timm's default (warmup_gamma 1)

@@ -773,8 +773,10 @@ class WidthEffect:
 
     def __str__(self) -> str:
         verdict = "stands above" if self.z >= 2 else "does not stand above"
+        change = -math.expm1(-self.log_ratio)
         return (
-            f"the largest model's quantity is {100 * -math.expm1(-self.log_ratio):.2g}% below the smallest's at the "
+            f"the largest model's quantity is {100 * abs(change):.2g}% {'below' if change >= 0 else 'above'} the "
+            f"smallest's at the "
             f"same D (mean over {self.budgets} values of D), {self.z:.2g} standard errors of the seed spread: "
             f"the width effect {verdict} the seed-to-seed noise"
         )
