@@ -90,6 +90,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment_eval(args: argparse.Namespace) -> int:
+    """mIoU and per-class IoU of a segmentation run's newest committed checkpoint."""
+    from nepa_scale.eval.segmentation import evaluate_run
+
+    record, out = evaluate_run(args.run_dir, args.mode, args.stride, args.limit, args.data)
+    print(
+        f"step {record['step']}: mIoU {record['miou']:.4f}, pixel accuracy {record['pixel_acc']:.4f} on "
+        f"{record['images']} val images ({record['mode']}, single scale) -> {out}"
+    )
+    return 0
+
+
 def _settings(args: argparse.Namespace):
     from nepa_scale.scaling.report import StudySettings
 
@@ -213,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nepa-scale", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="one pretraining run: nepa-scale train CONFIG.yaml [key=value ...]")
+    train = sub.add_parser(
+        "train", help="one run (pretrain, finetune or segment): nepa-scale train CONFIG.yaml [key=value ...]"
+    )
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-3")
     train.set_defaults(func=cmd_train)
@@ -238,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--k", type=int, default=20)
     probe.add_argument("--limit", type=int, default=None, help="at most this many images per split")
     probe.set_defaults(func=cmd_probe)
+
+    seg = sub.add_parser(
+        "segment-eval", help="mIoU of a segmentation run's newest checkpoint on its val split"
+    )
+    seg.add_argument("run_dir")
+    seg.add_argument(
+        "--mode", choices=["slide", "whole"], default=None, help="default: the run's segment.eval_mode"
+    )
+    seg.add_argument("--stride", type=int, default=None, help="sliding-window stride (px)")
+    seg.add_argument("--limit", type=int, default=None, help="the first N val images only")
+    seg.add_argument(
+        "--data", nargs="*", default=[], help="data overrides, e.g. root=/data/ADEChallengeData2016"
+    )
+    seg.set_defaults(func=cmd_segment_eval)
 
     models = sub.add_parser("models", help="the model zoo with parameter counts and FLOPs")
     models.set_defaults(func=cmd_models)

@@ -23,8 +23,11 @@ from nepa_scale.models.arch import BACKENDS, NepaArch, checkpointed_blocks
 from nepa_scale.models.zoo import get_arch, list_models
 
 COMPILE_SCOPES = ("none", "blocks", "model")
-SCHEDULES = ("cosine", "wsd", "constant")
+SCHEDULES = ("cosine", "wsd", "constant", "poly")
 COOLDOWN_SHAPES = ("linear", "1-sqrt")
+TASKS = ("pretrain", "finetune", "segment")
+SEGMENT_KINDS = ("ade20k", "digit_canvas")  # (image, label map) datasets, for task: segment
+DATA_KINDS = ("digits", "imagefolder", "synthetic", *SEGMENT_KINDS)
 
 
 @dataclass
@@ -48,8 +51,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "digits"  # digits | imagefolder | synthetic
-    root: str | None = None  # imagefolder: directory holding train/ and val/ (ImageNet layout)
+    kind: str = (
+        "digits"  # digits | imagefolder | synthetic | ade20k | digit_canvas (the last two: task segment)
+    )
+    # imagefolder: directory holding train/ and val/ (ImageNet layout); ade20k: ADEChallengeData2016
+    root: str | None = None
     train_split: str = "train"
     val_split: str = "val"
     crop_scale: tuple[float, float] = (0.08, 1.0)
@@ -76,7 +82,8 @@ class OptimConfig:
     min_lr: float = 0.0
     clip_grad: float = 1.0
     # cosine: decay to min_lr over the whole run (the paper's) | wsd: warmup-stable-decay, constant
-    # until the last cooldown_fraction of the run, then cooldown_shape down to min_lr | constant
+    # until the last cooldown_fraction of the run, then cooldown_shape down to min_lr | constant |
+    # poly: linear decay (power 1) to min_lr after warmup (mmsegmentation's segmentation schedule)
     schedule: str = "cosine"
     cooldown_fraction: float = 0.2
     cooldown_shape: str = "1-sqrt"  # linear | 1-sqrt (Hägele et al. 2024)
@@ -144,6 +151,34 @@ class FinetuneConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """Semantic segmentation transfer (used when ``task: segment``): UPerNet on four blocks of a
+    bidirectional backbone, mmsegmentation's ADE20K protocol (docs/segmentation.md)."""
+
+    pretrained: str | None = None  # weights file (ours or official layout) or a run directory (its export/)
+    pretrained_ema: bool = False
+    num_classes: int = 150  # ADE20K; data.kind=digit_canvas has 11 (background and 10 digits)
+    feature_blocks: list[int] | None = None  # 1-based; default per depth (B: 4 6 8 12, L: 8 12 16 24)
+    decoder_channels: int = 512  # UPerNet's width (mmseg's default; BEiT's ViT-B config: 768)
+    aux_channels: int = 256
+    aux_weight: float = 0.4  # the auxiliary FCN head's loss weight
+    layer_decay: float = 0.65
+    drop_path: float = 0.1
+    causal: bool = False
+    crop: int = (
+        518  # training crop and sliding window (px): 37 x 14 for patch 14, the protocol's 512 rounded up
+    )
+    scale: tuple[int, int] = (2048, 512)  # images are resized to fit (long, short) edges (train: x ratio)
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    cat_max_ratio: float = 0.75
+    hflip: float = 0.5
+    photometric: bool = True
+    eval_mode: str = "slide"  # slide (windows of crop px, stride eval_stride) | whole (padded to the patch)
+    eval_stride: int | None = None  # default: 2/3 of the crop (mmseg: 341 for 512)
+    eval_limit: int | None = None  # evaluate during training on the first N val images (None: all)
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = 10
     eval_every: int = 0  # held-out loss every N steps (0: only at the end)
@@ -188,7 +223,7 @@ class BranchConfig:
 
 @dataclass
 class RunConfig:
-    task: str = "pretrain"  # pretrain | finetune
+    task: str = "pretrain"  # pretrain | finetune | segment
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -198,6 +233,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
     branch: BranchConfig = field(default_factory=BranchConfig)
     output_dir: str = "runs/default"
     seed: int = 0
@@ -238,6 +274,15 @@ class RunConfig:
             fingerprint["finetune.layer_decay"] = self.finetune.layer_decay
             if self.finetune.label_fraction != 1.0:  # a different training set, a different data order
                 fingerprint["finetune.label_fraction"] = self.finetune.label_fraction
+        if self.task == "segment":
+            sg = self.segment
+            fingerprint["segment"] = {
+                "num_classes": sg.num_classes,
+                "feature_blocks": sg.feature_blocks,
+                "channels": [sg.decoder_channels, sg.aux_channels],
+                "layer_decay": sg.layer_decay,
+                "crop": sg.crop,
+            }
         return json.loads(json.dumps(fingerprint))
 
     def resume_digest(self) -> str:
@@ -416,11 +461,16 @@ def validate(c: RunConfig) -> None:
         except ValueError as exc:
             raise ConfigError(f"model.{exc}") from None
     _require(
-        c.data.kind in ("digits", "imagefolder", "synthetic"),
-        f"data.kind: unknown dataset '{c.data.kind}' (choose digits, imagefolder, synthetic)",
+        c.data.kind in DATA_KINDS,
+        f"data.kind: unknown dataset '{c.data.kind}' (choose {', '.join(DATA_KINDS)})",
     )
-    if c.data.kind == "imagefolder":
-        _require(c.data.root is not None, "data.root: required for data.kind=imagefolder")
+    if c.data.kind in ("imagefolder", "ade20k"):
+        _require(c.data.root is not None, f"data.root: required for data.kind={c.data.kind}")
+    _require(
+        (c.task == "segment") == (c.data.kind in SEGMENT_KINDS),
+        f"data.kind: {c.data.kind} is not a dataset for task {c.task} (segmentation: "
+        f"{', '.join(SEGMENT_KINDS)})",
+    )
     _require(c.data.decode in ("cpu", "device"), f"data.decode: must be cpu or device, got '{c.data.decode}'")
     if c.data.decode == "device":
         _require(
@@ -493,7 +543,9 @@ def validate(c: RunConfig) -> None:
         not d.offload_optimizer or d.zero_stage >= 1,
         "deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1",
     )
-    _require(c.task in ("pretrain", "finetune"), f"task: must be pretrain or finetune, got '{c.task}'")
+    _require(c.task in TASKS, f"task: must be one of {', '.join(TASKS)}, got '{c.task}'")
+    if c.task == "segment":
+        _validate_segment(c, arch.depth)
     ft = c.finetune
     if c.task == "finetune":
         _require(0 < ft.layer_decay <= 1, f"finetune.layer_decay: must be in (0, 1], got {ft.layer_decay}")
@@ -570,6 +622,46 @@ def validate(c: RunConfig) -> None:
     )
 
 
+def _validate_segment(c: RunConfig, depth: int) -> None:
+    sg = c.segment
+    _require(sg.num_classes > 1, f"segment.num_classes: must be > 1, got {sg.num_classes}")
+    _require(0 < sg.layer_decay <= 1, f"segment.layer_decay: must be in (0, 1], got {sg.layer_decay}")
+    _require(0 <= sg.drop_path < 1, f"segment.drop_path: must be in [0, 1), got {sg.drop_path}")
+    _require(sg.aux_weight >= 0, f"segment.aux_weight: must be >= 0, got {sg.aux_weight}")
+    blocks = sg.feature_blocks
+    _require(
+        blocks is None
+        or (len(blocks) == 4 and all(1 <= b <= depth for b in blocks) and blocks == sorted(blocks)),
+        f"segment.feature_blocks: four increasing blocks in 1..{depth}, got {blocks}",
+    )
+    patch = c.model.arch().patch_size
+    _require(
+        sg.crop > 0 and sg.crop % patch == 0,
+        f"segment.crop: must be a multiple of the patch size {patch}, got {sg.crop}",
+    )
+    _require(min(sg.scale) > 0, f"segment.scale: edges must be > 0, got {sg.scale}")
+    lo, hi = sg.ratio_range
+    _require(0 < lo <= hi, f"segment.ratio_range: need 0 < min <= max, got {sg.ratio_range}")
+    _require(0 < sg.cat_max_ratio <= 1, f"segment.cat_max_ratio: must be in (0, 1], got {sg.cat_max_ratio}")
+    _require(0 <= sg.hflip <= 1, f"segment.hflip: must be in [0, 1], got {sg.hflip}")
+    _require(
+        sg.eval_mode in ("slide", "whole"), f"segment.eval_mode: must be slide or whole, got '{sg.eval_mode}'"
+    )
+    _require(
+        sg.eval_stride is None or 0 < sg.eval_stride <= sg.crop,
+        f"segment.eval_stride: must be in 1..segment.crop ({sg.crop}), got {sg.eval_stride}",
+    )
+    _require(
+        sg.eval_limit is None or sg.eval_limit > 0, f"segment.eval_limit: must be > 0, got {sg.eval_limit}"
+    )
+    _require(
+        c.deepspeed.zero_stage <= 2,
+        "deepspeed.zero_stage: segmentation evaluates images of different sizes rank by rank, which "
+        "ZeRO-3's collective forward cannot do: use 0-2",
+    )
+    _require(c.checkpoint.ema_decay is None, "checkpoint.ema_decay: not supported for task: segment")
+
+
 def check_input_paths(c: RunConfig) -> None:
     """The files a run reads exist: checked when a run starts or is launched, never when read back."""
     if c.data.kind == "imagefolder":
@@ -580,6 +672,16 @@ def check_input_paths(c: RunConfig) -> None:
         c.task != "finetune" or pretrained is None or Path(pretrained).exists(),
         f"finetune.pretrained: not found: {pretrained}",
     )
+    _require(
+        c.task != "segment" or c.segment.pretrained is None or Path(c.segment.pretrained).exists(),
+        f"segment.pretrained: not found: {c.segment.pretrained}",
+    )
+    if c.data.kind == "ade20k":
+        for folder in ("images/training", "annotations/training"):
+            _require(
+                (Path(c.data.root) / folder).is_dir(),
+                f"data.root: directory not found: {Path(c.data.root) / folder}",
+            )
 
 
 def check_world(c: RunConfig, world_size: int) -> int:

@@ -1,16 +1,32 @@
-"""Segmentation (issue: ADE20K transfer), its first parts: the ADE20K layout, the mIoU metric and
-the feature pyramid."""
+"""Segmentation (task: segment): the ADE20K layout and pipelines, the mIoU metric, the pyramid and
+heads, a real miniature task trained from pretrained and from random weights, exact resume after a
+real SIGUSR2, and the mIoU carried into the study table."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, cli, env, final_weights, losses, metrics, run_and_signal, run_train
 from PIL import Image
 
-from nepa_scale.data.segmentation import IGNORE_INDEX, Ade20kPairs, reduce_zero_label
-from nepa_scale.errors import DataError
-from nepa_scale.eval.segmentation import confusion_matrix, iou_per_class, mean_iou
+from nepa_scale.data.segmentation import (
+    IGNORE_INDEX,
+    Ade20kPairs,
+    SegmentationDataset,
+    SegmentAugment,
+    reduce_zero_label,
+    rescale_size,
+)
+from nepa_scale.errors import ConfigError, DataError
+from nepa_scale.eval.segmentation import confusion_matrix, iou_per_class, mean_iou, window_boxes
+
+SEGMENT_CONFIG = REPO / "configs" / "segment_digits_tiny.yaml"
 
 
 def test_miou_matches_an_independent_count_and_leaves_ignored_pixels_out():
@@ -115,3 +131,185 @@ def test_upernet_and_auxiliary_heads_predict_at_the_finest_and_third_levels():
     assert logits.shape == (2, classes, 4 * grid, 4 * grid) and aux.shape == (2, classes, grid, grid)
     logits.square().sum().backward()  # every block's features reach the decoder's output
     assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in grids)
+
+
+def test_ade20k_pipelines_give_crops_for_training_and_whole_images_for_evaluation(tmp_path):
+    _write_ade(tmp_path, ["a", "b"], size=(64, 48))
+    aug = SegmentAugment(crop=28, scale=(64, 32), ratio_range=(0.5, 2.0), cat_max_ratio=0.75)
+    train = SegmentationDataset(Ade20kPairs(tmp_path, "train"), aug, train=True)
+    image, label = train[(1, 7)]
+    again = train[(1, 7)]
+    assert torch.equal(image, again[0]) and torch.equal(label, again[1])  # a function of the sample seed
+    assert image.shape == (3, 28, 28) and label.shape == (28, 28) and label.dtype == torch.long
+    assert set(label.unique().tolist()) <= set(range(150)) | {IGNORE_INDEX}
+    draws = [train[(0, seed)] for seed in range(12)]
+    rows = [(img, (lab == IGNORE_INDEX).all(dim=1)) for img, lab in draws]  # label rows all ignored
+    padded = [(img, ignored) for img, ignored in rows if ignored.any()]  # resized below the crop
+    assert padded and all((img[:, ignored] == 0).all() for img, ignored in padded)  # 0 after normalisation
+    assert len({tuple(d[1].flatten()[:50].tolist()) for d in draws}) > 6  # the crops differ
+    val = SegmentationDataset(Ade20kPairs(tmp_path, "train"), aug, train=False)
+    image, label = val[0]
+    assert image.shape == (3, 32, 43) and label.shape == (
+        48,
+        64,
+    )  # resized to fit (64, 32); labels as annotated
+    assert rescale_size(640, 480, (2048, 512)) == (683, 512)  # mmcv's keep-ratio rule
+
+
+def test_sliding_windows_cover_the_image_as_mmsegmentation_places_them():
+    boxes = window_boxes(512, 683, 518, 345)
+    assert boxes == [(0, 0, 512, 518), (0, 165, 512, 683)]  # shorter than the crop: one row, padded
+    boxes = window_boxes(1000, 700, 518, 345)
+    cover = np.zeros((1000, 700), int)
+    for top, left, bottom, right in boxes:
+        assert bottom - top == 518 and right - left == 518
+        cover[top:bottom, left:right] += 1
+    assert cover.min() >= 1 and len(boxes) == 3 * 2
+
+
+def test_segment_config_errors_name_the_key():
+    from nepa_scale.config import load_config
+
+    for overrides, key in (
+        (["data.kind=digits"], "data.kind"),
+        (["segment.crop=42"], "segment.crop"),
+        (["segment.feature_blocks=[2, 1, 2, 2]"], "segment.feature_blocks"),
+        (["deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
+        (["segment.eval_mode=tiles"], "segment.eval_mode"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{key}"):
+            load_config(SEGMENT_CONFIG, overrides)
+    with pytest.raises(ConfigError, match="^data.kind"):
+        load_config(REPO / "configs" / "digits_tiny.yaml", ["data.kind=digit_canvas"])
+
+
+def test_poly_schedule_decays_linearly_over_the_whole_run_after_warmup():
+    from nepa_scale.config import OptimConfig
+    from nepa_scale.engine.schedule import lr_factor
+
+    factor = lr_factor(OptimConfig(schedule="poly", warmup_steps=10), 100, 1e-3)
+    assert factor(0) == 0 and factor(5) == pytest.approx(0.5 * 0.95)  # warmup scales the poly value
+    assert factor(10) == pytest.approx(0.9) and factor(55) == pytest.approx(0.45) and factor(100) == 0
+
+
+# A cheap miniature: the decoder narrower and the run shorter than configs/segment_digits_tiny.yaml's.
+MINI = [
+    "logging.progress=never",
+    "segment.decoder_channels=48",
+    "segment.aux_channels=24",
+    "budget.images=3200",
+    "logging.log_every=10",
+    "logging.eval_every=0",
+    "model.overrides={dim: 64, depth: 2, num_heads: 4}",
+    "budget.global_batch=16",
+    "optim.lr=3e-3",
+]
+
+
+def _segment_cmd(run_dir: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "nepa_scale.cli",
+        "train",
+        str(SEGMENT_CONFIG),
+        f"output_dir={run_dir}",
+        *MINI,
+        *overrides,
+    ]
+
+
+@pytest.mark.slow
+def test_miniature_segmentation_learns_from_pretrained_and_from_scratch_and_enters_the_table(tmp_path):
+    """Digits on 40 px canvases, 11 classes: 200 steps raise mIoU well above predicting background
+    everywhere, from a demo-size pretrained model and from random weights (both reported, neither
+    asserted to win); the study table carries the segmentation result of its pretraining run."""
+    study = tmp_path / "study"
+    pretrain = study / "demo-size"
+    result = run_train(
+        pretrain,
+        "model.overrides={dim: 64, depth: 2, num_heads: 4}",
+        "budget.images=19200",
+        "budget.global_batch=64",
+        "deepspeed.zero_stage=0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert cli("export", str(pretrain)).returncode == 0
+    attached = tmp_path / "study_segment"
+    runs = {"pretrained": attached / "pretrained", "scratch": attached / "scratch"}
+    procs = [  # two single-threaded runs at once: the machine has two cores
+        subprocess.Popen(
+            _segment_cmd(runs["pretrained"], f"segment.pretrained={pretrain}"),
+            env=env(),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        subprocess.Popen(
+            _segment_cmd(runs["scratch"]),
+            env=env(),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+
+    from nepa_scale.data.segmentation import DigitCanvases
+
+    val = DigitCanvases("val")
+    background = np.mean([(val.load(i)[1] == 0).mean() for i in range(len(val))])
+    trivial = background / 11  # background's IoU is its share; every digit class is present, IoU 0
+    miou = {name: metrics(run, "eval")[-1]["val_miou"] for name, run in runs.items()}
+    print(
+        f"miniature mIoU: pretrained {miou['pretrained']:.3f}, scratch {miou['scratch']:.3f}, all-background {trivial:.3f}"
+    )
+    assert all(value > 2 * trivial for value in miou.values()), (miou, trivial)
+    record = json.loads((runs["pretrained"] / "segment_eval.json").read_text())
+    assert len(record["iou_per_class"]) == 11 and record["miou"] == pytest.approx(miou["pretrained"])
+
+    evaluated = cli("segment-eval", str(runs["scratch"]))  # a finished run, scored again from its checkpoint
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads((runs["scratch"] / "segment_eval.json").read_text())["miou"] == pytest.approx(
+        miou["scratch"], abs=1e-6
+    )
+
+    from nepa_scale.scaling.collect import collect
+
+    table = collect(study)
+    row = table[(table["run_id"] == "demo-size") & (table["eval_point"] == "final")].iloc[0]
+    assert row["miou"] == pytest.approx(miou["pretrained"]) and row["seg_error"] == pytest.approx(
+        1 - miou["pretrained"]
+    )
+
+
+def test_segmentation_resumes_bitwise_after_a_real_preemption_signal(tmp_path):
+    common = [
+        *MINI,
+        "budget.images=480",
+        "segment.decoder_channels=16",
+        "segment.aux_channels=8",
+        "deepspeed.zero_stage=1",
+        "logging.log_every=1",
+        "model.overrides={dim: 32, depth: 2, num_heads: 2}",
+    ]
+    full = run_train(tmp_path / "full", *common, config=SEGMENT_CONFIG)
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = run_and_signal(tmp_path / "cut", *common, at_step=12, config=SEGMENT_CONFIG)
+    assert cut.returncode == 75, cut.stderr[-3000:]
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["status"] == "preempted"
+    resumed = run_train(tmp_path / "cut", *common, config=SEGMENT_CONFIG)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert len(a) == 30 and a == b, [(s, a[s], b.get(s)) for s in a if a[s] != b.get(s)][:5]
+    wa, wb = final_weights(tmp_path / "full"), final_weights(tmp_path / "cut")
+    assert any("running_mean" in k for k in wa)  # BatchNorm statistics are part of the state
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (
+        metrics(tmp_path / "cut", "eval")[-1]["val_miou"]
+        == metrics(tmp_path / "full", "eval")[-1]["val_miou"]
+    )

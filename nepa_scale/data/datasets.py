@@ -339,6 +339,10 @@ def collate(items: list) -> Batch:
     good = [item for item in items if not isinstance(item, Skipped)]
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
+    if isinstance(good[0][1], torch.Tensor):  # label maps (segmentation)
+        return Batch(
+            torch.stack([image for image, _ in good]), torch.stack([label for _, label in good]), skipped
+        )
     labels = torch.tensor([label for _, label in good], dtype=torch.long)
     if any(isinstance(image, EncodedJpeg) for image, _ in good):
         return Batch(torch.empty(0), labels, skipped, pending=_one_buffer([image for image, _ in good]))

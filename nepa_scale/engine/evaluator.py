@@ -35,17 +35,23 @@ class Evaluator:
         world: World,
         settings: StepSettings,
         epoch_steps: int | None = None,
+        val_set=None,
     ):
-        """``epoch_steps``: also evaluate every this many steps (a task that evaluates each epoch)."""
+        """``epoch_steps``: also evaluate every this many steps (a task that evaluates each epoch).
+        ``val_set``: the task's evaluation data (default: the val split with the eval transform)."""
         self.config, self.arch, self.world, self.settings = config, arch, world, settings
         self.epoch_steps = epoch_steps
-        self.val_set = build_dataset(config.data, "val", arch.image_size, train=False)
+        self.val_set = (
+            val_set
+            if val_set is not None
+            else build_dataset(config.data, "val", arch.image_size, train=False)
+        )
         per_step = settings.micro_batch * world.world_size
         self.val_sampler = (
             ResumableBatchSampler(
                 len(self.val_set), per_step, settings.micro_batch, world.rank, world.world_size, shuffle=False
             )
-            if len(self.val_set) >= per_step
+            if len(self.val_set) >= per_step and config.task != "segment"
             else None
         )
         self._probe_sets = None

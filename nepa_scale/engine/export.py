@@ -69,6 +69,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[s
     meta = {"step": str(latest.step), "model": config.model.name, "layout": "nepa_scale"}
     written = {"ours": out / "model.safetensors", "official": out / "official" / "model.safetensors"}
     save_file(state, str(written["ours"]), metadata=meta)
+    if config.task == "segment":  # backbone + pyramid + heads: the official layout has no place for them
+        del written["official"]
+        log.info("exported step %d of %s to %s", latest.step, run.root, out)
+        return written
     written["official"].parent.mkdir(exist_ok=True)
     save_official(state, written["official"])
     (written["official"].parent / "config.json").write_text(json.dumps(official_config(arch), indent=2))

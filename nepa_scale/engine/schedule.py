@@ -11,6 +11,8 @@ by the global batch unless set), a linear warmup from 0 (``optim.warmup_steps``,
   al. 2024 found it the better cooldown). Until its cooldown starts, a run's lr does not depend on
   its length, which is what lets the runs of a study branch from one trunk.
 - ``constant``: the peak lr after warmup.
+- ``poly``: mmsegmentation's segmentation schedule: a linear (power 1) decay from the peak to
+  ``optim.min_lr`` over the whole run, scaled by the linear warmup while it lasts.
 
 DeepSpeed steps the schedule once per optimizer step and checkpoints its state.
 """
@@ -58,6 +60,9 @@ def lr_factor(optim: OptimConfig, total_steps: int, peak_lr: float) -> Callable[
     decay_start = cooldown_start(optim, total_steps) if optim.schedule == "wsd" else warmup
 
     def factor(step: int) -> float:
+        if optim.schedule == "poly":  # over the whole run, warmup included, as mmcv's PolyLrUpdater
+            poly = min_ratio + (1 - min_ratio) * (1 - min(step, total_steps) / max(1, total_steps))
+            return poly * min(1.0, step / max(1, warmup))
         if step < warmup:
             return step / max(1, warmup)
         if optim.schedule == "constant" or step < decay_start:

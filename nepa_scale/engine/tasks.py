@@ -1,9 +1,10 @@
-"""What a run optimises: NEPA pretraining or classification fine-tuning, behind one small interface.
+"""What a run optimises: NEPA pretraining, classification fine-tuning or semantic segmentation,
+behind one small interface.
 
 The trainer owns everything the two share (DeepSpeed engine, data order, checkpoints, resume,
 preemption, metrics). A task gets a narrow ``TaskContext`` (config, arch, world, run directory,
 step settings, evaluator), never the trainer, and decides the model, the optimizer groups, the
-training data, the loss of one micro-batch, and what "evaluate" means.
+training and evaluation data, the loss of one micro-batch, and what "evaluate" means.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ class PretrainTask:
         data = config.data
         return build_dataset(data, "train", arch.image_size, train=True, decode=data.decode)
 
+    @staticmethod
+    def val_dataset(config: RunConfig, arch: NepaArch):
+        return build_dataset(config.data, "val", arch.image_size, train=False)
+
     def micro_step(
         self, engine, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -158,22 +163,13 @@ class FinetuneTask:
         return arch.replace(num_classes=num_classes, causal=ft.causal, drop_path=ft.drop_path)
 
     def build_model(self) -> NEPA:
-        from nepa_scale.models.official import load_weights
-
         c, ft = self.ctx.config, self.ctx.config.finetune
         model = NEPA(
             self.ctx.arch,
             attention=c.model.attention,
             grad_checkpointing=self.ctx.settings.checkpointed_blocks,
         )
-        if ft.pretrained:
-            path = Path(ft.pretrained)
-            if path.is_dir():
-                path = (
-                    path / "export" / ("model_ema.safetensors" if ft.pretrained_ema else "model.safetensors")
-                )
-            load_weights(model, path, head="ignore", qk_norm="fill")
-            log.info("fine-tuning from %s", path)
+        load_pretrained(model, ft.pretrained, ft.pretrained_ema)
         if ft.freeze_patch_embed:
             model.patch_embed.requires_grad_(False)
         return model
@@ -203,6 +199,8 @@ class FinetuneTask:
             re_prob=ft.re_prob,
         )
         return few_labels(dataset, ft.label_fraction)
+
+    val_dataset = PretrainTask.val_dataset
 
     def micro_step(
         self, engine, images: torch.Tensor, labels: torch.Tensor
@@ -250,4 +248,128 @@ class FinetuneTask:
         return result
 
 
-TASKS = {"pretrain": PretrainTask, "finetune": FinetuneTask}
+def load_pretrained(backbone: NEPA, pretrained: str | None, ema: bool) -> None:
+    """Backbone weights from a file (ours or the official layout) or a run directory's export/; the
+    pretraining head, if any, is left out and a missing QK-norm is filled with identity."""
+    from nepa_scale.models.official import load_weights
+
+    if not pretrained:
+        return
+    path = Path(pretrained)
+    if path.is_dir():
+        path = path / "export" / ("model_ema.safetensors" if ema else "model.safetensors")
+    load_weights(backbone, path, head="ignore", qk_norm="fill")
+    log.info("initialised from %s", path)
+
+
+class SegmentTask:
+    """ADE20K-style semantic segmentation (docs/segmentation.md): a bidirectional backbone, four
+    blocks' features -> pyramid -> UPerNet + auxiliary FCN head, cross-entropy on crops, layer-wise
+    lr decay; mIoU on the val split by single-scale sliding-window (or whole-image) inference."""
+
+    name = "segment"
+    eval_each_epoch = False
+    eval_at_start = False
+
+    def __init__(self, ctx: TaskContext):
+        self.ctx = ctx
+        self.eval_file = ctx.run.root / "segment_eval.json"
+
+    @staticmethod
+    def resolve_arch(config: RunConfig) -> NepaArch:
+        """The zoo arch at the crop size, bidirectional (unless ``segment.causal``), with drop-path."""
+        sg = config.segment
+        return config.model.arch().replace(causal=sg.causal, drop_path=sg.drop_path, image_size=sg.crop)
+
+    def build_model(self):
+        from nepa_scale.models.segmentation import NepaSegmenter
+
+        c, sg = self.ctx.config, self.ctx.config.segment
+        model = NepaSegmenter(
+            self.ctx.arch,
+            sg.num_classes,
+            tuple(sg.feature_blocks) if sg.feature_blocks else None,
+            sg.decoder_channels,
+            sg.aux_channels if sg.aux_weight > 0 else 0,
+            attention=c.model.attention,
+            grad_checkpointing=self.ctx.settings.checkpointed_blocks,
+        )
+        load_pretrained(model.backbone, sg.pretrained, sg.pretrained_ema)
+        model.backbone.norm.requires_grad_(False)  # the features are taken before it: never used
+        if self.ctx.world.world_size > 1 and self.ctx.world.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg's SyncBN
+        return model
+
+    def optimizer_groups(self, model, peak_lr: float) -> list[dict]:
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(
+            model,
+            weight_decay=self.ctx.config.optim.weight_decay,
+            layer_decay=self.ctx.config.segment.layer_decay,
+        )
+        for group in groups:
+            group["lr"] = peak_lr * group["lr_scale"]
+        return groups
+
+    @staticmethod
+    def train_dataset(config: RunConfig, arch: NepaArch):
+        from nepa_scale.data.segmentation import segmentation_dataset
+
+        return segmentation_dataset(config.data, config.segment, "train", train=True)
+
+    @staticmethod
+    def val_dataset(config: RunConfig, arch: NepaArch):
+        from nepa_scale.data.segmentation import segmentation_dataset
+
+        return segmentation_dataset(config.data, config.segment, "val", train=False)
+
+    def micro_step(
+        self, engine, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from nepa_scale.eval.segmentation import segmentation_loss
+
+        labels = labels.to(images.device)
+        out = engine(images)
+        decode = segmentation_loss(out.logits, labels)
+        loss = decode
+        if out.aux_logits is not None:
+            loss = decode + self.ctx.config.segment.aux_weight * segmentation_loss(out.aux_logits, labels)
+        return loss, {"loss": loss.detach(), "decode_loss": decode.detach()}
+
+    def annotate(self, record: dict) -> None:
+        pass
+
+    @torch.no_grad()
+    def evaluate(self, engine, ema: Ema | None, step: int) -> dict:
+        """mIoU over the val split (or its first ``segment.eval_limit`` images), each rank scoring
+        every world_size-th image, confusion matrices summed; per-class IoU to segment_eval.json."""
+        from nepa_scale.eval.segmentation import score_images, summary
+
+        ctx, sg = self.ctx, self.ctx.config.segment
+        dataset = ctx.evaluator.val_set
+        count = min(len(dataset), sg.eval_limit or len(dataset))
+        engine.eval()
+        confusion = score_images(
+            lambda x: engine(x).logits,
+            dataset,
+            list(range(ctx.world.rank, count, ctx.world.world_size)),
+            sg.num_classes,
+            sg.crop,
+            ctx.arch.patch_size,
+            sg.eval_mode,
+            sg.eval_stride,
+            ctx.world.device,
+            ctx.settings.dtype,
+        ).to(ctx.world.device)
+        engine.train()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(confusion)
+        result = summary(confusion.cpu())
+        if ctx.world.is_main:
+            record = {"step": step, "images": count, "mode": sg.eval_mode, **result}
+            self.eval_file.write_text(json.dumps(record, indent=1))
+        return {"val_miou": result["miou"], "val_pixel_acc": result["pixel_acc"]}
+
+
+TASKS = {"pretrain": PretrainTask, "finetune": FinetuneTask, "segment": SegmentTask}

@@ -148,7 +148,14 @@ class Trainer:
         # split's epoch can be two steps).
         per_epoch = task_class.eval_each_epoch and not config.logging.eval_every
         epoch_steps = self.sampler.steps_per_epoch if per_epoch else None
-        self.evaluator = Evaluator(config, self.arch, self.world, self.settings, epoch_steps)
+        self.evaluator = Evaluator(
+            config,
+            self.arch,
+            self.world,
+            self.settings,
+            epoch_steps,
+            task_class.val_dataset(config, self.arch),
+        )
         self.task = task_class(
             TaskContext(config, self.arch, self.world, self.run, self.settings, self.evaluator)
         )

@@ -7,7 +7,11 @@ is predicted but never present has IoU 0.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 
 from nepa_scale.data.segmentation import IGNORE_INDEX
 
@@ -39,3 +43,166 @@ def iou_per_class(confusion: torch.Tensor) -> torch.Tensor:
 def mean_iou(confusion: torch.Tensor) -> float:
     """The mean over the classes that have an IoU."""
     return float(torch.nanmean(iou_per_class(confusion)))
+
+
+# ----------------------------------------------------------------------------- inference and scoring
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits upsampled (bilinear) to the label map, ignored pixels at zero loss and
+    the mean over all pixels: mmsegmentation's default (``avg_non_ignore=False``) in BEiT/MAE's runs."""
+    logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
+
+
+def _padded(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Zero-padded at the bottom and right (0 is the mean colour after normalisation, as mmseg pads)."""
+    return F.pad(image, (0, width - image.shape[-1], 0, height - image.shape[-2]))
+
+
+def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """mmsegmentation's sliding windows (top, left, bottom, right): a grid at ``stride``, the last
+    row and column moved back to end at the image's edge."""
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            bottom, right = min(r * stride + crop, height), min(c * stride + crop, width)
+            boxes.append((max(bottom - crop, 0), max(right - crop, 0), bottom, right))
+    return boxes
+
+
+@torch.no_grad()
+def predict_logits(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    num_classes: int,
+    crop: int,
+    patch: int,
+    mode: str = "slide",
+    stride: int | None = None,
+    batch: int = 8,
+) -> torch.Tensor:
+    """(1, classes, H, W) fp32 logits for one normalised (1, 3, H, W) image, single scale.
+
+    ``slide``: windows of ``crop`` px every ``stride`` px, each zero-padded to the crop (windows
+    of images smaller than the crop) and the overlaps averaged; ``whole``: the image zero-padded
+    to a multiple of the patch size in one forward."""
+    _, _, height, width = image.shape
+    if mode == "whole":
+        padded = _padded(image, -(-height // patch) * patch, -(-width // patch) * patch)
+        out = F.interpolate(
+            forward(padded).float(), size=padded.shape[-2:], mode="bilinear", align_corners=False
+        )
+        return out[:, :, :height, :width]
+    boxes = window_boxes(height, width, crop, stride or crop * 2 // 3)
+    total = torch.zeros(1, num_classes, height, width, device=image.device)
+    count = torch.zeros(1, 1, height, width, device=image.device)
+    for start in range(0, len(boxes), batch):
+        chunk = boxes[start : start + batch]
+        windows = torch.cat([_padded(image[:, :, t:b, x:r], crop, crop) for t, x, b, r in chunk])
+        out = F.interpolate(forward(windows).float(), size=(crop, crop), mode="bilinear", align_corners=False)
+        for (t, x, b, r), logits in zip(chunk, out, strict=True):
+            total[:, :, t:b, x:r] += logits[:, : b - t, : r - x]
+            count[:, :, t:b, x:r] += 1
+    return total / count
+
+
+def segment_prediction(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Classes at the label map's original size: logits resized (bilinear), then argmax (mmseg's order)."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)[0]
+
+
+def score_images(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    dataset,
+    indices: list[int],
+    num_classes: int,
+    crop: int,
+    patch: int,
+    mode: str,
+    stride: int | None,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The confusion matrix of ``indices`` of an evaluation dataset (image, label map at its size)."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for index in indices:
+        image, label = dataset[index]
+        logits = predict_logits(
+            lambda x: forward(x.to(dtype)), image[None].to(device), num_classes, crop, patch, mode, stride
+        )
+        confusion += confusion_matrix(segment_prediction(logits, label.shape[-2:]).cpu(), label, num_classes)
+    return confusion
+
+
+def summary(confusion: torch.Tensor) -> dict:
+    """mIoU, pixel accuracy and per-class IoU (None where a class is in neither labels nor predictions)."""
+    ious = iou_per_class(confusion)
+    return {
+        "miou": mean_iou(confusion),
+        "pixel_acc": float(confusion.diag().sum() / confusion.sum().clamp_min(1)),
+        "iou_per_class": [None if torch.isnan(v) else round(float(v), 6) for v in ious],
+        "pixels": int(confusion.sum()),
+    }
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    mode: str | None = None,
+    stride: int | None = None,
+    limit: int | None = None,
+    data_overrides: list[str] | None = None,
+) -> tuple[dict, Path]:
+    """Score a segmentation run's newest committed checkpoint on its val split (single scale, as
+    in training unless ``mode``/``stride`` say otherwise); writes RUN_DIR/segment_eval.json."""
+    import json
+
+    from nepa_scale.config import config_from_dict, set_dotted
+    from nepa_scale.config import parse_override as parse
+    from nepa_scale.data.segmentation import segmentation_dataset
+    from nepa_scale.engine.export import fp32_state_dict, newest_verified
+    from nepa_scale.engine.tasks import SegmentTask
+    from nepa_scale.errors import ConfigError
+    from nepa_scale.models.segmentation import NepaSegmenter
+    from nepa_scale.rundir import RunDir
+
+    run = RunDir(run_dir)
+    data = run.record().run_config().to_dict()
+    if data["task"] != "segment":
+        raise ConfigError(f"segment-eval: {run.root} is a {data['task']} run, not a segmentation run")
+    for item in data_overrides or []:
+        set_dotted(data, *parse(f"data.{item}", "--data"))
+    config = config_from_dict(data, check_paths=False)
+    sg = config.segment
+    checkpoint = newest_verified(run)
+    model = NepaSegmenter(
+        SegmentTask.resolve_arch(config),
+        sg.num_classes,
+        tuple(sg.feature_blocks) if sg.feature_blocks else None,
+        sg.decoder_channels,
+        sg.aux_channels if sg.aux_weight > 0 else 0,
+        attention="sdpa",
+    )
+    model.load_state_dict(fp32_state_dict(checkpoint))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    dataset = segmentation_dataset(config.data, sg, "val", train=False)
+    count = min(len(dataset), limit or len(dataset))
+    mode, stride = mode or sg.eval_mode, stride or sg.eval_stride
+    confusion = score_images(
+        lambda x: model(x).logits,
+        dataset,
+        list(range(count)),
+        sg.num_classes,
+        sg.crop,
+        model.backbone.arch.patch_size,
+        mode,
+        stride,
+        device,
+    )
+    record = {"step": checkpoint.step, "images": count, "mode": mode, **summary(confusion)}
+    out = run.root / "segment_eval.json"
+    out.write_text(json.dumps(record, indent=1))
+    return record, out

@@ -1,4 +1,4 @@
-"""The segmentation backbone's feature pyramid, as BEiT and MAE build it for UPerNet.
+"""Semantic segmentation on a NEPA backbone: the feature pyramid and UPerNet, as BEiT and MAE build them.
 
 A plain ViT has one token grid (stride = the patch size). Four of its blocks' outputs become a
 4-level pyramid: two transposed convolutions (x4), one (x2), the grid itself (x1) and a 2x2 max-pool
@@ -13,8 +13,14 @@ and the nearest multiple of 14 above 512, as DINOv2 does for its patch-14 models
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 from torch import nn
+
+from nepa_scale.models.arch import NepaArch
+from nepa_scale.models.vit import NEPA
 
 SEGMENT_CROP = 518  # 37 x 14: the nearest multiple of the patch size above the protocol's 512
 
@@ -27,8 +33,8 @@ def feature_blocks(depth: int) -> tuple[int, int, int, int]:
     """The default four blocks for a model of ``depth`` blocks (every quarter if not tabled)."""
     if depth in FEATURE_BLOCKS:
         return FEATURE_BLOCKS[depth]
-    if depth < 4:
-        raise ValueError(f"a 4-level pyramid needs at least 4 blocks, the model has {depth}")
+    if depth < 4:  # a miniature model: some blocks feed two levels
+        return tuple(math.ceil(depth * q / 4) for q in (1, 2, 3, 4))
     return tuple(depth * q // 4 for q in (1, 2, 3, 4))
 
 
@@ -117,3 +123,55 @@ class FCNHead(nn.Module):
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
         return self.classifier(self.conv(levels[2]))
+
+
+class SegmentOutput(NamedTuple):
+    logits: torch.Tensor  # (B, classes, H/4 x patch/4 ...): the decoder's, at the finest level
+    aux_logits: torch.Tensor | None  # the auxiliary head's (training only)
+
+
+class NepaSegmenter(nn.Module):
+    """A bidirectional NEPA backbone -> four blocks' patch grids -> pyramid -> UPerNet (+ FCN aux).
+
+    The block outputs are taken as they leave the block, before the final LayerNorm (as BEiT's
+    and MAE's segmentation backbones take them); the [CLS] token is dropped. The logits come out at
+    a quarter of the patch size's stride and are upsampled to the labels by the loss and the
+    evaluation, as mmsegmentation does."""
+
+    def __init__(
+        self,
+        arch: NepaArch,
+        num_classes: int,
+        blocks: tuple[int, ...] | None = None,
+        decoder_channels: int = 512,
+        aux_channels: int = 256,
+        attention: str = "auto",
+        grad_checkpointing: bool | int = False,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.feature_blocks = tuple(blocks) if blocks else feature_blocks(arch.depth)
+        self.backbone = NEPA(arch.replace(num_classes=0), attention, grad_checkpointing)
+        self.pyramid = FeaturePyramid(arch.dim)
+        self.decode_head = UPerHead(arch.dim, num_classes, decoder_channels)
+        self.aux_head = FCNHead(arch.dim, num_classes, aux_channels) if aux_channels else None
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.backbone.blocks
+
+    def set_attention(self, **kwargs) -> None:
+        self.backbone.set_attention(**kwargs)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's layer-decay groups as mmseg's LayerDecayOptimizerConstructor for BEiT: the stem
+        decays most, block i as layer i + 1, the pyramid and heads (unmatched) take the full lr."""
+        return {
+            "stem": r"^backbone\.(?:cls_token|patch_embed)",
+            "blocks": [(r"^backbone\.blocks\.(\d+)", None), (r"^backbone\.norm", (99999,))],
+        }
+
+    def forward(self, images: torch.Tensor) -> SegmentOutput:
+        levels = self.pyramid(self.backbone.block_grids(images, self.feature_blocks))
+        aux = self.aux_head(levels) if self.training and self.aux_head is not None else None
+        return SegmentOutput(self.decode_head(levels), aux)

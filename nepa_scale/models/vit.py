@@ -244,15 +244,31 @@ class NEPA(nn.Module):
         patches = self.patch_embed(images)
         return torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], dim=1)
 
-    def encode(self, tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    def run_blocks(
+        self, tokens: torch.Tensor, rows: int, cols: int, keep: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The blocks over ``tokens``: the last output, and the outputs of the 1-based blocks in
+        ``keep`` (segmentation's features); stops after the last block asked for, if any."""
         rope = self.rope(rows, cols, tokens.device)
-        x = tokens
-        for i, block in enumerate(self.blocks):
+        x, kept = tokens, []
+        last = max(keep) if keep else len(self.blocks)
+        for i, block in enumerate(self.blocks[:last]):
             if self.training and i < self.checkpointed_blocks:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
                 x = block(x, rope)
-        return self.norm(x)
+            kept.extend([x] * keep.count(i + 1))
+        return x, kept
+
+    def encode(self, tokens: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        return self.norm(self.run_blocks(tokens, rows, cols)[0])
+
+    def block_grids(self, images: torch.Tensor, blocks: tuple[int, ...]) -> list[torch.Tensor]:
+        """The patch tokens after each of ``blocks`` (1-based) as (B, dim, rows, cols) grids."""
+        p = self.arch.patch_size
+        rows, cols = images.shape[-2] // p, images.shape[-1] // p
+        _, kept = self.run_blocks(self.embed(images), rows, cols, keep=blocks)
+        return [x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, rows, cols) for x in kept]
 
     def forward_features(self, images: torch.Tensor) -> NepaOutput:
         embeddings = self.embed(images)

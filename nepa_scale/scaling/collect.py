@@ -8,6 +8,11 @@ Reads only the run-directory contract (``nepa_scale/rundir.py``). Losses at a bu
 mean of the logged training losses over a window of log lines ending at the budget (stated in the
 ``smoothing`` column); held-out and downstream metrics come from evaluation lines. Runs that failed
 or are incomplete are kept with their status, never dropped.
+
+Segmentation fine-tunes attached to the study (``nepa-scale sweep attach``: beside it, in
+SWEEP_DIR_<name>/) give each pretraining run's final-row ``miou`` (the completed fine-tunes' final
+val mIoU, their mean when several), ``seg_error`` (1 - miou, what a power law can fit) and
+``seg_runs`` (how many were averaged).
 """
 
 from __future__ import annotations
@@ -137,8 +142,39 @@ def collect(
     table = pd.DataFrame(rows)
     if table.empty:
         raise UsageError(f"no runs (run.json) under {sweep_dir}")
+    segmentation = attached_segmentation(Path(sweep_dir))
+    if segmentation:
+        final = table["eval_point"] == "final"
+        resolved = table["run_dir"].map(lambda d: str(Path(d).resolve()))
+        scores = resolved.map(lambda d: segmentation.get(d, []))
+        table["miou"] = [
+            float(np.mean(s)) if s and f else math.nan for s, f in zip(scores, final, strict=True)
+        ]
+        table["seg_error"] = 1.0 - table["miou"]
+        table["seg_runs"] = [len(s) if f else 0 for s, f in zip(scores, final, strict=True)]
     table.attrs["convention"] = convention
     return table
+
+
+def attached_segmentation(sweep_dir: Path) -> dict[str, list[float]]:
+    """Final val mIoU of the completed segmentation runs in SWEEP_DIR_*/, by the resolved path of the
+    pretraining run they started from."""
+    scores: dict[str, list[float]] = {}
+    for folder in sorted(sweep_dir.parent.glob(f"{sweep_dir.name}_*")):
+        for path in run_dirs(folder) if folder.is_dir() else []:
+            run = RunDir(path)
+            try:
+                record = run.record()
+                config = record.run_config()
+            except NepaError:
+                continue
+            if config.task != "segment" or record.status != "completed" or not config.segment.pretrained:
+                continue
+            evals = [m for m in run.read_metrics() if m.get("kind") == "eval" and "val_miou" in m]
+            if evals:
+                source = str(Path(config.segment.pretrained).resolve())
+                scores.setdefault(source, []).append(float(evals[-1]["val_miou"]))
+    return scores
 
 
 def write_table(table: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
