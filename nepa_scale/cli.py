@@ -177,8 +177,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.sweep or DEMO_SWEEP, args.executor, args.output_root, args.bootstrap, transfer)
 
 
+def _attach(sweep, args: argparse.Namespace) -> int:
+    """Plan and launch the downstream fine-tunes of the sweep's completed runs (attach: in the file)."""
+    from nepa_scale.launch import launcher
+    from nepa_scale.launch.attach import attached_sweep
+
+    names = [args.name] if args.name else list(sweep.attach)
+    if not names:
+        return _fail(f"sweep {sweep.name}: the file has no attach: section ({sweep.path})")
+    for name in names:
+        downstream = attached_sweep(sweep, name, executor=args.executor)
+        pending = launcher.launch(downstream, retry_failed=args.retry_failed, dry_run=args.dry_run)
+        verb = "would submit" if args.dry_run else "submitted"
+        print(
+            f"attach.{name}: {verb} {len(pending)} of {len(downstream.runs)} runs -> {downstream.output_root}"
+        )
+        if args.wait and not args.dry_run:
+            launcher.wait(downstream)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """plan | launch | status | cancel | preempt for one sweep file."""
+    """plan | launch | status | cancel | preempt | attach for one sweep file."""
     import logging
 
     from nepa_scale.launch.sweep import load_sweep
@@ -196,6 +216,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"sweep {sweep.name}: {len(sweep.runs)} runs -> {sweep.output_root}")
         print(plan_table(sweep, against))
         return 1 if any(run.error for run in sweep.runs) else 0
+    if args.action == "attach":
+        return _attach(sweep, args)
     if args.action == "launch":
         pending = launcher.launch(sweep, retry_failed=args.retry_failed, dry_run=args.dry_run)
         verb = "would submit" if args.dry_run else "submitted"
@@ -312,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     sweep = sub.add_parser("sweep", help="plan, launch, follow and cancel a sweep (sweeps/*.yaml)")
-    sweep.add_argument("action", choices=["plan", "launch", "status", "cancel", "preempt"])
+    sweep.add_argument("action", choices=["plan", "launch", "status", "cancel", "preempt", "attach"])
     sweep.add_argument("sweep", help="sweep file, e.g. sweeps/demo.yaml")
     sweep.add_argument(
         "--executor", choices=["slurm", "local"], default=None, help="override the profile's executor"
@@ -333,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="launch: only say what would be submitted")
     sweep.add_argument("--wait", action="store_true", help="launch: wait until every run has ended")
     sweep.add_argument("--run", default=None, help="preempt: the run id to send a preemption notice")
+    sweep.add_argument(
+        "--name", default=None, help="attach: one of the file's attach: entries (default: all)"
+    )
     sweep.set_defaults(func=cmd_sweep)
 
     resize = sub.add_parser(

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import REPO, cli, env, final_weights, losses, metrics, run_and_signal, run_train
 from PIL import Image
 
+from nepa_scale.config import parse_override
 from nepa_scale.data.segmentation import (
     IGNORE_INDEX,
     Ade20kPairs,
@@ -25,6 +27,7 @@ from nepa_scale.data.segmentation import (
 )
 from nepa_scale.errors import ConfigError, DataError
 from nepa_scale.eval.segmentation import confusion_matrix, iou_per_class, mean_iou, window_boxes
+from nepa_scale.launch.sweep import load_sweep
 
 SEGMENT_CONFIG = REPO / "configs" / "segment_digits_tiny.yaml"
 
@@ -220,53 +223,74 @@ def _segment_cmd(run_dir: Path, *overrides: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_miniature_segmentation_learns_from_pretrained_and_from_scratch_and_enters_the_table(tmp_path):
+def test_miniature_segmentation_learns_attaches_to_its_study_and_enters_the_table(tmp_path):
     """Digits on 40 px canvases, 11 classes: 200 steps raise mIoU well above predicting background
     everywhere, from a demo-size pretrained model and from random weights (both reported, neither
-    asserted to win); the study table carries the segmentation result of its pretraining run."""
-    study = tmp_path / "study"
-    pretrain = study / "demo-size"
-    result = run_train(
-        pretrain,
-        "model.overrides={dim: 64, depth: 2, num_heads: 4}",
-        "budget.images=19200",
-        "budget.global_batch=64",
-        "deepspeed.zero_stage=0",
+    asserted to win). The fine-tune is planned by the study's attach: entry, and the study table
+    carries its mIoU on the pretraining run's row."""
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(REPO / "configs" / "digits_tiny.yaml"),
+                "set": {
+                    "model.overrides": {"dim": 64, "depth": 2, "num_heads": 4},
+                    "budget.global_batch": 64,
+                    "deepspeed.zero_stage": 0,
+                    "logging.progress": "never",
+                    "logging.eval_every": 0,
+                },
+                "axes": [{"grid": {"budget.images": [19200]}}],
+                "profile": "cpu",
+                "output_root": str(tmp_path / "study"),
+                "attach": {"segment": {"sweep": "segment.yaml", "budgets": [19200]}},
+            }
+        )
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert cli("export", str(pretrain)).returncode == 0
-    attached = tmp_path / "study_segment"
-    runs = {"pretrained": attached / "pretrained", "scratch": attached / "scratch"}
+    (tmp_path / "segment.yaml").write_text(
+        yaml.safe_dump(
+            {"base": str(SEGMENT_CONFIG), "set": dict(parse_override(o) for o in MINI), "profile": "cpu"}
+        )
+    )
+    launched = cli("sweep", "launch", str(study_file), "--wait")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert cli("export", str(load_sweep(study_file).runs[0].run_dir)).returncode == 0
+
+    from nepa_scale.launch.attach import attached_sweep
+
+    study = load_sweep(study_file)
+    (planned,) = attached_sweep(study, "segment").runs
+    source = study.runs[0]
+    assert (
+        planned.config.segment.pretrained == str(source.run_dir) and planned.config.seed == source.config.seed
+    )
+    assert planned.config.model.overrides == source.config.model.overrides
+    assert planned.run_dir.parent == tmp_path / "study_segment"
+
+    runs = {"pretrained": planned.run_dir, "scratch": tmp_path / "scratch"}
+    config_file = tmp_path / "attached.yaml"
+    config_file.write_text(yaml.safe_dump(planned.config_data))
+    commands = {
+        "pretrained": [sys.executable, "-m", "nepa_scale.cli", "train", str(config_file)],
+        "scratch": _segment_cmd(runs["scratch"]),
+    }
     procs = [  # two single-threaded runs at once: the machine has two cores
-        subprocess.Popen(
-            _segment_cmd(runs["pretrained"], f"segment.pretrained={pretrain}"),
-            env=env(),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        ),
-        subprocess.Popen(
-            _segment_cmd(runs["scratch"]),
-            env=env(),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        ),
+        subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for cmd in commands.values()
     ]
     for proc in procs:
-        out, err = proc.communicate(timeout=900)
+        _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-3000:]
 
     from nepa_scale.data.segmentation import DigitCanvases
 
     val = DigitCanvases("val")
     background = np.mean([(val.load(i)[1] == 0).mean() for i in range(len(val))])
-    trivial = background / 11  # background's IoU is its share; every digit class is present, IoU 0
+    trivial = background / 11  # background's IoU is its share; every digit class is present, at IoU 0
     miou = {name: metrics(run, "eval")[-1]["val_miou"] for name, run in runs.items()}
     print(
-        f"miniature mIoU: pretrained {miou['pretrained']:.3f}, scratch {miou['scratch']:.3f}, all-background {trivial:.3f}"
+        f"miniature mIoU: pretrained {miou['pretrained']:.3f}, scratch {miou['scratch']:.3f}, "
+        f"all-background {trivial:.3f}"
     )
     assert all(value > 2 * trivial for value in miou.values()), (miou, trivial)
     record = json.loads((runs["pretrained"] / "segment_eval.json").read_text())
@@ -274,16 +298,15 @@ def test_miniature_segmentation_learns_from_pretrained_and_from_scratch_and_ente
 
     evaluated = cli("segment-eval", str(runs["scratch"]))  # a finished run, scored again from its checkpoint
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert json.loads((runs["scratch"] / "segment_eval.json").read_text())["miou"] == pytest.approx(
-        miou["scratch"], abs=1e-6
-    )
+    again = json.loads((runs["scratch"] / "segment_eval.json").read_text())["miou"]
+    assert again == pytest.approx(miou["scratch"], abs=1e-6)
 
     from nepa_scale.scaling.collect import collect
 
-    table = collect(study)
-    row = table[(table["run_id"] == "demo-size") & (table["eval_point"] == "final")].iloc[0]
+    table = collect(tmp_path / "study")
+    row = table[table["eval_point"] == "final"].iloc[0]
     assert row["miou"] == pytest.approx(miou["pretrained"]) and row["seg_error"] == pytest.approx(
-        1 - miou["pretrained"]
+        1 - row["miou"]
     )
 
 

@@ -20,8 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 from nepa_scale.config import read_yaml_mapping
 from nepa_scale.errors import ConfigError
 from nepa_scale.rundir import RunDir
@@ -55,27 +53,23 @@ def transfer_sweep(
     """The transfer sweep for ``sources``: the file's recipe, their model shape, and for each source a
     fine-tune from its weights and one from scratch, with the source's seed. The resolved file is kept
     with the runs."""
+    from nepa_scale.launch.attach import resolved_sweep_file
     from nepa_scale.launch.sweep import load_sweep
 
     spec = read_yaml_mapping(spec_file, "transfer sweep")
     recorded = [RunDir(source).record().run_config() for source in sources]
-    if "base" not in spec:
-        raise ConfigError(f"{spec_file}: base: the fine-tuning run config the transfer starts from")
-    spec["base"] = str((Path(spec_file).parent / spec["base"]).resolve())
     spec["set"] = {
         "model.name": recorded[0].model.name,
         **{f"model.overrides.{k}": v for k, v in recorded[0].model.overrides.items()},
         **(spec.get("set") or {}),
     }
     seeds = [config.seed for config in recorded]
-    spec["axes"] = [
+    axes = [
         {"zip": {"finetune.pretrained": [str(s) for s in sources] + [None] * len(sources), "seed": seeds * 2}}
     ]
-    spec["output_root"] = str(output_root)
-    output_root.mkdir(parents=True, exist_ok=True)
-    resolved = output_root / "transfer_sweep.yaml"
-    resolved.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return load_sweep(resolved, executor=executor)
+    return load_sweep(
+        resolved_sweep_file(spec_file, spec, output_root, axes, "transfer_sweep.yaml"), executor=executor
+    )
 
 
 def final_accuracy(run_dir: Path) -> dict[str, float]:

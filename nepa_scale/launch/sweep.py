@@ -11,6 +11,7 @@
           compute: [1.0e12, 3.0e12]                      #     each run as long as its budget (whole
           models: {model.overrides.dim: [32, 64]}        #     steps, within 1%); models: a zip
       - union: [[{zip: ...}, {seeds: 3}], [{zip: ...}]]  #   union: the runs of each list, together
+    attach: {segment: {sweep: x.yaml}} # downstream fine-tunes of the runs (nepa_scale/launch/attach.py)
     profile: local                     # slurm/profiles/NAME.yaml or a path
     resources: {time_min: 30}          # profile overrides for every run
     output_root: runs/demo             # run directories: <output_root>/<run id>
@@ -48,10 +49,11 @@ from nepa_scale.config import (
     read_yaml_mapping,
     set_dotted,
 )
+from nepa_scale.launch.attach import check_attach
 from nepa_scale.launch.design import check_flops_budget, plan_branches
 from nepa_scale.launch.profiles import ClusterProfile, load_profile
 
-SWEEP_KEYS = {"name", "description", "base", "set", "axes", "profile", "resources", "output_root"}
+SWEEP_KEYS = {"name", "description", "base", "set", "axes", "profile", "resources", "output_root", "attach"}
 RESOURCE_PREFIX = "resources."
 BLOCK_KINDS = ("grid", "zip", "seeds", "isoflop", "union")
 # Not what a run computes: where it lives, how a branch gets its start (left out of the digest),
@@ -102,6 +104,7 @@ class Sweep:
     profile_name: str
     runs: list[PlannedRun]
     warnings: tuple[str, ...] = ()  # said once by plan and launch (e.g. data.root not there)
+    attach: dict[str, dict] = dataclasses.field(default_factory=dict)  # downstream studies (attach.py)
 
     def run(self, run_id: str) -> PlannedRun:
         for run in self.runs:
@@ -197,7 +200,7 @@ def _format_value(value: Any) -> str:
 
 def run_slug(values: dict[str, Any]) -> str:
     """A readable prefix for the run id: the axis values (booleans by their key, when on; a path by
-    its last part; an unset value as ``no-KEY``)."""
+    its last part; an unset value as ``no-KEY``; mappings left out)."""
     parts = []
     for key, value in values.items():
         if key.startswith(RESOURCE_PREFIX):
@@ -209,6 +212,8 @@ def run_slug(values: dict[str, Any]) -> str:
             parts.append(f"{short}-{Path(value).name}")
         elif isinstance(value, bool):
             parts.append(short if value else "")
+        elif isinstance(value, dict):  # e.g. model.overrides: left to the digest
+            continue
         else:
             parts.append(_format_value(value) if short == "name" else f"{short}{_format_value(value)}")
     parts = [part for part in parts if part]
@@ -321,7 +326,8 @@ def load_sweep(
             config.output_dir = data["output_dir"]
         runs.append(PlannedRun(run_id, values, data, config, profile, error))
     warnings = tuple(f"{m} (costs are planned anyway; launch needs it)" for m in sorted(missing_paths))
-    return Sweep(name, path, root, profile_name, _with_branches(runs), warnings)
+    attach = check_attach(spec.get("attach"), path)
+    return Sweep(name, path, root, profile_name, _with_branches(runs), warnings, attach)
 
 
 def _with_branches(runs: list[PlannedRun]) -> list[PlannedRun]:

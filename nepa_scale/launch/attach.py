@@ -1,0 +1,99 @@
+"""Downstream studies attached to a pretraining sweep: a segmentation (or classification) fine-tune
+of each pretraining run, or of the runs of chosen budgets.
+
+    attach:                               # in the pretraining sweep file
+      segment:                            # a name: the runs live in <output_root>_segment/
+        sweep: demo_segment.yaml          # the downstream sweep: base config, set, profile
+        budgets: [76800, 153600]          # optional: only runs of these budget.images (default: all)
+
+``nepa-scale sweep attach SWEEP.yaml`` plans, for every completed pretraining run it selects, one
+downstream run with that run's model shape and seed, initialised from its weights, and launches
+them as a sweep of their own (records, resume, preemption; a re-run skips what is done). The
+resolved sweep file is kept beside the runs. ``collect`` then carries each pretraining run's mIoU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nepa_scale.config import read_yaml_mapping
+from nepa_scale.errors import ConfigError
+from nepa_scale.rundir import RunDir
+
+ATTACH_KEYS = {"sweep", "budgets"}
+PRETRAINED_KEY = {"segment": "segment.pretrained", "finetune": "finetune.pretrained"}
+
+
+def check_attach(spec: Any, where: Path) -> dict[str, dict]:
+    """The ``attach`` mapping of a sweep file, checked: each entry names its sweep file."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: attach: expected a mapping of names to {{sweep: FILE, budgets: [...]}}")
+    for name, entry in spec.items():
+        if not isinstance(entry, dict) or "sweep" not in entry:
+            raise ConfigError(f"{where}: attach.{name}: expected {{sweep: FILE, budgets: [...]}}")
+        unknown = sorted(set(entry) - ATTACH_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: attach.{name}.{unknown[0]}: unknown key (known: sweep, budgets)")
+        if not (where.parent / entry["sweep"]).is_file():
+            raise ConfigError(
+                f"{where}: attach.{name}.sweep: file not found: {where.parent / entry['sweep']}"
+            )
+    return spec
+
+
+def resolved_sweep_file(spec_file: str | Path, spec: dict, output_root: Path, axes: list, name: str) -> Path:
+    """``spec`` with its base made absolute, ``axes`` and ``output_root`` set, written beside the runs."""
+    if "base" not in spec:
+        raise ConfigError(f"{spec_file}: base: the run config the downstream runs start from")
+    spec = {**spec, "base": str((Path(spec_file).parent / spec["base"]).resolve())}
+    spec["axes"], spec["output_root"] = axes, str(output_root)
+    output_root.mkdir(parents=True, exist_ok=True)
+    resolved = output_root / name
+    resolved.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return resolved
+
+
+def attached_sweep(sweep, name: str, executor: str | None = None):
+    """The downstream sweep ``name`` of ``sweep``: one run per selected completed pretraining run."""
+    from nepa_scale.launch.sweep import load_sweep
+
+    if name not in sweep.attach:
+        raise ConfigError(f"sweep {sweep.name}: no attach.{name} (have: {', '.join(sweep.attach) or 'none'})")
+    entry = sweep.attach[name]
+    spec_file = sweep.path.parent / entry["sweep"]
+    spec = read_yaml_mapping(spec_file, "attached sweep")
+    budgets = entry.get("budgets")
+    sources = [
+        run
+        for run in sweep.runs
+        if run.config is not None
+        and RunDir(run.run_dir).record().status == "completed"
+        and (budgets is None or run.config.budget.images in budgets)
+    ]
+    if not sources:
+        raise ConfigError(
+            f"sweep {sweep.name}: attach.{name}: no completed pretraining run"
+            + (f" with budget.images in {budgets}" if budgets else "")
+        )
+    task = spec.get("set", {}).get("task") or read_yaml_mapping(spec_file.parent / spec["base"]).get("task")
+    if task not in PRETRAINED_KEY:
+        raise ConfigError(f"{spec_file}: base: a segment or finetune config, got task '{task}'")
+    axes = [
+        {
+            "zip": {
+                PRETRAINED_KEY[task]: [str(run.run_dir) for run in sources],
+                "seed": [run.config.seed for run in sources],
+                "model.name": [run.config.model.name for run in sources],
+                "model.overrides": [dict(run.config.model.overrides) for run in sources],
+            }
+        }
+    ]
+    root = sweep.output_root.parent / f"{sweep.output_root.name}_{name}"
+    return load_sweep(
+        resolved_sweep_file(spec_file, spec, root, axes, "attached_sweep.yaml"), executor=executor
+    )
