@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--quantity",
             default="auto",
-            help="fitted column (default auto: held-out 1 + val_loss when every run has it, else 1 + training loss)",
+            help="fitted column (default auto: held-out 1 + val_loss when every run has it, else 1 + training "
+            "loss; seg_error: 1 - mIoU of attached segmentation fine-tunes; or any positive column)",
         )
         p.add_argument(
             "--frontier-from",

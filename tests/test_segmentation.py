@@ -186,6 +186,73 @@ def test_segment_config_errors_name_the_key():
         load_config(REPO / "configs" / "digits_tiny.yaml", ["data.kind=digit_canvas"])
 
 
+def test_every_shipped_config_validates_and_the_segmentation_recipes_say_what_docs_cite():
+    from nepa_scale.config import config_from_dict, read_yaml_mapping
+
+    configs = {
+        path.stem: config_from_dict(read_yaml_mapping(path), check_paths=False)
+        for path in (REPO / "configs").glob("*.yaml")
+    }
+    b, l14 = configs["segment_ade20k_b14"], configs["segment_ade20k_l14"]
+    for config, lr, decay, drop, blocks, width in (
+        (b, 1e-4, 0.65, 0.1, [4, 6, 8, 12], 768),
+        (l14, 2e-5, 0.95, 0.2, [8, 12, 16, 24], 1024),
+    ):
+        sg, o = config.segment, config.optim
+        assert (o.lr, o.betas, o.weight_decay, o.schedule, o.warmup_steps, o.clip_grad) == (
+            lr,
+            (0.9, 0.999),
+            0.05,
+            "poly",
+            1500,
+            0,
+        )
+        assert (sg.layer_decay, sg.drop_path, sg.feature_blocks, sg.decoder_channels, sg.aux_weight) == (
+            decay,
+            drop,
+            blocks,
+            width,
+            0.4,
+        )
+        assert (
+            config.budget.images // config.budget.global_batch == 160_000 and config.budget.global_batch == 16
+        )
+        assert (sg.crop, sg.scale, sg.ratio_range, sg.cat_max_ratio, sg.eval_mode) == (
+            518,
+            (2048, 512),
+            (0.5, 2.0),
+            0.75,
+            "slide",
+        )
+
+
+@pytest.mark.parametrize("name", ["nepa_tiny", "nepa_b14"])
+def test_segmentation_flops_count_the_heads_and_match_torchs_count_of_the_whole_model(name):
+    """flops_per_image: the backbone by the 6N+attn formula, the pyramid and heads counted; together
+    three times what torch counts for the real model's training forward (B/14: heads are 80%)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from nepa_scale.config import load_config
+    from nepa_scale.engine.tasks import SegmentTask
+    from nepa_scale.models.segmentation import NepaSegmenter
+
+    overrides = [f"model.name={name}", "model.overrides={}"]
+    if name == "nepa_b14":
+        overrides += ["segment.crop=518", "segment.decoder_channels=768", "segment.aux_channels=256"]
+    config = load_config(SEGMENT_CONFIG, overrides)
+    arch = SegmentTask.resolve_arch(config)
+    sg = config.segment
+    with torch.device("meta"):
+        model = NepaSegmenter(
+            arch, sg.num_classes, None, sg.decoder_channels, sg.aux_channels, attention="math"
+        )
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.zeros(2, 3, sg.crop, sg.crop))
+    counted = 3 * counter.get_total_flops() / 2
+    assert SegmentTask.flops_per_image(config, arch) == pytest.approx(counted, rel=1e-3)
+
+
 def test_poly_schedule_decays_linearly_over_the_whole_run_after_warmup():
     from nepa_scale.config import OptimConfig
     from nepa_scale.engine.schedule import lr_factor

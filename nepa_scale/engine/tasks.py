@@ -23,6 +23,7 @@ from nepa_scale.data import build_dataset, few_labels, to_model_input
 from nepa_scale.engine.distributed import World
 from nepa_scale.engine.evaluator import Evaluator
 from nepa_scale.engine.settings import StepSettings
+from nepa_scale.flops import train_flops_per_image
 from nepa_scale.models import NEPA
 from nepa_scale.models.arch import NepaArch
 from nepa_scale.objective import next_embedding_loss
@@ -53,6 +54,11 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def backbone_flops(config: RunConfig, arch: NepaArch) -> float:
+    """Training FLOPs per image under the run's convention (nepa_scale/flops.py)."""
+    return train_flops_per_image(arch, config.budget.flop_convention)
+
+
 class PretrainTask:
     name = "pretrain"
     eval_each_epoch = False
@@ -64,6 +70,8 @@ class PretrainTask:
     @staticmethod
     def resolve_arch(config: RunConfig) -> NepaArch:
         return config.model.arch()
+
+    flops_per_image = staticmethod(backbone_flops)
 
     @property
     def eval_at_start(self) -> bool:
@@ -161,6 +169,8 @@ class FinetuneTask:
             build_dataset(config.data, "val", arch.image_size, train=False).classes
         )
         return arch.replace(num_classes=num_classes, causal=ft.causal, drop_path=ft.drop_path)
+
+    flops_per_image = staticmethod(backbone_flops)
 
     def build_model(self) -> NEPA:
         c, ft = self.ctx.config, self.ctx.config.finetune
@@ -280,6 +290,17 @@ class SegmentTask:
         """The zoo arch at the crop size, bidirectional (unless ``segment.causal``), with drop-path."""
         sg = config.segment
         return config.model.arch().replace(causal=sg.causal, drop_path=sg.drop_path, image_size=sg.crop)
+
+    @staticmethod
+    def flops_per_image(config: RunConfig, arch: NepaArch) -> float:
+        """The backbone's under the run's convention at the crop, plus 3x the pyramid's and heads'
+        forward FLOPs (counted; backward taken as twice the forward, as the conventions do)."""
+        from nepa_scale.models.segmentation import head_forward_flops
+
+        sg, grid = config.segment, config.segment.crop // arch.patch_size
+        aux = sg.aux_channels if sg.aux_weight > 0 else 0
+        heads = head_forward_flops(arch.dim, sg.num_classes, grid, grid, sg.decoder_channels, aux)
+        return backbone_flops(config, arch) + 3 * heads
 
     def build_model(self):
         from nepa_scale.models.segmentation import NepaSegmenter

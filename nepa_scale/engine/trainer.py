@@ -52,7 +52,6 @@ from nepa_scale.engine.schedule import build_optimizer, check_schedule, cooldown
 from nepa_scale.engine.settings import resolve_step_settings
 from nepa_scale.engine.tasks import TASKS, TaskContext
 from nepa_scale.errors import ConfigError, DataError
-from nepa_scale.flops import train_flops_per_image
 from nepa_scale.memory import device_memory_gb
 from nepa_scale.models import NEPA, resolve_backend
 from nepa_scale.rundir import REQUEUE_EXIT_CODE, Restart, RunDir, now
@@ -125,7 +124,7 @@ class Trainer:
                 self.arch.depth,
                 self.settings.predicted_memory_gb,
             )
-        self.flops_per_image = train_flops_per_image(self.arch, config.budget.flop_convention)
+        self.flops_per_image = task_class.flops_per_image(config, self.arch)
         self.train_set = task_class.train_dataset(config, self.arch)
         check_training_data(self.train_set, config.budget.global_batch)
         self.sampler = ResumableBatchSampler(

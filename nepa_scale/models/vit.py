@@ -12,6 +12,7 @@ zero-initialised Linear head.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -63,7 +64,9 @@ class Rope2D(nn.Module):
 
     def forward(self, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of shape (1 + rows*cols, head_dim), fp32, with an identity row for [CLS]."""
-        with torch.autocast(device_type=device.type, enabled=False):
+        # fp32 whatever the autocast; meta tensors (FLOP counting) have no autocast to leave
+        no_autocast = torch.autocast(device.type, enabled=False) if device.type != "meta" else nullcontext()
+        with no_autocast:
             coords = self.patch_centres(rows, cols, device)
             if self.training and self.rescale is not None:
                 log_r = math.log(self.rescale)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 QUANTITIES = {
     "cosine_distance": "mean cosine distance 1 + loss (training, smoothed)",
     "val_cosine_distance": "held-out mean cosine distance 1 + val_loss",
+    "seg_error": "segmentation error 1 - mIoU (val, single scale) of the attached fine-tunes",
+    "miou": "mIoU (val, single scale) of the attached segmentation fine-tunes",
 }
 N_KINDS = {"params": "total parameters", "params_no_embed": "parameters without patch embedding"}
 D_KINDS = {"images": "images seen", "patches": "patches seen (images x patches per image)"}
