@@ -102,6 +102,10 @@ def test_ade20k_missing_or_corrupt_annotations_name_the_file(tmp_path):
     pairs = Ade20kPairs(tmp_path, "train")
     with pytest.raises(DataError, match=r"cannot read annotation .*b\.png"):
         pairs.load(1)
+    from nepa_scale.data import check_training_data
+
+    with pytest.raises(DataError, match=r"cannot read annotation .*b\.png"):  # before a run's engine starts
+        check_training_data(SegmentationDataset(pairs, SegmentAugment(crop=14), train=True), 1)
     with pytest.raises(DataError, match="directory not found"):
         Ade20kPairs(tmp_path / "nowhere", "train")
 

@@ -85,7 +85,8 @@ def batch_loader(dataset, sampler: ResumableBatchSampler, num_workers: int, seed
 
 def check_training_data(dataset, global_batch: int, what: str = "data") -> None:
     """Data a run can train on, checked before the engine starts: at least one global batch of
-    samples, no empty class folder, and readable images (a spread sample of the files is decoded).
+    samples, no empty class folder, and readable images (a spread sample of the files is decoded;
+    for segmentation, of the image and annotation pairs).
     A ``DataError`` names the folder, the count and the reason."""
     where = getattr(dataset, "root", what)
     if len(dataset) < global_batch:
@@ -93,6 +94,12 @@ def check_training_data(dataset, global_batch: int, what: str = "data") -> None:
             f"{what}: {where} has {len(dataset)} samples, fewer than one global batch of {global_batch} "
             "(budget.global_batch)"
         )
+    pairs = getattr(dataset, "pairs", None)  # segmentation: a bad pair raises a DataError naming its file
+    if pairs is not None:
+        for i in sorted(
+            {round(i * (len(pairs) - 1) / max(1, SAMPLE_CHECK - 1)) for i in range(SAMPLE_CHECK)}
+        ):
+            pairs.load(i)
     if isinstance(dataset, ImageFolderDataset):
         empty = dataset.empty_classes()
         if empty:
