@@ -9,6 +9,7 @@ every ``logging.probe_every`` steps and at the end.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,15 +47,23 @@ class Evaluator:
             if val_set is not None
             else build_dataset(config.data, "val", arch.image_size, train=False)
         )
-        per_step = settings.micro_batch * world.world_size
-        self.val_sampler = (
-            ResumableBatchSampler(
-                len(self.val_set), per_step, settings.micro_batch, world.rank, world.world_size, shuffle=False
-            )
-            if len(self.val_set) >= per_step and config.task != "segment"
-            else None
-        )
         self._probe_sets = None
+
+    @functools.cached_property
+    def val_sampler(self) -> ResumableBatchSampler | None:
+        """The val split in order, as micro-batches across ranks (None when it is smaller than one
+        micro-batch per rank); built on first use (segmentation scores whole images instead)."""
+        per_step = self.settings.micro_batch * self.world.world_size
+        if len(self.val_set) < per_step:
+            return None
+        return ResumableBatchSampler(
+            len(self.val_set),
+            per_step,
+            self.settings.micro_batch,
+            self.world.rank,
+            self.world.world_size,
+            shuffle=False,
+        )
 
     # -- the schedule
     def eval_due(self, done: int, last: bool) -> bool:

@@ -1,7 +1,7 @@
 """What a run optimises: NEPA pretraining, classification fine-tuning or semantic segmentation,
 behind one small interface.
 
-The trainer owns everything the two share (DeepSpeed engine, data order, checkpoints, resume,
+The trainer owns everything the tasks share (DeepSpeed engine, data order, checkpoints, resume,
 preemption, metrics). A task gets a narrow ``TaskContext`` (config, arch, world, run directory,
 step settings, evaluator), never the trainer, and decides the model, the optimizer groups, the
 training and evaluation data, the loss of one micro-batch, and what "evaluate" means.
@@ -52,6 +52,33 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def layer_decay_groups(
+    model: torch.nn.Module, peak_lr: float, weight_decay: float, layer_decay: float
+) -> list[dict]:
+    """timm's layer-wise lr decay groups (the model's ``group_matcher``); each group's lr is the peak
+    lr times its scale."""
+    from timm.optim import param_groups_layer_decay
+
+    groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay)
+    for group in groups:
+        group["lr"] = peak_lr * group["lr_scale"]
+    return groups
+
+
+def load_pretrained(backbone: NEPA, pretrained: str | None, ema: bool) -> None:
+    """Backbone weights from a file (ours or the official layout) or a run directory's export/; the
+    pretraining head, if any, is left out and a missing QK-norm is filled with identity."""
+    from nepa_scale.models.official import load_weights
+
+    if not pretrained:
+        return
+    path = Path(pretrained)
+    if path.is_dir():
+        path = path / "export" / ("model_ema.safetensors" if ema else "model.safetensors")
+    load_weights(backbone, path, head="ignore", qk_norm="fill")
+    log.info("initialised from %s", path)
 
 
 def backbone_flops(config: RunConfig, arch: NepaArch) -> float:
@@ -185,17 +212,9 @@ class FinetuneTask:
         return model
 
     def optimizer_groups(self, model: NEPA, peak_lr: float) -> list[dict]:
-        """timm's layer-wise lr decay groups; each group's lr is the peak lr times its scale."""
-        from timm.optim import param_groups_layer_decay
-
-        groups = param_groups_layer_decay(
-            model,
-            weight_decay=self.ctx.config.optim.weight_decay,
-            layer_decay=self.ctx.config.finetune.layer_decay,
+        return layer_decay_groups(
+            model, peak_lr, self.ctx.config.optim.weight_decay, self.ctx.config.finetune.layer_decay
         )
-        for group in groups:
-            group["lr"] = peak_lr * group["lr_scale"]
-        return groups
 
     @staticmethod
     def train_dataset(config: RunConfig, arch: NepaArch):
@@ -210,7 +229,7 @@ class FinetuneTask:
         )
         return few_labels(dataset, ft.label_fraction)
 
-    val_dataset = PretrainTask.val_dataset
+    val_dataset = staticmethod(PretrainTask.val_dataset)
 
     def micro_step(
         self, engine, images: torch.Tensor, labels: torch.Tensor
@@ -258,20 +277,6 @@ class FinetuneTask:
         return result
 
 
-def load_pretrained(backbone: NEPA, pretrained: str | None, ema: bool) -> None:
-    """Backbone weights from a file (ours or the official layout) or a run directory's export/; the
-    pretraining head, if any, is left out and a missing QK-norm is filled with identity."""
-    from nepa_scale.models.official import load_weights
-
-    if not pretrained:
-        return
-    path = Path(pretrained)
-    if path.is_dir():
-        path = path / "export" / ("model_ema.safetensors" if ema else "model.safetensors")
-    load_weights(backbone, path, head="ignore", qk_norm="fill")
-    log.info("initialised from %s", path)
-
-
 class SegmentTask:
     """ADE20K-style semantic segmentation (docs/segmentation.md): a bidirectional backbone, four
     blocks' features -> pyramid -> UPerNet + auxiliary FCN head, cross-entropy on crops, layer-wise
@@ -302,19 +307,26 @@ class SegmentTask:
         heads = head_forward_flops(arch.dim, sg.num_classes, grid, grid, sg.decoder_channels, aux)
         return backbone_flops(config, arch) + 3 * heads
 
-    def build_model(self):
+    @staticmethod
+    def new_model(config: RunConfig, arch: NepaArch, attention: str, grad_checkpointing: int = 0):
+        """The run's segmenter at its initialisation (random weights; ``build_model`` loads the
+        pretrained backbone)."""
         from nepa_scale.models.segmentation import NepaSegmenter
 
-        c, sg = self.ctx.config, self.ctx.config.segment
-        model = NepaSegmenter(
-            self.ctx.arch,
+        sg = config.segment
+        return NepaSegmenter(
+            arch,
             sg.num_classes,
             tuple(sg.feature_blocks) if sg.feature_blocks else None,
             sg.decoder_channels,
             sg.aux_channels if sg.aux_weight > 0 else 0,
-            attention=c.model.attention,
-            grad_checkpointing=self.ctx.settings.checkpointed_blocks,
+            attention=attention,
+            grad_checkpointing=grad_checkpointing,
         )
+
+    def build_model(self):
+        c, sg = self.ctx.config, self.ctx.config.segment
+        model = self.new_model(c, self.ctx.arch, c.model.attention, self.ctx.settings.checkpointed_blocks)
         load_pretrained(model.backbone, sg.pretrained, sg.pretrained_ema)
         model.backbone.norm.requires_grad_(False)  # the features are taken before it: never used
         if self.ctx.world.world_size > 1 and self.ctx.world.device.type == "cuda":
@@ -322,16 +334,9 @@ class SegmentTask:
         return model
 
     def optimizer_groups(self, model, peak_lr: float) -> list[dict]:
-        from timm.optim import param_groups_layer_decay
-
-        groups = param_groups_layer_decay(
-            model,
-            weight_decay=self.ctx.config.optim.weight_decay,
-            layer_decay=self.ctx.config.segment.layer_decay,
+        return layer_decay_groups(
+            model, peak_lr, self.ctx.config.optim.weight_decay, self.ctx.config.segment.layer_decay
         )
-        for group in groups:
-            group["lr"] = peak_lr * group["lr_scale"]
-        return groups
 
     @staticmethod
     def train_dataset(config: RunConfig, arch: NepaArch):
@@ -394,3 +399,13 @@ class SegmentTask:
 
 
 TASKS = {"pretrain": PretrainTask, "finetune": FinetuneTask, "segment": SegmentTask}
+
+
+def planned_arch_and_flops(config: RunConfig) -> tuple[NepaArch, float]:
+    """The architecture a run trains and its training FLOPs per image as the trainer counts them,
+    without reading data (for the planner: a fine-tune's head size is not in its convention)."""
+    if config.task == "segment":
+        arch = SegmentTask.resolve_arch(config)
+        return arch, SegmentTask.flops_per_image(config, arch)
+    arch = config.model.arch()
+    return arch, backbone_flops(config, arch)

@@ -165,7 +165,6 @@ def evaluate_run(
     from nepa_scale.engine.export import fp32_state_dict, newest_verified
     from nepa_scale.engine.tasks import SegmentTask
     from nepa_scale.errors import ConfigError
-    from nepa_scale.models.segmentation import NepaSegmenter
     from nepa_scale.rundir import RunDir
 
     run = RunDir(run_dir)
@@ -177,14 +176,7 @@ def evaluate_run(
     config = config_from_dict(data, check_paths=False)
     sg = config.segment
     checkpoint = newest_verified(run)
-    model = NepaSegmenter(
-        SegmentTask.resolve_arch(config),
-        sg.num_classes,
-        tuple(sg.feature_blocks) if sg.feature_blocks else None,
-        sg.decoder_channels,
-        sg.aux_channels if sg.aux_weight > 0 else 0,
-        attention="sdpa",
-    )
+    model = SegmentTask.new_model(config, SegmentTask.resolve_arch(config), attention="sdpa")
     model.load_state_dict(fp32_state_dict(checkpoint))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()

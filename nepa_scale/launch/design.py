@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from nepa_scale.config import DataConfig, RunConfig
 from nepa_scale.engine.schedule import check_schedule, cooldown_start
+from nepa_scale.engine.tasks import planned_arch_and_flops
 from nepa_scale.errors import ConfigError, NepaError
-from nepa_scale.flops import train_flops_per_image
 from nepa_scale.rundir import images_seen
 
 LENGTH_KEYS = ("images", "epochs", "flops")  # budget.* keys that set a run's length, nothing else
@@ -46,12 +46,12 @@ def training_steps(config: RunConfig) -> int:
     if b.epochs is not None:
         data_json = json.dumps(config.to_dict()["data"], sort_keys=True)
         steps_per_epoch = _train_size(data_json, config.model.arch().image_size) // b.global_batch
-    return b.total_steps(steps_per_epoch, train_flops_per_image(config.model.arch(), b.flop_convention))
+    return b.total_steps(steps_per_epoch, planned_arch_and_flops(config)[1])
 
 
 def training_flops(config: RunConfig) -> float:
     """Training FLOPs of the whole run under its budget.flop_convention."""
-    per_image = train_flops_per_image(config.model.arch(), config.budget.flop_convention)
+    per_image = planned_arch_and_flops(config)[1]
     return images_seen(training_steps(config), config.budget.global_batch) * per_image
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nepa_scale.engine.settings import resolve_step_settings
+from nepa_scale.engine.tasks import planned_arch_and_flops
 from nepa_scale.errors import DataError
-from nepa_scale.flops import train_flops_per_image
 from nepa_scale.launch.design import training_steps
 from nepa_scale.launch.sweep import PlannedRun, Sweep
 from nepa_scale.models.zoo import count_params
@@ -49,9 +49,15 @@ def plan_run(run: PlannedRun) -> RunPlan:
     if run.config is None or run.error:  # invalid, or valid but not for this world size
         return RunPlan(run.run_id, model, design, **unknown, error=run.error)
     c = run.config
-    arch = c.model.arch()
+    arch, flops_per_image = planned_arch_and_flops(c)
     params = count_params(arch)["total"]
-    flops_per_image = train_flops_per_image(arch, c.budget.flop_convention)
+    if c.task == "segment":  # the pyramid and heads too (a meta model: shapes, no memory)
+        import torch
+
+        from nepa_scale.engine.tasks import SegmentTask
+
+        with torch.device("meta"):
+            params = sum(p.numel() for p in SegmentTask.new_model(c, arch, "sdpa").parameters())
     try:
         steps = training_steps(c)
     except (DataError, OSError) as exc:  # an epochs budget needs the dataset's size

@@ -13,6 +13,7 @@ and the nearest multiple of 14 above 512, as DINOv2 does for its patch-14 models
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -125,6 +126,7 @@ class FCNHead(nn.Module):
         return self.classifier(self.conv(levels[2]))
 
 
+@functools.lru_cache(maxsize=32)
 def head_forward_flops(
     dim: int, num_classes: int, rows: int, cols: int, decoder_channels: int, aux_channels: int
 ) -> float:
