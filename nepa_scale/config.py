@@ -51,9 +51,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = (
-        "digits"  # digits | imagefolder | synthetic | ade20k | digit_canvas (the last two: task segment)
-    )
+    # digits | imagefolder | synthetic | ade20k | digit_canvas (the last two: task segment)
+    kind: str = "digits"
     # imagefolder: directory holding train/ and val/ (ImageNet layout); ade20k: ADEChallengeData2016
     root: str | None = None
     train_split: str = "train"
@@ -165,9 +164,8 @@ class SegmentConfig:
     layer_decay: float = 0.65
     drop_path: float = 0.1
     causal: bool = False
-    crop: int = (
-        518  # training crop and sliding window (px): 37 x 14 for patch 14, the protocol's 512 rounded up
-    )
+    # The training crop and sliding window (px): 37 x 14 for patch 14, the protocol's 512 rounded up.
+    crop: int = 518
     scale: tuple[int, int] = (2048, 512)  # images are resized to fit (long, short) edges (train: x ratio)
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75

@@ -452,6 +452,17 @@ def test_run_ids_are_stable_and_local_to_the_changed_run(tmp_path):
     assert [r.run_id for r in roomier.runs] == [r.run_id for r in first.runs]
 
 
+def test_the_demo_keeps_the_run_ids_earlier_versions_gave_it():
+    """A setting or section added to the run config must not rename the runs of a study under way
+    (LATER_SETTINGS): these ids were recorded before segmentation's section existed."""
+    runs = load_sweep(REPO / "sweeps" / "demo.yaml").runs
+    assert [r.run_id for r in runs[:3]] == [
+        "dim16_num_heads1_images19.2k_seed0-8b40493e",
+        "dim16_num_heads1_images19.2k_seed1-d06b2aac",
+        "dim16_num_heads1_images38.4k_seed0-fdbbdfa1",
+    ]
+
+
 def test_sweep_plan_takes_every_set_and_checkpoints_what_the_profile_memory_needs(tmp_path, capsys):
     """Repeated --set all apply (earlier ones were silently dropped); grad_checkpointing=auto is resolved
     per run against the profile's device memory, as the trainer does on the device; a run invalid

@@ -42,6 +42,7 @@ from typing import Any
 from nepa_scale.config import (
     ConfigError,
     RunConfig,
+    SegmentConfig,
     check_input_paths,
     check_world,
     config_from_dict,
@@ -69,6 +70,7 @@ LATER_SETTINGS = {
     "optim.cooldown_shape": "1-sqrt",
     "finetune.label_fraction": 1.0,
     "checkpoint.ema_warmup": False,
+    "segment": json.loads(json.dumps(dataclasses.asdict(SegmentConfig()))),  # the whole section, unused
 }
 
 
