@@ -180,13 +180,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _attach(sweep, args: argparse.Namespace) -> int:
     """Plan and launch the downstream fine-tunes of the sweep's completed runs (attach: in the file)."""
     from nepa_scale.launch import launcher
-    from nepa_scale.launch.attach import attached_sweep
+    from nepa_scale.launch.attach import attached_sweep, export_sources
 
     names = [args.name] if args.name else list(sweep.attach)
     if not names:
         return _fail(f"sweep {sweep.name}: the file has no attach: section ({sweep.path})")
     for name in names:
         downstream = attached_sweep(sweep, name, executor=args.executor)
+        if not args.dry_run:
+            export_sources(downstream)
         pending = launcher.launch(downstream, retry_failed=args.retry_failed, dry_run=args.dry_run)
         verb = "would submit" if args.dry_run else "submitted"
         print(

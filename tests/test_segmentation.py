@@ -325,12 +325,12 @@ def test_miniature_segmentation_learns_attaches_to_its_study_and_enters_the_tabl
     )
     launched = cli("sweep", "launch", str(study_file), "--wait")
     assert launched.returncode == 0, launched.stderr[-3000:]
-    assert cli("export", str(load_sweep(study_file).runs[0].run_dir)).returncode == 0
-
-    from nepa_scale.launch.attach import attached_sweep
+    from nepa_scale.launch.attach import attached_sweep, export_sources
 
     study = load_sweep(study_file)
-    (planned,) = attached_sweep(study, "segment").runs
+    attached = attached_sweep(study, "segment")
+    assert export_sources(attached) == [study.runs[0].run_dir]  # the weights the fine-tune starts from
+    (planned,) = attached.runs
     source = study.runs[0]
     assert (
         planned.config.segment.pretrained == str(source.run_dir) and planned.config.seed == source.config.seed

@@ -7,8 +7,8 @@ of each pretraining run, or of the runs of chosen budgets.
         budgets: [76800, 153600]          # optional: only runs of these budget.images (default: all)
 
 ``nepa-scale sweep attach SWEEP.yaml`` plans, for every completed pretraining run it selects, one
-downstream run with that run's model shape and seed, initialised from its weights, and launches
-them as a sweep of their own (records, resume, preemption; a re-run skips what is done). The
+downstream run with that run's model shape and seed, initialised from its weights (exported first
+where they are not), and launches them as a sweep of their own (records, resume, preemption; a re-run skips what is done). The
 resolved sweep file is kept beside the runs. ``collect`` then carries each pretraining run's mIoU.
 """
 
@@ -97,3 +97,19 @@ def attached_sweep(sweep, name: str, executor: str | None = None):
     return load_sweep(
         resolved_sweep_file(spec_file, spec, root, axes, "attached_sweep.yaml"), executor=executor
     )
+
+
+def export_sources(downstream) -> list[Path]:
+    """Export the weights of each source run the downstream runs start from, where its export/ is
+    missing (the fine-tunes read them from there); returns the runs exported."""
+    from nepa_scale.engine.export import export_run
+
+    exported = []
+    for run in downstream.runs:
+        source = (
+            run.config.segment.pretrained if run.config.task == "segment" else run.config.finetune.pretrained
+        )
+        if source and Path(source).is_dir() and not (RunDir(source).export / "model.safetensors").is_file():
+            export_run(source)
+            exported.append(Path(source))
+    return exported
