@@ -92,7 +92,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_segment_eval(args: argparse.Namespace) -> int:
     """mIoU and per-class IoU of a segmentation run's newest committed checkpoint."""
-    from nepa_scale.eval.segmentation import evaluate_run
+    from nepa_scale.eval.segment_run import evaluate_run
 
     record, out = evaluate_run(args.run_dir, args.mode, args.stride, args.limit, args.data)
     print(

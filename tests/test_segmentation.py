@@ -323,11 +323,19 @@ def test_miniature_segmentation_learns_attaches_to_its_study_and_enters_the_tabl
             {"base": str(SEGMENT_CONFIG), "set": dict(parse_override(o) for o in MINI), "profile": "cpu"}
         )
     )
-    launched = cli("sweep", "launch", str(study_file), "--wait")
-    assert launched.returncode == 0, launched.stderr[-3000:]
     from nepa_scale.launch.attach import attached_sweep, export_sources
 
     study = load_sweep(study_file)
+    pretrain_file = tmp_path / "pretrain.yaml"  # the planned run, trained as its job would train it
+    pretrain_file.write_text(yaml.safe_dump(study.runs[0].config_data))
+    pretrained = subprocess.run(
+        [sys.executable, "-m", "nepa_scale.cli", "train", str(pretrain_file)],
+        env=env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert pretrained.returncode == 0, pretrained.stderr[-3000:]
     attached = attached_sweep(study, "segment")
     assert export_sources(attached) == [study.runs[0].run_dir]  # the weights the fine-tune starts from
     (planned,) = attached.runs
@@ -379,6 +387,33 @@ def test_miniature_segmentation_learns_attaches_to_its_study_and_enters_the_tabl
     assert row["miou"] == pytest.approx(miou["pretrained"]) and row["seg_error"] == pytest.approx(
         1 - row["miou"]
     )
+
+
+def test_attach_entries_fail_with_one_line_naming_the_key(tmp_path):
+    from nepa_scale.launch.attach import attached_sweep
+
+    def study(attach) -> Path:
+        path = tmp_path / "study.yaml"
+        spec = {"base": str(REPO / "configs" / "digits_tiny.yaml"), "profile": "cpu", "attach": attach}
+        path.write_text(yaml.safe_dump({**spec, "output_root": str(tmp_path / "study")}))
+        return path
+
+    for attach, match in (
+        ({"seg": {"sweep": "seg.yaml", "every": 2}}, r"attach\.seg\.every: unknown key"),
+        ({"seg": ["seg.yaml"]}, r"attach\.seg: expected"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_sweep(study(attach))
+    sweep = load_sweep(study({"seg": {"sweep": "seg.yaml", "budgets": [19200]}}))  # planned without it
+    with pytest.raises(ConfigError, match=r"attach\.seg\.sweep: file not found: .*seg\.yaml"):
+        attached_sweep(sweep, "seg")
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump({"base": str(SEGMENT_CONFIG)}))
+    with pytest.raises(
+        ConfigError, match=r"attach\.seg: no completed pretraining run with budget\.images in \[19200\]"
+    ):
+        attached_sweep(sweep, "seg")
+    with pytest.raises(ConfigError, match=r"no attach\.other \(have: seg\)"):
+        attached_sweep(sweep, "other")
 
 
 def test_segmentation_resumes_bitwise_after_a_real_preemption_signal(tmp_path):

@@ -8,7 +8,6 @@ is predicted but never present has IoU 0.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -146,55 +145,3 @@ def summary(confusion: torch.Tensor) -> dict:
         "iou_per_class": [None if torch.isnan(v) else round(float(v), 6) for v in ious],
         "pixels": int(confusion.sum()),
     }
-
-
-def evaluate_run(
-    run_dir: str | Path,
-    mode: str | None = None,
-    stride: int | None = None,
-    limit: int | None = None,
-    data_overrides: list[str] | None = None,
-) -> tuple[dict, Path]:
-    """Score a segmentation run's newest committed checkpoint on its val split (single scale, as
-    in training unless ``mode``/``stride`` say otherwise); writes RUN_DIR/segment_eval.json."""
-    import json
-
-    from nepa_scale.config import config_from_dict, set_dotted
-    from nepa_scale.config import parse_override as parse
-    from nepa_scale.data.segmentation import segmentation_dataset
-    from nepa_scale.engine.export import fp32_state_dict, newest_verified
-    from nepa_scale.engine.tasks import SegmentTask
-    from nepa_scale.errors import ConfigError
-    from nepa_scale.rundir import RunDir
-
-    run = RunDir(run_dir)
-    data = run.record().run_config().to_dict()
-    if data["task"] != "segment":
-        raise ConfigError(f"segment-eval: {run.root} is a {data['task']} run, not a segmentation run")
-    for item in data_overrides or []:
-        set_dotted(data, *parse(f"data.{item}", "--data"))
-    config = config_from_dict(data, check_paths=False)
-    sg = config.segment
-    checkpoint = newest_verified(run)
-    model = SegmentTask.new_model(config, SegmentTask.resolve_arch(config), attention="sdpa")
-    model.load_state_dict(fp32_state_dict(checkpoint))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
-    dataset = segmentation_dataset(config.data, sg, "val", train=False)
-    count = min(len(dataset), limit or len(dataset))
-    mode, stride = mode or sg.eval_mode, stride or sg.eval_stride
-    confusion = score_images(
-        lambda x: model(x).logits,
-        dataset,
-        list(range(count)),
-        sg.num_classes,
-        sg.crop,
-        model.backbone.arch.patch_size,
-        mode,
-        stride,
-        device,
-    )
-    record = {"step": checkpoint.step, "images": count, "mode": mode, **summary(confusion)}
-    out = run.root / "segment_eval.json"
-    out.write_text(json.dumps(record, indent=1))
-    return record, out

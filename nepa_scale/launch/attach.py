@@ -15,35 +15,15 @@ resolved sweep file is kept beside the runs. ``collect`` then carries each pretr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from nepa_scale.config import read_yaml_mapping
 from nepa_scale.errors import ConfigError
+from nepa_scale.launch.sweep import Sweep, load_sweep
 from nepa_scale.rundir import RunDir
 
-ATTACH_KEYS = {"sweep", "budgets"}
 PRETRAINED_KEY = {"segment": "segment.pretrained", "finetune": "finetune.pretrained"}
-
-
-def check_attach(spec: Any, where: Path) -> dict[str, dict]:
-    """The ``attach`` mapping of a sweep file, checked: each entry names its sweep file."""
-    if spec is None:
-        return {}
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: attach: expected a mapping of names to {{sweep: FILE, budgets: [...]}}")
-    for name, entry in spec.items():
-        if not isinstance(entry, dict) or "sweep" not in entry:
-            raise ConfigError(f"{where}: attach.{name}: expected {{sweep: FILE, budgets: [...]}}")
-        unknown = sorted(set(entry) - ATTACH_KEYS)
-        if unknown:
-            raise ConfigError(f"{where}: attach.{name}.{unknown[0]}: unknown key (known: sweep, budgets)")
-        if not (where.parent / entry["sweep"]).is_file():
-            raise ConfigError(
-                f"{where}: attach.{name}.sweep: file not found: {where.parent / entry['sweep']}"
-            )
-    return spec
 
 
 def resolved_sweep_file(spec_file: str | Path, spec: dict, output_root: Path, axes: list, name: str) -> Path:
@@ -58,14 +38,14 @@ def resolved_sweep_file(spec_file: str | Path, spec: dict, output_root: Path, ax
     return resolved
 
 
-def attached_sweep(sweep, name: str, executor: str | None = None):
+def attached_sweep(sweep: Sweep, name: str, executor: str | None = None) -> Sweep:
     """The downstream sweep ``name`` of ``sweep``: one run per selected completed pretraining run."""
-    from nepa_scale.launch.sweep import load_sweep
-
     if name not in sweep.attach:
         raise ConfigError(f"sweep {sweep.name}: no attach.{name} (have: {', '.join(sweep.attach) or 'none'})")
     entry = sweep.attach[name]
     spec_file = sweep.path.parent / entry["sweep"]
+    if not spec_file.is_file():  # checked here, not when the study is planned: only attach needs it
+        raise ConfigError(f"{sweep.path}: attach.{name}.sweep: file not found: {spec_file}")
     spec = read_yaml_mapping(spec_file, "attached sweep")
     budgets = entry.get("budgets")
     sources = [
@@ -99,7 +79,7 @@ def attached_sweep(sweep, name: str, executor: str | None = None):
     )
 
 
-def export_sources(downstream) -> list[Path]:
+def export_sources(downstream: Sweep) -> list[Path]:
     """Export the weights of each source run the downstream runs start from, where its export/ is
     missing (the fine-tunes read them from there); returns the runs exported."""
     from nepa_scale.engine.export import export_run

@@ -50,13 +50,13 @@ from nepa_scale.config import (
     read_yaml_mapping,
     set_dotted,
 )
-from nepa_scale.launch.attach import check_attach
 from nepa_scale.launch.design import check_flops_budget, plan_branches
 from nepa_scale.launch.profiles import ClusterProfile, load_profile
 
 SWEEP_KEYS = {"name", "description", "base", "set", "axes", "profile", "resources", "output_root", "attach"}
 RESOURCE_PREFIX = "resources."
 BLOCK_KINDS = ("grid", "zip", "seeds", "isoflop", "union")
+ATTACH_KEYS = {"sweep", "budgets"}  # an attach: entry (nepa_scale/launch/attach.py)
 # Not what a run computes: where it lives, how a branch gets its start (left out of the digest),
 # where its data is mounted (hashed as unset, so runs without a data.root kept their ids).
 UNHASHED = ("output_dir", "branch", "checkpoint.keep_steps")
@@ -330,6 +330,22 @@ def load_sweep(
     warnings = tuple(f"{m} (costs are planned anyway; launch needs it)" for m in sorted(missing_paths))
     attach = check_attach(spec.get("attach"), path)
     return Sweep(name, path, root, profile_name, _with_branches(runs), warnings, attach)
+
+
+def check_attach(spec: Any, where: Path) -> dict[str, dict]:
+    """The ``attach`` mapping of a sweep file, checked: each entry names its sweep file (which need
+    not exist until ``sweep attach`` reads it)."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: attach: expected a mapping of names to {{sweep: FILE, budgets: [...]}}")
+    for name, entry in spec.items():
+        if not isinstance(entry, dict) or "sweep" not in entry:
+            raise ConfigError(f"{where}: attach.{name}: expected {{sweep: FILE, budgets: [...]}}")
+        unknown = sorted(set(entry) - ATTACH_KEYS)
+        if unknown:
+            raise ConfigError(f"{where}: attach.{name}.{unknown[0]}: unknown key (known: sweep, budgets)")
+    return spec
 
 
 def _with_branches(runs: list[PlannedRun]) -> list[PlannedRun]:
