@@ -23,6 +23,18 @@ OUT_OF_MEMORY_HINT = (
 )
 
 
+def _one_line(exc: Exception) -> str:
+    """The error's own line; for one re-raised from a DataLoader worker ("Caught DataError in
+    DataLoader worker process 0." and the worker's traceback), the worker's message."""
+    lines = str(exc).splitlines()
+    if lines and lines[0].startswith("Caught ") and "worker" in lines[0]:
+        prefix = f"{type(exc).__name__}: "
+        raised = [line[len(prefix) :] for line in lines if line.startswith(prefix)]
+        if raised:
+            return raised[-1]
+    return lines[0] if lines else type(exc).__name__
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"nepa-scale: error: {message}", file=sys.stderr)
     return code
@@ -396,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         return _fail(str(exc).splitlines()[0], code=2)
     except NepaError as exc:
-        return _fail(str(exc).splitlines()[0], code=1)
+        return _fail(_one_line(exc), code=1)
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":  # torch's, without importing torch here
             print(OUT_OF_MEMORY_HINT, file=sys.stderr)

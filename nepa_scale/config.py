@@ -166,7 +166,9 @@ class SegmentConfig:
     causal: bool = False
     # The training crop and sliding window (px): 37 x 14 for patch 14, the protocol's 512 rounded up.
     crop: int = 518
-    scale: tuple[int, int] = (2048, 512)  # images are resized to fit (long, short) edges (train: x ratio)
+    # Images are resized to fit these (long, short) edges (training: times a random ratio): the
+    # protocol's (2048, 512) scaled as its crop, 512 -> 518, so that evaluation windows hold no padding.
+    scale: tuple[int, int] = (2072, 518)
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75
     hflip: float = 0.5
@@ -623,6 +625,15 @@ def validate(c: RunConfig) -> None:
 def _validate_segment(c: RunConfig, depth: int) -> None:
     sg = c.segment
     _require(sg.num_classes > 1, f"segment.num_classes: must be > 1, got {sg.num_classes}")
+    _require(
+        c.data.kind != "digit_canvas" or sg.num_classes == 11,
+        f"segment.num_classes: digit canvases have 11 classes (background and ten digits), got {sg.num_classes}",
+    )
+    _require(
+        c.model.grad_checkpointing != "auto",
+        "model.grad_checkpointing: auto sizes the backbone only, not the pyramid and heads: give a "
+        "number of blocks (or true) for task: segment",
+    )
     _require(0 < sg.layer_decay <= 1, f"segment.layer_decay: must be in (0, 1], got {sg.layer_decay}")
     _require(0 <= sg.drop_path < 1, f"segment.drop_path: must be in [0, 1), got {sg.drop_path}")
     _require(sg.aux_weight >= 0, f"segment.aux_weight: must be >= 0, got {sg.aux_weight}")
@@ -630,7 +641,7 @@ def _validate_segment(c: RunConfig, depth: int) -> None:
     _require(
         blocks is None
         or (len(blocks) == 4 and all(1 <= b <= depth for b in blocks) and blocks == sorted(blocks)),
-        f"segment.feature_blocks: four increasing blocks in 1..{depth}, got {blocks}",
+        f"segment.feature_blocks: four blocks in 1..{depth}, in order (a block may repeat), got {blocks}",
     )
     patch = c.model.arch().patch_size
     _require(

@@ -161,8 +161,13 @@ def test_bench_times_the_real_step_and_its_numbers_agree(tmp_path):
         assert r["tflops_per_s"] == pytest.approx(r["img_per_s"] * r["flops_per_image"] / 1e12)
         assert r["mfu"] == pytest.approx(r["tflops_per_s"] / report["matmul_peak_tflops"])
         assert r["step_ms"] == pytest.approx(1e3 * 32 / r["img_per_s"])
-        phases = sum(r["phase_ms"].values())  # the step is its phases (on the CPU, wall clock)
-        assert 0.7 * r["step_ms"] < phases <= 1.05 * r["step_ms"], r["phase_ms"]
+        # The step is its phases (on the CPU, wall clock). Both averaged over the same timed steps:
+        # step_ms is from the median rate, which a load spike in one repeat moves away from the mean.
+        mean_step_ms = (
+            1e3 * 32 * sum(1 / rate for rate in r["img_per_s_repeats"]) / len(r["img_per_s_repeats"])
+        )
+        phases = sum(r["phase_ms"].values())
+        assert 0.7 * mean_step_ms < phases <= 1.05 * mean_step_ms, (r["phase_ms"], r["img_per_s_repeats"])
         assert all(r["phase_ms"][k] > 0 for k in ("forward", "backward", "optimizer"))
         assert r["loader_img_per_s"] > 0 and math.isfinite(r["loss_last"])
         assert r["graph_breaks"] == 0

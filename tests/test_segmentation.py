@@ -223,11 +223,39 @@ def test_every_shipped_config_validates_and_the_segmentation_recipes_say_what_do
         )
         assert (sg.crop, sg.scale, sg.ratio_range, sg.cat_max_ratio, sg.eval_mode) == (
             518,
-            (2048, 512),
+            (2072, 518),
             (0.5, 2.0),
             0.75,
             "slide",
         )
+
+
+def test_layer_decay_scales_are_mmsegmentations_for_beit_and_mae():
+    """mmseg's LayerDecayOptimizerConstructor: N = depth + 2 layer ids, the stem 0, block i i + 1, the
+    rest N - 1; scale = decay ** (N - 1 - id)."""
+    from nepa_scale.engine.tasks import layer_decay_groups
+    from nepa_scale.models.segmentation import NepaSegmenter
+    from nepa_scale.models.zoo import get_arch
+
+    model = NepaSegmenter(
+        get_arch("nepa_tiny", dim=32, depth=4, num_heads=2), 5, None, 16, 8, attention="math"
+    )
+    groups = layer_decay_groups(model, 1.0, 0.05, layer_decay=0.5)
+    scale = {id(p): group["lr_scale"] for group in groups for p in group["params"]}
+    by_name = {name: scale[id(p)] for name, p in model.named_parameters()}
+    assert by_name["backbone.patch_embed.proj.weight"] == by_name["backbone.cls_token"] == 0.5**5
+    assert [by_name[f"backbone.blocks.{i}.attn.qkv.weight"] for i in range(4)] == [
+        0.5**4,
+        0.5**3,
+        0.5**2,
+        0.5,
+    ]
+    assert (
+        by_name["decode_head.fuse.0.weight"]
+        == by_name["pyramid.up2.weight"]
+        == by_name["aux_head.conv.0.weight"]
+        == 1.0
+    )
 
 
 @pytest.mark.parametrize("name", ["nepa_tiny", "nepa_b14"])
@@ -255,6 +283,23 @@ def test_segmentation_flops_count_the_heads_and_match_torchs_count_of_the_whole_
             model(torch.zeros(2, 3, sg.crop, sg.crop))
     counted = 3 * counter.get_total_flops() / 2
     assert SegmentTask.flops_per_image(config, arch) == pytest.approx(counted, rel=1e-3)
+
+
+def test_sweep_plan_counts_a_segmentation_run_as_the_trainer_does(tmp_path):
+    """Steps of an epochs budget from the canvases, parameters and FLOPs with the pyramid and heads."""
+    from nepa_scale.engine.tasks import SegmentTask
+    from nepa_scale.launch.plan import plan_run
+
+    path = tmp_path / "seg.yaml"
+    spec = {"base": str(SEGMENT_CONFIG), "set": {"budget.images": None, "budget.epochs": 2}, "profile": "cpu"}
+    path.write_text(yaml.safe_dump({**spec, "output_root": str(tmp_path / "runs")}))
+    (run,) = load_sweep(path).runs
+    plan = plan_run(run)
+    assert plan.error is None and plan.images == 2 * (1024 // 16) * 16  # 1,024 training canvases
+    arch = SegmentTask.resolve_arch(run.config)
+    model = SegmentTask.new_model(run.config, arch, "math")
+    assert plan.params == sum(p.numel() for p in model.parameters())
+    assert plan.flops == pytest.approx(plan.images * SegmentTask.flops_per_image(run.config, arch))
 
 
 def test_poly_schedule_decays_linearly_over_the_whole_run_after_warmup():

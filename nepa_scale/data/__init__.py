@@ -83,6 +83,13 @@ def batch_loader(dataset, sampler: ResumableBatchSampler, num_workers: int, seed
     )
 
 
+def check_pairs(pairs) -> None:
+    """Segmentation: a spread sample of the image and annotation pairs is read; a bad pair raises a
+    DataError naming its file."""
+    for i in sorted({round(i * (len(pairs) - 1) / max(1, SAMPLE_CHECK - 1)) for i in range(SAMPLE_CHECK)}):
+        pairs.load(i)
+
+
 def check_training_data(dataset, global_batch: int, what: str = "data") -> None:
     """Data a run can train on, checked before the engine starts: at least one global batch of
     samples, no empty class folder, and readable images (a spread sample of the files is decoded;
@@ -94,12 +101,9 @@ def check_training_data(dataset, global_batch: int, what: str = "data") -> None:
             f"{what}: {where} has {len(dataset)} samples, fewer than one global batch of {global_batch} "
             "(budget.global_batch)"
         )
-    pairs = getattr(dataset, "pairs", None)  # segmentation: a bad pair raises a DataError naming its file
+    pairs = getattr(dataset, "pairs", None)
     if pairs is not None:
-        for i in sorted(
-            {round(i * (len(pairs) - 1) / max(1, SAMPLE_CHECK - 1)) for i in range(SAMPLE_CHECK)}
-        ):
-            pairs.load(i)
+        check_pairs(pairs)
     if isinstance(dataset, ImageFolderDataset):
         empty = dataset.empty_classes()
         if empty:

@@ -37,10 +37,12 @@ class Ade20kPairs:
     """The (image, annotation) file pairs of one split, checked when listed: an image without its
     annotation is an error naming both paths, not a silently shorter dataset."""
 
-    def __init__(self, root: str | Path, split: str):
+    def __init__(self, root: str | Path, split: str, num_classes: int | None = None):
+        """``num_classes``: the model's (``segment.num_classes``); a label beyond it is an error
+        naming the file, not a device-side assert in the loss."""
         if split not in ADE20K_SPLITS:
             raise DataError(f"ADE20K split '{split}': choose {' or '.join(ADE20K_SPLITS)}")
-        self.root = Path(root)
+        self.root, self.num_classes = Path(root), num_classes
         folder = ADE20K_SPLITS[split]
         self.image_dir = self.root / "images" / folder
         self.annotation_dir = self.root / "annotations" / folder
@@ -85,7 +87,14 @@ class Ade20kPairs:
                 f"data: annotation {annotation_path} is {label.shape[1]}x{label.shape[0]}, its image "
                 f"{image.width}x{image.height}"
             )
-        return image, reduce_zero_label(label)
+        reduced = reduce_zero_label(label)
+        classes = reduced[reduced != IGNORE_INDEX]
+        if self.num_classes is not None and classes.size and classes.max() >= self.num_classes:
+            raise DataError(
+                f"data: annotation {annotation_path} holds class {int(classes.max()) + 1} (0 is ignored), "
+                f"more than segment.num_classes={self.num_classes}"
+            )
+        return image, reduced
 
 
 # ----------------------------------------------------------------------------- the pipelines
@@ -99,7 +108,7 @@ class SegmentAugment:
     """The training pipeline's settings (``segment.*``)."""
 
     crop: int = 518
-    scale: tuple[int, int] = (2048, 512)  # (long, short) edge bounds before the random ratio
+    scale: tuple[int, int] = (2072, 518)  # (long, short) edge bounds before the random ratio
     ratio_range: tuple[float, float] = (0.5, 2.0)
     cat_max_ratio: float = 0.75  # a crop's most frequent class may cover at most this share
     hflip: float = 0.5
@@ -288,7 +297,7 @@ def segmentation_dataset(data, segment, split: str, train: bool) -> Segmentation
     """``data.kind`` ade20k (``data.root``: ADEChallengeData2016) or digit_canvas, through the
     training (``train``) or evaluation pipeline of ``segment``'s settings."""
     if data.kind == "ade20k":
-        pairs = Ade20kPairs(data.root, split)
+        pairs = Ade20kPairs(data.root, split, segment.num_classes)
     else:
         pairs = DigitCanvases(split)
     return SegmentationDataset(pairs, segment_augment(segment), train)

@@ -23,6 +23,7 @@ from nepa_scale.data import build_dataset, few_labels, to_model_input
 from nepa_scale.engine.distributed import World
 from nepa_scale.engine.evaluator import Evaluator
 from nepa_scale.engine.settings import StepSettings
+from nepa_scale.errors import ConfigError
 from nepa_scale.flops import train_flops_per_image
 from nepa_scale.models import NEPA
 from nepa_scale.models.arch import NepaArch
@@ -287,8 +288,17 @@ class SegmentTask:
     eval_at_start = False
 
     def __init__(self, ctx: TaskContext):
+        from nepa_scale.data import check_pairs
+
         self.ctx = ctx
         self.eval_file = ctx.run.root / "segment_eval.json"
+        synced = ctx.world.world_size > 1 and ctx.world.device.type == "cuda"
+        if ctx.settings.micro_batch < 2 and not synced:
+            raise ConfigError(
+                "budget.micro_batch: segmentation's BatchNorm needs at least 2 images per micro-batch on "
+                f"one process (or SyncBatchNorm across CUDA ranks), got {ctx.settings.micro_batch}"
+            )
+        check_pairs(ctx.evaluator.val_set.pairs)  # a bad val annotation now, not at the first evaluation
 
     @staticmethod
     def resolve_arch(config: RunConfig) -> NepaArch:
@@ -300,12 +310,13 @@ class SegmentTask:
     def flops_per_image(config: RunConfig, arch: NepaArch) -> float:
         """The backbone's under the run's convention at the crop, plus 3x the pyramid's and heads'
         forward FLOPs (counted; backward taken as twice the forward, as the conventions do)."""
-        from nepa_scale.models.segmentation import head_forward_flops
+        from nepa_scale.models.segmentation import feature_blocks, head_forward_flops
 
         sg, grid = config.segment, config.segment.crop // arch.patch_size
         aux = sg.aux_channels if sg.aux_weight > 0 else 0
         heads = head_forward_flops(arch.dim, sg.num_classes, grid, grid, sg.decoder_channels, aux)
-        return backbone_flops(config, arch) + 3 * heads
+        last = max(sg.feature_blocks or feature_blocks(arch.depth))  # later blocks never run
+        return backbone_flops(config, arch.replace(depth=last)) + 3 * heads
 
     @staticmethod
     def new_model(config: RunConfig, arch: NepaArch, attention: str, grad_checkpointing: int = 0):
@@ -328,7 +339,9 @@ class SegmentTask:
         c, sg = self.ctx.config, self.ctx.config.segment
         model = self.new_model(c, self.ctx.arch, c.model.attention, self.ctx.settings.checkpointed_blocks)
         load_pretrained(model.backbone, sg.pretrained, sg.pretrained_ema)
-        model.backbone.norm.requires_grad_(False)  # the features are taken before it: never used
+        # Never used: the features are taken before the final norm and from no later block.
+        model.backbone.norm.requires_grad_(False)
+        model.backbone.blocks[max(model.feature_blocks) :].requires_grad_(False)
         if self.ctx.world.world_size > 1 and self.ctx.world.device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # mmseg's SyncBN
         return model
@@ -393,7 +406,13 @@ class SegmentTask:
             dist.all_reduce(confusion)
         result = summary(confusion.cpu())
         if ctx.world.is_main:
-            record = {"step": step, "images": count, "mode": sg.eval_mode, **result}
+            record = {
+                "step": step,
+                "images": count,
+                "mode": sg.eval_mode,
+                "precision": ctx.settings.precision,
+                **result,
+            }
             self.eval_file.write_text(json.dumps(record, indent=1))
         return {"val_miou": result["miou"], "val_pixel_acc": result["pixel_acc"]}
 

@@ -1,5 +1,5 @@
 """Scoring a finished segmentation run (``nepa-scale segment-eval``): its newest committed checkpoint
-on its val split, as the run evaluated itself during training unless asked otherwise."""
+on its val split, single scale, in fp32 (a bf16 run evaluated itself in bf16 during training)."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def evaluate_run(
     limit: int | None = None,
     data_overrides: list[str] | None = None,
 ) -> tuple[dict, Path]:
-    """Score a segmentation run's newest committed checkpoint on its val split (single scale, as
-    in training unless ``mode``/``stride`` say otherwise); writes RUN_DIR/segment_eval.json."""
+    """Score a segmentation run's newest committed checkpoint on its val split (single scale, fp32,
+    the run's mode and stride unless given); writes RUN_DIR/segment_eval.json."""
     run = RunDir(run_dir)
     data = run.record().run_config().to_dict()
     if data["task"] != "segment":
@@ -53,7 +53,13 @@ def evaluate_run(
         stride,
         device,
     )
-    record = {"step": checkpoint.step, "images": count, "mode": mode, **summary(confusion)}
+    record = {
+        "step": checkpoint.step,
+        "images": count,
+        "mode": mode,
+        "precision": "fp32",
+        **summary(confusion),
+    }
     out = run.root / "segment_eval.json"
     out.write_text(json.dumps(record, indent=1))
     return record, out

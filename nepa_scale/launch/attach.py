@@ -60,7 +60,10 @@ def attached_sweep(sweep: Sweep, name: str, executor: str | None = None) -> Swee
             f"sweep {sweep.name}: attach.{name}: no completed pretraining run"
             + (f" with budget.images in {budgets}" if budgets else "")
         )
-    task = spec.get("set", {}).get("task") or read_yaml_mapping(spec_file.parent / spec["base"]).get("task")
+    if not isinstance(spec.get("base"), str):
+        raise ConfigError(f"{spec_file}: base: the run config file the downstream runs start from")
+    base = read_yaml_mapping(spec_file.parent / spec["base"], "base config")
+    task = (spec.get("set") or {}).get("task") or base.get("task") or "pretrain"
     if task not in PRETRAINED_KEY:
         raise ConfigError(f"{spec_file}: base: a segment or finetune config, got task '{task}'")
     axes = [

@@ -43,7 +43,11 @@ def training_steps(config: RunConfig) -> int:
     training set, so it may raise DataError for a missing dataset)."""
     b = config.budget
     steps_per_epoch = 0
-    if b.epochs is not None:
+    if b.epochs is not None and config.task == "segment":  # image and annotation pairs, listed
+        from nepa_scale.engine.tasks import SegmentTask
+
+        steps_per_epoch = len(SegmentTask.train_dataset(config, None)) // b.global_batch
+    elif b.epochs is not None:
         data_json = json.dumps(config.to_dict()["data"], sort_keys=True)
         steps_per_epoch = _train_size(data_json, config.model.arch().image_size) // b.global_batch
     return b.total_steps(steps_per_epoch, planned_arch_and_flops(config)[1])
