@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -28,10 +29,10 @@ def _one_line(exc: Exception) -> str:
     DataLoader worker process 0." and the worker's traceback), the worker's message."""
     lines = str(exc).splitlines()
     if lines and lines[0].startswith("Caught ") and "worker" in lines[0]:
-        prefix = f"{type(exc).__name__}: "
-        raised = [line[len(prefix) :] for line in lines if line.startswith(prefix)]
-        if raised:
-            return raised[-1]
+        raised = re.compile(rf"^(?:[\w.]+\.)?{type(exc).__name__}: (.*)$")  # the traceback's last line
+        messages = [m.group(1) for m in map(raised.match, lines[1:]) if m]
+        if messages:
+            return messages[-1]
     return lines[0] if lines else type(exc).__name__
 
 

@@ -106,6 +106,15 @@ def test_ade20k_missing_or_corrupt_annotations_name_the_file(tmp_path):
 
     with pytest.raises(DataError, match=r"cannot read annotation .*b\.png"):  # before a run's engine starts
         check_training_data(SegmentationDataset(pairs, SegmentAugment(crop=14), train=True), 1)
+    from torch.utils.data import DataLoader
+
+    from nepa_scale.cli import _one_line
+
+    loader = DataLoader(SegmentationDataset(pairs, SegmentAugment(crop=14), train=True), num_workers=1)
+    with pytest.raises(DataError) as raised:  # found later, in a loader worker: the CLI's line names it
+        list(loader)
+    assert raised.value.args[0].startswith("Caught DataError")
+    assert _one_line(raised.value).startswith(f"data: cannot read annotation {pairs.pairs[1][1]}")
     with pytest.raises(DataError, match="directory not found"):
         Ade20kPairs(tmp_path / "nowhere", "train")
 
