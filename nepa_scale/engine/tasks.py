@@ -400,6 +400,7 @@ class SegmentTask:
             sg.eval_stride,
             ctx.world.device,
             ctx.settings.dtype,
+            ctx.config.data.num_workers,
         ).to(ctx.world.device)
         engine.train()
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -52,6 +52,7 @@ def evaluate_run(
         mode,
         stride,
         device,
+        num_workers=config.data.num_workers,
     )
     record = {
         "step": checkpoint.step,

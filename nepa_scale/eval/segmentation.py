@@ -124,11 +124,14 @@ def score_images(
     stride: int | None,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    num_workers: int = 0,
 ) -> torch.Tensor:
-    """The confusion matrix of ``indices`` of an evaluation dataset (image, label map at its size)."""
+    """The confusion matrix of ``indices`` of an evaluation dataset (image, label map at its size),
+    read and resized by ``num_workers`` loader processes (``data.num_workers``) while the model runs."""
+    from torch.utils.data import DataLoader
+
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for index in indices:
-        image, label = dataset[index]
+    for image, label in DataLoader(dataset, sampler=indices, batch_size=None, num_workers=num_workers):
         logits = predict_logits(
             lambda x: forward(x.to(dtype)), image[None].to(device), num_classes, crop, patch, mode, stride
         )
