@@ -83,10 +83,15 @@ def batch_loader(dataset, sampler: ResumableBatchSampler, num_workers: int, seed
     )
 
 
+def spread_sample(size: int) -> list[int]:
+    """Up to SAMPLE_CHECK indices spread evenly over ``size`` items, first and last included."""
+    return sorted({round(i * (size - 1) / max(1, SAMPLE_CHECK - 1)) for i in range(SAMPLE_CHECK)})
+
+
 def check_pairs(pairs) -> None:
     """Segmentation: a spread sample of the image and annotation pairs is read; a bad pair raises a
     DataError naming its file."""
-    for i in sorted({round(i * (len(pairs) - 1) / max(1, SAMPLE_CHECK - 1)) for i in range(SAMPLE_CHECK)}):
+    for i in spread_sample(len(pairs)):
         pairs.load(i)
 
 
@@ -111,9 +116,7 @@ def check_training_data(dataset, global_batch: int, what: str = "data") -> None:
                 f"{what}: {len(empty)} class folder(s) without images ({', '.join(IMAGE_EXTENSIONS)}), "
                 f"e.g. {dataset.root / empty[0]}: remove them or add images"
             )
-        picks = sorted(
-            {round(i * (len(dataset) - 1) / max(1, SAMPLE_CHECK - 1)) for i in range(SAMPLE_CHECK)}
-        )
+        picks = spread_sample(len(dataset))
         failures = [dataset.load(i)[0] for i in picks]
         failures = [f for f in failures if isinstance(f, Skipped)]
         if len(failures) == len(picks):

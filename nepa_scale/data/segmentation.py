@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nepa_scale.data.datasets import IMAGE_EXTENSIONS, SeededDataset, sample_rng
+from nepa_scale.data.datasets import IMAGE_EXTENSIONS, SeededDataset, sample_rng, to_model_input
 from nepa_scale.errors import DataError
 
 IGNORE_INDEX = 255
@@ -183,9 +183,9 @@ def photometric_distortion(image: np.ndarray) -> np.ndarray:
 
 
 def normalised(image: np.ndarray) -> torch.Tensor:
-    """uint8 HWC -> float CHW with the backbone's mean = std = 0.5 (as ``to_model_input``)."""
-    return (
-        torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    """uint8 HWC -> float CHW, normalised on the CPU by ``to_model_input`` (the backbone's mean and std)."""
+    return to_model_input(
+        torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1), torch.device("cpu"), torch.float32
     )
 
 
