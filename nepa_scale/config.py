@@ -119,6 +119,11 @@ class DeepSpeedConfig:
     # gradient and makes the host wait for the GPU each step (docs/performance.md: what it costs), so
     # it is off: a non-finite loss stops the run instead. Turn it on for a run that keeps stopping.
     check_grad_overflow: bool = False
+    # Communication (nepa_scale/comm.py: what they change). None keeps DeepSpeed's default: overlap
+    # gradient reduction with backward for ZeRO-3 only; gradient buckets of 5e8 elements, more
+    # than the zoo's models, so a model's gradients go in one piece after its backward.
+    overlap_comm: bool | None = None
+    reduce_bucket_size: int | None = None  # elements
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
 
 
@@ -542,6 +547,10 @@ def validate(c: RunConfig) -> None:
     _require(
         not d.offload_optimizer or d.zero_stage >= 1,
         "deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1",
+    )
+    _require(
+        d.reduce_bucket_size is None or d.reduce_bucket_size > 0,
+        f"deepspeed.reduce_bucket_size: must be > 0 elements, got {d.reduce_bucket_size}",
     )
     _require(c.task in TASKS, f"task: must be one of {', '.join(TASKS)}, got '{c.task}'")
     if c.task == "segment":

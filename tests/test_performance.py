@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import env
+from tests.helpers import REPO, env
 
 
 def test_uint8_loader_with_device_normalisation_gives_the_same_inputs_bitwise():
@@ -218,6 +218,45 @@ def test_bf16_overflow_check_is_off_unless_asked_for(tmp_path, check_grad_overfl
         assert finiteness_tests < len(before) // 4, finiteness_tests  # a few on the norm, none per gradient
     after = list(engine.module.parameters())
     assert sum(not torch.equal(a, b) for a, b in zip(after, before, strict=True)) > len(before) // 2
+
+
+def test_communication_model_counts_what_deepspeed_sends(tmp_path):
+    """ZeRO-1, 2 and 3 in a real 2-process gloo run with DeepSpeed's communication logger on: the
+    bytes per step of every collective within 5% of nepa_scale/comm.py's count (what ``sweep plan``
+    times), with bf16 gradients, two micro-batches per step and gradient buckets smaller than the
+    model. The measurement itself shows what the model is about."""
+    from tests.helpers import SMALL, free_port
+
+    out, port = tmp_path / "comm.json", str(free_port())
+    cmd = [sys.executable, str(REPO / "benchmarks" / "comm_bytes.py"), "--out", str(out), SMALL[0]]
+    cmd += ["budget.global_batch=32", "budget.micro_batch=8", "deepspeed.precision=bf16"]
+    cmd += ["deepspeed.reduce_bucket_size=20000", "deepspeed.overlap_comm=true"]
+    ranks = [
+        subprocess.Popen(
+            cmd,
+            env=env(
+                RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+        )
+        for r in range(2)
+    ]
+    logs = [rank.communicate(timeout=600)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], logs[0][-3000:]
+    report = json.loads(out.read_text())
+    assert report["problems"] == [] and report["tolerance"] == 0.05
+    results = {r["zero_stage"]: r for r in report["results"]}
+    assert sorted(results) == [1, 2, 3] and results[1]["accumulation_steps"] == 2
+    sent = {stage: r["measured_per_step"] for stage, r in results.items()}
+    gradients = 2 * results[1]["params"]  # bf16
+    assert sent[1]["all_reduce"]["bytes"] == pytest.approx(gradients, rel=0.01)  # once per step
+    assert sent[2]["all_reduce"]["bytes"] == pytest.approx(2 * gradients, rel=0.01)  # every micro-batch
+    assert sent[3]["reduce_scatter_tensor"]["bytes"] == pytest.approx(2 * gradients, rel=0.01)
+    assert sent[3]["all_reduce"]["bytes"] < 1024  # scalars only
+    assert sent[1]["all_reduce"]["calls"] >= 3  # more than one bucket: 35k gradients, 20k per bucket
 
 
 def test_device_profile_counts_idle_gaps_and_compiled_kernels():

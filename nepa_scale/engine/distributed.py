@@ -128,6 +128,10 @@ def deepspeed_config(
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": world.device.type == "cuda"}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": world.device.type == "cuda"}
+    if ds.overlap_comm is not None:
+        zero["overlap_comm"] = ds.overlap_comm
+    if ds.reduce_bucket_size is not None:
+        zero["reduce_bucket_size"] = ds.reduce_bucket_size
     if ds.zero_stage == 3:
         # Gather every parameter on each forward: a deterministic schedule (no prefetch heuristics).
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
