@@ -229,7 +229,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if args.against:
             against = load_sweep(args.against, executor=args.executor, overrides=args.set)
         print(f"sweep {sweep.name}: {len(sweep.runs)} runs -> {sweep.output_root}")
-        print(plan_table(sweep, against))
+        print(plan_table(sweep, against, comm=args.comm))
         return 1 if any(run.error for run in sweep.runs) else 0
     if args.action == "attach":
         return _attach(sweep, args)
@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument(
         "--against", default=None, help="plan: compare the device-hours with another sweep file (same --set)"
+    )
+    sweep.add_argument(
+        "--comm", action="store_true", help="plan: each run's collectives per step and its step time's parts"
     )
     sweep.add_argument("--retry-failed", action="store_true", help="launch: also resubmit failed runs")
     sweep.add_argument("--dry-run", action="store_true", help="launch: only say what would be submitted")

@@ -463,6 +463,71 @@ def test_the_demo_keeps_the_run_ids_earlier_versions_gave_it():
     ]
 
 
+def test_step_time_counts_ring_traffic_and_hides_all_but_the_last_bucket():
+    """nccl-tests' bus convention; with overlap_comm, buckets fill evenly through backward and only
+    the last one waits for its end, unless the network is slower than backward."""
+    from nepa_scale.comm import ALL_REDUCE, Collective, step_time
+
+    grads = Collective(ALL_REDUCE, "gradients", 0.25e9, buckets=4, rounds=1, overlappable=True)
+    assert grads.bus_bytes(16) == pytest.approx(2 * 15 / 16 * 1e9)
+    wire = 2 * 15 / 16 * 1e9 / 40e9  # 46.9 ms at 40 GB/s
+    timing = dict(compute_s=0.3, backward_s=0.2, accumulation=1, bus_gbps=40, latency_s=0.0)
+    alone = step_time([grads], 16, **timing, overlap_comm=False)
+    assert alone.exposed_s == pytest.approx(wire) and alone.efficiency == pytest.approx(0.3 / (0.3 + wire))
+    hidden = step_time([grads], 16, **timing, overlap_comm=True)
+    assert hidden.exposed_s == pytest.approx(wire / 4) and hidden.comm_s == pytest.approx(wire)
+    slow_network = step_time([grads], 16, **{**timing, "bus_gbps": 4}, overlap_comm=True)
+    assert slow_network.exposed_s == pytest.approx(10 * wire - 0.2 * 3 / 4)  # backward hides 150 ms of it
+
+
+def test_sweep_plan_predicts_step_time_and_scaling_efficiency_from_the_bench_and_the_network(capsys):
+    """B/14 at batch 4096 on 8, 64 and 512 H100s (sweeps/scale_out_h100.yaml): one device's step is
+    the profile's measured bench case scaled to the run's images per GPU, the communication is
+    DeepSpeed's per ZeRO stage at the profile's bandwidths, and efficiency falls with scale."""
+    from nepa_scale.cli import main
+    from nepa_scale.launch.plan import plan_run
+
+    sweep = load_sweep(REPO / "sweeps" / "scale_out_h100.yaml", overrides=["model.compile=none"])
+    plans = {
+        (run.resources.nodes, run.config.deepspeed.zero_stage): plan_run(run)
+        for run in sweep.runs
+        if run.config.model.name == "nepa_b14"
+    }
+    assert len(plans) == 9 and not any(p.error for p in plans.values())
+    bench = json.loads((REPO / "docs/results/h100-2026-11-27/bench_after_overflow_fix.json").read_text())
+    (case,) = [c for c in bench["results"] if c["model"] == "nepa_b14"]
+    ms = case["phase_ms"]
+    per_image = (ms["data"] + ms["forward"] + ms["backward"]) / case["micro_batch"]
+    for nodes, images in ((1, 512), (8, 64), (64, 8)):
+        expected = (images * per_image + ms["optimizer"]) / 1e3
+        assert plans[nodes, 2].timing.compute_s == pytest.approx(expected)
+        assert "nepa_b14 b256 z2" in plans[nodes, 2].compute_source
+    # ZeRO-1 on 512 GPUs: a bf16 all-reduce of the gradients and an all-gather of the parameters,
+    # both after backward, at the profile's 40 GB/s per GPU and 30 us per call.
+    n, size = 512, 2 * plans[64, 1].params
+    wire = (2 * (n - 1) / n * size + (n - 1) / n * size) / 40e9
+    assert plans[64, 1].timing.exposed_s == pytest.approx(wire + 2 * 30e-6)
+    for stage in (1, 2, 3):
+        efficiency = [plans[nodes, stage].timing.efficiency for nodes in (1, 8, 64)]
+        assert 0.95 < efficiency[0] <= 1 and efficiency[0] > efficiency[1] > efficiency[2], efficiency
+    assert (
+        main(
+            [
+                "sweep",
+                "plan",
+                str(REPO / "sweeps" / "scale_out_h100.yaml"),
+                "--comm",
+                "--set",
+                "model.compile=none",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "step s" in out and "eff" in out and out.count("reduce_scatter_tensor  gradients") == 9
+    assert "measured by bench for 18 of 27 runs, else 300 TFLOP/s" in out  # H/14 has no bench case
+
+
 def test_sweep_plan_takes_every_set_and_checkpoints_what_the_profile_memory_needs(tmp_path, capsys):
     """Repeated --set all apply (earlier ones were silently dropped); grad_checkpointing=auto is resolved
     per run against the profile's device memory, as the trainer does on the device; a run invalid
@@ -502,6 +567,8 @@ def test_bad_sweeps_fail_with_one_line_naming_the_key(tmp_path):
         ),
         ({"profile": "nowhere"}, "profile: 'nowhere'"),
         ({"resources": {"gpus_per_node": 8, "tasks_per_node": 1}}, "tasks_per_node: one task per GPU"),
+        ({"resources": {"inter_node_gbps": 0}}, "inter_node_gbps: must be > 0, got 0"),
+        ({"resources": {"bench_results": ["gone.json"]}}, f"bench_results: no such file {tmp_path}/gone.json"),
         ({"resouces": {}}, "unknown key 'resouces'"),
     ):
         path.write_text(yaml.safe_dump({**spec, **change}))

@@ -2,21 +2,36 @@
 
 Per run: C (training FLOPs of the run under its ``budget.flop_convention``), N (parameters, all of
 them), D (images seen), the device-hours this design spends on it (a cooldown branch spends only
-its cooldown: the trunk trained the rest), the predicted memory and the layout. Below the table:
-the sweep's device-hours against the same runs trained independently, and against another
-sweep (``--against``).
+its cooldown: the trunk trained the rest), the predicted memory, the predicted step time and
+scaling efficiency on the profile's nodes x GPUs, and the layout. Below the table: the sweep's
+device-hours against the same runs trained independently, and against another sweep
+(``--against``).
+
+The step time is the step on one device plus the communication the backward pass does not hide
+(nepa_scale/comm.py: what DeepSpeed sends per ZeRO stage, at the profile's bus bandwidths, with
+its overlap assumption). The step on one device comes from the profile's ``bench_results`` (a
+``nepa-scale bench`` case of the same model, FLOPs per image and precision: its forward and
+backward scaled to the run's images per device, its optimizer phase as measured), else from
+``device_tflops``.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from nepa_scale.engine.settings import resolve_step_settings
+from nepa_scale.comm import Collective, StepTime, planned_collectives, step_time
+from nepa_scale.config import ConfigError, RunConfig
+from nepa_scale.engine.settings import StepSettings, resolve_step_settings
 from nepa_scale.engine.tasks import planned_arch_and_flops
 from nepa_scale.errors import DataError
 from nepa_scale.launch.design import training_steps
+from nepa_scale.launch.profiles import ClusterProfile
 from nepa_scale.launch.sweep import PlannedRun, Sweep
-from nepa_scale.models.zoo import count_params
+from nepa_scale.models.arch import NepaArch
 from nepa_scale.rundir import images_seen
 
 
@@ -36,6 +51,73 @@ class RunPlan:
     layout: str  # nodes x devices per node
     error: str | None
     flops_budget: float | None = None  # budget.flops (IsoFLOP runs)
+    timing: StepTime | None = None  # predicted step: one device's compute + exposed communication
+    compute_source: str = ""  # where the one-device step comes from
+    collectives: tuple[Collective, ...] = ()  # per step (nepa_scale/comm.py)
+    world_size: int = 1
+
+
+@functools.lru_cache(maxsize=8)
+def _bench_cases(path: str) -> tuple[dict[str, Any], ...]:
+    try:
+        report = json.loads(Path(path).read_text())
+        return tuple(r for r in report["results"] if "error" not in r)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"bench_results: cannot read {path} as a nepa-scale bench report ({exc})") from None
+
+
+def measured_case(
+    profile: ClusterProfile, model: str, flops_per_image: float, settings: StepSettings, zero_stage: int
+):
+    """The bench case that measured this run's step on one device: same model, FLOPs per image
+    (the same shape) and precision, on the DeepSpeed engine; the same ZeRO stage if measured, then
+    the micro-batch nearest the run's. None when the profile has none."""
+    cases = [
+        (case, path)
+        for path in profile.bench_results
+        for case in _bench_cases(path)
+        if case["model"] == model
+        and case["engine"] == "deepspeed"
+        and case["precision"] == settings.precision
+        and abs(case["flops_per_image"] / flops_per_image - 1) < 1e-6
+    ]
+    if not cases:
+        return None
+    return min(
+        cases,
+        key=lambda cp: (cp[0]["zero_stage"] != zero_stage, abs(cp[0]["micro_batch"] - settings.micro_batch)),
+    )
+
+
+def one_device_step(
+    config: RunConfig, settings: StepSettings, flops_per_image: float, profile: ClusterProfile
+) -> tuple[float, float, str]:
+    """(step seconds, backward seconds, source) of the run's step on one device: all its
+    micro-batches, no communication."""
+    images = settings.micro_batch * settings.accumulation_steps
+    found = measured_case(profile, config.model.name, flops_per_image, settings, config.deepspeed.zero_stage)
+    if found is None:
+        step = images * flops_per_image / (profile.device_tflops * 1e12)
+        return step, step * 2 / 3, f"{profile.device_tflops:g} TFLOP/s"
+    case, path = found
+    ms = case["phase_ms"]
+    per_image = (ms["data"] + ms["forward"] + ms["backward"]) / case["micro_batch"] / 1e3
+    backward = images * ms["backward"] / case["micro_batch"] / 1e3
+    source = f"bench {Path(path).name}: {case['model']} b{case['micro_batch']} z{case['zero_stage']}"
+    return images * per_image + ms["optimizer"] / 1e3, backward, source
+
+
+def planned_model(config: RunConfig, arch: NepaArch):
+    """The run's model on the meta device (shapes only): what its parameters and modules are."""
+    import torch
+
+    from nepa_scale.engine.tasks import SegmentTask
+    from nepa_scale.models.vit import NEPA
+
+    with torch.device("meta"):
+        if config.task == "segment":  # the pyramid and heads too
+            return SegmentTask.new_model(config, arch, "sdpa")
+        return NEPA(arch, attention="sdpa")
 
 
 def plan_run(run: PlannedRun) -> RunPlan:
@@ -50,31 +132,33 @@ def plan_run(run: PlannedRun) -> RunPlan:
         return RunPlan(run.run_id, model, design, **unknown, error=run.error)
     c = run.config
     arch, flops_per_image = planned_arch_and_flops(c)
-    params = count_params(arch)["total"]
-    if c.task == "segment":  # the pyramid and heads too (a meta model: shapes, no memory)
-        import torch
-
-        from nepa_scale.engine.tasks import SegmentTask
-
-        with torch.device("meta"):
-            params = sum(p.numel() for p in SegmentTask.new_model(c, arch, "sdpa").parameters())
+    model = planned_model(c, arch)
+    params = sum(p.numel() for p in model.parameters())
     try:
         steps = training_steps(c)
     except (DataError, OSError) as exc:  # an epochs budget needs the dataset's size
         return RunPlan(run.run_id, model, design, **dict(unknown, params=params), error=f"data: {exc}")
     images = images_seen(steps, c.budget.global_batch)
     flops = images * flops_per_image
-    device_hours = flops / (r.device_tflops * 1e12) / 3600
-    spent = device_hours * (steps - (run.branch_step or 0)) / steps
+    device_type = "cuda" if r.gpus_per_node else "cpu"
     # As the trainer will resolve them on a device of the profile's kind and memory.
     settings = resolve_step_settings(
-        c,
-        arch,
-        r.world_size,
-        "cuda" if r.gpus_per_node else "cpu",
-        memory_gb=r.device_memory_gb,
-        predict_memory=True,
+        c, arch, r.world_size, device_type, memory_gb=r.device_memory_gb, predict_memory=True
     )
+    compute_s, backward_s, source = one_device_step(c, settings, flops_per_image, r)
+    collectives, zero = planned_collectives(c, model, r.world_size, settings, device_type)
+    timing = step_time(
+        collectives,
+        r.world_size,
+        compute_s=compute_s,
+        backward_s=backward_s,
+        accumulation=settings.accumulation_steps,
+        bus_gbps=r.intra_node_gbps if r.nodes == 1 else r.inter_node_gbps,
+        latency_s=r.collective_latency_us * 1e-6,
+        overlap_comm=zero.overlap_comm,
+    )
+    device_hours = steps * timing.step_s * r.devices / 3600
+    spent = device_hours * (steps - (run.branch_step or 0)) / steps
     return RunPlan(
         run.run_id,
         c.model.name,
@@ -90,6 +174,10 @@ def plan_run(run: PlannedRun) -> RunPlan:
         layout,
         None,
         c.budget.flops,
+        timing,
+        source,
+        tuple(collectives),
+        r.world_size,
     )
 
 
@@ -115,11 +203,32 @@ def _hours(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
 
 
-def plan_table(sweep: Sweep, against: Sweep | None = None) -> str:
+def _seconds(value: float) -> str:
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+
+
+def comm_lines(p: RunPlan) -> list[str]:
+    """``sweep plan --comm``: the run's collectives per step and where its step time goes."""
+    t = p.timing
+    if t is None:
+        return []
+    lines = [
+        f"    step {1e3 * t.step_s:,.1f} ms = one device {1e3 * t.compute_s:,.1f} ms ({p.compute_source}) "
+        f"+ exposed communication {1e3 * t.exposed_s:,.1f} ms of {1e3 * t.comm_s:,.1f} ms"
+    ]
+    for c in p.collectives:
+        lines.append(
+            f"    {c.op:<22} {c.what:<34} {c.calls:>5} calls {c.logged_bytes / 1e6:>9,.1f} MB logged "
+            f"{c.bus_bytes(p.world_size) / 1e6:>9,.1f} MB through each link"
+        )
+    return lines
+
+
+def plan_table(sweep: Sweep, against: Sweep | None = None, comm: bool = False) -> str:
     plans = [plan_run(run) for run in sweep.runs]
     head = (
         f"{'run id':<46} {'model':<10} {'design':<13} {'N params':>11} {'D images':>13} {'C FLOPs':>9} "
-        f"{'dev-h':>9} {'wall-h':>8} {'mem GB':>7} {'ckpt':>4}  layout"
+        f"{'dev-h':>9} {'wall-h':>8} {'mem GB':>7} {'ckpt':>4} {'step s':>7} {'eff':>5}  layout"
     )
     lines = [f"warning: {w}" for w in sweep.warnings] + [head, "-" * len(head)]
     for p in plans:
@@ -128,10 +237,13 @@ def plan_table(sweep: Sweep, against: Sweep | None = None) -> str:
             continue
         lines.append(
             f"{p.run_id:<46} {p.model:<10} {p.design:<13} {p.params:>11,} {p.images:>13,} {p.flops:>9.2e} "
-            f"{_hours(p.spent_device_hours):>9} {_hours(p.wall_hours):>8} {p.memory_gb:>7.1f} {p.checkpointed:>4}  {p.layout}"
+            f"{_hours(p.spent_device_hours):>9} {_hours(p.wall_hours):>8} {p.memory_gb:>7.1f} {p.checkpointed:>4} "
+            f"{_seconds(p.timing.step_s):>7} {p.timing.efficiency:>5.2f}  {p.layout}"
         )
         if p.flops_budget is not None:
             lines[-1] += f"  (C {100 * (p.flops / p.flops_budget - 1):+.2f}% of budget {p.flops_budget:.3g})"
+        if comm:
+            lines += comm_lines(p)
     t = totals(plans)
     lines.append("-" * len(head))
     lines.append(f"{t.runs} runs ({t.invalid} invalid), {_hours(t.spent)} device-hours in all")
@@ -159,8 +271,15 @@ def plan_table(sweep: Sweep, against: Sweep | None = None) -> str:
         "dev-h: device-hours this design spends on the run (GPU-hours on GPU profiles; a branch: its cooldown)"
     )
     if profile is not None:
+        measured = sum(p.compute_source.startswith("bench") for p in plans if not p.error)
+        valid = sum(not p.error for p in plans)
         lines.append(
-            f"estimates assume {profile.device_tflops:g} TFLOP/s achieved per device (profile {sweep.profile_name}); "
+            f"step s: predicted optimizer step = one device's step (measured by bench for {measured} of {valid} runs, "
+            f"else {profile.device_tflops:g} TFLOP/s; --comm: which) + the communication backward does not hide "
+            f"(nepa_scale/comm.py at {profile.intra_node_gbps:g} GB/s within a node, {profile.inter_node_gbps:g} GB/s "
+            "per device across nodes); eff: throughput per device against one device alone"
+        )
+        lines.append(
             "mem GB: predicted peak per device (nepa_scale/memory.py); ckpt: blocks under activation checkpointing"
         )
     return "\n".join(lines)

@@ -41,6 +41,14 @@ class ClusterProfile:
     # Planner assumptions (sweep plan): achieved training TFLOP/s and memory per device.
     device_tflops: float = 160.0  # measured eager bf16 DeepSpeed step on one H100 (docs/performance.md)
     device_memory_gb: float = 80.0
+    # Measured one-device steps (nepa-scale bench --out FILE; paths relative to the profile file):
+    # the planner takes a run's compute time from the case of its model, else from device_tflops.
+    bench_results: list[str] = field(default_factory=list)
+    # Communication (nepa_scale/comm.py): nccl-tests bus bandwidth (GB/s) of large collectives within
+    # a node (NVLink) and per device across nodes (its share of the network), and a latency per call.
+    intra_node_gbps: float = 360.0
+    inter_node_gbps: float = 40.0
+    collective_latency_us: float = 30.0
 
     @property
     def world_size(self) -> int:
@@ -71,7 +79,13 @@ def validate_profile(p: ClusterProfile, where: str) -> None:
     require(p.signal_delay_s >= 0, f"signal_delay_s: must be >= 0, got {p.signal_delay_s}")
     require(p.max_requeues >= 0, f"max_requeues: must be >= 0, got {p.max_requeues}")
     require(p.executor != "local" or p.nodes == 1, "nodes: the local executor runs on one machine (nodes: 1)")
-    require(p.device_tflops > 0, f"device_tflops: must be > 0, got {p.device_tflops}")
+    for name in ("device_tflops", "intra_node_gbps", "inter_node_gbps"):
+        require(getattr(p, name) > 0, f"{name}: must be > 0, got {getattr(p, name)}")
+    require(
+        p.collective_latency_us >= 0, f"collective_latency_us: must be >= 0, got {p.collective_latency_us}"
+    )
+    for path in p.bench_results:
+        require(Path(path).is_file(), f"bench_results: no such file {path}")
 
 
 def profile_path(name: str, relative_to: Path | None = None) -> Path:
@@ -93,7 +107,12 @@ def load_profile(
     path = profile_path(name, relative_to)
     data = read_yaml_mapping(path, "profile")
     data.pop("description", None)
-    data.update(overrides or {})
+    overrides = dict(overrides or {})
+    # bench_results: relative to the file that names them (the profile, or the sweep)
+    for where, source in ((path.parent, data), (relative_to or Path.cwd(), overrides)):
+        if isinstance(source.get("bench_results"), list):
+            source["bench_results"] = [str((where / str(b)).resolve()) for b in source["bench_results"]]
+    data.update(overrides)
     profile = build_dataclass(ClusterProfile, data, "resources")
     validate_profile(profile, f"profile {path.stem}")
     return profile
