@@ -51,12 +51,13 @@ class BenchCase:
     grad_checkpointing: str = "false"  # model.grad_checkpointing: false | true | N blocks | auto
     overrides: tuple[str, ...] = ()  # model.overrides as key=value, e.g. ("image_size=32",)
     profile: int = 0  # steps run under torch.profiler after the timed ones (0: none)
+    settings: tuple[str, ...] = ()  # any run-config override KEY=VALUE, applied last (--set)
 
     def label(self) -> str:
         return (
             f"{self.model} {self.engine} z{self.zero_stage} {self.attention} compile={self.compile} "
             f"b{self.micro_batch} data={data_label(self.data, self.decode)}"
-        )
+        ) + "".join(f" {item}" for item in self.settings)
 
 
 def data_label(data: str, decode: str) -> str:
@@ -176,6 +177,7 @@ def case_config(case: BenchCase, output_dir: str):
             f"deepspeed.precision={case.precision}",
             "logging.progress=never",
             f"output_dir={output_dir}",
+            *case.settings,
         ],
     )
 
@@ -439,10 +441,11 @@ def cases_from_args(args: argparse.Namespace) -> list[BenchCase]:
     if len(batches) not in (1, len(models)):
         raise ValueError(f"--batch: give one value or one per model ({len(models)}), got {args.batch}")
     per_model = dict(zip(models, batches * len(models) if len(batches) == 1 else batches, strict=False))
-    overrides = tuple(args.override or ())
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"--override: expected key=value, got '{item}'")
+    overrides, settings = tuple(args.override or ()), tuple(args.set or ())
+    for option, items in (("--override", overrides), ("--set", settings)):
+        for item in items:
+            if "=" not in item:
+                raise ValueError(f"{option}: expected key=value, got '{item}'")
     cases = [
         BenchCase(
             model=model,
@@ -461,6 +464,7 @@ def cases_from_args(args: argparse.Namespace) -> list[BenchCase]:
             grad_checkpointing=args.grad_checkpointing,
             overrides=overrides,
             profile=args.profile,
+            settings=settings,
         )
         for model, attention, zero, scope, engine, decode in itertools.product(
             models,
@@ -564,6 +568,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--override", action="append", help="model.overrides key=value, e.g. image_size=32")
     parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any run-config override for every case, e.g. deepspeed.overlap_comm=false",
+    )
+    parser.add_argument(
         "--profile",
         type=int,
         default=0,
@@ -575,5 +585,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 if __name__ == "__main__":  # one case, in a child process of run_bench
     fields = json.loads(sys.argv[1])
-    result = run_case(BenchCase(**{**fields, "overrides": tuple(fields["overrides"])}))
+    result = run_case(
+        BenchCase(
+            **{**fields, "overrides": tuple(fields["overrides"]), "settings": tuple(fields["settings"])}
+        )
+    )
     print(RESULT_PREFIX + json.dumps(result), flush=True)

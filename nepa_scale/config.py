@@ -23,6 +23,8 @@ from nepa_scale.models.arch import BACKENDS, NepaArch, checkpointed_blocks
 from nepa_scale.models.zoo import get_arch, list_models
 
 COMPILE_SCOPES = ("none", "blocks", "model")
+# torch.compile modes that leave CUDA graphs out (ZeRO's hooks run between the blocks).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 SCHEDULES = ("cosine", "wsd", "constant", "poly")
 COOLDOWN_SHAPES = ("linear", "1-sqrt")
 TASKS = ("pretrain", "finetune", "segment")
@@ -38,6 +40,11 @@ class ModelConfig:
     # blocks for the memory model's peak to fit 90% of the device's memory; nepa_scale/memory.py).
     grad_checkpointing: bool | int | str = False
     compile: str = "none"  # none | blocks (torch.compile each block: the same kernels, compiled once) | model
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (autotuned matmul kernels)
+    # float8 linear layers in the blocks (torchao's dynamic scaling; pip install 'nepa-scale[float8]'):
+    # FLOPs and MFU stay counted as bf16 (MFU is then bf16-equivalent). Needs a GPU with float8
+    # tensor cores (H100, H200) to gain; it runs, slowly, anywhere.
+    float8: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # any NepaArch field, e.g. {dim: 256}
 
     def arch(self) -> NepaArch:
@@ -456,6 +463,17 @@ def validate(c: RunConfig) -> None:
         c.model.compile in COMPILE_SCOPES,
         f"model.compile: unknown scope '{c.model.compile}' (choose from {', '.join(COMPILE_SCOPES)})",
     )
+    _require(
+        c.model.compile_mode in COMPILE_MODES,
+        f"model.compile_mode: unknown mode '{c.model.compile_mode}' (choose from {', '.join(COMPILE_MODES)})",
+    )
+    if c.model.float8:
+        import importlib.util
+
+        _require(
+            importlib.util.find_spec("torchao") is not None,
+            "model.float8: needs torchao (pip install 'nepa-scale[float8]')",
+        )
     try:
         arch = c.model.arch()
     except (ValueError, TypeError) as exc:

@@ -568,7 +568,10 @@ def test_bad_sweeps_fail_with_one_line_naming_the_key(tmp_path):
         ({"profile": "nowhere"}, "profile: 'nowhere'"),
         ({"resources": {"gpus_per_node": 8, "tasks_per_node": 1}}, "tasks_per_node: one task per GPU"),
         ({"resources": {"inter_node_gbps": 0}}, "inter_node_gbps: must be > 0, got 0"),
-        ({"resources": {"bench_results": ["gone.json"]}}, f"bench_results: no such file {tmp_path}/gone.json"),
+        (
+            {"resources": {"bench_results": ["gone.json"]}},
+            f"bench_results: no such file {tmp_path}/gone.json",
+        ),
         ({"resouces": {}}, "unknown key 'resouces'"),
     ):
         path.write_text(yaml.safe_dump({**spec, **change}))

@@ -188,6 +188,35 @@ def test_rope_dot_product_depends_only_on_coordinate_difference():
     assert abs(other.item() - dots[0].item()) > 1e-6
 
 
+def test_bf16_rope_rotates_in_bf16_close_to_fp32_and_keeps_causality():
+    """``rope_dtype: bf16`` (DINOv3's option): cos/sin and the rotation in bf16, within bf16's
+    rounding of the fp32 rotation; the model's outputs stay close and causal."""
+    arch = get_arch("nepa_tiny", rope_rescale=None)
+    cos32, sin32 = Rope2D(arch).eval()(4, 4, torch.device("cpu"))
+    cos16, sin16 = Rope2D(arch.replace(rope_dtype="bf16")).eval()(4, 4, torch.device("cpu"))
+    assert cos16.dtype == sin16.dtype == torch.bfloat16 and cos32.dtype == torch.float32
+    x = torch.randn(2, 3, 17, arch.head_dim).bfloat16()
+    exact, rounded = apply_rope(x, cos32, sin32), apply_rope(x, cos16, sin16)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded[:, :, 0], x[:, :, 0])
+    error = (rounded.float() - exact.float()).abs().max() / x.float().abs().max()
+    assert 0 < error < 2**-6, error  # a few bf16 roundings, and not the fp32 path
+    torch.manual_seed(0)
+    fp32_model = NEPA(arch, attention="math").eval()
+    bf16_model = NEPA(arch.replace(rope_dtype="bf16"), attention="math").eval()
+    bf16_model.load_state_dict(fp32_model.state_dict())
+    images = torch.randn(2, 3, arch.image_size, arch.image_size)
+    a, b = fp32_model(images).prediction, bf16_model(images).prediction
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999 and not torch.equal(
+        a, b
+    )
+    later = images.clone()
+    later[..., arch.image_size // 2 :, :] = 0  # the bottom half of the patches
+    prefix = arch.grid * arch.grid // 2
+    assert torch.equal(bf16_model(later).prediction[:, :prefix], b[:, :prefix])
+    with pytest.raises(ValueError, match="unknown rope_dtype 'fp16'"):
+        arch.replace(rope_dtype="fp16")
+
+
 def test_rope_rescale_only_in_train_mode():
     rope = Rope2D(get_arch("nepa_tiny"))
     device = torch.device("cpu")

@@ -259,6 +259,49 @@ def test_communication_model_counts_what_deepspeed_sends(tmp_path):
     assert sent[1]["all_reduce"]["calls"] >= 3  # more than one bucket: 35k gradients, 20k per bucket
 
 
+def test_float8_converts_the_block_linears_and_trains_through_the_engine(tmp_path):
+    """``model.float8`` (torchao, opt-in): the blocks' linear layers compute in float8 with the same
+    parameters and state-dict keys, outputs close to the bf16 model's; a bench case (``--set``)
+    builds it through the trainer and DeepSpeed and takes a step. CPU float8 is an emulation
+    (seconds per small matmul), so the sizes are tiny; the loss over a run is a GPU check."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from nepa_scale.bench import BenchCase, case_config
+    from nepa_scale.engine.distributed import merged
+    from nepa_scale.engine.trainer import Trainer, apply_float8
+    from nepa_scale.models import NEPA, get_arch
+
+    arch = get_arch("nepa_tiny", dim=32, depth=1, num_heads=2, image_size=8)
+    torch.manual_seed(0)
+    plain, converted = NEPA(arch, attention="math").eval(), NEPA(arch, attention="math").eval()
+    converted.load_state_dict(plain.state_dict())
+    assert apply_float8(converted) == 4  # qkv, proj, fc1, fc2; the patch embedding stays
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    images = torch.randn(2, 3, 8, 8)
+    a, b = plain(images).prediction, converted(images).prediction
+    assert (
+        not torch.equal(a, b)
+        and torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    )
+
+    overrides = ("dim=32", "depth=1", "num_heads=2", "image_size=8")
+    case = BenchCase(
+        model="nepa_tiny",
+        micro_batch=2,
+        overrides=overrides,
+        settings=("model.float8=true", "optim.warmup_fraction=0"),
+    )
+    trainer = Trainer(case_config(case, str(tmp_path)))
+    engine, _, _ = trainer.build_engine(resume=False)
+    assert isinstance(engine.module.blocks[0].mlp.fc1, Float8Linear)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    trainer.train_step(engine, trainer.batches(0), 0)
+    assert any(not torch.equal(p, q) for p, q in zip(engine.module.parameters(), before, strict=True))
+    # deepspeed.extra adds to a generated section rather than replacing it
+    zero = merged({"zero_optimization": {"stage": 2}}, {"zero_optimization": {"overlap_comm": True}})
+    assert zero == {"zero_optimization": {"stage": 2, "overlap_comm": True}}
+
+
 def test_device_profile_counts_idle_gaps_and_compiled_kernels():
     """The GPU profile's arithmetic (the GPU run is rare): overlapping kernels count once, gaps count
     as idle, inductor's triton kernels are the compiled share."""

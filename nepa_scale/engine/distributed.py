@@ -150,6 +150,14 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},
     }
-    for key, value in ds.extra.items():
-        out[key] = value
+    return merged(out, ds.extra)
+
+
+def merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``deepspeed.extra`` over the generated config, section by section: extra's
+    ``zero_optimization: {overlap_comm: true}`` adds to the stage, it does not replace it."""
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merged(out[key], value) if both else value
     return out

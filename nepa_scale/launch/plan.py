@@ -71,7 +71,8 @@ def measured_case(
 ):
     """The bench case that measured this run's step on one device: same model, FLOPs per image
     (the same shape) and precision, on the DeepSpeed engine; the same ZeRO stage if measured, then
-    the micro-batch nearest the run's. None when the profile has none."""
+    the micro-batch nearest the run's; a case of the recorded defaults (no ``--set``) before
+    others. None when the profile has none."""
     cases = [
         (case, path)
         for path in profile.bench_results
@@ -85,7 +86,11 @@ def measured_case(
         return None
     return min(
         cases,
-        key=lambda cp: (cp[0]["zero_stage"] != zero_stage, abs(cp[0]["micro_batch"] - settings.micro_batch)),
+        key=lambda cp: (
+            cp[0]["zero_stage"] != zero_stage,
+            bool(cp[0].get("settings")),
+            abs(cp[0]["micro_batch"] - settings.micro_batch),
+        ),
     )
 
 

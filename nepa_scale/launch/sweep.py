@@ -70,6 +70,8 @@ LATER_SETTINGS = {
     "optim.cooldown_shape": "1-sqrt",
     "finetune.label_fraction": 1.0,
     "checkpoint.ema_warmup": False,
+    "model.compile_mode": "default",
+    "model.float8": False,
     "deepspeed.overlap_comm": None,
     "deepspeed.reduce_bucket_size": None,
     "segment": json.loads(json.dumps(dataclasses.asdict(SegmentConfig()))),  # the whole section, unused

@@ -18,6 +18,7 @@ def checkpointed_blocks(setting: bool | int, depth: int) -> int:
 
 
 MLP_KINDS = ("gelu", "swiglu", "geglu")
+ROPE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class NepaArch:
     norm_eps: float = 1e-12
     rope_theta: float = 100.0
     rope_rescale: float | None = 2.0  # train-time log-uniform coordinate rescale in [1/r, r]
+    # The rotation's arithmetic: fp32 (the released models) or bf16 (DINOv3's option for its large
+    # models: half the bytes where RoPE is not fused; docs/performance.md: the numerics).
+    rope_dtype: str = "fp32"
     init_std: float = 0.02
     causal: bool = True  # pretraining; classification uses bidirectional attention
     num_classes: int = 0  # > 0 adds fc_norm + zero-initialised Linear head
@@ -51,6 +55,8 @@ class NepaArch:
             raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:
             raise ValueError(f"head_dim {self.head_dim} must be a multiple of 4 for 2D RoPE")
+        if self.rope_dtype not in ROPE_DTYPES:
+            raise ValueError(f"unknown rope_dtype '{self.rope_dtype}' (choose from {', '.join(ROPE_DTYPES)})")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"unknown mlp '{self.mlp}' (choose from {', '.join(MLP_KINDS)})")
 

@@ -44,7 +44,8 @@ class Rope2D(nn.Module):
 
     Patch-centre coordinates in [-1, 1] per axis, inverse frequencies theta^(-4k/head_dim),
     angle = 2*pi*coord*freq, y- and x-angles concatenated then tiled to head_dim (rotate-half
-    convention), all in fp32. In training mode every coordinate is multiplied by one log-uniform
+    convention), in fp32; cos and sin then in ``arch.rope_dtype``, the dtype the rotation runs in.
+    In training mode every coordinate is multiplied by one log-uniform
     factor in [1/rescale, rescale] per forward pass, shared across the batch.
     """
 
@@ -53,6 +54,7 @@ class Rope2D(nn.Module):
     def __init__(self, arch: NepaArch):
         super().__init__()
         self.rescale = arch.rope_rescale
+        self.dtype = torch.bfloat16 if arch.rope_dtype == "bf16" else torch.float32
         inv_freq = 1.0 / arch.rope_theta ** torch.arange(0, 1, 4 / arch.head_dim, dtype=torch.float32)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
@@ -63,7 +65,8 @@ class Rope2D(nn.Module):
         return torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1)  # (rows*cols, 2)
 
     def forward(self, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape (1 + rows*cols, head_dim), fp32, with an identity row for [CLS]."""
+        """cos and sin of shape (1 + rows*cols, head_dim) in the rotation's dtype, with an identity
+        row for [CLS]."""
         # fp32 whatever the autocast; meta tensors (FLOP counting) have no autocast to leave
         no_autocast = torch.autocast(device.type, enabled=False) if device.type != "meta" else nullcontext()
         with no_autocast:
@@ -76,7 +79,7 @@ class Rope2D(nn.Module):
             angles = angles.flatten(1, 2).tile(2)
             cls_row = torch.zeros(1, angles.shape[1], device=device)
             angles = torch.cat([cls_row, angles])
-            return angles.cos(), angles.sin()
+            return angles.cos().to(self.dtype), angles.sin().to(self.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -85,9 +88,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate in fp32 (the [CLS] row has cos=1, sin=0 and comes out unchanged)."""
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+    """Rotate in cos's dtype, return in x's (the [CLS] row has cos=1, sin=0: unchanged)."""
+    xr = x.to(cos.dtype)
+    return (xr * cos + rotate_half(xr) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
