@@ -1,16 +1,20 @@
 """Every GPU check in one short run, in order of value; each part writes its JSON to $OUT at once.
 
+Round 2 of the performance work (the first round's loader and JPEG checks are in
+docs/results/h100-2026-11-27/):
+
 1. numerics on the GPU: SDPA vs the math reference (fp32), bf16 vs fp32, causality in bf16,
-   compiled blocks vs eager in bf16, xformers vs SDPA where xformers runs;
-2. ``nepa-scale bench``: S/B/L/H, bf16, ZeRO-2, compiled blocks (the performance targets; the eager
-   figures are in docs/performance.md, and the whole script must fit one 600 s device call), with
-   one profiled step each (how busy the device is, how much kernel time is torch.compile's);
-3. the same bench for L with the plain PyTorch loop (the engine's overhead);
-4. the loader on real JPEG photographs with 1, 4 and 8 workers, and nvJPEG decoding on the device,
-   from the photographs and from a copy resized to short side 256 (``nepa-scale resize-data``);
-5. S/14 trained from those JPEGs, decoded in the workers or on the device (is data the bottleneck?);
-6. a summary against the targets (``summary.json``): MFU per model, the engine against the plain
-   loop, predicted memory, the profile, and loader workers per 8-GPU node at the target rates.
+   compiled blocks vs eager in bf16, xformers vs SDPA where xformers loads;
+2. ``nepa-scale bench``: S/B/L/H, bf16, ZeRO-2, compiled blocks, at the micro-batches the memory
+   model fits in the card (on a 141 GB H200: 1536/512/256/128), one profiled step each;
+3. L/14 in the plain PyTorch loop at the same micro-batch (the engine's cost; target <= 5%);
+4. the levers on L/14, one bench each: RoPE in bf16, float8 linear layers (torchao), inductor's
+   max-autotune without CUDA graphs, and ZeRO-2 without its gradient-norm pass (no clipping);
+5. loss over 300 steps of the digits run in bf16: fp32 RoPE against bf16 RoPE and float8;
+6. H/14 with float8;
+7. a summary (``summary.json``): MFU per model against the measured matmul peak and the spec dense
+   bf16 peak (989 TFLOP/s for H100/H200 SXM), the targets, the engine against the plain loop,
+   each lever's img/s against L/14's baseline, and the loss differences.
 
     bash benchmarks/gpu_check.sh            # on the GPU machine (wheels prepared in .whl/)
     python benchmarks/gpu_check.py --smoke  # the same script on this CPU, tiny sizes
@@ -101,7 +105,7 @@ def numerics(device: str, model_name: str, image_size: int) -> dict:
     return result
 
 
-TARGET_MFU = {"nepa_s14": 0.25, "nepa_b14": 0.40, "nepa_l14": 0.50, "nepa_h14": 0.50}  # the issue's
+TARGET_MFU = {"nepa_s14": 0.30, "nepa_b14": 0.40, "nepa_l14": 0.50, "nepa_h14": 0.50}  # issue 20's
 GPUS_PER_NODE = 8
 
 
@@ -110,67 +114,79 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def bench_rows(name: str) -> list[dict]:
+    return [r for r in (load(name) or {}).get("results", []) if "error" not in r]
+
+
+def final_eval_loss(run_dir: Path) -> float | None:
+    lines = (
+        (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    )
+    evals = [json.loads(line) for line in lines if '"kind": "eval"' in line]
+    return evals[-1]["val_loss"] if evals else None
+
+
 def summary() -> dict:
-    """The performance targets against what this run measured: MFU per model, the engine against
-    the plain loop, memory predictions, the profile, and the loader against an 8-GPU node's needs."""
-    zoo, plain, loader = load("bench_zoo.json"), load("bench_plain.json"), load("loader.json")
-    rows, out = [r for r in (zoo or {}).get("results", []) if "error" not in r], {}
+    """The targets against what this run measured: MFU per model (measured and spec peaks), the
+    engine against the plain loop, each lever against L/14's baseline, and the loss checks."""
+    zoo, out = load("bench_zoo.json") or {}, {"matmul_peak_tflops": None, "spec_peak_tflops": None}
+    rows = bench_rows("bench_zoo.json")
+    out.update(matmul_peak_tflops=zoo.get("matmul_peak_tflops"), spec_peak_tflops=zoo.get("spec_peak_tflops"))
     print(
-        f"{'model':<9} {'img/s':>7} {'MFU':>6} {'target':>6} {'met':>4} {'mem GiB':>7} {'pred':>6} {'busy':>5} {'compiled':>8}"
+        f"{'model':<9} {'batch':>5} {'img/s':>7} {'MFU':>6} {'vs spec':>7} {'target':>6} {'met':>5} {'mem GiB':>7} {'pred':>6} {'busy':>5}"
     )
     for r in rows:
-        target, prof = TARGET_MFU.get(r["model"]), r.get("profile") or {}
+        target, busy = TARGET_MFU.get(r["model"]), (r.get("profile") or {}).get("device_busy")
         met = None if target is None else r["mfu"] >= target
-        busy, share = prof.get("device_busy"), prof.get("compiled_kernel_share")
         out[r["model"]] = {
-            "img_per_s": r["img_per_s"],
-            "mfu": r["mfu"],
-            "target_mfu": target,
-            "met": met,
-            "peak_memory_gb": r["peak_memory_gb"],
-            "predicted_memory_gb": r["predicted_memory_gb"],
-            "device_busy": busy,
-            "compiled_kernel_share": share,
-        }
+            key: r.get(key)
+            for key in (
+                "micro_batch",
+                "img_per_s",
+                "mfu",
+                "mfu_vs_spec",
+                "peak_memory_gb",
+                "predicted_memory_gb",
+                "phase_ms",
+            )
+        } | {"target_mfu": target, "met": met, "device_busy": busy}
         print(
-            f"{r['model']:<9} {r['img_per_s']:>7.0f} {r['mfu']:>6.3f} {target or 0:>6.2f} {str(met):>4} "
-            f"{r['peak_memory_gb']:>7.1f} {r['predicted_memory_gb'] or 0:>6.1f} "
-            f"{'-' if busy is None else f'{100 * busy:.0f}%':>5} {'-' if share is None else f'{100 * share:.0f}%':>8}"
+            f"{r['model']:<9} {r['micro_batch']:>5} {r['img_per_s']:>7.0f} {r['mfu']:>6.3f} {r['mfu_vs_spec'] or 0:>7.3f} "
+            f"{target or 0:>6.2f} {str(met):>5} {r['peak_memory_gb']:>7.1f} {r['predicted_memory_gb'] or 0:>6.1f} "
+            f"{'-' if busy is None else f'{100 * busy:.0f}%':>5}"
         )
-    for p in [r for r in (plain or {}).get("results", []) if "error" not in r]:
-        engine = next(
-            (r for r in rows if r["model"] == p["model"] and r["micro_batch"] == p["micro_batch"]), None
-        )
-        if engine:
+    baseline = {r["model"]: r for r in rows}
+    for p in bench_rows("bench_plain.json"):
+        engine = baseline.get(p["model"])
+        if engine and engine["micro_batch"] == p["micro_batch"]:
             cost = 1 - engine["img_per_s"] / p["img_per_s"]
             out.setdefault("engine_vs_plain", {})[p["model"]] = cost
             print(
-                f"{p['model']}: DeepSpeed {engine['img_per_s']:.0f} img/s, plain loop {p['img_per_s']:.0f}: "
-                f"the engine costs {100 * cost:.1f}% (target: at most 5%)"
+                f"{p['model']}: DeepSpeed {engine['img_per_s']:.0f} img/s, plain {p['img_per_s']:.0f}: the engine costs {100 * cost:.1f}% (target <= 5%)"
             )
-    if loader and rows:
-        per_worker = {}
-        for rate in loader["rates"]:  # the best per-worker rate of each output
-            value = rate["img_per_s"] / rate["workers"]
-            per_worker[rate["output"]] = max(per_worker.get(rate["output"], 0.0), value)
-        for r in rows:
-            if r["model"] not in ("nepa_s14", "nepa_b14"):
-                continue
-            need = TARGET_MFU[r["model"]] * zoo["matmul_peak_tflops"] * 1e12 / r["flops_per_image"]
-            workers = {name: GPUS_PER_NODE * need / rate for name, rate in per_worker.items() if rate}
-            gpu_decode = need / loader["device_decode"]["img_per_s"]
-            resized = loader.get("device_decode_resized")
-            out.setdefault("loader", {})[r["model"]] = {
-                "img_per_s_per_gpu_at_target": need,
-                "workers_per_node": workers,
-                "device_decode_share_of_gpu_time": gpu_decode,
-                "device_decode_share_resized": need / resized["img_per_s"] if resized else None,
+    for path in sorted(OUT.glob("lever_*.json")):
+        lever = path.stem.removeprefix("lever_")
+        for r in bench_rows(path.name):
+            base = baseline.get(r["model"])
+            gain = (
+                r["img_per_s"] / base["img_per_s"] - 1
+                if base and base["micro_batch"] == r["micro_batch"]
+                else None
+            )
+            out.setdefault("levers", {})[f"{lever} {r['model']}"] = {
+                "img_per_s": r["img_per_s"],
+                "mfu": r["mfu"],
+                "mfu_vs_spec": r["mfu_vs_spec"],
+                "gain": gain,
             }
             print(
-                f"{r['model']} at its target: {need:.0f} img/s per GPU; workers per {GPUS_PER_NODE}-GPU node: "
-                + ", ".join(f"{name}: {n:.0f}" for name, n in workers.items())
-                + f"; nvJPEG path would take {100 * gpu_decode:.0f}% of a GPU's time"
+                f"lever {lever} on {r['model']}: {r['img_per_s']:.0f} img/s, MFU {r['mfu']:.3f} ({r['mfu_vs_spec'] or 0:.3f} of spec)"
+                + ("" if gain is None else f", {100 * gain:+.1f}% against the baseline")
             )
+    losses = {name: final_eval_loss(OUT / "loss_runs" / name) for name in LOSS_RUNS}
+    if any(v is not None for v in losses.values()):
+        out["final_eval_loss"] = losses
+        print("final eval loss, digits 300 steps bf16: " + ", ".join(f"{k} {v}" for k, v in losses.items()))
     (OUT / "summary.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -209,11 +225,49 @@ def bench(out_name: str, args: list[str], wanted: float, deadline: Deadline) -> 
     run_part(f"bench {out_name}", cmd, wanted, deadline)
 
 
+# One bench per lever on L/14 (and float8 on H/14 too): --set/--override options for `nepa-scale bench`.
+LEVERS = {
+    "rope_bf16": ["--override", "rope_dtype=bf16"],
+    "float8": ["--set", "model.float8=true"],
+    "autotune": ["--set", "model.compile_mode=max-autotune-no-cudagraphs"],
+    "no_grad_norm": [
+        "--set",
+        "optim.clip_grad=0",
+        "--set",
+        "deepspeed.extra.zero_optimization.compute_grad_norm=false",
+    ],
+}
+# 300 steps of configs/digits_tiny.yaml in bf16 on the GPU: the loss each lever gives.
+LOSS_RUNS = {
+    "baseline": [],
+    "rope_bf16": ["model.overrides.rope_dtype=bf16"],
+    "float8": ["model.float8=true"],
+}
+
+
+def loss_runs(smoke: bool, deadline: Deadline) -> None:
+    for name, sets in LOSS_RUNS.items():
+        cmd = [sys.executable, "-m", "nepa_scale.cli", "train", str(REPO / "configs" / "digits_tiny.yaml")]
+        cmd += [
+            f"output_dir={OUT / 'loss_runs' / name}",
+            "deepspeed.precision=bf16",
+            "logging.progress=never",
+            *sets,
+        ]
+        if smoke:  # CPU float8 is an emulation: a few steps of a narrow model
+            cmd += [
+                "budget.images=640",
+                "logging.eval_every=5",
+                "model.overrides.dim=32",
+                "model.overrides.num_heads=2",
+            ]
+        run_part(f"loss run {name}", cmd, 60, deadline)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: check this script runs")
-    parser.add_argument("--photos", default=str(REPO / ".whl" / "photos"), help="JPEGs for the loader check")
-    parser.add_argument("--budget", type=float, default=500, help="seconds the whole script may take")
+    parser.add_argument("--budget", type=float, default=480, help="seconds the whole script may take")
     args = parser.parse_args()
     deadline = Deadline(args.budget)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -226,36 +280,58 @@ def main() -> None:
     print(json.dumps(result, indent=1), flush=True)
     (OUT / "numerics.json").write_text(json.dumps(result, indent=1))
 
-    section("bench: the zoo, bf16, ZeRO-2, compiled blocks")
+    section("bench: the zoo, bf16, ZeRO-2, compiled blocks, the micro-batches that fit")
     if args.smoke:
-        zoo = ["--models", "nepa_tiny", "--batch", "32", "--steps", "2", "--repeats", "2", "--warmup", "1"]
+        timing = ["--steps", "2", "--repeats", "1", "--warmup", "1"]
+        zoo = ["--models", "nepa_tiny", "--batch", "32", *timing]
+        large = [
+            "--models",
+            "nepa_tiny",
+            "--batch",
+            "8",
+            *timing,
+            "--override",
+            "dim=32",
+            "--override",
+            "num_heads=2",
+        ]
+        huge = large
     else:
-        zoo = ["--models", "nepa_s14,nepa_b14,nepa_l14,nepa_h14", "--batch", "768,256,128,64"]
-        zoo += ["--steps", "8", "--repeats", "2", "--warmup", "3", "--workers", "10", "--case-timeout", "150"]
-    zoo += ["--profile", "1"]  # device busy share and compiled-kernel share: does compile take effect?
-    bench("bench_zoo.json", [*zoo, "--zero", "2", "--compile", "blocks"], 300, deadline)
+        timing = [
+            "--steps",
+            "6",
+            "--repeats",
+            "2",
+            "--warmup",
+            "3",
+            "--workers",
+            "10",
+            "--case-timeout",
+            "120",
+        ]
+        zoo = ["--models", "nepa_s14,nepa_b14,nepa_l14,nepa_h14", "--batch", "1536,512,256,128", *timing]
+        large = ["--models", "nepa_l14", "--batch", "256", *timing]
+        huge = ["--models", "nepa_h14", "--batch", "128", *timing]
+    bench("bench_zoo.json", [*zoo, "--zero", "2", "--compile", "blocks", "--profile", "1"], 240, deadline)
 
-    section("bench: L/14 in a plain PyTorch loop (the engine's overhead)")
-    plain = zoo[:]
-    if not args.smoke:
-        plain[1:4] = ["nepa_l14", "--batch", "128"]
-    bench("bench_plain.json", [*plain, "--engine", "plain", "--compile", "blocks"], 120, deadline)
+    section("bench: L/14 in a plain PyTorch loop (the engine's cost)")
+    bench("bench_plain.json", [*large, "--engine", "plain", "--compile", "blocks"], 60, deadline)
 
-    section("loader: real JPEGs, decode + augment per worker, and nvJPEG on the device")
-    jpegs = OUT / "jpegs" if args.smoke else Path("/tmp/nepa-jpegs")
-    loader = [sys.executable, str(REPO / "benchmarks" / "loader.py"), "--photos", args.photos]
-    loader += ["--keep", str(jpegs), "--images", "64" if args.smoke else "3072", "--resize", "256"]
-    loader += ["--workers", "1,2"] if args.smoke else ["--workers", "1,4,8"]
-    run_part("loader", loader, 150, deadline)
+    for lever, options in LEVERS.items():
+        section(f"lever on L/14: {lever}")
+        bench(f"lever_{lever}.json", [*large, "--zero", "2", "--compile", "blocks", *options], 75, deadline)
 
-    section("bench: S/14 on those JPEGs, decoded by PIL in the workers or on the device")
-    if args.smoke:
-        real = [*zoo, "--override", "image_size=224", "--override", "patch_size=14", "--workers", "1"]
-    else:
-        real = ["--models", "nepa_s14", "--batch", "256", "--steps", "6", "--repeats", "1", "--warmup", "2"]
-        real += ["--workers", "10"]
-    real += ["--data", str(jpegs), "--decode", "cpu,device", "--compile", "blocks"]
-    bench("bench_jpeg.json", real, 180, deadline)
+    section("loss: 300 steps of the digits in bf16, fp32 RoPE vs bf16 RoPE vs float8")
+    loss_runs(args.smoke, deadline)
+
+    section("lever on H/14: float8")
+    bench(
+        "lever_float8_h14.json",
+        [*huge, "--zero", "2", "--compile", "blocks", *LEVERS["float8"]],
+        90,
+        deadline,
+    )
+
     section("summary: the targets")
     summary()
     print(f"\ngpu_check finished in {time.time() - started:.0f} s", flush=True)
