@@ -4,6 +4,10 @@ Run one process per rank (torchrun, srun, or RANK/WORLD_SIZE/MASTER_ADDR/MASTER_
 
     torchrun --nproc-per-node 2 benchmarks/comm_bytes.py --stages 1,2,3 --out comm.json [KEY=VALUE ...]
 
+A stage may carry one more override of its own, ``3:KEY=VALUE`` (e.g. a small
+``deepspeed.extra.zero_optimization.stage3_max_reuse_distance``, to see parameters gathered again
+in backward).
+
 For each ZeRO stage every rank builds the run exactly as ``nepa-scale train`` does (the trainer's
 own model, optimizer and DeepSpeed engine, from configs/digits_tiny.yaml and the overrides) with
 DeepSpeed's communication logger on, runs warm-up steps (ZeRO-3 records its parameter trace in the
@@ -33,17 +37,20 @@ def logged() -> dict[str, tuple[int, float]]:
     }
 
 
-def measure_stage(config_path: Path, overrides: list[str], stage: int, warmup: int, steps: int) -> dict:
+def measure_stage(config_path: Path, overrides: list[str], spec: str, warmup: int, steps: int) -> dict:
+    """``spec``: a ZeRO stage, optionally ``STAGE:KEY=VALUE`` with an override for this stage only."""
     import deepspeed
 
-    from nepa_scale.comm import planned_collectives
     from nepa_scale.config import load_config
     from nepa_scale.engine.trainer import Trainer
+    from nepa_scale.launch.plan import planned_collectives
 
     with tempfile.TemporaryDirectory() as tmp:
         logger = "deepspeed.extra.comms_logger={enabled: true, prof_all: true, verbose: false}"
+        stage, _, own = spec.partition(":")
+        extra = [own] if own else []
         config = load_config(
-            config_path, [*overrides, f"output_dir={tmp}", f"deepspeed.zero_stage={stage}", logger]
+            config_path, [*overrides, f"output_dir={tmp}", f"deepspeed.zero_stage={stage}", logger, *extra]
         )
         trainer = Trainer(config)
         engine, _, _ = trainer.build_engine(resume=False)
@@ -72,7 +79,8 @@ def measure_stage(config_path: Path, overrides: list[str], stage: int, warmup: i
         entry["calls"] += c.calls
         entry["bytes"] += c.logged_bytes
     return {
-        "zero_stage": stage,
+        "zero_stage": int(stage),
+        "stage_override": own or None,
         "world_size": world.world_size,
         "micro_batch": settings.micro_batch,
         "accumulation_steps": settings.accumulation_steps,
@@ -82,6 +90,12 @@ def measure_stage(config_path: Path, overrides: list[str], stage: int, warmup: i
         "measured_per_step": {op: v for op, v in measured.items() if v["calls"] or v["bytes"]},
         "predicted_per_step": predicted,
     }
+
+
+def label(result: dict) -> str:
+    return f"ZeRO-{result['zero_stage']}" + (
+        f" ({result['stage_override']})" if result["stage_override"] else ""
+    )
 
 
 SCALARS_BYTES = 1024  # per step: DeepSpeed's scalar agreements (gradient norm, overflow), not modelled
@@ -98,7 +112,7 @@ def disagreements(result: dict, tolerance: float) -> list[str]:
         if want == 0 and got < SCALARS_BYTES:
             continue
         if abs(got - want) > tolerance * max(want, 1.0):
-            out.append(f"ZeRO-{result['zero_stage']} {op}: measured {got:,.0f} B/step, predicted {want:,.0f}")
+            out.append(f"{label(result)} {op}: measured {got:,.0f} B/step, predicted {want:,.0f}")
     return out
 
 
@@ -113,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="config overrides, KEY=VALUE")
     args = parser.parse_args(argv)
     results = [
-        measure_stage(Path(args.config), args.overrides, int(stage), args.warmup, args.steps)
-        for stage in args.stages.split(",")
+        measure_stage(Path(args.config), args.overrides, spec, args.warmup, args.steps)
+        for spec in args.stages.split(",")
     ]
     import torch.distributed as dist
 
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         for op, want in sorted(result["predicted_per_step"].items()):
             got = result["measured_per_step"].get(op, {"bytes": 0.0, "calls": 0})
             print(
-                f"ZeRO-{result['zero_stage']} {op:<22} measured {got['bytes']:>12,.0f} B in {got['calls']:>5.1f} calls"
+                f"{label(result)} {op:<22} measured {got['bytes']:>12,.0f} B in {got['calls']:>5.1f} calls"
                 f"  predicted {want['bytes']:>12,.0f} B in {want['calls']:>5} calls"
             )
     print("\n".join(problems) or f"every collective within {100 * args.tolerance:.0f}% of the prediction")

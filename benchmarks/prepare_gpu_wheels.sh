@@ -3,7 +3,7 @@
 # reaches no package registry: a DeepSpeed wheel (PyPI has only its source: built here without
 # ops), pydantic and hjson for the GPU image's Python (3.12), torchao (model.float8) and xformers
 # (3 MB each; whether xformers' kernels load against the image's torch is one of the checks), and
-# two JPEG photographs for the loader check. Run on this machine just before lending a GPU; about a minute.
+# two JPEG photographs for benchmarks/loader.py (its check ran on 2026-11-27). Run on this machine just before lending a GPU; about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -223,14 +223,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.action == "plan":
-        from nepa_scale.launch.plan import plan_table
+        from nepa_scale.launch.plan import plan_run, plan_table
 
         against = None
         if args.against:
             against = load_sweep(args.against, executor=args.executor, overrides=args.set)
         print(f"sweep {sweep.name}: {len(sweep.runs)} runs -> {sweep.output_root}")
-        print(plan_table(sweep, against, comm=args.comm))
-        return 1 if any(run.error for run in sweep.runs) else 0
+        plans = [plan_run(run) for run in sweep.runs]
+        print(plan_table(sweep, against, comm=args.comm, plans=plans))
+        return 1 if any(plan.error for plan in plans) else 0
     if args.action == "attach":
         return _attach(sweep, args)
     if args.action == "launch":

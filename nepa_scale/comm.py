@@ -10,10 +10,12 @@ against its communication logger in a 2-process run (``benchmarks/comm_bytes.py`
 - ZeRO-2: the same all-reduce after *every* micro-batch (a rank keeps only its partition of the
   gradients, so it cannot accumulate them unreduced); the same all-gather.
 - ZeRO-3: a reduce-scatter of the gradients after every micro-batch; an all-gather of the
-  parameters in every micro-batch's forward. DeepSpeed keeps them gathered for the backward while
-  the model is within ``stage3_max_live_parameters`` and ``stage3_max_reuse_distance`` (1e9
-  elements by default, larger than the zoo); beyond that they are gathered again in backward.
-  Nothing after the step. (The first step gathers twice: DeepSpeed is still recording the trace.)
+  parameters in every micro-batch's forward. DeepSpeed keeps a gathered parameter for its
+  backward when the parameters fetched in between (the rest of the forward and the backward of
+  the later modules: about 2 x the parameters after it) are within ``stage3_max_reuse_distance``
+  (1e9 elements by default); the others are gathered again in backward: none up to L/14, about
+  a fifth of H/14's parameters (its first blocks). Nothing after the step. (The first step gathers
+  everything twice: DeepSpeed is still recording its trace.)
 
 DeepSpeed's ZeRO-1/2 gradient "reduce-scatter" is an all-reduce of each bucket of
 ``reduce_bucket_size`` elements after which each rank keeps its own slice
@@ -37,6 +39,7 @@ schedule). Hidden communication is assumed not to slow the kernels it runs besid
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,21 +55,39 @@ class ZeroOptions:
     stage: int
     overlap_comm: bool
     reduce_bucket_size: int  # elements
-    max_live_parameters: int = 10**9  # ZeRO-3
-    max_reuse_distance: int = 10**9  # ZeRO-3
+    max_reuse_distance: int = 10**9  # ZeRO-3, elements
+
+    def gathered_again(self, module_params: Sequence[int]) -> list[int]:
+        """ZeRO-3: the parameter counts of the modules (in forward order) that are gathered again in
+        backward: those with more than ``max_reuse_distance`` elements fetched between their two
+        uses, twice the parameters of the modules after them."""
+        total, seen, again = sum(module_params), 0, []
+        for n in module_params:
+            seen += n
+            if 2 * (total - seen) > self.max_reuse_distance:
+                again.append(n)
+        return again
+
+    def regathered_share(self, params: int) -> float:
+        """``gathered_again`` for a model of many small modules: the share of its parameters."""
+        return min(1.0, max(0.0, 1 - self.max_reuse_distance / (2 * params)))
 
 
 def zero_options(zero_optimization: dict[str, Any]) -> ZeroOptions:
     """A run's ``zero_optimization`` section with DeepSpeed's defaults filled in by DeepSpeed."""
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    z = DeepSpeedZeroConfig(**zero_optimization)
+    from nepa_scale.config import ConfigError
+
+    try:
+        z = DeepSpeedZeroConfig(**zero_optimization)
+    except ValueError as exc:  # pydantic's ValidationError: an unknown key or a refused value
+        detail = " ".join(str(exc).split(" For further information")[0].split())
+        raise ConfigError(
+            f"deepspeed: DeepSpeed refuses zero_optimization {zero_optimization}: {detail}"
+        ) from None
     return ZeroOptions(
-        int(z.stage),
-        bool(z.overlap_comm),
-        int(z.reduce_bucket_size),
-        int(z.max_live_parameters),
-        int(z.max_reuse_distance),
+        int(z.stage), bool(z.overlap_comm), int(z.reduce_bucket_size), int(z.max_reuse_distance)
     )
 
 
@@ -99,10 +120,16 @@ class Collective:
 
 
 def step_collectives(
-    params: int, world_size: int, accumulation: int, element_bytes: int, zero: ZeroOptions, modules: int = 1
+    params: int,
+    world_size: int,
+    accumulation: int,
+    element_bytes: int,
+    zero: ZeroOptions,
+    module_params: Sequence[int] = (),
 ) -> list[Collective]:
-    """The collectives of one optimizer step (steady state). ``modules``: modules that own
-    parameters (ZeRO-3 gathers each one's parameters in its own call)."""
+    """The collectives of one optimizer step (steady state). ``module_params``: the parameter
+    counts of the modules that own parameters, in forward order (ZeRO-3 gathers each module's
+    parameters in its own call); default: one module."""
     if world_size == 1 or zero.stage == 0:
         return []  # one rank talks to nobody; ZeRO-0 (DeepSpeed's plain data parallel) is not modelled
     size = params * element_bytes
@@ -113,13 +140,16 @@ def step_collectives(
             Collective(ALL_REDUCE, "gradients", size / buckets, buckets, rounds, True),
             Collective(ALL_GATHER, "parameters after the step", size / world_size, 1, 1, False),
         ]
-    within = params <= min(zero.max_live_parameters, zero.max_reuse_distance)
-    gathers = accumulation * (1 if within else 2)
-    what = "parameters for forward" + ("" if within else " and backward")
-    return [
-        Collective(REDUCE_SCATTER, "gradients", size / buckets, buckets, accumulation, True),
-        Collective(ALL_GATHER, what, size / world_size / modules, modules, gathers, False),
-    ]
+    modules = list(module_params) or [params]
+    forward = size / world_size / len(modules)
+    gathers = [Collective(ALL_GATHER, "parameters for forward", forward, len(modules), accumulation, False)]
+    again = zero.gathered_again(modules)
+    if again:
+        share = sum(again) * element_bytes / world_size / len(again)
+        gathers.append(
+            Collective(ALL_GATHER, "parameters again for backward", share, len(again), accumulation, False)
+        )
+    return [Collective(REDUCE_SCATTER, "gradients", size / buckets, buckets, accumulation, True), *gathers]
 
 
 @dataclass(frozen=True)
@@ -162,23 +192,3 @@ def step_time(
         hidden_room = backward * (c.buckets - 1) / c.buckets
         exposed += c.rounds * max(per_round / c.buckets, per_round - hidden_room)
     return StepTime(compute_s, comm, exposed)
-
-
-def planned_collectives(
-    config, model, world_size: int, settings, device_type: str
-) -> tuple[list[Collective], ZeroOptions]:
-    """A run's collectives per step, from the DeepSpeed config the trainer generates for it.
-    ``model``: the run's model, on any device (meta for the planner), or DeepSpeed's module (under
-    ZeRO-3 its parameters are partitioned: their full sizes are in ``ds_numel``)."""
-    import torch
-
-    from nepa_scale.engine.distributed import World, deepspeed_config
-
-    world = World(0, 0, world_size, torch.device(device_type), "nccl" if device_type == "cuda" else "gloo")
-    zero = zero_options(deepspeed_config(config, world, settings, load_universal=False)["zero_optimization"])
-    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    modules = sum(1 for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
-    element_bytes = 2 if settings.precision == "bf16" else 4
-    return step_collectives(
-        params, world_size, settings.accumulation_steps, element_bytes, zero, modules
-    ), zero

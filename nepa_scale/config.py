@@ -127,8 +127,8 @@ class DeepSpeedConfig:
     # it is off: a non-finite loss stops the run instead. Turn it on for a run that keeps stopping.
     check_grad_overflow: bool = False
     # Communication (nepa_scale/comm.py: what they change). None keeps DeepSpeed's default: overlap
-    # gradient reduction with backward for ZeRO-3 only; gradient buckets of 5e8 elements, more
-    # than the zoo's models, so a model's gradients go in one piece after its backward.
+    # gradient reduction with backward for ZeRO-3 only; gradient buckets of 5e8 elements, so up to
+    # L/14 a model's gradients go in one piece after its backward (H/14's in two).
     overlap_comm: bool | None = None
     reduce_bucket_size: int | None = None  # elements
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
@@ -466,6 +466,10 @@ def validate(c: RunConfig) -> None:
     _require(
         c.model.compile_mode in COMPILE_MODES,
         f"model.compile_mode: unknown mode '{c.model.compile_mode}' (choose from {', '.join(COMPILE_MODES)})",
+    )
+    _require(
+        c.model.compile_mode == "default" or c.model.compiled,
+        f"model.compile_mode: {c.model.compile_mode} needs model.compile blocks or model (it is none)",
     )
     if c.model.float8:
         import importlib.util

@@ -26,12 +26,13 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from nepa_scale.comm import ZeroOptions
 from nepa_scale.models.arch import NepaArch, checkpointed_blocks
 
 GIB = 2**30
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 DEEPSPEED_REDUCE_BUCKET = 5e8  # elements: ZeRO-2's default contiguous gradient buffer
-STAGE3_LIVE_PARAMETERS = 1e9  # elements: DeepSpeed's default stage3_max_live_parameters
+STAGE3_REUSE_DISTANCE = 10**9  # elements: DeepSpeed's default stage3_max_reuse_distance
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,11 @@ def state_bytes(params: int, precision: str, zero_stage: int, world_size: int) -
     if zero_stage >= 2:
         grads /= w
     if zero_stage >= 3:
-        # Each rank holds its partition, and DeepSpeed keeps every parameter it gathers in forward
-        # until its backward while the model is within stage3_max_live_parameters (1e9 elements by
-        # default, the whole zoo): one gather per micro-batch (nepa_scale/comm.py, measured), so
-        # the whole weights are live through the step as well.
-        weights = weights / w + (weights if params <= STAGE3_LIVE_PARAMETERS else 0.0)
+        # Each rank holds its partition, and DeepSpeed keeps what it gathers in forward until its
+        # backward within stage3_max_reuse_distance (nepa_scale/comm.py, measured): all the
+        # weights up to L/14, four fifths of H/14's are live through the step as well.
+        kept = 1 - ZeroOptions(3, True, 1, STAGE3_REUSE_DISTANCE).regathered_share(params)
+        weights = weights / w + weights * kept
     if zero_stage >= 2:
         return weights + grads + optimizer, fp32_grads
     return weights + grads + optimizer + fp32_grads, 0.0

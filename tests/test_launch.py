@@ -480,14 +480,18 @@ def test_step_time_counts_ring_traffic_and_hides_all_but_the_last_bucket():
     assert slow_network.exposed_s == pytest.approx(10 * wire - 0.2 * 3 / 4)  # backward hides 150 ms of it
 
 
-def test_sweep_plan_predicts_step_time_and_scaling_efficiency_from_the_bench_and_the_network(capsys):
+def test_sweep_plan_predicts_step_time_and_scaling_efficiency_from_the_bench_and_the_network(
+    tmp_path, capsys
+):
     """B/14 at batch 4096 on 8, 64 and 512 H100s (sweeps/scale_out_h100.yaml): one device's step is
-    the profile's measured bench case scaled to the run's images per GPU, the communication is
-    DeepSpeed's per ZeRO stage at the profile's bandwidths, and efficiency falls with scale."""
+    the profile's measured bench case (compiled blocks, like the runs) scaled to the run's images
+    per GPU, the communication is DeepSpeed's per ZeRO stage at the profile's bandwidths, and
+    efficiency falls with scale. Runs the planner cannot cost get an INVALID row, not a crash."""
     from nepa_scale.cli import main
     from nepa_scale.launch.plan import plan_run
 
-    sweep = load_sweep(REPO / "sweeps" / "scale_out_h100.yaml", overrides=["model.compile=none"])
+    path = REPO / "sweeps" / "scale_out_h100.yaml"
+    sweep = load_sweep(path)
     plans = {
         (run.resources.nodes, run.config.deepspeed.zero_stage): plan_run(run)
         for run in sweep.runs
@@ -501,7 +505,7 @@ def test_sweep_plan_predicts_step_time_and_scaling_efficiency_from_the_bench_and
     for nodes, images in ((1, 512), (8, 64), (64, 8)):
         expected = (images * per_image + ms["optimizer"]) / 1e3
         assert plans[nodes, 2].timing.compute_s == pytest.approx(expected)
-        assert "nepa_b14 b256 z2" in plans[nodes, 2].compute_source
+        assert "nepa_b14 b256 z2 compile=blocks" in plans[nodes, 2].compute_source
     # ZeRO-1 on 512 GPUs: a bf16 all-reduce of the gradients and an all-gather of the parameters,
     # both after backward, at the profile's 40 GB/s per GPU and 30 us per call.
     n, size = 512, 2 * plans[64, 1].params
@@ -510,22 +514,22 @@ def test_sweep_plan_predicts_step_time_and_scaling_efficiency_from_the_bench_and
     for stage in (1, 2, 3):
         efficiency = [plans[nodes, stage].timing.efficiency for nodes in (1, 8, 64)]
         assert 0.95 < efficiency[0] <= 1 and efficiency[0] > efficiency[1] > efficiency[2], efficiency
-    assert (
-        main(
-            [
-                "sweep",
-                "plan",
-                str(REPO / "sweeps" / "scale_out_h100.yaml"),
-                "--comm",
-                "--set",
-                "model.compile=none",
-            ]
-        )
-        == 0
-    )
+    # Eager runs have no eager bench case: the profile's TFLOP/s.
+    (eager,) = [
+        r for r in load_sweep(path, overrides=["model.compile=none"]).runs if r.run_id == sweep.runs[0].run_id
+    ] or [None]
+    assert eager is None or "300 TFLOP/s" in plan_run(eager).compute_source
+    assert main(["sweep", "plan", str(path), "--comm"]) == 0
     out = capsys.readouterr().out
     assert "step s" in out and "eff" in out and out.count("reduce_scatter_tensor  gradients") == 9
     assert "measured by bench for 18 of 27 runs, else 300 TFLOP/s" in out  # H/14 has no bench case
+    # A setting DeepSpeed refuses, or an epochs budget without its data: one INVALID row per run.
+    paper = str(REPO / "sweeps" / "paper_b14.yaml")
+    typo = "deepspeed.extra.zero_optimization.overlap_com=true"
+    assert main(["sweep", "plan", paper, "--set", "budget.epochs=null", "budget.images=4096000", typo]) == 1
+    assert "INVALID: deepspeed: DeepSpeed refuses zero_optimization" in capsys.readouterr().out
+    assert main(["sweep", "plan", paper, "--set", f"data.root={tmp_path}"]) == 1
+    assert "INVALID: data:" in capsys.readouterr().out
 
 
 def test_sweep_plan_takes_every_set_and_checkpoints_what_the_profile_memory_needs(tmp_path, capsys):

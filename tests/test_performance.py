@@ -223,12 +223,15 @@ def test_bf16_overflow_check_is_off_unless_asked_for(tmp_path, check_grad_overfl
 def test_communication_model_counts_what_deepspeed_sends(tmp_path):
     """ZeRO-1, 2 and 3 in a real 2-process gloo run with DeepSpeed's communication logger on: the
     bytes per step of every collective within 5% of nepa_scale/comm.py's count (what ``sweep plan``
-    times), with bf16 gradients, two micro-batches per step and gradient buckets smaller than the
-    model. The measurement itself shows what the model is about."""
+    times), with bf16 gradients, two micro-batches per step, gradient buckets smaller than the
+    model, and ZeRO-3 also with a reuse distance short enough that the first block's parameters
+    are gathered again in backward. The measurement itself shows what the model is about."""
     from tests.helpers import SMALL, free_port
 
     out, port = tmp_path / "comm.json", str(free_port())
-    cmd = [sys.executable, str(REPO / "benchmarks" / "comm_bytes.py"), "--out", str(out), SMALL[0]]
+    reuse = "3:deepspeed.extra.zero_optimization.stage3_max_reuse_distance=59232"  # the model's size
+    cmd = [sys.executable, str(REPO / "benchmarks" / "comm_bytes.py"), "--out", str(out), "--stages"]
+    cmd += [f"1,2,3,{reuse}", SMALL[0]]
     cmd += ["budget.global_batch=32", "budget.micro_batch=8", "deepspeed.precision=bf16"]
     cmd += ["deepspeed.reduce_bucket_size=20000", "deepspeed.overlap_comm=true"]
     ranks = [
@@ -248,7 +251,8 @@ def test_communication_model_counts_what_deepspeed_sends(tmp_path):
     assert [rank.returncode for rank in ranks] == [0, 0], logs[0][-3000:]
     report = json.loads(out.read_text())
     assert report["problems"] == [] and report["tolerance"] == 0.05
-    results = {r["zero_stage"]: r for r in report["results"]}
+    *results, regathered = report["results"]
+    results = {r["zero_stage"]: r for r in results}
     assert sorted(results) == [1, 2, 3] and results[1]["accumulation_steps"] == 2
     sent = {stage: r["measured_per_step"] for stage, r in results.items()}
     gradients = 2 * results[1]["params"]  # bf16
@@ -256,7 +260,10 @@ def test_communication_model_counts_what_deepspeed_sends(tmp_path):
     assert sent[2]["all_reduce"]["bytes"] == pytest.approx(2 * gradients, rel=0.01)  # every micro-batch
     assert sent[3]["reduce_scatter_tensor"]["bytes"] == pytest.approx(2 * gradients, rel=0.01)
     assert sent[3]["all_reduce"]["bytes"] < 1024  # scalars only
-    assert sent[1]["all_reduce"]["calls"] >= 3  # more than one bucket: 35k gradients, 20k per bucket
+    assert sent[1]["all_reduce"]["calls"] >= 3  # more than one bucket: 59k gradients, 20k per bucket
+    # the first block (but its last MLP layer) gathered again: a third more than once per micro-batch
+    again = regathered["measured_per_step"]["all_gather_into_tensor"]["bytes"]
+    assert 1.3 < again / sent[3]["all_gather_into_tensor"]["bytes"] < 1.4
 
 
 def test_float8_converts_the_block_linears_and_trains_through_the_engine(tmp_path):

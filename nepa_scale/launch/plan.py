@@ -23,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nepa_scale.comm import Collective, StepTime, planned_collectives, step_time
+import torch
+
+from nepa_scale.comm import Collective, StepTime, ZeroOptions, step_collectives, step_time, zero_options
 from nepa_scale.config import ConfigError, RunConfig
+from nepa_scale.engine.distributed import World, deepspeed_config
 from nepa_scale.engine.settings import StepSettings, resolve_step_settings
 from nepa_scale.engine.tasks import planned_arch_and_flops
 from nepa_scale.errors import DataError
@@ -57,29 +60,41 @@ class RunPlan:
     world_size: int = 1
 
 
+CASE_KEYS = ("model", "engine", "precision", "flops_per_image", "zero_stage", "micro_batch", "compile")
+PHASE_KEYS = ("data", "forward", "backward", "optimizer")
+
+
 @functools.lru_cache(maxsize=8)
 def _bench_cases(path: str) -> tuple[dict[str, Any], ...]:
+    """A bench report's measured cases, each with the fields the planner reads (or a one-line error)."""
     try:
-        report = json.loads(Path(path).read_text())
-        return tuple(r for r in report["results"] if "error" not in r)
+        cases = [r for r in json.loads(Path(path).read_text())["results"] if "error" not in r]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(f"bench_results: cannot read {path} as a nepa-scale bench report ({exc})") from None
+    for i, case in enumerate(cases):
+        missing = [k for k in CASE_KEYS if k not in case] + [
+            f"phase_ms.{k}" for k in PHASE_KEYS if k not in case.get("phase_ms", {})
+        ]
+        if missing:
+            raise ConfigError(f"bench_results: {path}: results[{i}] has no {', '.join(missing)}")
+    return tuple(cases)
 
 
 def measured_case(
-    profile: ClusterProfile, model: str, flops_per_image: float, settings: StepSettings, zero_stage: int
-):
-    """The bench case that measured this run's step on one device: same model, FLOPs per image
-    (the same shape) and precision, on the DeepSpeed engine; the same ZeRO stage if measured, then
-    the micro-batch nearest the run's; a case of the recorded defaults (no ``--set``) before
-    others. None when the profile has none."""
+    profile: ClusterProfile, config: RunConfig, flops_per_image: float, settings: StepSettings
+) -> tuple[dict[str, Any], str] | None:
+    """The bench case (and its file) that measured this run's step on one device: same model,
+    FLOPs per image (the same shape), precision and compilation (compiled or not), on the
+    DeepSpeed engine; then the same ZeRO stage if measured, a case of the recorded defaults (no
+    ``--set``), and the micro-batch nearest the run's. None when the profile has none."""
     cases = [
         (case, path)
         for path in profile.bench_results
         for case in _bench_cases(path)
-        if case["model"] == model
+        if case["model"] == config.model.name
         and case["engine"] == "deepspeed"
         and case["precision"] == settings.precision
+        and (case["compile"] != "none") == config.model.compiled
         and abs(case["flops_per_image"] / flops_per_image - 1) < 1e-6
     ]
     if not cases:
@@ -87,7 +102,7 @@ def measured_case(
     return min(
         cases,
         key=lambda cp: (
-            cp[0]["zero_stage"] != zero_stage,
+            cp[0]["zero_stage"] != config.deepspeed.zero_stage,
             bool(cp[0].get("settings")),
             abs(cp[0]["micro_batch"] - settings.micro_batch),
         ),
@@ -95,27 +110,50 @@ def measured_case(
 
 
 def one_device_step(
-    config: RunConfig, settings: StepSettings, flops_per_image: float, profile: ClusterProfile
+    config: RunConfig, arch: NepaArch, settings: StepSettings, flops_per_image: float, profile: ClusterProfile
 ) -> tuple[float, float, str]:
     """(step seconds, backward seconds, source) of the run's step on one device: all its
-    micro-batches, no communication."""
+    micro-batches, no communication. Checkpointed blocks add their forward again to backward."""
     images = settings.micro_batch * settings.accumulation_steps
-    found = measured_case(profile, config.model.name, flops_per_image, settings, config.deepspeed.zero_stage)
+    found = measured_case(profile, config, flops_per_image, settings)
     if found is None:
-        step = images * flops_per_image / (profile.device_tflops * 1e12)
-        return step, step * 2 / 3, f"{profile.device_tflops:g} TFLOP/s"
+        forward = images * flops_per_image / 3 / (profile.device_tflops * 1e12)  # 6N: 2N forward, 4N backward
+        backward = 2 * forward + forward * settings.checkpointed_blocks / arch.depth
+        return forward + backward, backward, f"{profile.device_tflops:g} TFLOP/s"
     case, path = found
-    ms = case["phase_ms"]
-    per_image = (ms["data"] + ms["forward"] + ms["backward"]) / case["micro_batch"] / 1e3
-    backward = images * ms["backward"] / case["micro_batch"] / 1e3
-    source = f"bench {Path(path).name}: {case['model']} b{case['micro_batch']} z{case['zero_stage']}"
-    return images * per_image + ms["optimizer"] / 1e3, backward, source
+    ms, per = (
+        case["phase_ms"],
+        images / case["micro_batch"] / 1e3,
+    )  # ms per case micro-batch -> s per run step
+    recompute = (
+        ms["forward"] * (settings.checkpointed_blocks - case.get("checkpointed_blocks", 0)) / arch.depth
+    )
+    backward = (ms["backward"] + recompute) * per
+    step = (ms["data"] + ms["forward"]) * per + backward + ms["optimizer"] / 1e3
+    source = f"bench {Path(path).name}: {case['model']} b{case['micro_batch']} z{case['zero_stage']} compile={case['compile']}"
+    return step, backward, source
+
+
+def planned_collectives(
+    config: RunConfig, model: torch.nn.Module, world_size: int, settings: StepSettings, device_type: str
+) -> tuple[list[Collective], ZeroOptions]:
+    """A run's collectives per step, from the DeepSpeed config the trainer generates for it.
+    ``model``: the run's model, on any device (meta for the planner), or DeepSpeed's module (under
+    ZeRO-3 its parameters are partitioned: their full sizes are in ``ds_numel``)."""
+    world = World(0, 0, world_size, torch.device(device_type), "nccl" if device_type == "cuda" else "gloo")
+    zero = zero_options(deepspeed_config(config, world, settings, load_universal=False)["zero_optimization"])
+
+    def size(module: torch.nn.Module) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters(recurse=False))
+
+    modules = [n for n in (size(m) for m in model.modules()) if n]  # registration order: forward's
+    element_bytes = 2 if settings.precision == "bf16" else 4
+    accumulation = settings.accumulation_steps
+    return step_collectives(sum(modules), world_size, accumulation, element_bytes, zero, modules), zero
 
 
 def planned_model(config: RunConfig, arch: NepaArch):
     """The run's model on the meta device (shapes only): what its parameters and modules are."""
-    import torch
-
     from nepa_scale.engine.tasks import SegmentTask
     from nepa_scale.models.vit import NEPA
 
@@ -137,8 +175,8 @@ def plan_run(run: PlannedRun) -> RunPlan:
         return RunPlan(run.run_id, model, design, **unknown, error=run.error)
     c = run.config
     arch, flops_per_image = planned_arch_and_flops(c)
-    model = planned_model(c, arch)
-    params = sum(p.numel() for p in model.parameters())
+    net = planned_model(c, arch)
+    params = sum(p.numel() for p in net.parameters())
     try:
         steps = training_steps(c)
     except (DataError, OSError) as exc:  # an epochs budget needs the dataset's size
@@ -150,8 +188,11 @@ def plan_run(run: PlannedRun) -> RunPlan:
     settings = resolve_step_settings(
         c, arch, r.world_size, device_type, memory_gb=r.device_memory_gb, predict_memory=True
     )
-    compute_s, backward_s, source = one_device_step(c, settings, flops_per_image, r)
-    collectives, zero = planned_collectives(c, model, r.world_size, settings, device_type)
+    compute_s, backward_s, source = one_device_step(c, arch, settings, flops_per_image, r)
+    try:
+        collectives, zero = planned_collectives(c, net, r.world_size, settings, device_type)
+    except ConfigError as exc:  # DeepSpeed refuses the run's zero_optimization settings
+        return RunPlan(run.run_id, model, design, **dict(unknown, params=params), error=str(exc))
     timing = step_time(
         collectives,
         r.world_size,
@@ -229,8 +270,11 @@ def comm_lines(p: RunPlan) -> list[str]:
     return lines
 
 
-def plan_table(sweep: Sweep, against: Sweep | None = None, comm: bool = False) -> str:
-    plans = [plan_run(run) for run in sweep.runs]
+def plan_table(
+    sweep: Sweep, against: Sweep | None = None, comm: bool = False, plans: list[RunPlan] | None = None
+) -> str:
+    """The plan of every run (``plans``, when already made), the totals, and what they assume."""
+    plans = plans if plans is not None else [plan_run(run) for run in sweep.runs]
     head = (
         f"{'run id':<46} {'model':<10} {'design':<13} {'N params':>11} {'D images':>13} {'C FLOPs':>9} "
         f"{'dev-h':>9} {'wall-h':>8} {'mem GB':>7} {'ckpt':>4} {'step s':>7} {'eff':>5}  layout"

@@ -40,8 +40,8 @@ class NepaArch:
     norm_eps: float = 1e-12
     rope_theta: float = 100.0
     rope_rescale: float | None = 2.0  # train-time log-uniform coordinate rescale in [1/r, r]
-    # The rotation's arithmetic: fp32 (the released models) or bf16 (DINOv3's option for its large
-    # models: half the bytes where RoPE is not fused; docs/performance.md: the numerics).
+    # RoPE's cos/sin and, for bf16 activations, its arithmetic: fp32 (the released models) or bf16
+    # (DINOv3's option: half the bytes where RoPE is not fused; docs/performance.md: the numerics).
     rope_dtype: str = "fp32"
     init_std: float = 0.02
     causal: bool = True  # pretraining; classification uses bidirectional attention

@@ -88,8 +88,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate in cos's dtype, return in x's (the [CLS] row has cos=1, sin=0: unchanged)."""
-    xr = x.to(cos.dtype)
+    """Rotate in the wider of x's and cos's dtypes (fp32 cos/sin: fp32 arithmetic for bf16
+    activations; bf16 cos/sin: bf16 arithmetic for bf16 activations), return in x's (the [CLS]
+    row has cos=1, sin=0: unchanged)."""
+    xr = x.to(torch.promote_types(x.dtype, cos.dtype))
     return (xr * cos + rotate_half(xr) * sin).to(x.dtype)
 
 
