@@ -493,6 +493,12 @@ def test_export_writes_consolidated_weights_in_both_layouts(runs, tmp_path):
             "model.grad_checkpointing: true, false, a number of blocks or auto",
         ),
         ("model.compile=always", "model.compile: unknown scope 'always'"),
+        (
+            "model.compile_mode=max-autotune-no-cudagraphs",
+            "model.compile_mode: max-autotune-no-cudagraphs needs model.compile blocks or model",
+        ),
+        ("model.overrides.rope_dtype=fp16", "model.overrides: unknown rope_dtype 'fp16'"),
+        ("deepspeed.reduce_bucket_size=0", "deepspeed.reduce_bucket_size: must be > 0 elements, got 0"),
         ("data.decode=device", "data.decode: device needs data.kind=imagefolder"),
         ("data.root=/nonexistent", None),
     ],

@@ -10,9 +10,9 @@ device-hours against the same runs trained independently, and against another sw
 The step time is the step on one device plus the communication the backward pass does not hide
 (nepa_scale/comm.py: what DeepSpeed sends per ZeRO stage, at the profile's bus bandwidths, with
 its overlap assumption). The step on one device comes from the profile's ``bench_results`` (a
-``nepa-scale bench`` case of the same model, FLOPs per image and precision: its forward and
-backward scaled to the run's images per device, its optimizer phase as measured), else from
-``device_tflops``.
+``nepa-scale bench`` case of the same model, FLOPs per image, precision and compilation: its
+forward and backward scaled to the run's images per device, its optimizer phase as measured),
+else from ``device_tflops``.
 """
 
 from __future__ import annotations
@@ -121,13 +121,10 @@ def one_device_step(
         backward = 2 * forward + forward * settings.checkpointed_blocks / arch.depth
         return forward + backward, backward, f"{profile.device_tflops:g} TFLOP/s"
     case, path = found
-    ms, per = (
-        case["phase_ms"],
-        images / case["micro_batch"] / 1e3,
-    )  # ms per case micro-batch -> s per run step
-    recompute = (
-        ms["forward"] * (settings.checkpointed_blocks - case.get("checkpointed_blocks", 0)) / arch.depth
-    )
+    ms = case["phase_ms"]
+    per = images / case["micro_batch"] / 1e3  # ms per bench micro-batch -> s per run step
+    ckpt = settings.checkpointed_blocks - case.get("checkpointed_blocks", 0)
+    recompute = ms["forward"] * ckpt / arch.depth
     backward = (ms["backward"] + recompute) * per
     step = (ms["data"] + ms["forward"]) * per + backward + ms["optimizer"] / 1e3
     source = f"bench {Path(path).name}: {case['model']} b{case['micro_batch']} z{case['zero_stage']} compile={case['compile']}"
@@ -180,7 +177,8 @@ def plan_run(run: PlannedRun) -> RunPlan:
     try:
         steps = training_steps(c)
     except (DataError, OSError) as exc:  # an epochs budget needs the dataset's size
-        return RunPlan(run.run_id, model, design, **dict(unknown, params=params), error=f"data: {exc}")
+        error = str(exc) if str(exc).startswith("data") else f"data: {exc}"
+        return RunPlan(run.run_id, model, design, **dict(unknown, params=params), error=error)
     images = images_seen(steps, c.budget.global_batch)
     flops = images * flops_per_image
     device_type = "cuda" if r.gpus_per_node else "cpu"
