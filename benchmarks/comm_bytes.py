@@ -65,6 +65,7 @@ def measure_stage(config_path: Path, overrides: list[str], spec: str, warmup: in
         collectives, _ = planned_collectives(
             config, engine.module, world.world_size, settings, world.device.type
         )
+        params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         del engine
     measured = {
         op: {
@@ -85,7 +86,7 @@ def measure_stage(config_path: Path, overrides: list[str], spec: str, warmup: in
         "micro_batch": settings.micro_batch,
         "accumulation_steps": settings.accumulation_steps,
         "precision": settings.precision,
-        "params": sum(p.numel() for p in trainer.build_model().parameters()),
+        "params": params,
         "deepspeed": deepspeed.__version__,
         "measured_per_step": {op: v for op, v in measured.items() if v["calls"] or v["bytes"]},
         "predicted_per_step": predicted,
