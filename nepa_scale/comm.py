@@ -68,9 +68,11 @@ class ZeroOptions:
                 again.append(n)
         return again
 
-    def regathered_share(self, params: int) -> float:
-        """``gathered_again`` for a model of many small modules: the share of its parameters."""
-        return min(1.0, max(0.0, 1 - self.max_reuse_distance / (2 * params)))
+
+def regathered_share(params: int, max_reuse_distance: int = 10**9) -> float:
+    """``ZeroOptions.gathered_again`` for a model of many small modules: the share of its
+    parameters gathered again in backward (DeepSpeed's default distance unless given)."""
+    return min(1.0, max(0.0, 1 - max_reuse_distance / (2 * params)))
 
 
 def zero_options(zero_optimization: dict[str, Any]) -> ZeroOptions:

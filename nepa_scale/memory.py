@@ -26,13 +26,12 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from nepa_scale.comm import ZeroOptions
+from nepa_scale.comm import regathered_share
 from nepa_scale.models.arch import NepaArch, checkpointed_blocks
 
 GIB = 2**30
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
 DEEPSPEED_REDUCE_BUCKET = 5e8  # elements: ZeRO-2's default contiguous gradient buffer
-STAGE3_REUSE_DISTANCE = 10**9  # elements: DeepSpeed's default stage3_max_reuse_distance
 
 
 @dataclass(frozen=True)
@@ -115,8 +114,7 @@ def state_bytes(params: int, precision: str, zero_stage: int, world_size: int) -
         # Each rank holds its partition, and DeepSpeed keeps what it gathers in forward until its
         # backward within stage3_max_reuse_distance (nepa_scale/comm.py, measured): all the
         # weights up to L/14, four fifths of H/14's are live through the step as well.
-        kept = 1 - ZeroOptions(3, True, 1, STAGE3_REUSE_DISTANCE).regathered_share(params)
-        weights = weights / w + weights * kept
+        weights = weights / w + weights * (1 - regathered_share(params))
     if zero_stage >= 2:
         return weights + grads + optimizer, fp32_grads
     return weights + grads + optimizer + fp32_grads, 0.0

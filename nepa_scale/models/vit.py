@@ -44,7 +44,8 @@ class Rope2D(nn.Module):
 
     Patch-centre coordinates in [-1, 1] per axis, inverse frequencies theta^(-4k/head_dim),
     angle = 2*pi*coord*freq, y- and x-angles concatenated then tiled to head_dim (rotate-half
-    convention), in fp32; cos and sin then in ``arch.rope_dtype``, the dtype the rotation runs in.
+    convention), in fp32; cos and sin then in ``arch.rope_dtype`` (for bf16 activations, the
+    dtype ``apply_rope`` rotates in).
     In training mode every coordinate is multiplied by one log-uniform
     factor in [1/rescale, rescale] per forward pass, shared across the batch.
     """
