@@ -119,10 +119,9 @@ def bench_rows(name: str) -> list[dict]:
 
 
 def final_eval_loss(run_dir: Path) -> float | None:
-    lines = (
-        (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    )
-    evals = [json.loads(line) for line in lines if '"kind": "eval"' in line]
+    from nepa_scale.rundir import RunDir
+
+    evals = [r for r in RunDir(run_dir).read_metrics() if r.get("kind") == "eval"]
     return evals[-1]["val_loss"] if evals else None
 
 
