@@ -92,13 +92,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
         weights="random_init" if args.random_init else ("ema" if args.ema else "online"),
         causal=not args.bidirectional,
         k=args.k,
-        limit=args.limit,
+        train_per_class=args.train_per_class,
+        val_per_class=args.val_per_class,
         data_overrides=args.data,
     )
     print(
         f"step {record['step']} ({record['weights']} weights, {'causal' if record['causal'] else 'bidirectional'}): "
-        f"linear probe {record['linear_acc']:.4f}, kNN (k={record['k']}) {record['knn_acc']:.4f} "
-        f"on {record['n_test']} held-out images -> {out}"
+        f"linear probe {record['linear_acc']:.4f} (weight decay {record['linear_wd']:g}), kNN (k={record['k']}) "
+        f"{record['knn_acc']:.4f}; trained on {record['n_train']}, scored on {record['n_test']} held-out images -> {out}"
     )
     return 0
 
@@ -288,7 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--bidirectional", action="store_true", help="bidirectional attention for the features"
     )
     probe.add_argument("--k", type=int, default=20)
-    probe.add_argument("--limit", type=int, default=None, help="at most this many images per split")
+    probe.add_argument(
+        "--train-per-class",
+        type=int,
+        default=None,
+        help="training images per class (default: the run's logging.probe_train_per_class)",
+    )
+    probe.add_argument(
+        "--val-per-class",
+        type=int,
+        default=None,
+        help="val images per class (default: the run's logging.probe_val_per_class)",
+    )
     probe.set_defaults(func=cmd_probe)
 
     seg = sub.add_parser(

@@ -201,9 +201,15 @@ class LoggingConfig:
     device_peak_tflops: float | None = None  # for MFU; None: known GPUs only
     collapse_loss: float = -0.99  # flag collapse when loss < this ...
     collapse_spread: float = 0.02  # ... and the target spread < this
-    probe_every: int = 0  # kNN + linear probe every N steps and at the end (0: off)
+    # kNN + linear probe every N steps, at the end and at step 0 (0: off), on the same evaluation
+    # line as the held-out loss; eval_every = probe_every evaluates both at every point.
+    probe_every: int = 0
     probe_k: int = 20
-    probe_limit: int | None = None  # at most this many images per split (None: all)
+    # The probe's images: a class-balanced subset of each split, drawn with probe_subset_seed (not
+    # the run's seed, so every run of a study probes the same images; None: the whole split).
+    probe_train_per_class: int | None = None
+    probe_val_per_class: int | None = None
+    probe_subset_seed: int = 0
     probe_causal: bool = True  # probe features with causal (as pretrained) or bidirectional attention
     probe_ema: bool = False  # probe the EMA weights (needs checkpoint.ema_decay)
 
@@ -364,6 +370,26 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
+# Keys this project no longer reads: a run record that has them still reads back (they are dropped);
+# a new config that sets one gets the replacement named.
+RETIRED_KEYS = {
+    "logging.probe_limit": "use logging.probe_train_per_class and logging.probe_val_per_class",
+}
+
+
+def drop_retired(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the retired keys (a recorded config written by older code)."""
+    data = json.loads(json.dumps(data))
+    for dotted in RETIRED_KEYS:
+        *sections, key = dotted.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
+    return data
+
+
 def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
     """A typed dataclass from a YAML mapping; unknown keys and wrong types raise a ConfigError naming the key."""
     if data is None:
@@ -375,6 +401,8 @@ def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
     for key in data:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else str(key)
+            if where in RETIRED_KEYS:
+                raise ConfigError(f"{where}: no longer a setting ({RETIRED_KEYS[where]})")
             raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
@@ -606,6 +634,11 @@ def validate(c: RunConfig) -> None:
     )
     _require(lg.probe_every >= 0, f"logging.probe_every: must be >= 0, got {lg.probe_every}")
     _require(lg.probe_k > 0, f"logging.probe_k: must be > 0, got {lg.probe_k}")
+    for key in ("probe_train_per_class", "probe_val_per_class"):
+        value = getattr(lg, key)
+        _require(
+            value is None or value > 0, f"logging.{key}: must be > 0 (or null: the whole split), got {value}"
+        )
     _require(
         not lg.probe_ema or c.checkpoint.ema_decay is not None,
         "logging.probe_ema: needs checkpoint.ema_decay",

@@ -134,6 +134,9 @@ class RunRecord:
     data_resized: dict[str, Any] | None = None  # the resize-data copy the images come from, if any
     total_steps: int | None = None
     steps_per_epoch: int | None = None
+    # The probe's fixed images (logging.probe_*): seed, per-class counts, and per split the image and
+    # class counts and a digest of the indices: equal digests, equal images across a study's runs.
+    probe_subsets: dict[str, Any] | None = None
     flop_convention: str | None = None
     flops_per_image: float | None = None
     params: int | None = None
@@ -182,11 +185,11 @@ class RunRecord:
     def run_config(self) -> RunConfig:
         """The run's config, checked for values only: reading a run back never looks for its data
         or its pretrained weights (they may live on another machine or be unmounted by now)."""
-        from nepa_scale.config import ConfigError, config_from_dict
+        from nepa_scale.config import ConfigError, config_from_dict, drop_retired
 
         if not isinstance(self.config, dict):
             raise ConfigError("run.json: no config recorded")
-        return config_from_dict(self.config, check_paths=False)
+        return config_from_dict(drop_retired(self.config), check_paths=False)
 
     @property
     def idle_timeouts(self) -> int:

@@ -152,3 +152,19 @@ def final_weights(run_dir: Path) -> dict:
     from nepa_scale.engine.export import fp32_state_dict
 
     return fp32_state_dict(committed_checkpoints(Path(run_dir) / "checkpoints")[-1])
+
+
+def photo_folder(root: Path, classes: int, per_class: int, size: int = 48) -> Path:
+    """An ImageNet-style folder of real photographs (crops of scikit-learn's two sample images)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    for label in range(classes):
+        folder = root / f"class{label}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            y, x = (i * 37) % 300, (i * 53 + label * 11) % 500
+            crop = photos[label % 2][y : y + size, x : x + size]
+            Image.fromarray(crop).save(folder / f"img{i:03d}.JPEG", quality=90)
+    return root

@@ -27,6 +27,7 @@ from helpers import (
     launch,
     losses,
     metrics,
+    photo_folder,
     run_and_signal,
     run_train,
 )
@@ -271,22 +272,6 @@ def test_the_resume_rule_names_each_refused_key():
     )
     assert resume_changes(old, changed, settings_of(changed), 60, 1, recorded_total_steps=60) == ([], [])
     assert resume_changes(old, changed, settings_of(changed), 70, 1, recorded_total_steps=60)[0]
-
-
-def photo_folder(root: Path, classes: int, per_class: int, size: int = 48) -> Path:
-    """An ImageNet-style folder of real photographs (crops of scikit-learn's two sample images)."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images
-    for label in range(classes):
-        folder = root / f"class{label}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            y, x = (i * 37) % 300, (i * 53 + label * 11) % 500
-            crop = photos[label % 2][y : y + size, x : x + size]
-            Image.fromarray(crop).save(folder / f"img{i:03d}.JPEG", quality=90)
-    return root
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:

@@ -31,6 +31,12 @@ WSD = [
     "optim.cooldown_fraction=0.25",
     "checkpoint.every=100",
 ]
+PROBES = [
+    "logging.eval_every=10",
+    "logging.probe_every=10",
+    "logging.probe_train_per_class=20",
+    "logging.probe_val_per_class=10",
+]
 
 
 def test_wsd_schedule_shapes():
@@ -53,18 +59,19 @@ def test_wsd_schedule_shapes():
 def test_a_branch_equals_the_standalone_run_of_its_budget_bitwise(tmp_path):
     """Trunk of 60 steps; the 40-step budget's cooldown starts at step 30. The branch starts from
     the trunk's step-30 checkpoint, is preempted mid-cooldown (and mid log interval) and resumed,
-    and must reproduce the standalone 40-step WSD run's losses, lr and final weights exactly.
-    This is also the suite's single-process ZeRO-2 exact-resume check."""
+    and must reproduce the standalone 40-step WSD run's losses, lr, evaluation lines (held-out loss,
+    diagnostics, probes on the same fixed subsets) and final weights exactly. This is also the
+    suite's single-process ZeRO-2 exact-resume check."""
     trunk, standalone, branch = tmp_path / "trunk", tmp_path / "standalone", tmp_path / "branch"
     done = run_train(
-        trunk, *WSD, "budget.images=1920", "checkpoint.keep_steps=[30]", "checkpoint.keep_last=1"
+        trunk, *WSD, *PROBES, "budget.images=1920", "checkpoint.keep_steps=[30]", "checkpoint.keep_last=1"
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert [c.step for c in committed_checkpoints(trunk / "checkpoints")] == [30, 60]  # kept for good
-    done = run_train(standalone, *WSD, "budget.images=1280")
+    done = run_train(standalone, *WSD, *PROBES, "budget.images=1280")
     assert done.returncode == 0, done.stderr[-3000:]
 
-    as_branch = [*WSD, "budget.images=1280", f"branch.parent={trunk}", "branch.step=30"]
+    as_branch = [*WSD, *PROBES, "budget.images=1280", f"branch.parent={trunk}", "branch.step=30"]
     cut = run_and_signal(branch, *as_branch, at_step=34)
     assert cut.returncode == 75, cut.stderr[-3000:]
     info = json.loads((branch / "run.json").read_text())
@@ -82,6 +89,21 @@ def test_a_branch_equals_the_standalone_run_of_its_budget_bitwise(tmp_path):
     assert [m["lr"] for m in metrics(branch)] == [m["lr"] for m in metrics(standalone)]
     a, b = final_weights(branch), final_weights(standalone)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # Evaluation: the branch's own points after step 30 (its cooled-down weights, not the trunk's),
+    # the trunk's before, on the probe subsets the resume kept.
+    def evals(run: Path) -> dict[int, dict]:
+        return {m["step"]: {k: v for k, v in m.items() if k != "time"} for m in metrics(run, "eval")}
+
+    ours, theirs, trunk_evals = evals(branch), evals(standalone), evals(trunk)
+    assert sorted(ours) == [0, 10, 20, 30, 40] and ours == theirs
+    assert all(ours[s] == trunk_evals[s] for s in (0, 10, 20, 30))
+    assert ours[40]["probe_linear_nll"] != trunk_evals[40]["probe_linear_nll"]
+    assert ours[40]["val_loss"] != trunk_evals[40]["val_loss"]
+    recorded = [
+        json.loads((run / "run.json").read_text())["probe_subsets"] for run in (trunk, standalone, branch)
+    ]
+    assert recorded[0] == recorded[1] == recorded[2] and recorded[0]["train"]["images"] == 200
 
 
 def test_a_branch_must_start_at_its_cooldown(tmp_path):

@@ -4,7 +4,8 @@ Tasks say what their evaluation computes (``Task.evaluate``) with the evaluator'
 held-out score over val micro-batches on every rank, and the whole val split in order for one
 rank. When to evaluate is decided here: every ``logging.eval_every`` steps, at the end, every
 epoch for tasks that ask for it, and at step 0 for tasks that report the initial loss; probes
-every ``logging.probe_every`` steps and at the end.
+every ``logging.probe_every`` steps, at the end and at step 0, on fixed class-balanced subsets of
+the train and val splits (``probe_subsets``, recorded in run.json).
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from nepa_scale.config import RunConfig
 from nepa_scale.data import ResumableBatchSampler, batch_loader, build_dataset, collate, to_model_input
 from nepa_scale.engine.distributed import World
 from nepa_scale.engine.settings import StepSettings
+from nepa_scale.eval.probes import (
+    ProbeSubset,
+    check_probe_subsets,
+    probe_datasets,
+    probe_features,
+    probe_subset,
+)
 from nepa_scale.models import NEPA
 from nepa_scale.models.arch import NepaArch
 
@@ -47,7 +55,6 @@ class Evaluator:
             if val_set is not None
             else build_dataset(config.data, "val", arch.image_size, train=False)
         )
-        self._probe_sets = None
 
     @functools.cached_property
     def val_sampler(self) -> ResumableBatchSampler | None:
@@ -75,23 +82,30 @@ class Evaluator:
         )
 
     def probe_due(self, done: int, last: bool) -> bool:
+        """Probes every ``logging.probe_every`` steps, at the end, and at step 0 (the untrained
+        model: the baseline a probe is read against)."""
         every = self.config.logging.probe_every
         return bool(every) and (last or done % every == 0)
 
     # -- what tasks evaluate with
     @torch.no_grad()
     def held_out(
-        self, engine, score: Callable[[Any, Any], torch.Tensor], limit: int | None = -1
-    ) -> float | None:
-        """Mean of ``score(output, batch)`` over val micro-batches, weighted by batch size, across
-        ranks (a collective). ``limit=-1`` takes ``logging.eval_batches`` micro-batches per rank;
-        None the whole split. None when the split is smaller than one micro-batch per rank."""
+        self,
+        engine,
+        score: Callable[[Any, Any], dict[str, torch.Tensor]],
+        limit: int | None = -1,
+    ) -> dict[str, torch.Tensor] | None:
+        """Means of ``score(output, batch)``'s tensors (scalars, or any shape: a Gram matrix) over val
+        micro-batches, weighted by batch size, summed in fp64 across ranks (one all-reduce). ``limit=-1`` takes
+        ``logging.eval_batches`` micro-batches per rank; None the whole split. None when the split
+        is smaller than one micro-batch per rank."""
         if self.val_sampler is None:
             return None
         limit = self.config.logging.eval_batches if limit == -1 else limit
         device = self.world.device
         engine.eval()
-        total = torch.zeros(2, device=device)
+        sums: dict[str, torch.Tensor] = {}
+        images = torch.zeros(1, device=device, dtype=torch.float64)
         self.val_sampler.set_position(0, 0)
         pin = device.type == "cuda"
         loader = batch_loader(
@@ -99,9 +113,12 @@ class Evaluator:
         )
 
         def add(batch, weight: float) -> None:
-            value = score(engine(to_model_input(batch.images, device, self.settings.dtype)), batch)
+            values = score(engine(to_model_input(batch.images, device, self.settings.dtype)), batch)
             n = float(len(batch.images)) * weight
-            total.add_(torch.stack([value.float().to(device) * n, torch.tensor(n, device=device)]))
+            for key, value in values.items():
+                value = value.to(device, torch.float64) * n
+                sums[key] = sums[key] + value if key in sums else value
+            images.add_(n)
 
         done = 0
         for batch in loader:
@@ -120,9 +137,16 @@ class Evaluator:
                 batch = collate([self.val_set[(i, i)] for i in (mine or tail[:1])])
                 add(batch, 1.0 if mine else 0.0)
         engine.train()
+        keys = sorted(sums)
+        flat = torch.cat([images] + [sums[k].reshape(-1) for k in keys])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
-        return (total[0] / total[1].clamp_min(1)).item()
+            dist.all_reduce(flat)
+        total, offset, means = flat[0].clamp_min(1), 1, {}
+        for key in keys:
+            size = sums[key].numel()
+            means[key] = (flat[offset : offset + size] / total).reshape(sums[key].shape).cpu()
+            offset += size
+        return means
 
     def val_loader(self) -> DataLoader:
         """The whole val split in order, for evaluation on one rank (EMA weights)."""
@@ -140,26 +164,60 @@ class Evaluator:
         return model.eval()
 
     # -- probes
-    def probe(self, engine, ema: Ema | None) -> dict[str, Any]:
-        """kNN and linear probes on the labels of the train/val splits (rank 0 fits them).
-
-        Probing the online weights is a collective (every rank runs the forward: ZeRO-3 gathers
-        parameters); probing the EMA runs a private copy on rank 0 only (others return {})."""
-        from nepa_scale.eval.probes import run_probes
-
+    @functools.cached_property
+    def probe_subsets(self) -> tuple[ProbeSubset, ProbeSubset] | None:
+        """The probe's fixed images of the train and val splits (None when probes are off)."""
         lg = self.config.logging
-        if self._probe_sets is None:
-            self._probe_sets = tuple(
-                build_dataset(self.config.data, split, self.arch.image_size, train=False)
-                for split in ("train", "val")
-            )
-        kwargs = dict(causal=lg.probe_causal, k=lg.probe_k, limit=lg.probe_limit, device=self.world.device)
-        if lg.probe_ema:
-            if not self.world.is_main:
-                return {}
-            result = run_probes(self.ema_model(ema), *self._probe_sets, **kwargs)
-        else:
-            result = run_probes(engine, *self._probe_sets, dtype=self.settings.dtype, **kwargs)
+        if not lg.probe_every:
+            return None
+        train = probe_subset(self.probe_train_set, "train", lg.probe_train_per_class, lg.probe_subset_seed)
+        val = probe_subset(self.val_set, "val", lg.probe_val_per_class, lg.probe_subset_seed)
+        check_probe_subsets(train, val, "logging.probe_every")
+        return train, val
+
+    def probe_record(self) -> dict[str, Any] | None:
+        """What run.json records of the probe's images: the same for every run of a study."""
+        if self.probe_subsets is None:
+            return None
+        lg = self.config.logging
+        train, val = self.probe_subsets
+        return {
+            "seed": lg.probe_subset_seed,
+            "train_per_class": lg.probe_train_per_class,
+            "val_per_class": lg.probe_val_per_class,
+            "train": train.record(),
+            "val": val.record(),
+        }
+
+    @functools.cached_property
+    def probe_train_set(self):
+        """The train split with the evaluation transform (what the probe's features are of)."""
+        return build_dataset(self.config.data, "train", self.arch.image_size, train=False)
+
+    def probe(self, engine, ema: Ema | None) -> dict[str, Any]:
+        """kNN and linear probe on the fixed subsets. Every rank extracts its share of the features
+        (a collective: ZeRO-3 gathers parameters; the EMA weights are on every rank); rank 0 fits
+        the probes on the gathered features, on the device, and returns the metrics (others {})."""
+        lg = self.config.logging
+        train, val = self.probe_subsets
+        model = self.ema_model(ema) if lg.probe_ema else engine
+        data = probe_datasets(
+            model,
+            self.probe_train_set,
+            self.val_set,
+            train,
+            val,
+            causal=lg.probe_causal,
+            batch_size=self.settings.micro_batch,
+            device=self.world.device,
+            dtype=torch.float32 if lg.probe_ema else self.settings.dtype,
+            rank=self.world.rank,
+            world_size=self.world.world_size,
+            num_workers=self.config.data.num_workers,
+        )
+        if not self.world.is_main:
+            return {}
+        result = probe_features(*data, k=lg.probe_k, causal=lg.probe_causal, seed=lg.probe_subset_seed)
         return {
             **result.metrics(),
             "probe_weights": "ema" if lg.probe_ema else "online",

@@ -24,6 +24,7 @@ from nepa_scale.engine.distributed import World
 from nepa_scale.engine.evaluator import Evaluator
 from nepa_scale.engine.settings import StepSettings
 from nepa_scale.errors import ConfigError
+from nepa_scale.eval.diagnostics import effective_rank_from_gram, gap_closed, gram, trivial_prediction_losses
 from nepa_scale.flops import train_flops_per_image
 from nepa_scale.models import NEPA
 from nepa_scale.models.arch import NepaArch
@@ -152,11 +153,37 @@ class PretrainTask:
 
     @torch.no_grad()
     def evaluate(self, engine, ema: Ema | None, step: int) -> dict:
-        """Held-out NEPA loss on the first ``logging.eval_batches`` micro-batches of the val split."""
-        val = self.ctx.evaluator.held_out(
-            engine, lambda out, batch: next_embedding_loss(out.prediction, out.target).loss
-        )
-        return {} if val is None else {"val_loss": val}
+        """The held-out NEPA loss on the first ``logging.eval_batches`` micro-batches of the val split,
+        and on the same images the label-free diagnostics (nepa_scale/eval/diagnostics.py): the
+        target spread, the loss of two trivial predictors and the gap the model closes between the
+        better one and a perfect prediction, and the effective rank (RankMe) of the pooled features
+        and of the patch targets, divided by the width."""
+
+        def score(out, batch) -> dict[str, torch.Tensor]:
+            result = next_embedding_loss(out.prediction, out.target)
+            trivial = trivial_prediction_losses(out.target)
+            return {
+                "val_loss": result.loss,
+                "val_target_spread": result.target_spread,
+                "val_loss_mean_target": trivial["mean_target"],
+                "val_loss_copy_last": trivial["copy_last"],
+                "gram_features": gram(out.prediction[:, 1:].float().mean(dim=1)),  # NEPA.pool
+                "gram_targets": gram(out.target[:, 1:]),
+            }
+
+        means = self.ctx.evaluator.held_out(engine, score)
+        if means is None:
+            return {}
+        values = {k: v.item() for k, v in means.items() if v.numel() == 1}
+        trivial = {k: values[f"val_loss_{k}"] for k in ("mean_target", "copy_last")}
+        width = self.ctx.arch.dim
+        ranks = {k: effective_rank_from_gram(means[f"gram_{k}"]) for k in ("features", "targets")}
+        return {
+            **values,
+            "val_gap_closed": gap_closed(values["val_loss"], trivial),
+            **{f"rankme_{k}": rank / width for k, rank in ranks.items()},
+            **{f"erank_{k}": rank for k, rank in ranks.items()},
+        }
 
 
 class FinetuneTask:
@@ -255,7 +282,10 @@ class FinetuneTask:
         def correct(out, batch):
             return (out.argmax(-1).cpu() == batch.labels).float().mean()
 
-        result = {"val_acc": ctx.evaluator.held_out(engine, correct, limit=None)}
+        means = ctx.evaluator.held_out(
+            engine, lambda out, batch: {"val_acc": correct(out, batch)}, limit=None
+        )
+        result = {"val_acc": means["val_acc"].item() if means else None}
         if ema is not None and ctx.world.is_main:
             model = ctx.evaluator.ema_model(ema)
             hits = total = 0

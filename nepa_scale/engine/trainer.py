@@ -179,6 +179,9 @@ class Trainer:
         self.task = task_class(
             TaskContext(config, self.arch, self.world, self.run, self.settings, self.evaluator)
         )
+        # The probe's fixed images, drawn and checked now: data a probe cannot use (one class) fails
+        # before the engine starts, not at the first probe.
+        self.probe_subsets = self.evaluator.probe_record()
         self.checkpointer = Checkpointer(self.run, config, self.world, self.settings, self.total_steps)
         self.meter = IntervalMeter()  # restored on resume: an interval cut by a preemption logs as if whole
         hint = ""
@@ -266,6 +269,7 @@ class Trainer:
                     "copied_metric_lines": copied,
                 }
             elif plan is not None:
+                check_probe_subsets_unchanged(run.record().probe_subsets, self.probe_subsets, c)
                 dropped = run.truncate_metrics(start_step, len(run.record().restarts))
                 restart = Restart(
                     from_step=start_step,
@@ -296,6 +300,7 @@ class Trainer:
                 else None,
                 total_steps=self.total_steps,
                 steps_per_epoch=self.sampler.steps_per_epoch,
+                probe_subsets=self.probe_subsets,
                 flop_convention=c.budget.flop_convention,
                 flops_per_image=self.flops_per_image,
                 params=params,
@@ -345,10 +350,10 @@ class Trainer:
         try:
             if preempt.agreed(self.control_group):  # the notice came during start-up: nothing to save
                 return self._stopped(preempt, step, start_step)
-            if start_step == 0 and self.task.eval_at_start:
-                writer.write_eval(
-                    0, self.task.evaluate(engine, ema, 0)
-                )  # the held-out loss at initialisation
+            if start_step == 0:  # the untrained model: the baseline of the loss and the probes
+                self._evaluate(
+                    writer, engine, ema, 0, self.task.eval_at_start, self.evaluator.probe_due(0, False)
+                )
             batches = self.batches(start_step)
             for step in range(start_step, total):
                 skipped += self.train_step(engine, batches, step)
@@ -361,10 +366,14 @@ class Trainer:
                     progress.interval(record)
                     self.loss_watch.interval(record["loss"])
                     skipped = []
-                if self.evaluator.eval_due(done, last):
-                    writer.write_eval(done, self.task.evaluate(engine, ema, done))
-                if self.evaluator.probe_due(done, last):
-                    writer.write_eval(done, self.evaluator.probe(engine, ema))
+                self._evaluate(
+                    writer,
+                    engine,
+                    ema,
+                    done,
+                    self.evaluator.eval_due(done, last),
+                    self.evaluator.probe_due(done, last),
+                )
                 stop = preempt.agreed(self.control_group)
                 kept = done in c.checkpoint.keep_steps
                 if done % c.checkpoint.every == 0 or last or stop or kept:
@@ -391,6 +400,17 @@ class Trainer:
             log.info("run %s completed: step %d of %d", run.root, step, total)
         barrier()
         return TrainResult("completed", step, total, 0, start_step)
+
+    def _evaluate(
+        self, writer: MetricsWriter, engine, ema: Ema | None, step: int, held_out: bool, probe: bool
+    ) -> None:
+        """One evaluation line at ``step``: the task's held-out evaluation and the probes, as due."""
+        values: dict = {}
+        if held_out:
+            values |= self.task.evaluate(engine, ema, step)
+        if probe:
+            values |= self.evaluator.probe(engine, ema)
+        writer.write_eval(step, values)
 
     def _stopped(self, preempt: PreemptionFlag, step: int, start_step: int) -> TrainResult:
         """Preempted at ``step`` (saved there, unless no step was trained): exit for a requeue."""
@@ -468,6 +488,24 @@ class Trainer:
             )
         self.meter.reset()
         return record
+
+
+def check_probe_subsets_unchanged(recorded: dict | None, current: dict | None, config: RunConfig) -> None:
+    """A resumed run probes the images it probed before: one curve, one probe."""
+    if not recorded or not current or recorded == current:
+        return
+    for key in ("seed", "train_per_class", "val_per_class"):
+        if recorded.get(key) != current.get(key):
+            name = "probe_subset_seed" if key == "seed" else f"probe_{key}"
+            raise ConfigError(
+                f"logging.{name}: the run probed with {recorded.get(key)} before (run.json probe_subsets), "
+                f"now {current.get(key)}: one run's probe curve needs one subset; set it back or start a new run"
+            )
+    raise DataError(
+        f"data: the probe subsets drawn from {config.data.root or config.data.kind} differ from those the run "
+        f"recorded ({recorded['train']} / {recorded['val']} before, {current['train']} / {current['val']} now): "
+        "the split's files changed since the run started"
+    )
 
 
 def train(

@@ -1,33 +1,319 @@
-"""Probes on frozen features: k-nearest neighbours (cosine) and a linear probe (logistic regression).
+"""Probes on frozen features: DINO's weighted kNN and a linear probe, in torch on the run's device.
 
-Features are the mean of the patch tokens of the final-LayerNorm output, with the attention
-causal or bidirectional as asked (the same pooling as the classification head, before fc_norm).
-Fitting uses scikit-learn; feature extraction is plain inference and works on any module exposing
-``forward_features`` (a NEPA model, or a DeepSpeed engine's ``module``).
+Features are the mean of the patch tokens of the final-LayerNorm output, with the attention causal
+or bidirectional as asked (the same pooling as the classification head, before fc_norm). They are
+extracted sharded over the ranks and gathered once (``extract_features``); the probes then run on
+cached features, so nothing scales with one host's CPU. scikit-learn is only the reference the
+tests compare with.
+
+- kNN (Caron et al. 2021, section 3.2): cosine similarity of L2-normalised features, the k = 20
+  nearest training images vote for their class with weight exp(similarity / 0.07).
+- Linear probe: multinomial logistic regression on standardised features, full-batch L-BFGS, its
+  weight decay chosen from ``PROBE_WEIGHT_DECAYS`` on a fixed held-out fifth of the training
+  features, then refitted on all of them.
+
+The images a probe sees are a fixed, seeded, class-balanced subset of each split
+(``class_balanced_subset``): the same for every run of a study, recorded in run.json.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from nepa_scale.data import collate, to_model_input
+from nepa_scale.data import Skipped, to_model_input
 from nepa_scale.errors import DataError
+
+KNN_K = 20
+KNN_TEMPERATURE = 0.07
+# The linear probe's L2 penalty on the mean cross-entropy, ``wd / 2 * |W|^2``, over standardised
+# features (scikit-learn's C is 1 / (wd * images)); one grid for every run, so probes compare.
+PROBE_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+PROBE_HOLDOUT = 0.2  # share of the training subset that chooses the weight decay
+
+
+# ----------------------------------------------------------------------------- which images
+
+
+def dataset_labels(dataset) -> list[int]:
+    """Every item's label without decoding an image (the digits, an image folder, synthetic data)."""
+    if hasattr(dataset, "labels"):
+        return list(dataset.labels)
+    if hasattr(dataset, "samples"):
+        return [label for _, label in dataset.samples]
+    if hasattr(dataset, "num_classes"):  # synthetic: index mod classes
+        return [i % dataset.num_classes for i in range(len(dataset))]
+    raise DataError(f"probe: {type(dataset).__name__} has no labels to probe")
+
+
+def class_balanced_subset(labels, per_class: int | None, seed: int) -> list[int]:
+    """Up to ``per_class`` items of each class, drawn without replacement by a generator seeded with
+    ``seed`` alone (not the run's seed: every run of a study sees the same images), in index order.
+    ``per_class`` None: every item."""
+    labels = np.asarray(labels)
+    if per_class is None:
+        return list(range(len(labels)))
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        chosen += rng.permutation(members)[:per_class].tolist()
+    return sorted(chosen)
+
+
+def subset_digest(indices: list[int]) -> str:
+    return hashlib.sha256(json.dumps(list(map(int, indices))).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ProbeSubset:
+    """The images of one split a probe uses: what run.json records of them."""
+
+    split: str
+    indices: list[int]
+    classes: int
+
+    def record(self) -> dict:
+        return {"images": len(self.indices), "classes": self.classes, "digest": subset_digest(self.indices)}
+
+
+def probe_subset(dataset, split: str, per_class: int | None, seed: int) -> ProbeSubset:
+    labels = dataset_labels(dataset)
+    indices = class_balanced_subset(labels, per_class, seed)
+    return ProbeSubset(split, indices, len({labels[i] for i in indices}))
+
+
+def check_probe_subsets(train: ProbeSubset, val: ProbeSubset, where: str = "probe") -> None:
+    """A probe needs two classes in its training images and at least one val image."""
+    if train.classes < 2:
+        raise DataError(
+            f"{where}: the {len(train.indices)} training images of the probe have a single label: a probe "
+            "needs at least two classes (turn logging.probe_every off for unlabelled data)"
+        )
+    if not val.indices:
+        raise DataError(f"{where}: the val split has no image to probe on")
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _probe_collate(image_size: int, channels: int = 3):
+    """Stack a probe batch keeping every position: an unreadable image becomes zeros and is marked,
+    so features stay aligned with the subset's labels (its row is dropped after the gather)."""
+
+    def collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        good = [item for item in items if not isinstance(item, Skipped)]
+        blank = (
+            torch.zeros_like(good[0][0])
+            if good
+            else torch.zeros(channels, image_size, image_size, dtype=torch.uint8)
+        )
+        images = torch.stack([blank if isinstance(item, Skipped) else item[0] for item in items])
+        return images, torch.tensor([not isinstance(item, Skipped) for item in items])
+
+    return collate
+
+
+def _gather_rows(local: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's equally long ``local`` rows, interleaved back into the order they were dealt in
+    (rank r held items r, r + world, r + 2 world, ...)."""
+    if world_size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.stack(parts, dim=1).reshape(-1, *local.shape[1:])
+
+
+@torch.no_grad()
+def extract_features(
+    model,
+    dataset,
+    indices: list[int],
+    *,
+    causal: bool,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pooled final-LN features (fp32, on ``device``) of ``dataset[indices]`` in that order, and
+    a mask of the readable ones. Each rank extracts every ``world_size``-th image (the same number
+    of batches on every rank: ZeRO-3's forward is a collective) and one all-gather puts them back in
+    order on every rank. ``model``: a NEPA, or a DeepSpeed engine (called whole, so that ZeRO-3
+    gathers its parameters)."""
+    backbone = getattr(model, "module", model)
+    was_training, was_causal = backbone.training, backbone.causal
+    backbone.eval()
+    backbone.set_attention(causal=causal)
+    per_rank = max(1, math.ceil(len(indices) / world_size))
+    mine = list(indices[rank::world_size]) or [indices[0]]
+    mine += [mine[-1]] * (per_rank - len(mine))  # padding, cut after the gather
+    loader = DataLoader(
+        dataset,
+        sampler=[(i, i) for i in mine],  # (index, seed): the eval transform is deterministic
+        batch_size=batch_size,
+        collate_fn=_probe_collate(backbone.arch.image_size, backbone.arch.in_chans),
+        num_workers=num_workers,
+    )
+    forward = model if backbone is not model else backbone.forward_features
+    feats, readable = [], []
+    try:
+        for images, ok in loader:
+            tokens = forward(to_model_input(images, device, dtype)).prediction
+            feats.append(backbone.pool(tokens).float())
+            readable.append(ok.to(device))
+    finally:
+        backbone.set_attention(causal=was_causal)
+        backbone.train(was_training)
+    features = _gather_rows(torch.cat(feats), world_size)[: len(indices)]
+    mask = _gather_rows(torch.cat(readable), world_size)[: len(indices)]
+    return features, mask
+
+
+# ----------------------------------------------------------------------------- kNN
+
+
+def knn_predict(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """DINO's weighted kNN: each of the ``k`` most cosine-similar training features votes for its
+    class with weight exp(similarity / temperature); the class with the most weight wins."""
+    train = F.normalize(train_x.float(), dim=1)
+    classes = int(train_y.max()) + 1
+    k = min(k, len(train))
+    predictions = []
+    for start in range(0, len(test_x), chunk):
+        sim = F.normalize(test_x[start : start + chunk].float(), dim=1) @ train.T
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(sim), classes, device=sim.device)
+        votes.scatter_add_(1, train_y[idx], (top / temperature).exp())
+        predictions.append(votes.argmax(dim=1))
+    return torch.cat(predictions)
+
+
+# ----------------------------------------------------------------------------- linear probe
+
+
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float, max_iter: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) minimising mean cross-entropy + weight_decay / 2 * |W|^2 by full-batch L-BFGS."""
+    weight = torch.zeros(classes, x.shape[1], device=x.device, requires_grad=True)
+    bias = torch.zeros(classes, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y) + 0.5 * weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Scale by the training features' mean and std (scikit-learn's StandardScaler: a constant
+    feature keeps scale 1)."""
+    mean, std = train.mean(0), train.std(0, unbiased=False)
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    return [(t - mean) / std for t in (train, *others)]
+
+
+def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held-out) index tensors: ``fraction`` of each class held out, chosen by ``seed``."""
+    rng = np.random.default_rng(seed)
+    y = labels.cpu().numpy()
+    held = []
+    for label in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == label))
+        held += members[: int(round(fraction * len(members)))].tolist()
+    mask = np.zeros(len(y), dtype=bool)
+    mask[held] = True
+    device = labels.device
+    return torch.from_numpy(np.flatnonzero(~mask)).to(device), torch.from_numpy(np.flatnonzero(mask)).to(
+        device
+    )
+
+
+@dataclass
+class LinearProbe:
+    accuracy: float
+    nll: float  # mean cross-entropy on the test features: a continuous companion of the error
+    weight_decay: float  # the grid's choice
+    holdout_accuracy: float  # of the chosen weight decay, on the held-out part of the training features
+
+
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    weight_decays: tuple[float, ...] = PROBE_WEIGHT_DECAYS,
+    seed: int = 0,
+) -> LinearProbe:
+    """Choose the weight decay on a held-out fifth of the training features (best accuracy, then
+    lowest cross-entropy), refit on all of them, score the test features."""
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    fit_idx, held_idx = stratified_holdout(train_y, PROBE_HOLDOUT, seed)
+    best = None
+    if len(weight_decays) > 1 and len(held_idx):
+        fit_x, held_x = _standardise(train_x[fit_idx], train_x[held_idx])
+        for wd in weight_decays:
+            w, b = fit_logistic(fit_x, train_y[fit_idx], classes, wd)
+            logits = held_x @ w.T + b
+            score = (
+                (logits.argmax(1) == train_y[held_idx]).float().mean().item(),
+                -F.cross_entropy(logits, train_y[held_idx]).item(),
+            )
+            if best is None or score > best[0]:
+                best = (score, wd)
+    chosen = best[1] if best else weight_decays[0]
+    tr, te = _standardise(train_x, test_x)
+    w, b = fit_logistic(tr, train_y, classes, chosen)
+    logits = te @ w.T + b
+    return LinearProbe(
+        accuracy=(logits.argmax(1) == test_y).float().mean().item(),
+        nll=F.cross_entropy(logits, test_y).item(),
+        weight_decay=chosen,
+        holdout_accuracy=best[0][0] if best else math.nan,
+    )
+
+
+# ----------------------------------------------------------------------------- both
 
 
 @dataclass
 class ProbeResult:
     linear_acc: float
     knn_acc: float
+    linear_nll: float
+    linear_wd: float
     k: int
     n_train: int
     n_test: int
@@ -38,84 +324,41 @@ class ProbeResult:
         return {
             f"{prefix}linear_acc": self.linear_acc,
             f"{prefix}linear_error": 1.0 - self.linear_acc,
+            f"{prefix}linear_nll": self.linear_nll,
+            f"{prefix}linear_wd": self.linear_wd,
             f"{prefix}knn_acc": self.knn_acc,
             f"{prefix}knn_error": 1.0 - self.knn_acc,
+            f"{prefix}train_images": self.n_train,
+            f"{prefix}val_images": self.n_test,
         }
 
+    def to_dict(self) -> dict:
+        return asdict(self)
 
-@torch.no_grad()
-def extract_features(
-    model,
-    dataset,
+
+def probe_features(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
     *,
-    causal: bool,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    limit: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Mean-pooled final-LN features (fp32 numpy) and labels for (the first ``limit`` items of) a dataset."""
-    backbone = getattr(model, "module", model)
-    was_training, was_causal = backbone.training, backbone.causal
-    backbone.eval()
-    backbone.set_attention(causal=causal)
-    count = len(dataset) if limit is None else min(limit, len(dataset))
-    # (index, seed) items: evaluation transforms are deterministic, the seed is unused.
-    loader = DataLoader(
-        dataset, sampler=[(i, i) for i in range(count)], batch_size=batch_size, collate_fn=collate
-    )
-    # A DeepSpeed engine is called whole (ZeRO-3 gathers parameters in its hooks); a bare model
-    # through forward_features (a classifier's forward would return logits).
-    forward = model if backbone is not model else backbone.forward_features
-    feats, labels = [], []
-    try:
-        for batch in loader:
-            tokens = forward(to_model_input(batch.images, device, dtype)).prediction
-            feats.append(backbone.pool(tokens).float().cpu())
-            labels.append(batch.labels)
-    finally:
-        backbone.set_attention(causal=was_causal)
-        backbone.train(was_training)
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
-
-
-def linear_probe(train_x, train_y, test_x, test_y, c: float = 1.0, max_iter: int = 2000) -> float:
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
-    clf.fit(train_x, train_y)
-    return float(clf.score(test_x, test_y))
-
-
-def knn_probe(train_x, train_y, test_x, test_y, k: int = 20) -> float:
-    clf = KNeighborsClassifier(n_neighbors=min(k, len(train_x)), metric="cosine", weights="distance")
-    clf.fit(train_x, train_y)
-    return float(clf.score(test_x, test_y))
-
-
-def run_probes(
-    model,
-    train_set,
-    test_set,
-    *,
+    k: int = KNN_K,
     causal: bool = True,
-    k: int = 20,
-    c: float = 1.0,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    limit: int | None = None,
+    seed: int = 0,
 ) -> ProbeResult:
-    train_x, train_y = extract_features(
-        model, train_set, causal=causal, device=device, dtype=dtype, limit=limit
-    )
-    test_x, test_y = extract_features(model, test_set, causal=causal, device=device, dtype=dtype, limit=limit)
-    classes = np.unique(train_y)
-    if len(classes) < 2:
+    """kNN and the linear probe on features already extracted (any device)."""
+    if len(torch.unique(train_y)) < 2:
         raise DataError(
-            f"probe: the {len(train_y)} training images have a single label ({classes[0]}): "
+            f"probe: the {len(train_y)} training images have a single label ({int(train_y[0])}): "
             "a probe needs at least two classes"
         )
+    linear = linear_probe(train_x, train_y, test_x, test_y, seed=seed)
+    knn = (knn_predict(train_x, train_y, test_x, k) == test_y).float().mean().item()
     return ProbeResult(
-        linear_acc=linear_probe(train_x, train_y, test_x, test_y, c=c),
-        knn_acc=knn_probe(train_x, train_y, test_x, test_y, k=k),
+        linear_acc=linear.accuracy,
+        knn_acc=knn,
+        linear_nll=linear.nll,
+        linear_wd=linear.weight_decay,
         k=k,
         n_train=len(train_y),
         n_test=len(test_y),
@@ -123,20 +366,35 @@ def run_probes(
     )
 
 
+def probe_datasets(model, train_set, val_set, train: ProbeSubset, val: ProbeSubset, **extract) -> tuple:
+    """(train features, train labels, val features, val labels) of the readable images of the
+    subsets, extracted as ``extract_features`` does (a collective when sharded)."""
+    out = []
+    for dataset, subset in ((train_set, train), (val_set, val)):
+        feats, ok = extract_features(model, dataset, subset.indices, **extract)
+        labels = torch.tensor(dataset_labels(dataset), device=feats.device)[
+            torch.tensor(subset.indices, device=feats.device)
+        ]
+        out += [feats[ok], labels[ok]]
+    return tuple(out)
+
+
 def probe_run(
     run_dir: str | Path,
     *,
     weights: str = "online",
     causal: bool = True,
-    k: int = 20,
-    limit: int | None = None,
+    k: int = KNN_K,
+    train_per_class: int | None = None,
+    val_per_class: int | None = None,
     data_overrides: list[str] = (),
     reuse: bool = False,
 ) -> tuple[dict, Path]:
     """Probe a run's newest committed checkpoint: its ``online`` weights, its ``ema`` weights, or the
     same architecture at the run's initialisation (``random_init``, the baseline a probe is read
-    against). The record is written to RUN_DIR/probes/ and returned with its path; ``reuse``: a record
-    already there for the same checkpoint (and no data overrides) is returned as it is."""
+    against), on the run's probe subsets unless ``*_per_class`` say otherwise. The record is written
+    to RUN_DIR/probes/ and returned with its path; ``reuse``: a record already there for the same
+    checkpoint and subsets (and no data overrides) is returned as it is."""
     from nepa_scale.config import apply_overrides, config_from_dict
     from nepa_scale.data import build_dataset
     from nepa_scale.engine.checkpoint import EMA_FILE
@@ -152,12 +410,16 @@ def probe_run(
     config = config_from_dict(
         apply_overrides(recorded, [f"data.{item}" for item in data_overrides]), check_paths=False
     )
+    lg = config.logging
+    train_per_class = train_per_class if train_per_class is not None else lg.probe_train_per_class
+    val_per_class = val_per_class if val_per_class is not None else lg.probe_val_per_class
     latest = newest_verified(run)
     name = "random_init" if weights == "random_init" else f"{latest.tag}{'_ema' if weights == 'ema' else ''}"
     out = run.root / "probes" / f"{name}{'' if causal else '_bidir'}.json"
+    subsets = {"train_per_class": train_per_class, "val_per_class": val_per_class}
     if reuse and not data_overrides and out.is_file():
         record = json.loads(out.read_text())
-        if record.get("k") == k and record.get("limit") == limit:
+        if record.get("k") == k and record.get("subsets") == subsets:
             return record, out
     if weights == "random_init":
         torch.manual_seed(config.seed)
@@ -173,9 +435,22 @@ def probe_run(
     model.load_state_dict(state)
     train_set = build_dataset(config.data, "train", arch.image_size, train=False)
     val_set = build_dataset(config.data, "val", arch.image_size, train=False)
-    result = run_probes(model, train_set, val_set, causal=causal, k=k, limit=limit)
+    train = probe_subset(train_set, "train", train_per_class, lg.probe_subset_seed)
+    val = probe_subset(val_set, "val", val_per_class, lg.probe_subset_seed)
+    check_probe_subsets(train, val)
+    data = probe_datasets(
+        model,
+        train_set,
+        val_set,
+        train,
+        val,
+        causal=causal,
+        batch_size=256,
+        num_workers=config.data.num_workers,
+    )
+    result = probe_features(*data, k=k, causal=causal, seed=lg.probe_subset_seed)
     step = 0 if weights == "random_init" else latest.step
-    record = {"step": step, "weights": weights, "limit": limit, **result.__dict__}
+    record = {"step": step, "weights": weights, "subsets": subsets, **result.to_dict()}
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     return record, out
