@@ -370,8 +370,9 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
-# Keys this project no longer reads: a run record that has them still reads back (they are dropped);
-# a new config that sets one gets the replacement named.
+# Keys this project no longer reads: a run record that has them still reads back (they are dropped),
+# a config file holding one at null (an old run's config.yaml) loads; one that sets a value gets the
+# replacement named.
 RETIRED_KEYS = {
     "logging.probe_limit": "use logging.probe_train_per_class and logging.probe_val_per_class",
 }
@@ -398,6 +399,7 @@ def build_dataclass(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if not (v is None and f"{prefix}.{k}".lstrip(".") in RETIRED_KEYS)}
     for key in data:
         if key not in names:
             where = f"{prefix}.{key}" if prefix else str(key)
