@@ -2,8 +2,11 @@
 
     python analysis/compare_sweeps.py SWEEP_A SWEEP_B [--labels A B] [--out compare.png]
 
-For each sweep: the compute-efficient frontier of 1 + loss against training FLOPs (6N+attn), its
-saturating power-law fit with a 95% interval on the exponent, and one figure with both.
+For each sweep: the compute-efficient frontier of the quantity `nepa-scale report` fits (by
+default the online linear-probe error, else the kNN error; a NEPA loss only with a warning: each
+model's targets are its own embeddings, so losses of two sweeps measure different tasks) against
+training FLOPs (6N+attn), its saturating power-law fit with a 95% interval on the exponent, and
+one figure with both.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import tempfile  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from nepa_scale.scaling.collect import collect_curves  # noqa: E402
-from nepa_scale.scaling.fits import fit_power_law, pareto_frontier  # noqa: E402
-from nepa_scale.scaling.report import frontier_start  # noqa: E402
+from nepa_scale.scaling.analyses import fit_frontier  # noqa: E402
+from nepa_scale.scaling.quantities import label as quantity_label  # noqa: E402
+from nepa_scale.scaling.report import StudySettings, load_study  # noqa: E402
 
 
 def main() -> None:
@@ -30,30 +35,42 @@ def main() -> None:
     parser.add_argument("--labels", nargs=2, default=None)
     parser.add_argument("--out", default="compare.png")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument(
+        "--quantity", default="auto", help="the fitted column (default: as nepa-scale report)"
+    )
     args = parser.parse_args()
     labels = args.labels or [Path(s).name for s in args.sweeps]
+    settings = StudySettings(n_bootstrap=args.bootstrap, quantity=args.quantity)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    columns = set()
     for sweep, label, color in zip(args.sweeps, labels, ("tab:blue", "tab:orange"), strict=True):
-        curves = collect_curves(sweep)
-        frontier = curves.iloc[pareto_frontier(curves["flops"], curves["cosine_distance"])]
-        start = frontier_start(frontier)  # past the initial plateau, as `nepa-scale report` fits it
-        fitted = frontier[frontier["flops"] >= start]
-        fit = fit_power_law(fitted["flops"], fitted["cosine_distance"], n_bootstrap=args.bootstrap)
+        with tempfile.TemporaryDirectory() as scratch:  # the table load_study writes
+            _, study, warnings = load_study(Path(sweep), Path(scratch), settings)
+        for warning in warnings:
+            print(f"{label}: warning: {warning}")
+        found = fit_frontier(study)  # past the initial plateau, as `nepa-scale report` fits it
+        fit, start, points = found.fit, found.start, found.points
+        columns.add(found.column)
+        if fit is None:
+            print(f"{label}: frontier not identified ({found.entry['reason']})")
+            continue
         print(
-            f"{label}: E = {fit.E}, A = {fit.A}, alpha = {fit.alpha} ({fit.n_points} frontier points "
-            f"from {start:.3g} FLOPs)"
+            f"{label}: {found.column}: E = {fit.E}, A = {fit.A}, alpha = {fit.alpha} ({fit.n_points} "
+            f"frontier points from {start:.3g} FLOPs)"
         )
-        ax.scatter(frontier["flops"], frontier["cosine_distance"], s=8, color=color)
-        xs = np.logspace(np.log10(start), np.log10(frontier["flops"].max()), 100)
+        ax.scatter(points["flops"], points[found.column], s=8, color=color)
+        xs = np.logspace(np.log10(start), np.log10(points["flops"].max()), 100)
         ax.plot(xs, fit.predict(xs), color=color, label=f"{label}: alpha = {fit.alpha}")
         low, high = fit.band(xs)
         if np.isfinite(low).all():
             ax.fill_between(xs, low, high, color=color, alpha=0.15)
+    if len(columns) > 1:
+        print(f"warning: the sweeps fit different quantities ({', '.join(sorted(columns))}): not comparable")
     ax.set(
         xscale="log",
         yscale="log",
         xlabel="training FLOPs (6N+attn)",
-        ylabel="mean cosine distance (1 + loss)",
+        ylabel=" / ".join(quantity_label(c) for c in sorted(columns)),
     )
     ax.legend(fontsize=8)
     fig.savefig(args.out, bbox_inches="tight")

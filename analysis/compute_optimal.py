@@ -2,8 +2,9 @@
 
     python analysis/compute_optimal.py SWEEP_DIR --compute 1e21 [--bootstrap 1000]
 
-Fits L(N, D) = E + A/N^alpha + B/D^beta on the completed runs' final points (the held-out
-quantity when every run measured it, as `nepa-scale report` does), then prints N_opt and D_opt
+Fits L(N, D) = E + A/N^alpha + B/D^beta on the completed runs' final points (the quantity
+`nepa-scale report` fits by default: the online linear-probe error, else the kNN error, else the
+held-out NEPA loss with a warning; --quantity to choose), then prints N_opt and D_opt
 for each budget with 95% bootstrap intervals, the FLOPs per (parameter x image) taken from the
 sweep itself (C = k N D, k the median over its runs). An allocation far beyond the trained model
 sizes is an extrapolation of the law, said in proportion; a fit whose parameters are not
@@ -17,7 +18,8 @@ import math
 
 from nepa_scale.scaling.collect import collect
 from nepa_scale.scaling.fits import fit_chinchilla, human
-from nepa_scale.scaling.report import StudySettings, fit_table, resolve_quantity
+from nepa_scale.scaling.quantities import label, resolve_quantity
+from nepa_scale.scaling.report import StudySettings, fit_table
 
 
 def extrapolation_note(n_opt: float, trained: tuple[float, float]) -> str:
@@ -44,10 +46,15 @@ def main() -> None:
     parser.add_argument("sweep_dir")
     parser.add_argument("--compute", type=float, nargs="+", required=True, help="training FLOPs (6N+attn)")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument(
+        "--quantity", default="auto", help="the fitted column (default: as nepa-scale report)"
+    )
     args = parser.parse_args()
     rows = collect(args.sweep_dir).query("status == 'completed' and eval_point == 'final'")
-    settings = resolve_quantity(rows, StudySettings(n_bootstrap=args.bootstrap))
-    table = fit_table(rows, settings)
+    quantity, warnings = resolve_quantity(rows, args.quantity)
+    for warning in warnings:
+        print(f"warning: {warning}")
+    table = fit_table(rows, StudySettings(n_bootstrap=args.bootstrap), quantity)
     fit = fit_chinchilla(
         table["N"],
         table["D"],
@@ -57,7 +64,7 @@ def main() -> None:
         n_bootstrap=args.bootstrap,
     )
     k = float((table["compute"] / (table["N"] * table["D"])).median())
-    print(f"fit on {fit.n_points} runs ({settings.quantity_label}; N = total params, D = images):")
+    print(f"fit on {fit.n_points} runs ({label(quantity)}; N = total params, D = images):")
     for name, est in fit.params.items():
         print(f"  {name:>5} = {est}")
     for warning in fit.warnings:

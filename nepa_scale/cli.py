@@ -148,13 +148,15 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from nepa_scale.scaling.report import build_report, describe
 
-    result = build_report(args.sweep_dir, args.out, _settings(args))
-    print(f"fitted quantity: {result['conventions']['fitted quantity']}")
-    for name, fit in result["fits"].items():
-        print(f"{name}: {describe(fit)}")
-    for warning in result["warnings"]:
+    report = build_report(args.sweep_dir, args.out, _settings(args))
+    for line in report.summary:
+        print(line)
+    for name, fit in report.fits.items():
+        if name not in ("quantities", "prediction check"):
+            print(f"{name}: {describe(fit)}")
+    for warning in report.warnings:
         print(f"warning: {warning}")
-    print(f"report: {result['paths']['html']} (and {result['paths']['markdown'].name})")
+    print(f"report: {report.paths['html']} (and {report.paths['markdown'].name})")
     return 0
 
 
@@ -344,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--quantity",
             default="auto",
-            help="fitted column (default auto: held-out 1 + val_loss when every run has it, else 1 + training "
-            "loss; seg_error: 1 - mIoU of attached segmentation fine-tunes; or any positive column)",
+            help="fitted column (default auto: the online linear-probe error when every run has it, else the "
+            "kNN error, else the held-out NEPA loss with a warning; ft_error / seg_error: the attached "
+            "fine-tunes; or any positive column)",
         )
         p.add_argument(
             "--frontier-from",

@@ -15,8 +15,12 @@ named transitions (``RunDir.created``, ``started``, ``preempted``, ``completed``
 
 metrics.jsonl keys: kind ("train" | "eval"), step, images_seen, flops_seen, flop_convention, loss,
 target_spread, lr, grad_norm, img_per_s, tflops_per_s, mfu, max_memory_gb, data_wait_frac,
-collapsed, time on train lines; val_loss (pretraining), val_acc / val_acc_ema (fine-tuning) and
-probe_* on eval lines.
+collapsed, time on train lines. One eval line per evaluated step: pretraining's val_loss and the
+label-free diagnostics (val_target_spread, val_loss_mean_target, val_loss_copy_last,
+val_gap_closed, rankme_features / rankme_targets and erank_*: nepa_scale/eval/diagnostics.py), the
+online probes (probe_linear_acc / _error / _nll / _wd, probe_knn_acc / _error, probe_train_images,
+probe_val_images, probe_weights, probe_causal: nepa_scale/eval/probes.py); val_acc / val_acc_ema
+(fine-tuning); val_miou (segmentation).
 """
 
 from __future__ import annotations

@@ -51,6 +51,13 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
     out = result.stdout
     assert "preempting" in out and "resumed 1x" in out
     assert "compute frontier" in out and "Chinchilla" in out
+    # The fitted quantity is the linear-probe error measured online, at every run's own points.
+    assert "fits of linear-probe error" in out and "probe_linear_error" in out
+    assert "candidate quantities" in out and "prediction check" in out
+    for run in out_root.glob("*/run.json"):
+        evals = [json.loads(line) for line in (run.parent / "metrics.jsonl").read_text().splitlines()]
+        final = [e for e in evals if e["kind"] == "eval"][-1]
+        assert {"probe_linear_error", "probe_knn_error", "val_loss", "rankme_features"} <= set(final)
     # Every fitted parameter is a value inside its 95% interval, or "not identified" with the reason.
     fits = json.loads((out_root / "report" / "fits.json").read_text())["fits"]
     for name in ("frontier", "chinchilla"):
@@ -73,8 +80,9 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
     report = out_root / "report"
     html = (report / "report.html").read_text()
     assert "<img" in html and "Chinchilla" in html and "<h2>Transfer</h2>" in html
+    assert "What this study shows" in html and "linear-probe error" in html
     assert probe.group(0) in html
-    for figure in ("loss_curves", "loss_vs_params"):
+    for figure in ("frontier", "loss_vs_params", "diagnostics"):  # too few runs here for a prediction check
         assert (report / "figures" / f"{figure}.png").stat().st_size > 10_000
     runs = [json.loads(p.read_text()) for p in out_root.glob("*/run.json")]
     assert len(runs) == 6 and all(r["status"] == "completed" for r in runs)

@@ -40,6 +40,8 @@ pytestmark = pytest.mark.slow
 
 # 60 steps of 32 images: 49 steps per epoch of the digits' training split, so runs cross an epoch.
 RUN = ["budget.images=1920", "checkpoint.every=25", "checkpoint.keep_every=25"]
+# Online probes on small subsets (150 training and 80 val images), at steps 0, 25, 50 and 60.
+PROBES = ["logging.probe_every=25", "logging.probe_train_per_class=15", "logging.probe_val_per_class=8"]
 
 
 def assert_same_run(reference: Path, resumed: Path) -> None:
@@ -77,7 +79,7 @@ def runs(tmp_path_factory) -> Path:
     [
         (0, ["checkpoint.ema_decay=0.9"]),
         (1, ["data.num_workers=2"]),  # a loader with worker processes
-        (3, []),
+        (3, PROBES),  # probing is a collective forward under ZeRO-3
     ],
 )
 # ZeRO-2, preempted mid log interval and resumed: tests/test_study.py (a cooldown branch against
@@ -102,7 +104,7 @@ def test_elastic_resume_two_to_one_process(runs):
     ~35 Adam steps), far below the step-to-step change of the curve.
     """
     source = runs / "w2_full"
-    full = run_train(source, *RUN, "deepspeed.zero_stage=2", nproc=2)
+    full = run_train(source, *RUN, *PROBES, "deepspeed.zero_stage=2", nproc=2)
     assert full.returncode == 0, full.stderr[-3000:]
     assert json.loads((source / "run.json").read_text())["world_size"] == 2
     run_dir = runs / "elastic"
@@ -110,7 +112,7 @@ def test_elastic_resume_two_to_one_process(runs):
     for ckpt in committed_checkpoints(run_dir / "checkpoints"):
         if ckpt.step > 25:
             shutil.rmtree(ckpt.path)
-    result = run_train(run_dir, *RUN, "deepspeed.zero_stage=2")
+    result = run_train(run_dir, *RUN, *PROBES, "deepspeed.zero_stage=2")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "checkpoints" / "step_00000025_universal" / MARKER).exists()
     before, after = losses(source), losses(run_dir)
@@ -121,6 +123,19 @@ def test_elastic_resume_two_to_one_process(runs):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["restarts"][-1] == {**info["restarts"][-1], "from_step": 25, "world_size": 1}
     assert [m["images_seen"] for m in metrics(run_dir)][-1] == 60 * 32
+    # Probes: features extracted over two ranks and gathered give the one-process probe (step 0 of the
+    # single-process ZeRO-3 run has the same weights); the resumed run probes the subsets it recorded.
+    two = {m["step"]: m for m in metrics(source, "eval")}
+    one = {m["step"]: m for m in metrics(runs / "z3_full", "eval")}
+    assert sorted(two) == sorted(one) == [0, 25, 50, 60]
+    for key in ("probe_linear_acc", "probe_knn_acc", "probe_train_images", "probe_val_images"):
+        assert two[0][key] == one[0][key], key
+    assert two[0]["probe_train_images"] == 150 and two[0]["probe_val_images"] == 80
+    resumed = {m["step"]: m for m in metrics(run_dir, "eval")}
+    assert sorted(resumed) == [0, 25, 50, 60] and resumed[25] == two[25]
+    assert abs(resumed[60]["probe_linear_acc"] - two[60]["probe_linear_acc"]) <= 2 / 80
+    records = [json.loads((r / "run.json").read_text())["probe_subsets"] for r in (source, run_dir)]
+    assert records[0] == records[1]
 
 
 def test_kill_during_checkpoint_write_resumes_from_previous(runs):

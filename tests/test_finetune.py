@@ -49,7 +49,7 @@ def test_layer_decay_assigns_the_formula_lr_to_each_block():
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("ft") / "pretrain"
+    run_dir = tmp_path_factory.mktemp("ft") / "study" / "pretrain"  # a study of one run
     result = run_train(run_dir, "budget.images=1920", "logging.log_every=10", "checkpoint.ema_decay=0.9")
     assert result.returncode == 0, result.stderr[-3000:]
     from nepa_scale.engine.export import export_run
@@ -64,18 +64,24 @@ FT = ["budget.epochs=6", "budget.global_batch=64", "logging.log_every=1", "optim
 @pytest.mark.slow
 def test_finetuning_improves_resumes_exactly_and_keeps_the_stem_frozen(pretrained, tmp_path):
     common = [*FT, f"finetune.pretrained={pretrained}"]
-    full = run_train(tmp_path / "full", *common, config=FINETUNE_CONFIG)
+    full_dir = pretrained.parent.parent / "study_finetune" / "full"  # where sweep attach puts it
+    full = run_train(full_dir, *common, config=FINETUNE_CONFIG)
     assert full.returncode == 0, full.stderr[-3000:]
-    evals = metrics(tmp_path / "full", "eval")
+    evals = metrics(full_dir, "eval")
     assert [e["step"] for e in evals] == [24, 48, 72, 96, 120, 144]  # every epoch (24 steps of 64 images)
     assert evals[-1]["val_acc"] > evals[0]["val_acc"] + 0.1, [e["val_acc"] for e in evals]
     assert "val_acc_ema" in evals[-1]
-    best = json.loads((tmp_path / "full" / "best_ema.json").read_text())
+    best = json.loads((full_dir / "best_ema.json").read_text())
     assert best["val_acc_ema"] == max(e["val_acc_ema"] for e in evals)
-    assert (tmp_path / "full" / "best_ema.safetensors").exists()
+    assert (full_dir / "best_ema.safetensors").exists()
+    from nepa_scale.scaling.collect import collect
+
+    row = collect(pretrained.parent).query("eval_point == 'final'").iloc[0]  # the study's table
+    assert row["ft_acc"] == evals[-1]["val_acc"] and row["ft_error"] == 1 - evals[-1]["val_acc"]
+    assert row["ft_runs"] == 1
 
     source = load_file(str(pretrained / "export" / "model.safetensors"))
-    tuned = final_weights(tmp_path / "full")
+    tuned = final_weights(full_dir)
     for key in ("patch_embed.proj.weight", "patch_embed.proj.bias"):
         assert torch.equal(tuned[key], source[key]), key  # frozen patch embedding
     assert not torch.equal(tuned["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
@@ -85,7 +91,7 @@ def test_finetuning_improves_resumes_exactly_and_keeps_the_stem_frozen(pretraine
     assert cut.returncode == 75, cut.stderr[-3000:]
     resumed = run_train(tmp_path / "cut", *common, config=FINETUNE_CONFIG)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    a, b = losses(full_dir), losses(tmp_path / "cut")
     assert a == b, [(s, a[s], b.get(s)) for s in a if a[s] != b.get(s)][:5]
     wa, wb = tuned, final_weights(tmp_path / "cut")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -126,12 +132,13 @@ def test_held_out_evaluation_covers_the_whole_split_not_only_whole_batches():
     assert len(labels) % 64  # the split is not a whole number of batches
 
     def mean_label(_out, batch):
-        return batch.labels.float().mean()
+        return {"label": batch.labels.float().mean(), "squared": batch.labels.float().pow(2).mean()}
 
     whole = evaluator.held_out(torch.nn.Identity(), mean_label, limit=None)
-    assert whole == pytest.approx(sum(labels) / len(labels), rel=1e-6)
+    assert whole["label"].item() == pytest.approx(sum(labels) / len(labels), rel=1e-6)  # each batch mean is fp32
+    assert whole["squared"].item() == pytest.approx(sum(x * x for x in labels) / len(labels), rel=1e-6)  # each batch mean is fp32
     first_two = evaluator.held_out(torch.nn.Identity(), mean_label, limit=2)
-    assert first_two == pytest.approx(sum(labels[:128]) / 128, rel=1e-6)
+    assert first_two["label"].item() == pytest.approx(sum(labels[:128]) / 128, rel=1e-6)  # each batch mean is fp32
 
 
 def test_ema_warmup_follows_the_weights_early_and_reaches_the_set_decay():
@@ -157,3 +164,32 @@ def test_digits_are_read_as_scikit_learn_reads_them():
     pixels, labels = load_digits_file()
     reference = load_digits()
     assert np.array_equal(pixels, reference.images) and np.array_equal(labels, reference.target)
+
+
+def test_a_study_attaches_the_papers_fine_tunes_with_each_models_recipe(tmp_path):
+    """sweeps/scaling_imagenet_wsd.yaml's attach.finetune: one fine-tune per completed run of the two
+    longest budgets, with the source's shape and seed, the recipe's own model settings, and the
+    released L recipe for L and H (per_model); runs of other budgets are not fine-tuned."""
+    from nepa_scale.launch.attach import attached_sweep
+    from nepa_scale.launch.sweep import load_sweep
+    from nepa_scale.rundir import RunDir, RunRecord
+
+    study = load_sweep(REPO / "sweeps" / "scaling_imagenet_wsd.yaml", output_root=tmp_path / "study")
+    for run in study.runs:  # every pretraining run recorded as completed (the fine-tunes' sources)
+        RunDir(run.run_dir).write_record(RunRecord(status="completed", config=run.config_data))
+    attached = attached_sweep(study, "finetune")
+    longest = {204986720, 819946880}
+    sources = [run for run in study.runs if run.config.budget.images in longest]
+    assert len(attached.runs) == len(sources) == 2 * (2 * 3 + 2)  # S and B with 3 seeds, L and H with 1
+    assert attached.output_root == tmp_path / "study_finetune"
+    by_source = {run.config.finetune.pretrained: run.config for run in attached.runs}
+    for source in sources:
+        config = by_source[str(source.run_dir)]
+        assert config.task == "finetune" and config.seed == source.config.seed
+        assert config.model.name == source.config.model.name
+        assert config.model.overrides == {"qk_norm_affine": True, **source.config.model.overrides}
+        large = source.config.model.name in ("nepa_l14", "nepa_h14")
+        assert config.finetune.layer_decay == (0.75 if large else 0.65)
+        assert config.finetune.drop_path == (0.2 if large else 0.1)
+        assert config.optim.base_lr == (1.0e-3 if large else 1.5e-3)
+        assert config.budget.epochs == 100 and config.finetune.mixup == 0.8  # the paper's recipe

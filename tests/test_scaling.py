@@ -154,9 +154,11 @@ def make_run(
     noise: float = 0.0,
     seed: int = 0,
     loss=None,
+    probe=None,
 ):
     """A run directory as the engine writes it: run.json with the resolved config, metrics.jsonl.
-    ``loss(n, images, step, steps)``: the cosine distance at a step (default: the law at the images seen)."""
+    ``loss(n, images, step, steps)``: the cosine distance at a step (default: the law at the images seen);
+    ``probe(n, images, step, steps)``: the linear-probe error on the evaluation lines (default: none)."""
     config = RunConfig(seed=seed)
     config.model.overrides = _arch_overrides(dim)
     config.budget.global_batch = 128
@@ -191,14 +193,20 @@ def make_run(
             }
         )
         if step % 100 == 0:
-            run.append_metrics(
-                {
-                    "kind": "eval",
-                    "step": step,
-                    "val_loss": cos_dist - 1.0 + 0.01,
-                    "probe_error": 0.5 * cos_dist,
+            line = {
+                "kind": "eval",
+                "step": step,
+                "val_loss": cos_dist - 1.0 + 0.01,
+                "probe_error": 0.5 * cos_dist,
+            }
+            if probe is not None:
+                error = probe(n, step * 128, step, steps) * math.exp(rng.normal(0, noise))
+                line |= {
+                    "probe_linear_error": error,
+                    "probe_knn_error": 1.2 * error,
+                    "rankme_features": 1 - error,
                 }
-            )
+            run.append_metrics(line)
     return n, per_image
 
 
@@ -296,9 +304,9 @@ def test_report_from_a_synthetic_sweep(sweep, tmp_path):
             tmp_path / "figures" / f"{name}.svg"
         ).exists()
     fits = json.loads((tmp_path / "fits.json").read_text())
-    assert {"frontier", "chinchilla", "holdout"} <= set(fits["fits"])
-    assert any("IsoFLOP" in w for w in result["warnings"])  # 3 sizes at 2 budgets, but not all reach them
-    chin = result["objects"]["chinchilla"]
+    assert {"frontier", "chinchilla", "prediction check"} <= set(fits["fits"])
+    assert any("IsoFLOP" in w for w in result.warnings)  # 3 sizes at 2 budgets, but not all reach them
+    chin = result.fit("chinchilla")
     assert abs(chin.params["alpha"].value - TRUE["alpha"]) < 0.05  # noise-free synthetic runs
     assert pd.read_parquet(tmp_path / "table.parquet")["run_id"].nunique() == 11
 
@@ -387,7 +395,7 @@ def test_seeds_are_grouped_and_their_spread_is_the_noise_floor(tmp_path):
         assert sorted(per_seed) in ([0, 6], [3, 3])  # a seed drawn twice, or each once
     settings = StudySettings(n_bootstrap=20, window=1, quantity="cosine_distance")
     results = build_report(tmp_path / "study", tmp_path / "report", settings)
-    floor = results["fits"]["noise floor (seeds)"]
+    floor = results.fits["noise floor (seeds)"]
     assert floor["cells"] == 6 and floor["std_log"] == pytest.approx(spread.std_log)
     assert "noise floor (seeds)" in (tmp_path / "report" / "report.md").read_text()
 
@@ -411,13 +419,10 @@ def test_single_size_and_degenerate_studies_are_not_identified(tmp_path):
     for steps in BUDGET_STEPS:
         make_run(tmp_path / "one_size", f"d96_s{steps}", 96, steps)
     results = build_report(tmp_path / "one_size", tmp_path / "r1", StudySettings(n_bootstrap=50, window=1))
-    assert (
-        not results["fits"]["frontier"]["identified"]
-        and "1 model size" in results["fits"]["frontier"]["reason"]
-    )
-    assert not results["fits"]["chinchilla"]["identified"]
-    assert "at least two model sizes" in results["fits"]["chinchilla"]["reason"]
-    assert results["warnings"][0].startswith(("frontier: not identified", "chinchilla: not identified"))
+    assert not results.fits["frontier"]["identified"] and "1 model size" in results.fits["frontier"]["reason"]
+    assert not results.fits["chinchilla"]["identified"]
+    assert "at least two model sizes" in results.fits["chinchilla"]["reason"]
+    assert results.warnings[0].startswith(("frontier: not identified", "chinchilla: not identified"))
 
     def flat(n, images, step, steps):  # nothing to learn from N or D
         return 0.5
@@ -426,7 +431,7 @@ def test_single_size_and_degenerate_studies_are_not_identified(tmp_path):
         for steps in BUDGET_STEPS:
             make_run(tmp_path / "flat", f"d{dim}_s{steps}", dim, steps, loss=flat, noise=0.01)
     results = build_report(tmp_path / "flat", tmp_path / "r2", StudySettings(n_bootstrap=100, window=1))
-    chinchilla = results["fits"]["chinchilla"]
+    chinchilla = results.fits["chinchilla"]
     assert not chinchilla["identified"] and (
         "bound" in chinchilla["reason"] or "factor" in chinchilla["reason"]
     )
@@ -450,10 +455,10 @@ def test_mid_schedule_points_stay_out_of_the_n_d_fits(tmp_path):
     results = build_report(
         tmp_path / "cosine", tmp_path / "r", StudySettings(n_bootstrap=50, window=1, budgets=budgets)
     )
-    chinchilla = results["fits"]["chinchilla"]
+    chinchilla = results.fits["chinchilla"]
     assert chinchilla["points"] == 16  # the runs' ends, not the budget rows
     assert abs(chinchilla["params"]["beta"]["value"] - TRUE["beta"]) < 0.02
-    assert any("--budgets rows are mid-run points" in w for w in results["warnings"])
+    assert any("--budgets rows are mid-run points" in w for w in results.warnings)
     table = pd.read_parquet(tmp_path / "r" / "table.parquet")
     assert (table["eval_point"] != "final").sum() > 0  # still in the table
 
@@ -469,7 +474,7 @@ def test_fits_json_holds_numbers_and_round_trips(sweep, tmp_path):
         and alpha["identified"] in (True, False)
     )
     back = read_fits(tmp_path / "fits.json")
-    assert back["fits"]["chinchilla"]["params"] == results["objects"]["chinchilla"].params
+    assert back["fits"]["chinchilla"]["params"] == results.fit("chinchilla").params
     html = (tmp_path / "report.html").read_text()
     assert html.index("<h2>Warnings") < html.index("<h2>Figures") < html.index("<h2>Fits")
 
@@ -488,17 +493,17 @@ def test_the_frontier_fit_starts_past_the_initial_plateau(tmp_path):
         for steps in (200, 400):
             make_run(tmp_path / "study", f"d{dim}_s{steps}", dim, steps, loss=plateau_then_law)
     results = build_report(tmp_path / "study", tmp_path / "r", StudySettings(n_bootstrap=30, window=1))
-    frontier = results["fits"]["frontier"]
+    frontier = results.fits["frontier"]
     curves = collect_curves(tmp_path / "study", window=1)
     plateau_end = curves[curves["step"] == 40]["flops"].min()
     assert frontier["starts at FLOPs"] > plateau_end
-    fit = results["objects"]["frontier"]
+    fit = results.fit("frontier")
     last = curves.sort_values("flops").iloc[-1]
     assert abs(fit.predict(last["flops"]) / last["cosine_distance"] - 1) < 0.1
     chosen = build_report(
         tmp_path / "study", tmp_path / "r2", StudySettings(n_bootstrap=0, window=1, frontier_from=3e12)
     )
-    assert chosen["fits"]["frontier"]["starts at FLOPs"] == 3e12
+    assert chosen.fits["frontier"]["starts at FLOPs"] == 3e12
 
 
 def test_width_effect_is_measured_against_the_seed_spread():
@@ -518,3 +523,74 @@ def test_width_effect_is_measured_against_the_seed_spread():
         assert effect.standard_error == pytest.approx(spread.std_log * np.sqrt(2 / 6) / np.sqrt(2))
         assert (effect.z >= 2) is expected
         assert ("does not stand above" not in str(effect)) is expected
+
+
+DOWNSTREAM = {"E": 0.02, "A": 25.0, "B": 14.0, "alpha": 0.5, "beta": 0.45}
+
+
+def test_a_synthetic_study_with_a_known_downstream_law_is_recovered(tmp_path):
+    """Four sizes x four budgets x three seeds whose linear-probe error follows a known law (2%
+    log-normal noise per evaluation) and whose NEPA loss follows another: the report fits the probe
+    error by default (no loss warning), and its intervals hold the true exponents."""
+
+    def error(n, images, step, steps):
+        return law(n, images, DOWNSTREAM)
+
+    for dim in (24, 48, 96, 192):
+        for steps in (100, 200, 400, 800):
+            for seed in range(3):
+                make_run(
+                    tmp_path / "study",
+                    f"d{dim}_s{steps}_{seed}",
+                    dim,
+                    steps,
+                    noise=0.02,
+                    seed=seed,
+                    probe=error,
+                )
+    report = build_report(tmp_path / "study", tmp_path / "r", StudySettings(n_bootstrap=200, window=1))
+    assert report.quantity == "probe_linear_error"
+    assert not any("NEPA loss" in w for w in report.warnings)
+    chinchilla = report.fit("chinchilla")
+    for key in ("alpha", "beta"):
+        assert chinchilla.params[key].identified and chinchilla.params[key].contains(DOWNSTREAM[key]), (
+            key,
+            str(chinchilla.params[key]),
+        )
+    assert (
+        "linear-probe error" in report.summary[0]
+        and "linear-probe error" in report.conventions["fitted quantity"]
+    )
+    check = report.fits["prediction check"]
+    assert check["observed inside the 95% interval"] >= 0.5 and check["mean |log error|"] < 0.1
+    table = pd.DataFrame(report.fits["quantities"]["table"]).set_index("quantity")
+    assert table.loc["probe_linear_error", "kind"] == "fitted"
+    assert table.loc["probe_linear_error", "seed std of log"] == pytest.approx(0.02, abs=0.01)
+    assert (
+        table.loc["probe_linear_error", "improves with N"] == 1.0
+        and table.loc["probe_linear_error", "flag"] == ""
+    )
+    assert report.fits["diagnostics"]["Spearman with probe_linear_error"]["rankme_features"] < -0.9
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert html.index("What this study shows") < html.index("<h2>Warnings") and "prediction_check" in html
+
+
+def test_quantity_auto_falls_back_to_the_loss_with_a_warning(sweep, tmp_path):
+    from nepa_scale.scaling.quantities import resolve_quantity
+
+    root, _ = sweep
+    report = build_report(root, tmp_path, StudySettings(n_bootstrap=20, window=1))
+    assert report.quantity == "val_cosine_distance"
+    assert any("each model's own embeddings" in w for w in report.warnings)
+    final = pd.DataFrame(
+        {"probe_linear_error": [0.1, 0.2], "probe_knn_error": [0.2, 0.3], "val_cosine_distance": [1, 1]}
+    )
+    assert resolve_quantity(final, "auto") == ("probe_linear_error", [])
+    partial = final.assign(probe_linear_error=[0.1, None])  # not every run probed: the next candidate
+    assert resolve_quantity(partial, "auto") == ("probe_knn_error", [])
+    column, warnings = resolve_quantity(final[["val_cosine_distance"]], "auto")
+    assert (
+        column == "val_cosine_distance"
+        and "not comparable" not in warnings[0]
+        and "two different tasks" in warnings[0]
+    )

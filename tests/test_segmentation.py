@@ -455,6 +455,7 @@ def test_attach_entries_fail_with_one_line_naming_the_key(tmp_path):
     for attach, match in (
         ({"seg": {"sweep": "seg.yaml", "every": 2}}, r"attach\.seg\.every: unknown key"),
         ({"seg": ["seg.yaml"]}, r"attach\.seg: expected"),
+        ({"seg": {"sweep": "seg.yaml", "per_model": ["x"]}}, r"attach\.seg\.per_model: expected a mapping"),
     ):
         with pytest.raises(ConfigError, match=match):
             load_sweep(study(attach))

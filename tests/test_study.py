@@ -214,3 +214,25 @@ def test_the_branched_imagenet_study_saves_gpu_hours():
     (against,) = [line for line in table.splitlines() if line.startswith("against ")]
     assert "this design saves" in against
     assert main(["sweep", "plan", str(REPO / "sweeps" / "scaling_imagenet_wsd.yaml")]) == 0
+
+
+def test_the_imagenet_sweeps_spend_under_two_percent_of_each_run_on_evaluation(tmp_path):
+    """The shipped ImageNet studies probe online at every evaluation point; `sweep plan` prices it
+    (forward passes over the probe subsets and the held-out batches) against each run's own
+    training, here on an ImageNet-shaped folder of 1,000 classes."""
+    from nepa_scale.launch.plan import plan_run
+
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for i in range(1000):
+            (root / split / f"n{i:08d}").mkdir(parents=True)
+    for name in ("scaling_imagenet.yaml", "scaling_imagenet_wsd.yaml"):
+        sweep = load_sweep(REPO / "sweeps" / name, overrides=[f"data.root={root}"])
+        assert all(run.config.logging.probe_every for run in sweep.runs)
+        plans = [plan_run(run) for run in sweep.runs]
+        shares = [p.eval_share for p in plans]
+        assert all(share is not None and 0 < share < 0.02 for share in shares), (name, max(shares))
+        # A trunk evaluates every 2000 steps; its 10-epoch branch only at its own end.
+        assert max(shares) > 0.001
+    table = plan_table(load_sweep(REPO / "sweeps" / "scaling_imagenet.yaml", overrides=[f"data.root={root}"]))
+    assert "eval%" in table and "the probe's feature extraction" in table

@@ -37,7 +37,7 @@ KNN_K = 20
 KNN_TEMPERATURE = 0.07
 # The linear probe's L2 penalty on the mean cross-entropy, ``wd / 2 * |W|^2``, over standardised
 # features (scikit-learn's C is 1 / (wd * images)); one grid for every run, so probes compare.
-PROBE_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+PROBE_WEIGHT_DECAYS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)  # fitted in this order, each from the previous solution
 PROBE_HOLDOUT = 0.2  # share of the training subset that chooses the weight decay
 
 
@@ -211,11 +211,18 @@ def knn_predict(
 
 
 def fit_logistic(
-    x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float, max_iter: int = 500
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: int,
+    weight_decay: float,
+    max_iter: int = 300,
+    start: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) minimising mean cross-entropy + weight_decay / 2 * |W|^2 by full-batch L-BFGS."""
-    weight = torch.zeros(classes, x.shape[1], device=x.device, requires_grad=True)
-    bias = torch.zeros(classes, device=x.device, requires_grad=True)
+    """(W, b) minimising mean cross-entropy + weight_decay / 2 * |W|^2 by full-batch L-BFGS, from
+    zeros or from ``start`` (a solution at a larger weight decay: the path converges in fewer steps)."""
+    if start is None:
+        start = torch.zeros(classes, x.shape[1], device=x.device), torch.zeros(classes, device=x.device)
+    weight, bias = start[0].clone(), start[1].clone()
     optimizer = torch.optim.LBFGS(
         [weight, bias],
         lr=1.0,
@@ -225,16 +232,22 @@ def fit_logistic(
         tolerance_change=1e-12,
         line_search_fn="strong_wolfe",
     )
+    rows = torch.arange(len(y), device=x.device)
 
     def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight.T + bias, y) + 0.5 * weight_decay * weight.pow(2).sum()
-        loss.backward()
+        # The gradient by hand (softmax - one-hot): a third of autograd's cost per evaluation.
+        logits = x @ weight.T + bias
+        log_p = logits.log_softmax(dim=1)
+        loss = -log_p[rows, y].mean() + 0.5 * weight_decay * weight.pow(2).sum()
+        residual = log_p.exp()
+        residual[rows, y] -= 1
+        residual /= len(y)
+        weight.grad = residual.T @ x + weight_decay * weight
+        bias.grad = residual.sum(dim=0)
         return loss
 
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    optimizer.step(closure)
+    return weight, bias
 
 
 def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
@@ -284,8 +297,9 @@ def linear_probe(
     best = None
     if len(weight_decays) > 1 and len(held_idx):
         fit_x, held_x = _standardise(train_x[fit_idx], train_x[held_idx])
+        solution = None
         for wd in weight_decays:
-            w, b = fit_logistic(fit_x, train_y[fit_idx], classes, wd)
+            solution = w, b = fit_logistic(fit_x, train_y[fit_idx], classes, wd, start=solution)
             logits = held_x @ w.T + b
             score = (
                 (logits.argmax(1) == train_y[held_idx]).float().mean().item(),

@@ -5,25 +5,43 @@ of each pretraining run, or of the runs of chosen budgets.
       segment:                            # a name: the runs live in <output_root>_segment/
         sweep: demo_segment.yaml          # the downstream sweep: base config, set, profile
         budgets: [76800, 153600]          # optional: only runs of these budget.images (default: all)
+        per_model:                        # optional: settings that differ by model (the paper's
+          nepa_l14: {finetune.layer_decay: 0.75}   # L recipe against its B recipe, say)
 
 ``nepa-scale sweep attach SWEEP.yaml`` plans, for every completed pretraining run it selects, one
 downstream run with that run's model shape and seed, initialised from its weights (exported first
-where they are not), and launches them as a sweep of their own (records, resume, preemption; a re-run skips what is done). The
-resolved sweep file is kept beside the runs. ``collect`` then carries each pretraining run's mIoU.
+where they are not), and launches them as a sweep of their own (records, resume, preemption; a
+re-run skips what is done). The resolved sweep file is kept beside the runs. ``collect`` then
+carries each pretraining run's mIoU (segmentation) or top-1 and error (classification:
+``report --quantity ft_error`` fits the paper's metric of record).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 
-from nepa_scale.config import read_yaml_mapping
+from nepa_scale.config import config_from_dict, read_yaml_mapping, set_dotted
 from nepa_scale.errors import ConfigError
 from nepa_scale.launch.sweep import Sweep, load_sweep
 from nepa_scale.rundir import RunDir
 
 PRETRAINED_KEY = {"segment": "segment.pretrained", "finetune": "finetune.pretrained"}
+# NepaArch fields that shape the weights: a downstream run takes them from its source run.
+SHAPE_KEYS = {
+    "image_size",
+    "patch_size",
+    "in_chans",
+    "dim",
+    "depth",
+    "num_heads",
+    "mlp",
+    "mlp_hidden",
+    "qkv_bias",
+    "qk_norm",
+}
 
 
 def resolved_sweep_file(spec_file: str | Path, spec: dict, output_root: Path, axes: list, name: str) -> Path:
@@ -66,20 +84,47 @@ def attached_sweep(sweep: Sweep, name: str, executor: str | None = None) -> Swee
     task = (spec.get("set") or {}).get("task") or base.get("task") or "pretrain"
     if task not in PRETRAINED_KEY:
         raise ConfigError(f"{spec_file}: base: a segment or finetune config, got task '{task}'")
-    axes = [
-        {
-            "zip": {
-                PRETRAINED_KEY[task]: [str(run.run_dir) for run in sources],
-                "seed": [run.config.seed for run in sources],
-                "model.name": [run.config.model.name for run in sources],
-                "model.overrides": [dict(run.config.model.overrides) for run in sources],
-            }
-        }
-    ]
+    defaults = downstream_defaults(base, spec)
+    # The recipe's own model settings (e.g. fine-tuning's qk_norm_affine), never its shape: the shape
+    # is the source's.
+    recipe = {k: v for k, v in defaults["model"]["overrides"].items() if k not in SHAPE_KEYS}
+    models = [run.config.model.name for run in sources]
+    columns = {
+        PRETRAINED_KEY[task]: [str(run.run_dir) for run in sources],
+        "seed": [run.config.seed for run in sources],
+        "model.name": models,
+        "model.overrides": [{**recipe, **run.config.model.overrides} for run in sources],
+    }
+    columns |= per_model_columns(entry.get("per_model") or {}, defaults, models)
+    axes = [{"zip": columns}]
     root = sweep.output_root.parent / f"{sweep.output_root.name}_{name}"
     return load_sweep(
         resolved_sweep_file(spec_file, spec, root, axes, "attached_sweep.yaml"), executor=executor
     )
+
+
+def downstream_defaults(base: dict, spec: dict) -> dict:
+    """The downstream sweep's own settings: its base config with its ``set`` (values only)."""
+    data = json.loads(json.dumps(base))
+    for key, value in (spec.get("set") or {}).items():
+        set_dotted(data, key, value)
+    return config_from_dict(data, check_paths=False).to_dict()
+
+
+def per_model_columns(per_model: dict, defaults: dict, models: list[str]) -> dict[str, list]:
+    """Zip columns for the settings ``per_model`` changes: each source's model's value, else the
+    downstream sweep's own (``defaults``)."""
+    keys = sorted({key for settings in per_model.values() for key in settings})
+
+    def default(key: str):
+        node = defaults
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"attach: per_model: {key}: not a setting of the downstream runs")
+            node = node[part]
+        return node
+
+    return {key: [per_model.get(model, {}).get(key, default(key)) for model in models] for key in keys}
 
 
 def export_sources(downstream: Sweep) -> list[Path]:

@@ -50,6 +50,7 @@ def run_demo(
     out=sys.stdout,
 ) -> int:
     from nepa_scale.eval.transfer import run_transfer, transfer_lines
+    from nepa_scale.scaling.fits import Estimate, human
     from nepa_scale.scaling.report import StudySettings, build_report, describe
 
     started = time.time()
@@ -87,10 +88,10 @@ def run_demo(
     trained = time.time() - started
     transfer = run_transfer(sweep, transfer_sweep, executor, out=out) if transfer_sweep else None
     transferred = time.time() - started
-    result = build_report(sweep.output_root, None, StudySettings(n_bootstrap=n_bootstrap))
-    fits = result["fits"]
+    report = build_report(sweep.output_root, None, StudySettings(n_bootstrap=n_bootstrap))
+    fits = report.fits
     print(
-        f"\nfits of {result['conventions']['fitted quantity']} ({n_bootstrap} bootstrap resamples, 95% "
+        f"\nfits of {report.conventions['fitted quantity']} ({n_bootstrap} bootstrap resamples, 95% "
         "intervals; a parameter the data do not pin down is shown as not identified, with the reason)",
         file=out,
     )
@@ -100,19 +101,42 @@ def run_demo(
         print(f"  Chinchilla  L(N, D) = E + A/N^alpha + B/D^beta:  {describe(fits['chinchilla'])}", file=out)
     if "isoflop" in fits:
         print(f"  IsoFLOP  N_opt ~ C^a, D_opt ~ C^b:  {describe(fits['isoflop'])}", file=out)
+    check = fits.get("prediction check", {})
+    if "per D" in check:
+        print(f"  prediction check (the largest width held out): {check['verdict']}", file=out)
+        for point in check["per D"]:
+            print(
+                f"    D = {human(point['D'])}: observed {point['observed mean']:.4g}, predicted "
+                f"{Estimate.from_dict(point['predicted'])} (log error {point['log error']:+.3f}, "
+                f"{point['z (seed SE)']:+.2g} seed SE)",
+                file=out,
+            )
     noise = fits.get("noise floor (seeds)")
     if noise:
         print(f"  seeds: {noise['what']}", file=out)
         if "width effect" in noise:
             print(f"  width: {noise['width effect']}", file=out)
-    for warning in result["warnings"]:
+    quantities = report.analyses.get("quantities")
+    if quantities is not None:
+        print(
+            "  candidate quantities (seed std of log | width effect in SE | share improving in training, with D, with N):",
+            file=out,
+        )
+        for _, row in quantities.fit.iterrows():
+            print(
+                f"    {row['quantity']:<20} {row['seed std of log']:6.3f} | {row['width effect (SE)']:+6.2f} | "
+                f"{row['improves in training']:.2f} {row['improves with D']:.2f} {row['improves with N']:.2f}"
+                + (f"  ({row['flag']})" if row["flag"] else ""),
+                file=out,
+            )
+    for warning in report.warnings:
         print(f"  note: {warning}", file=out)
     if transfer is not None:
         print("\ntransfer (the largest model against the same model untrained)", file=out)
         for line in transfer_lines(transfer):
             print(f"  {line}", file=out)
     print(
-        f"\nreport: {result['paths']['html']}\nfigures: {result['paths']['html'].parent / 'figures'}\n"
+        f"\nreport: {report.paths['html']}\nfigures: {report.paths['html'].parent / 'figures'}\n"
         f"time: {trained:.0f} s pretraining, {transferred - trained:.0f} s transfer, "
         f"{time.time() - started:.0f} s in all",
         file=out,

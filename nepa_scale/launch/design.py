@@ -53,6 +53,60 @@ def training_steps(config: RunConfig) -> int:
     return b.total_steps(steps_per_epoch, planned_arch_and_flops(config)[1])
 
 
+@functools.lru_cache(maxsize=16)
+def _probe_images(
+    data_json: str, image_size: int, split: str, per_class: int | None, seed: int
+) -> int | None:
+    """Images of a split's probe subset: counted from the labels (the bundled digits, a folder's
+    listing), or per class x class folders when the split's files are not listed; None without data."""
+    from pathlib import Path
+
+    from nepa_scale.config import build_dataclass
+    from nepa_scale.data import build_dataset
+    from nepa_scale.eval.probes import probe_subset
+
+    data = build_dataclass(DataConfig, json.loads(data_json), "data")
+    if data.kind == "imagefolder":
+        folder = Path(data.root) / (data.train_split if split == "train" else data.val_split)
+        if not folder.is_dir():
+            return None
+        if per_class is not None:  # an upper bound: classes smaller than per_class give fewer
+            return per_class * sum(1 for entry in folder.iterdir() if entry.is_dir())
+    return len(
+        probe_subset(build_dataset(data, split, image_size, train=False), split, per_class, seed).indices
+    )
+
+
+def evaluation_points(every: int, steps: int, after: int, at_start: bool) -> int:
+    """Evaluations a run makes itself: every ``every`` steps, at its end and (``at_start``) at step 0,
+    after step ``after`` (a branch's earlier points are its trunk's)."""
+    points = set(range(every, steps + 1, every)) if every else set()
+    points |= {steps} | ({0} if at_start else set())
+    return sum(p > after or (after == 0 and p == 0) for p in points)
+
+
+def evaluation_flops(
+    config: RunConfig, steps: int, branch_step: int, world_size: int, micro_batch: int
+) -> float | None:
+    """FLOPs of a pretraining run's own evaluations (forward only, a third of training's per image):
+    the held-out batches at every evaluation point and the probe's subsets at every probe point.
+    None when the probe's image count is unknown (its data is not reachable from here)."""
+    lg, per_image = config.logging, planned_arch_and_flops(config)[1]
+    at_start = bool(lg.eval_every or lg.probe_every)
+    held_out = lg.eval_batches * micro_batch * world_size
+    images = evaluation_points(lg.eval_every, steps, branch_step, at_start) * held_out
+    if lg.probe_every:
+        data_json, size = json.dumps(config.to_dict()["data"], sort_keys=True), config.model.arch().image_size
+        counts = [
+            _probe_images(data_json, size, split, per_class, lg.probe_subset_seed)
+            for split, per_class in (("train", lg.probe_train_per_class), ("val", lg.probe_val_per_class))
+        ]
+        if None in counts:
+            return None
+        images += evaluation_points(lg.probe_every, steps, branch_step, True) * sum(counts)
+    return images * per_image / 3
+
+
 def training_flops(config: RunConfig) -> float:
     """Training FLOPs of the whole run under its budget.flop_convention."""
     per_image = planned_arch_and_flops(config)[1]

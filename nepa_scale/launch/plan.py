@@ -31,7 +31,7 @@ from nepa_scale.engine.distributed import World, deepspeed_config
 from nepa_scale.engine.settings import StepSettings, resolve_step_settings
 from nepa_scale.engine.tasks import planned_arch_and_flops
 from nepa_scale.errors import DataError
-from nepa_scale.launch.design import training_steps
+from nepa_scale.launch.design import evaluation_flops, training_steps
 from nepa_scale.launch.profiles import ClusterProfile
 from nepa_scale.launch.sweep import PlannedRun, Sweep
 from nepa_scale.models.arch import NepaArch
@@ -58,6 +58,7 @@ class RunPlan:
     compute_source: str = ""  # where the one-device step comes from
     collectives: tuple[Collective, ...] = ()  # per step (nepa_scale/comm.py)
     world_size: int = 1
+    eval_share: float | None = None  # the run's own evaluations' FLOPs / the training FLOPs it spends
 
 
 CASE_KEYS = ("model", "engine", "precision", "flops_per_image", "zero_stage", "micro_batch", "compile")
@@ -203,6 +204,11 @@ def plan_run(run: PlannedRun) -> RunPlan:
     )
     device_hours = steps * timing.step_s * r.devices / 3600
     spent = device_hours * (steps - (run.branch_step or 0)) / steps
+    eval_share = None
+    if c.task == "pretrain":
+        evaluation = evaluation_flops(c, steps, run.branch_step or 0, r.world_size, settings.micro_batch)
+        spent_flops = flops * (steps - (run.branch_step or 0)) / steps
+        eval_share = None if evaluation is None else evaluation / spent_flops
     return RunPlan(
         run.run_id,
         c.model.name,
@@ -222,6 +228,7 @@ def plan_run(run: PlannedRun) -> RunPlan:
         source,
         tuple(collectives),
         r.world_size,
+        eval_share,
     )
 
 
@@ -245,6 +252,10 @@ def totals(plans: list[RunPlan]) -> Totals:
 
 def _hours(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
 
 
 def _seconds(value: float) -> str:
@@ -275,7 +286,7 @@ def plan_table(
     plans = plans if plans is not None else [plan_run(run) for run in sweep.runs]
     head = (
         f"{'run id':<46} {'model':<10} {'design':<13} {'N params':>11} {'D images':>13} {'C FLOPs':>9} "
-        f"{'dev-h':>9} {'wall-h':>8} {'mem GB':>7} {'ckpt':>4} {'step s':>7} {'eff':>5}  layout"
+        f"{'dev-h':>9} {'wall-h':>8} {'mem GB':>7} {'ckpt':>4} {'step s':>7} {'eff':>5} {'eval%':>6}  layout"
     )
     lines = [f"warning: {w}" for w in sweep.warnings] + [head, "-" * len(head)]
     for p in plans:
@@ -285,7 +296,7 @@ def plan_table(
         lines.append(
             f"{p.run_id:<46} {p.model:<10} {p.design:<13} {p.params:>11,} {p.images:>13,} {p.flops:>9.2e} "
             f"{_hours(p.spent_device_hours):>9} {_hours(p.wall_hours):>8} {p.memory_gb:>7.1f} {p.checkpointed:>4} "
-            f"{_seconds(p.timing.step_s):>7} {p.timing.efficiency:>5.2f}  {p.layout}"
+            f"{_seconds(p.timing.step_s):>7} {p.timing.efficiency:>5.2f} {_share(p.eval_share):>6}  {p.layout}"
         )
         if p.flops_budget is not None:
             lines[-1] += f"  (C {100 * (p.flops / p.flops_budget - 1):+.2f}% of budget {p.flops_budget:.3g})"
@@ -328,5 +339,10 @@ def plan_table(
         )
         lines.append(
             "mem GB: predicted peak per device (nepa_scale/memory.py); ckpt: blocks under activation checkpointing"
+        )
+        lines.append(
+            "eval%: FLOPs of the run's own evaluations (held-out batches and diagnostics at every evaluation "
+            "point, the probe's feature extraction at every probe point; forward only) / the training FLOPs this "
+            "design spends on it ('-': the probe's data is not reachable from here, or not a pretraining run)"
         )
     return "\n".join(lines)

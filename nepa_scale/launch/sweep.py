@@ -56,7 +56,7 @@ from nepa_scale.launch.profiles import ClusterProfile, load_profile
 SWEEP_KEYS = {"name", "description", "base", "set", "axes", "profile", "resources", "output_root", "attach"}
 RESOURCE_PREFIX = "resources."
 BLOCK_KINDS = ("grid", "zip", "seeds", "isoflop", "union")
-ATTACH_KEYS = {"sweep", "budgets"}  # an attach: entry (nepa_scale/launch/attach.py)
+ATTACH_KEYS = {"sweep", "budgets", "per_model"}  # an attach: entry (nepa_scale/launch/attach.py)
 # Not what a run computes: where it lives, how a branch gets its start (left out of the digest),
 # where its data is mounted (hashed as unset, so runs without a data.root kept their ids).
 UNHASHED = ("output_dir", "branch", "checkpoint.keep_steps")
@@ -75,7 +75,12 @@ LATER_SETTINGS = {
     "deepspeed.overlap_comm": None,
     "deepspeed.reduce_bucket_size": None,
     "segment": json.loads(json.dumps(dataclasses.asdict(SegmentConfig()))),  # the whole section, unused
+    "logging.probe_train_per_class": None,
+    "logging.probe_val_per_class": None,
+    "logging.probe_subset_seed": 0,
 }
+# Settings removed since run ids were first recorded, hashed at the value every recorded run had.
+RETIRED_SETTINGS = {"logging.probe_limit": None}
 
 
 @dataclass(frozen=True)
@@ -229,7 +234,8 @@ def run_slug(values: dict[str, Any]) -> str:
 
 def run_id_digest(data: dict[str, Any]) -> str:
     """The short hash that ends a run id: the run's config, less what cannot change its result
-    (``UNHASHED``, ``BLANKED``) and less later settings at their defaults (``LATER_SETTINGS``)."""
+    (``UNHASHED``, ``BLANKED``), less later settings at their defaults (``LATER_SETTINGS``), with
+    retired settings at the value they had (``RETIRED_SETTINGS``)."""
     hashed = copy.deepcopy(data)
     for dotted in UNHASHED:
         _pop_dotted(hashed, dotted)
@@ -239,6 +245,8 @@ def run_id_digest(data: dict[str, Any]) -> str:
     for dotted, default in LATER_SETTINGS.items():
         if _get_dotted(hashed, dotted, default) == default:
             _pop_dotted(hashed, dotted)
+    for dotted, value in RETIRED_SETTINGS.items():
+        set_dotted(hashed, dotted, value)
     return hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -348,7 +356,17 @@ def check_attach(spec: Any, where: Path) -> dict[str, dict]:
             raise ConfigError(f"{where}: attach.{name}: expected {{sweep: FILE, budgets: [...]}}")
         unknown = sorted(set(entry) - ATTACH_KEYS)
         if unknown:
-            raise ConfigError(f"{where}: attach.{name}.{unknown[0]}: unknown key (known: sweep, budgets)")
+            raise ConfigError(
+                f"{where}: attach.{name}.{unknown[0]}: unknown key (known: {', '.join(sorted(ATTACH_KEYS))})"
+            )
+        per_model = entry.get("per_model")
+        if per_model is not None and not (
+            isinstance(per_model, dict) and all(isinstance(v, dict) for v in per_model.values())
+        ):
+            raise ConfigError(
+                f"{where}: attach.{name}.per_model: expected a mapping of model names to settings "
+                "(e.g. nepa_l14: {finetune.layer_decay: 0.75})"
+            )
     return spec
 
 

@@ -6,13 +6,17 @@ that much compute.
 
 Reads only the run-directory contract (``nepa_scale/rundir.py``). Losses at a budget are the
 mean of the logged training losses over a window of log lines ending at the budget (stated in the
-``smoothing`` column); held-out and downstream metrics come from evaluation lines. Runs that failed
-or are incomplete are kept with their status, never dropped.
+``smoothing`` column); held-out, probe and diagnostic values come from the last evaluation line at
+or before the point (``EVAL_PREFIXES``; ``val_gap_remaining`` = 1 - ``val_gap_closed``, positive
+like an error). Runs that failed or are incomplete are kept with their status, never dropped.
+``collect_evaluations`` gives every evaluation point of every run (the curves of downstream
+quantities and diagnostics).
 
 Segmentation fine-tunes attached to the study (``nepa-scale sweep attach``: beside it, in
 SWEEP_DIR_<name>/) give each pretraining run's final-row ``miou`` (the completed fine-tunes' final
 val mIoU, their mean when several), ``seg_error`` (1 - miou, what a power law can fit) and
-``seg_runs`` (how many were averaged).
+``seg_runs`` (how many were averaged). Attached classification fine-tunes give ``ft_acc`` (final
+val top-1, online weights), ``ft_error`` and ``ft_runs`` the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from nepa_scale.rundir import RunDir, images_seen
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 5  # log lines averaged for the loss at a budget
+# Evaluation-line keys the table carries: held-out loss and diagnostics, probes, effective ranks.
+EVAL_PREFIXES = ("val_", "probe_", "rankme_", "erank_", "knn_", "linear_")
 
 
 def run_dirs(sweep_dir: Path) -> list[Path]:
@@ -62,6 +68,8 @@ def _run_summary(run: RunDir) -> dict:
         flops_budget=config.budget.flops,  # an IsoFLOP run's compute budget (its own FLOP convention)
         # A WSD branch's trunk (its own id for other runs): branches share their trunk's steps.
         trunk=Path(config.branch.parent).name if config.branch.parent else run.root.name,
+        branch_step=config.branch.step or 0,
+        probe_subsets=_probe_subsets(record.probe_subsets),
         params=counts["total"],
         params_no_embed=counts["without_patch_embed"],
         tokens_per_image=arch.num_tokens,
@@ -73,6 +81,35 @@ def _run_summary(run: RunDir) -> dict:
         **{f"flops_per_image_{c}": train_flops_per_image(arch, c) for c in CONVENTIONS},
     )
     return row
+
+
+def _probe_subsets(recorded: dict | None) -> str | None:
+    """The probe's images in one string (equal strings: equal images): seed, then each split's digest."""
+    if not recorded:
+        return None
+    return f"seed {recorded['seed']}: train {recorded['train']['digest']}, val {recorded['val']['digest']}"
+
+
+def _eval_lines(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per evaluated step (lines of the same step merged, the last value of each key)."""
+    kind = metrics["kind"] if "kind" in metrics else pd.Series("train", index=metrics.index)
+    evals = metrics[kind == "eval"].sort_values("step", kind="stable")
+    if evals.empty:
+        return evals
+    merged = evals.groupby("step", as_index=False, sort=True).last()
+    if "val_gap_closed" in merged:
+        merged["val_gap_remaining"] = 1.0 - merged["val_gap_closed"]
+    if "val_loss" in merged:
+        merged["val_cosine_distance"] = 1.0 + merged["val_loss"]
+    return merged
+
+
+def _eval_values(line: pd.Series) -> dict:
+    return {
+        key: value
+        for key, value in line.items()
+        if str(key).startswith(EVAL_PREFIXES) and not isinstance(value, str)
+    }
 
 
 def _gpu_hours(train: pd.DataFrame, world_size: int, global_batch: int) -> float:
@@ -102,7 +139,7 @@ def collect(
             continue
         kind = metrics["kind"] if "kind" in metrics else pd.Series("train", index=metrics.index)
         train = metrics[kind == "train"].sort_values("step").drop_duplicates("step", keep="last")
-        evals = metrics[kind == "eval"].sort_values("step").drop_duplicates("step", keep="last")
+        evals = _eval_lines(metrics)
         per_image = summary[f"flops_per_image_{convention}"]
         summary["gpu_hours"] = _gpu_hours(train, summary["world_size"], summary["global_batch"])
         complete = summary["status"] == "completed"
@@ -130,36 +167,43 @@ def collect(
             row["loss"] = float(upto["loss"].tail(window).mean())
             row["loss_last_line"] = float(upto["loss"].iloc[-1])
             row["cosine_distance"] = 1.0 + row["loss"]
-            ev = evals[evals["step"] <= step]
+            ev = evals[evals["step"] <= step] if len(evals) else evals
             if len(ev):
-                last_eval = ev.iloc[-1]
-                for key, value in last_eval.items():
-                    if key in ("val_loss",) or str(key).startswith(("probe_", "knn_", "linear_")):
-                        row[key] = value
-                if "val_loss" in row and pd.notna(row["val_loss"]):
-                    row["val_cosine_distance"] = 1.0 + row["val_loss"]
+                row.update(_eval_values(ev.iloc[-1]))
             rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
         raise UsageError(f"no runs (run.json) under {sweep_dir}")
-    segmentation = attached_segmentation(Path(sweep_dir))
-    if segmentation:
-        final = table["eval_point"] == "final"
-        resolved = table["run_dir"].map(lambda d: str(Path(d).resolve()))
-        scores = resolved.map(lambda d: segmentation.get(d, []))
-        table["miou"] = [
-            float(np.mean(s)) if s and f else math.nan for s, f in zip(scores, final, strict=True)
-        ]
-        table["seg_error"] = 1.0 - table["miou"]
-        table["seg_runs"] = [len(s) if f else 0 for s, f in zip(scores, final, strict=True)]
+    final = table["eval_point"] == "final"
+    resolved = table["run_dir"].map(lambda d: str(Path(d).resolve()))
+    for task, (score, error, count) in ATTACHED_COLUMNS.items():
+        attached = attached_scores(Path(sweep_dir), task)
+        if attached:
+            scores = resolved.map(lambda d, found=attached: found.get(d, []))
+            table[score] = [
+                float(np.mean(s)) if s and f else math.nan for s, f in zip(scores, final, strict=True)
+            ]
+            table[error] = 1.0 - table[score]
+            table[count] = [len(s) if f else 0 for s, f in zip(scores, final, strict=True)]
     table.attrs["convention"] = convention
     return table
 
 
-def attached_segmentation(sweep_dir: Path) -> dict[str, list[float]]:
-    """Final val mIoU of the completed segmentation runs in SWEEP_DIR_*/, by the resolved path of the
-    pretraining run they started from."""
+# task -> (score column, error column, count column) of the downstream runs attached to a study;
+# the score is each fine-tune's last val evaluation (the last, not the best: the best would pick
+# the val split's favourite).
+ATTACHED_COLUMNS = {
+    "segment": ("miou", "seg_error", "seg_runs"),
+    "finetune": ("ft_acc", "ft_error", "ft_runs"),
+}
+ATTACHED_SCORE = {"segment": "val_miou", "finetune": "val_acc"}
+
+
+def attached_scores(sweep_dir: Path, task: str) -> dict[str, list[float]]:
+    """The final val score (mIoU, top-1) of the completed ``task`` runs in SWEEP_DIR_*/, by the
+    resolved path of the pretraining run they started from."""
     scores: dict[str, list[float]] = {}
+    key = ATTACHED_SCORE[task]
     for folder in sorted(sweep_dir.parent.glob(f"{sweep_dir.name}_*")):
         for path in run_dirs(folder) if folder.is_dir() else []:
             run = RunDir(path)
@@ -168,12 +212,12 @@ def attached_segmentation(sweep_dir: Path) -> dict[str, list[float]]:
                 config = record.run_config()
             except NepaError:
                 continue
-            if config.task != "segment" or record.status != "completed" or not config.segment.pretrained:
+            source = config.segment.pretrained if task == "segment" else config.finetune.pretrained
+            if config.task != task or record.status != "completed" or not source or not Path(source).is_dir():
                 continue
-            evals = [m for m in run.read_metrics() if m.get("kind") == "eval" and "val_miou" in m]
+            evals = [m for m in run.read_metrics() if m.get("kind") == "eval" and key in m]
             if evals:
-                source = str(Path(config.segment.pretrained).resolve())
-                scores.setdefault(source, []).append(float(evals[-1]["val_miou"]))
+                scores.setdefault(str(Path(source).resolve()), []).append(float(evals[-1][key]))
     return scores
 
 
@@ -213,5 +257,32 @@ def collect_curves(
         )
         frame["flops"] = frame["images_seen"] * summary[f"flops_per_image_{convention}"]
         frame["cosine_distance"] = 1.0 + frame["loss"]
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def collect_evaluations(sweep_dir: str | Path, convention: str = "6N+attn") -> pd.DataFrame:
+    """Every evaluation point of every completed run: one row per (run, step) with the run's facts,
+    the compute spent by then, and the evaluation's values. A WSD branch's rows before its branch
+    step are its trunk's (``own`` is False there): count them once, from the trunk."""
+    frames = []
+    for path in run_dirs(Path(sweep_dir)):
+        run = RunDir(path)
+        summary = _run_summary(run)
+        if summary["status"] != "completed":
+            continue
+        evals = _eval_lines(pd.DataFrame(run.read_metrics()))
+        if evals.empty:
+            continue
+        values = evals[[c for c in evals.columns if c == "step" or str(c).startswith(EVAL_PREFIXES)]]
+        frame = values.assign(
+            **{
+                k: summary[k]
+                for k in ("run_id", "trunk", "branch_step", "model", "seed", "params", "params_no_embed")
+            }
+        )
+        frame["images_seen"] = images_seen(frame["step"].to_numpy(), summary["global_batch"])
+        frame["flops"] = frame["images_seen"] * summary[f"flops_per_image_{convention}"]
+        frame["own"] = (frame["branch_step"] == 0) | (frame["step"] > frame["branch_step"])
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

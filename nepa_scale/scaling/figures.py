@@ -34,15 +34,20 @@ def loss_curves(
     quantity_label: str,
     convention: str,
     fit_from: float | None = None,
+    column: str = "cosine_distance",
 ) -> plt.Figure:
-    """The runs' curves, the compute-efficient frontier, and its fit with the 95% bootstrap band
-    (drawn from ``fit_from``, where the fit starts)."""
+    """The runs' curves of ``column`` (the training loss, or a quantity at the evaluation points), the
+    compute-efficient frontier, and its fit with the 95% bootstrap band (drawn from ``fit_from``,
+    where the fit starts)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = size_colors(curves["params"])
+    marker = "" if column == "cosine_distance" else "."
     for (params, run_id), group in curves.groupby(["params", "run_id"]):  # legend from small to large
         ax.plot(
             group["flops"],
-            group["cosine_distance"],
+            group[column],
+            marker=marker,
+            ms=3,
             color=colors[float(params)],
             lw=1.2,
             alpha=0.85,
@@ -52,7 +57,7 @@ def loss_curves(
     if frontier is not None and len(frontier):
         ax.scatter(
             frontier["flops"],
-            frontier["cosine_distance"],
+            frontier[column],
             s=10,
             color="k",
             zorder=3,
@@ -74,7 +79,8 @@ def loss_curves(
         yscale="log",
         xlabel=f"training FLOPs ({convention})",
         ylabel=quantity_label,
-        title="Loss curves and the compute-efficient frontier",
+        title=("Loss curves" if column == "cosine_distance" else "Evaluation points")
+        + " and the compute-efficient frontier",
     )
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
@@ -208,6 +214,61 @@ def downstream_vs_compute(table: pd.DataFrame, metric: str, convention: str) -> 
         )
     ax.set(xscale="log", xlabel=f"training FLOPs ({convention})", ylabel=metric, title=f"{metric} vs compute")
     ax.legend(fontsize=8)
+    return fig
+
+
+def prediction_check(points: pd.DataFrame, quantity_label: str, d_label: str, n_label: str) -> plt.Figure:
+    """The held-out largest model: each seed's observed value per D, and the prediction of the fit
+    without it with its 95% bootstrap interval."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.scatter(
+        points["D"], points["observed"], color="k", s=18, zorder=3, label="observed (seeds)", gid="observed"
+    )
+    ax.plot(points["D"], points["predicted"], "r--o", ms=4, label="predicted without it", gid="predicted")
+    if np.isfinite(points["low"]).all():
+        ax.fill_between(
+            points["D"],
+            points["low"],
+            points["high"],
+            color="r",
+            alpha=0.15,
+            label="95% bootstrap interval",
+            gid="band",
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel=f"D ({d_label})",
+        ylabel=quantity_label,
+        title=f"Prediction check: the largest model (N = {_millions(points['N'].iloc[0])}, {n_label}) held out",
+    )
+    ax.legend(fontsize=8)
+    return fig
+
+
+def diagnostics_vs_compute(evaluations: pd.DataFrame, columns: dict[str, str], convention: str) -> plt.Figure:
+    """One panel per diagnostic: its value at every evaluation point of every run, against compute."""
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), squeeze=False)
+    colors = size_colors(evaluations["params"])
+    shown = evaluations[(evaluations["flops"] > 0) & evaluations["own"]]
+    for ax, (column, text) in zip(axes[0], columns.items(), strict=True):
+        for (params, run_id), group in shown.groupby(["params", "run_id"]):
+            ax.plot(
+                group["flops"],
+                group[column],
+                ".-",
+                ms=3,
+                lw=0.8,
+                color=colors[float(params)],
+                label=f"{_millions(params)} params",
+                gid=f"{column}:{run_id}",
+            )
+        ax.set(xscale="log", xlabel=f"training FLOPs ({convention})", title=text, ylabel=column)
+        ax.title.set_fontsize(8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    axes[0][0].legend(unique.values(), unique.keys(), fontsize=7)
+    fig.tight_layout()
     return fig
 
 

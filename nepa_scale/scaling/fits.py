@@ -700,8 +700,9 @@ class HoldoutResult:
     fit: ChinchillaFit
 
 
-def holdout(n, d, quantity, runs=None, *, largest: int = 1, **fit_kwargs) -> HoldoutResult:
-    """Fit approach 3 without the ``largest`` model sizes, predict those, report the relative error."""
+def holdout(n, d, quantity, runs=None, *, largest: int = 1, replicates=None, **fit_kwargs) -> HoldoutResult:
+    """Fit approach 3 without the ``largest`` model sizes (bootstrapped over their seeds, when
+    ``replicates`` are given), predict those, report the relative error."""
     n, d, q = (np.asarray(x, float) for x in (n, d, quantity))
     sizes = np.unique(n[np.isfinite(n)])
     if len(sizes) <= largest + 1:
@@ -711,8 +712,14 @@ def holdout(n, d, quantity, runs=None, *, largest: int = 1, **fit_kwargs) -> Hol
     held = sizes[-largest:]
     train = ~np.isin(n, held)
     runs_arr = None if runs is None else np.asarray(runs)
+    seeds = None if replicates is None else np.asarray(replicates)[train]
     fit = fit_chinchilla(
-        n[train], d[train], q[train], None if runs_arr is None else runs_arr[train], **fit_kwargs
+        n[train],
+        d[train],
+        q[train],
+        None if runs_arr is None else runs_arr[train],
+        replicates=seeds,
+        **fit_kwargs,
     )
     test = np.isin(n, held) & np.isfinite(q)
     predicted = fit.predict(n[test], d[test])

@@ -1,0 +1,359 @@
+"""The report's analyses, each a named step over one ``Study`` returning an ``AnalysisResult``.
+
+``run_step`` runs a step and turns a ``FitError`` (too few sizes, budgets or points) into an entry
+that says why the fit is not identified: a report always comes out, and never prints a law the data
+do not support.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from nepa_scale.scaling import figures
+from nepa_scale.scaling.fits import (
+    Estimate,
+    FitError,
+    fit_chinchilla,
+    fit_isoflop,
+    fit_power_law,
+    holdout,
+    human,
+    pareto_frontier,
+    seed_spread,
+    width_effect,
+)
+from nepa_scale.scaling.quantities import (
+    QUANTITIES,
+    diagnostic_correlations,
+    label,
+    lower_is_better,
+    quantity_table,
+)
+from nepa_scale.scaling.study import AnalysisResult, Study
+
+# Before learning starts a quantity sits on a plateau near its initial value, which no power law in
+# compute describes. The frontier fit starts where the frontier has covered this fraction of its
+# total drop.
+PLATEAU_DROP = 0.1
+DIAGNOSTICS = ("val_gap_remaining", "rankme_features", "rankme_targets", "val_target_spread")
+
+
+def not_identified(reason: str) -> dict:
+    return {"identified": False, "reason": reason}
+
+
+def fit_entry(params: dict[str, Estimate], **facts) -> dict:
+    """A fit as fits.json holds it: numbers, intervals, and whether each parameter is identified."""
+    reasons = [f"{name}: {p.reason}" for name, p in params.items() if not p.identified]
+    entry = {"identified": not reasons, "params": {k: v.to_dict() for k, v in params.items()}, **facts}
+    if reasons:
+        entry["reason"] = "; ".join(reasons)
+    return entry
+
+
+def run_step(step: Callable[[Study], AnalysisResult | None], study: Study) -> AnalysisResult | None:
+    """One analysis; a FitError becomes an entry saying why nothing is identified."""
+    try:
+        return step(study)
+    except FitError as exc:
+        return AnalysisResult(entry=not_identified(str(exc)))
+
+
+# ----------------------------------------------------------------------------- the frontier
+
+
+def frontier_start(frontier: pd.DataFrame, column: str, lower: bool = True) -> float:
+    """The FLOPs where the frontier has covered PLATEAU_DROP of its drop (the plateau's end)."""
+    q = frontier[column].to_numpy() * (1 if lower else -1)
+    reached = q <= q[0] - PLATEAU_DROP * (q[0] - q.min())
+    return float(frontier["flops"].to_numpy()[reached.argmax()] if reached.any() else frontier["flops"].min())
+
+
+def frontier_curves(study: Study) -> tuple[pd.DataFrame, str, str]:
+    """(curves, value column, what they are): the training-loss curves when the fitted quantity is a
+    NEPA loss, else the fitted quantity at every evaluation point of every run."""
+    if (
+        study.quantity in ("cosine_distance", "val_cosine_distance")
+        or study.quantity not in study.evaluations
+    ):
+        return study.curves, "cosine_distance", label("cosine_distance") + ", from the loss curves"
+    points = study.evaluations[(study.evaluations["flops"] > 0) & study.evaluations[study.quantity].notna()]
+    return points, study.quantity, study.quantity_label + ", at every evaluation point of every run"
+
+
+@dataclass
+class Frontier:
+    curves: pd.DataFrame  # the points the frontier is taken from
+    column: str  # their value column
+    points: pd.DataFrame  # the frontier
+    start: float  # FLOPs where the fit starts
+    fit: Any  # PowerLawFit, or None
+    entry: dict[str, Any]
+    warnings: list[str]
+
+
+def fit_frontier(study: Study) -> Frontier | None:
+    """The compute-efficient frontier of the fitted quantity and its saturating power law."""
+    curves, column, what = frontier_curves(study)
+    if not len(curves):
+        return None
+    s, lower = study.settings, lower_is_better(column)
+    values = curves[column] if lower else -curves[column]
+    front = curves.iloc[pareto_frontier(curves["flops"], values)]
+    start = s.frontier_from if s.frontier_from is not None else frontier_start(front, column, lower)
+    fitted = front[front["flops"] >= start]
+    facts = {
+        "quantity": what + " (mid-run points are fair here)",
+        "starts at FLOPs": start,
+        "points": len(fitted),
+    }
+    if fitted["params"].nunique() < 2:
+        reason = (
+            f"the frontier past {human(start)} FLOPs holds {fitted['params'].nunique()} model size(s): it is "
+            "one model's curve, not a law in compute"
+        )
+        return Frontier(curves, column, front, start, None, not_identified(reason) | facts, [])
+    if not lower:
+        reason = f"{column} grows with compute: a power law fits errors and losses"
+        return Frontier(curves, column, front, start, None, not_identified(reason) | facts, [])
+    try:
+        fit = fit_power_law(
+            fitted["flops"],
+            fitted[column],
+            n_bootstrap=s.n_bootstrap,
+            seed=s.seed,
+            x_label=f"FLOPs ({s.convention})",
+            quantity_label=label(column),
+        )
+    except FitError as exc:
+        return Frontier(curves, column, front, start, None, not_identified(str(exc)) | facts, [])
+    warnings = [f"frontier: {w}" for w in fit.warnings]
+    return Frontier(curves, column, front, start, fit, fit_entry(fit.params(), **facts), warnings)
+
+
+def frontier(study: Study) -> AnalysisResult | None:
+    found = fit_frontier(study)
+    if found is None:
+        return None
+    fig = figures.loss_curves(
+        found.curves,
+        found.points,
+        found.fit,
+        label(found.column),
+        study.settings.convention,
+        found.start,
+        column=found.column,
+    )
+    name = "loss_curves" if found.column == "cosine_distance" else "frontier"
+    return AnalysisResult(found.entry, found.fit, study.figure(fig, name), found.warnings)
+
+
+# ----------------------------------------------------------------------------- L(N, D) and IsoFLOP
+
+
+def chinchilla(study: Study) -> AnalysisResult:
+    s, final = study.settings, study.final
+    fit = fit_chinchilla(
+        final["N"],
+        final["D"],
+        final["quantity"],
+        final["run_id"],
+        replicates=final["seed"] if "seed" in final else None,
+        n_bootstrap=s.n_bootstrap,
+        seed=s.seed,
+        n_label=study.n_label,
+        d_label=study.d_label,
+        quantity_label=study.quantity_label,
+    )
+    entry = fit_entry(
+        fit.params,
+        quantity=study.quantity_label,
+        points=fit.n_points,
+        resampled_units=fit.n_runs,
+        bootstrap=fit.n_bootstrap,
+    )
+    figs = study.figure(figures.residuals(final, fit, study.d_label, study.n_label), "residuals")
+    return AnalysisResult(entry, fit, figs, [f"Chinchilla: {w}" for w in fit.warnings])
+
+
+def isoflop(study: Study) -> AnalysisResult | None:
+    final = study.final
+    rows = final[final["flops_budget"].notna()] if "flops_budget" in final else final.iloc[:0]
+    if not len(rows):
+        return None
+    s = study.settings
+    fit = fit_isoflop(
+        rows["flops_budget"],
+        rows["N"],
+        rows["D"],
+        rows["quantity"],
+        rows["run_id"],
+        n_bootstrap=s.n_bootstrap,
+        seed=s.seed,
+    )
+    entry = fit_entry(
+        {"N_opt exponent": fit.n_exponent, "D_opt exponent": fit.d_exponent},
+        minima=[
+            {"C": float(c), "N_opt": m.to_dict(), "D_opt": float(d)}
+            for c, m, d in zip(fit.budgets, fit.minima, fit.d_opt, strict=True)
+        ],
+    )
+    curves = figures.isoflop_curves(
+        rows.assign(compute=rows["flops_budget"]), fit, study.quantity_label, study.n_label
+    )
+    figs = study.figure(curves, "isoflop") | study.figure(
+        figures.n_opt_vs_compute(fit, study.n_label, s.convention), "n_opt"
+    )
+    return AnalysisResult(entry, fit, figs, [f"IsoFLOP: {w}" for w in fit.warnings])
+
+
+def loss_vs_params(study: Study, chinchilla_fit) -> AnalysisResult | None:
+    if not len(study.final):
+        return None
+    fig = figures.loss_vs_params(
+        study.final, chinchilla_fit, study.quantity_label, study.n_label, study.d_label
+    )
+    return AnalysisResult(figures=study.figure(fig, "loss_vs_params"))
+
+
+# ----------------------------------------------------------------------------- checks of the law
+
+
+def prediction(study: Study) -> AnalysisResult | None:
+    """Fit L(N, D) without the largest model, predict it at every D with the bootstrap interval, and
+    measure the error against the seed spread (standard errors of the seed mean)."""
+    s, final = study.settings, study.final
+    if not s.holdout_largest:
+        return None
+    seeds = final["seed"] if "seed" in final else None
+    ho = holdout(
+        final["N"],
+        final["D"],
+        final["quantity"],
+        final["run_id"],
+        largest=s.holdout_largest,
+        replicates=seeds,
+        n_bootstrap=s.n_bootstrap,
+        seed=s.seed,
+    )
+    spread = seed_spread(final["N"], final["D"], final["quantity"], seeds) if seeds is not None else None
+    rows = []
+    for (n, d), cell in final[np.isin(final["N"], ho.held_out_sizes)].groupby(["N", "D"]):
+        observed = cell["quantity"].to_numpy(float)
+        predicted = float(ho.fit.predict(np.array([n]), np.array([d]))[0])
+        low, high = (float(x[0]) for x in ho.fit.band(np.array([n]), np.array([d])))
+        log_error = math.log(predicted / observed.mean())
+        se = spread.std_log / math.sqrt(len(observed)) if spread else math.nan
+        rows += [
+            {"N": n, "D": d, "observed": v, "predicted": predicted, "low": low, "high": high}
+            for v in observed
+        ]
+        rows[-1] |= {"log error": log_error, "z": log_error / se if se > 0 else math.nan}
+    points = pd.DataFrame(rows)
+    per_d = points.dropna(subset=["log error"])
+    mean_abs = float(per_d["log error"].abs().mean())
+    inside = float(((points["observed"] >= points["low"]) & (points["observed"] <= points["high"])).mean())
+    entry = {
+        "held out N": [float(n) for n in ho.held_out_sizes],
+        "fit without it": "identified"
+        if ho.fit.identified
+        else f"not identified ({_reasons(ho.fit.params)})",
+        "per D": [
+            {
+                "D": float(r["D"]),
+                "observed mean": float(points[points["D"] == r["D"]]["observed"].mean()),
+                "predicted": Estimate(r["predicted"], r["low"], r["high"]).to_dict(),
+                "log error": float(r["log error"]),
+                "z (seed SE)": float(r["z"]),
+            }
+            for _, r in per_d.iterrows()
+        ],
+        "mean |log error|": mean_abs,
+        "seed std of log": spread.std_log if spread else None,
+        "observed inside the 95% interval": inside,
+        "mean |relative error|": ho.mean_abs_rel_error,
+    }
+    noise = f"the seed spread (std of log {spread.std_log:.3g})" if spread else "no seed spread (one seed)"
+    entry["verdict"] = (
+        f"mean |log error| {mean_abs:.3g} against {noise}; {100 * inside:.0f}% of the observed points inside "
+        "the prediction's 95% interval"
+    )
+    figs = study.figure(
+        figures.prediction_check(points, study.quantity_label, study.d_label, study.n_label),
+        "prediction_check",
+    )
+    return AnalysisResult(entry, ho, figs)
+
+
+def _reasons(params: dict[str, Estimate]) -> str:
+    return ", ".join(name for name, p in params.items() if not p.identified)
+
+
+def noise_floor(study: Study) -> AnalysisResult | None:
+    final = study.final
+    if "seed" not in final:
+        return None
+    spread = seed_spread(final["N"], final["D"], final["quantity"], final["seed"])
+    if spread is None:
+        return None
+    entry = {
+        "what": str(spread),
+        "std_log": spread.std_log,
+        "cells": spread.cells,
+        "replicates": spread.replicates,
+    }
+    effect = width_effect(final["N"], final["D"], final["quantity"], spread)
+    if effect is not None:
+        entry |= {"width effect": str(effect), "width effect z": effect.z}
+    return AnalysisResult(entry, spread)
+
+
+def candidates(study: Study) -> AnalysisResult | None:
+    """Every candidate quantity's noise floor, width effect and monotonicity (quantities.py)."""
+    table = quantity_table(study.final, study.evaluations, study.quantity)
+    if not len(table):
+        return None
+    warnings = [
+        f"{row['quantity']}: {row['flag']} (share of consecutive points that improve below "
+        "0.7; quantities.MONOTONE_SHARE)"
+        for _, row in table.iterrows()
+        if row["flag"] and row["kind"] == "fitted"
+    ]
+    records = table.astype(object).where(table.notna(), None).to_dict("records")
+    return AnalysisResult({"table": records}, table, warnings=warnings)
+
+
+def diagnostics(study: Study) -> AnalysisResult | None:
+    """The label-free diagnostics against compute, and each one's rank correlation with the fitted
+    quantity over the runs (never fitted across widths)."""
+    shown = {c: QUANTITIES[c].label for c in DIAGNOSTICS if c in study.evaluations}
+    if not shown:
+        return None
+    correlations = diagnostic_correlations(study.final, study.quantity)
+    entry = {
+        f"Spearman with {study.quantity}": correlations,
+        "what": "rank correlation over the completed runs' final points; diagnostics describe runs and are "
+        "not fitted across widths",
+    }
+    fig = figures.diagnostics_vs_compute(study.evaluations, shown, study.settings.convention)
+    return AnalysisResult(entry, correlations, study.figure(fig, "diagnostics"))
+
+
+def downstream(study: Study, metric: str) -> AnalysisResult:
+    done, final, s = study.done, study.final, study.settings
+    if metric not in done or not done[metric].notna().any():
+        return AnalysisResult(warnings=[f"downstream metric '{metric}' has no values"])
+    figs = study.figure(figures.downstream_vs_compute(done, metric, s.convention), f"downstream_{metric}")
+    try:
+        fit = fit_power_law(
+            final["compute"], final[metric], n_bootstrap=s.n_bootstrap, seed=s.seed, quantity_label=metric
+        )
+    except FitError as exc:
+        return AnalysisResult(not_identified(str(exc)), None, figs)
+    return AnalysisResult(fit_entry(fit.params()), fit, figs)
