@@ -135,10 +135,16 @@ def test_held_out_evaluation_covers_the_whole_split_not_only_whole_batches():
         return {"label": batch.labels.float().mean(), "squared": batch.labels.float().pow(2).mean()}
 
     whole = evaluator.held_out(torch.nn.Identity(), mean_label, limit=None)
-    assert whole["label"].item() == pytest.approx(sum(labels) / len(labels), rel=1e-6)  # each batch mean is fp32
-    assert whole["squared"].item() == pytest.approx(sum(x * x for x in labels) / len(labels), rel=1e-6)  # each batch mean is fp32
+    assert whole["label"].item() == pytest.approx(
+        sum(labels) / len(labels), rel=1e-6
+    )  # each batch mean is fp32
+    assert whole["squared"].item() == pytest.approx(
+        sum(x * x for x in labels) / len(labels), rel=1e-6
+    )  # each batch mean is fp32
     first_two = evaluator.held_out(torch.nn.Identity(), mean_label, limit=2)
-    assert first_two["label"].item() == pytest.approx(sum(labels[:128]) / 128, rel=1e-6)  # each batch mean is fp32
+    assert first_two["label"].item() == pytest.approx(
+        sum(labels[:128]) / 128, rel=1e-6
+    )  # each batch mean is fp32
 
 
 def test_ema_warmup_follows_the_weights_early_and_reaches_the_set_decay():
