@@ -452,14 +452,26 @@ def test_run_ids_are_stable_and_local_to_the_changed_run(tmp_path):
     assert [r.run_id for r in roomier.runs] == [r.run_id for r in first.runs]
 
 
-def test_the_demo_keeps_the_run_ids_earlier_versions_gave_it():
-    """A setting or section added to the run config must not rename the runs of a study under way
-    (LATER_SETTINGS): these ids were recorded before segmentation's section existed."""
-    runs = load_sweep(REPO / "sweeps" / "demo.yaml").runs
-    assert [r.run_id for r in runs[:3]] == [
+def test_the_demo_keeps_the_run_ids_earlier_versions_gave_it(tmp_path):
+    """A setting or section added to the run config, or one retired, must not rename the runs of a
+    study under way (LATER_SETTINGS, RETIRED_SETTINGS): the demo as it was before the online probes
+    (recorded before segmentation's section existed) keeps its ids; today's demo, which probes at
+    every evaluation point, has its own."""
+    spec = yaml.safe_load((REPO / "sweeps" / "demo.yaml").read_text())
+    spec["base"] = str(REPO / "configs" / "digits_tiny.yaml")
+    del spec["set"]["logging.probe_every"]
+    spec["set"]["logging.eval_every"] = 0
+    before = tmp_path / "demo_before_probes.yaml"
+    before.write_text(yaml.safe_dump(spec))
+    assert [r.run_id for r in load_sweep(before).runs[:3]] == [
         "dim16_num_heads1_images19.2k_seed0-8b40493e",
         "dim16_num_heads1_images19.2k_seed1-d06b2aac",
         "dim16_num_heads1_images38.4k_seed0-fdbbdfa1",
+    ]
+    assert [r.run_id for r in load_sweep(REPO / "sweeps" / "demo.yaml").runs[:3]] == [
+        "dim16_num_heads1_images19.2k_seed0-7ccf1e8f",
+        "dim16_num_heads1_images19.2k_seed1-1557a853",
+        "dim16_num_heads1_images38.4k_seed0-d47de722",
     ]
 
 
