@@ -197,7 +197,10 @@ def test_truncated_shard_is_a_loud_error_or_explicit_fallback(runs):
     assert failed.returncode == 1
     assert str(shard) in failed.stderr and "truncated" in failed.stderr
     assert shard.exists()  # nothing the user had is deleted
-    for command in (["export", str(run_dir)], ["probe", str(run_dir), "--limit", "64"]):  # reading it back
+    for command in (
+        ["export", str(run_dir)],
+        ["probe", str(run_dir), "--train-per-class", "6", "--val-per-class", "6"],
+    ):  # reading it back
         read = cli(*command)
         assert read.returncode == 1 and read.stderr.strip().count("\n") == 0, read.stderr[-3000:]
         assert str(shard) in read.stderr and "truncated" in read.stderr
