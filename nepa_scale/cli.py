@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from nepa_scale.config import check_world, load_config
-from nepa_scale.errors import NepaError, UsageError
-from nepa_scale.rundir import RunDir
+from nepa_scale.errors import NepaError, PeerLost, UsageError
+from nepa_scale.rundir import REQUEUE_EXIT_CODE, RunDir
 
 OUT_OF_MEMORY_HINT = (
     "nepa-scale: the device ran out of memory: lower budget.micro_batch (gradient accumulation keeps "
@@ -244,6 +244,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"{verb} {len(pending)} of {len(sweep.runs)} runs"
             + (": " + ", ".join(r.run_id for r in pending) if pending else "")
         )
+        submitted = {r.run_id for r in pending}
+        left = [r for r in launcher.sweep_status(sweep) if r.run_id not in submitted]
+        for line in launcher.not_done_lines(left, args.sweep):
+            print(f"not submitted: {line}")
         if not args.wait or args.dry_run:
             return 0
         launcher.wait(sweep)
@@ -259,6 +263,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     rows = launcher.sweep_status(sweep)
     print(launcher.status_table(rows))
+    for line in launcher.not_done_lines(rows, args.sweep):
+        print(line)
     return 1 if any(r.state == "failed" for r in rows) else 0
 
 
@@ -427,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UsageError as exc:
         return _fail(str(exc).splitlines()[0], code=2)
+    except PeerLost as exc:  # resumable: the code a scheduler reads as "run me again"
+        return _fail(_one_line(exc), code=REQUEUE_EXIT_CODE)
     except NepaError as exc:
         return _fail(_one_line(exc), code=1)
     except Exception as exc:

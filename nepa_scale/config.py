@@ -30,6 +30,7 @@ COOLDOWN_SHAPES = ("linear", "1-sqrt")
 TASKS = ("pretrain", "finetune", "segment")
 SEGMENT_KINDS = ("ade20k", "digit_canvas")  # (image, label map) datasets, for task: segment
 DATA_KINDS = ("digits", "imagefolder", "synthetic", *SEGMENT_KINDS)
+WORKER_STARTS = ("fork", "spawn", "forkserver")
 
 
 @dataclass
@@ -69,6 +70,9 @@ class DataConfig:
     interpolation: str = "bicubic"
     eval_crop_pct: float = 0.875  # evaluation: resize to size / crop_pct, centre crop
     num_workers: int = 0
+    # How loader workers start: fork (Linux's default), spawn or forkserver (what CUDA processes and
+    # torch.compile's workers need); None: the platform's default.
+    worker_start: str | None = None
     synthetic_size: int = 4096
     # cpu: PIL in the loader workers | device: JPEGs decoded on the GPU (imagefolder pretraining)
     decode: str = "cpu"
@@ -230,6 +234,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the ranks of a run talk to each other."""
+
+    # How long a collective may wait before it fails (DeepSpeed's process groups and the preemption
+    # group). When a rank dies, gloo's peers fail within seconds ("Connection reset by peer"), but an
+    # NCCL collective waits this long; the survivors then record the run interrupted at its last
+    # committed checkpoint and requeue it (slurm/README.md). Keep it above the longest wait of a
+    # healthy run: a checkpoint write on a slow file system, a straggling data loader.
+    timeout_s: float = 600.0
+
+
+@dataclass
 class BranchConfig:
     """A WSD cooldown branch: the run starts from ``parent``'s committed checkpoint at ``step`` (its
     cooldown start) and trains only its cooldown. Set by the sweep planner; bitwise the same run
@@ -253,6 +269,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     branch: BranchConfig = field(default_factory=BranchConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "runs/default"
     seed: int = 0
 
@@ -545,6 +562,10 @@ def validate(c: RunConfig) -> None:
     _require(0 < lo <= hi <= 1, f"data.crop_scale: need 0 < min <= max <= 1, got {c.data.crop_scale}")
     _require(0 <= c.data.hflip <= 1, f"data.hflip: must be in [0, 1], got {c.data.hflip}")
     _require(c.data.num_workers >= 0, f"data.num_workers: must be >= 0, got {c.data.num_workers}")
+    _require(
+        c.data.worker_start in (None, *WORKER_STARTS),
+        f"data.worker_start: must be one of {', '.join(WORKER_STARTS)} (or null), got '{c.data.worker_start}'",
+    )
     _require(c.optim.base_lr > 0, f"optim.base_lr: must be > 0, got {c.optim.base_lr}")
     _require(c.optim.lr is None or c.optim.lr > 0, f"optim.lr: must be > 0, got {c.optim.lr}")
     _require(
@@ -653,6 +674,10 @@ def validate(c: RunConfig) -> None:
     _require(
         lg.progress in ("auto", "always", "never"),
         f"logging.progress: must be auto, always or never, got {lg.progress!r}",
+    )
+    _require(
+        c.distributed.timeout_s > 0,
+        f"distributed.timeout_s: must be > 0 seconds, got {c.distributed.timeout_s}",
     )
     ck = c.checkpoint
     _require(ck.every > 0, f"checkpoint.every: must be > 0, got {ck.every}")

@@ -53,3 +53,13 @@ class RunRecordError(NepaError):
 
 class SweepError(NepaError):
     """A sweep action that cannot be carried out (a run never launched, a job without tasks)."""
+
+
+class PeerLost(NepaError):
+    """Another rank of the run is gone (its node failed, its task was killed): this rank's
+    collectives cannot go on. The run is recorded interrupted at its last committed checkpoint and
+    resumes from there (``recorded``: this rank wrote the record)."""
+
+    def __init__(self, message: str, committed_step: int, recorded: bool):
+        super().__init__(message)
+        self.committed_step, self.recorded = committed_step, recorded

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 MARKER = "COMMITTED"  # written last into a checkpoint directory: from then on it counts
 PREFIX = "step_"
 SCHEMA_VERSION = 2  # 2: typed record, resume_digest (1 called it config_hash), steps_done on interruptions
-STATUSES = ("created", "running", "preempted", "completed", "failed")
+# interrupted: stopped without saving (a peer rank was lost); it resumes from its last committed checkpoint
+STATUSES = ("created", "running", "preempted", "interrupted", "completed", "failed")
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, please run me again"
 
 
@@ -109,10 +110,10 @@ class Restart:
 class Interruption:
     """A signal that stopped a launched job (recorded by the job's rank 0 after the save)."""
 
-    signal: str  # SIGUSR2 | SIGTERM | peer rank
-    kind: str  # preemption | timeout | termination
+    signal: str  # SIGUSR2 | SIGTERM | peer rank | peer lost
+    kind: str  # preemption | timeout | termination | peer_lost (another rank died: nothing saved)
     action: str  # requeue | exit | give_up
-    step: int  # the step the run stopped (and saved) at
+    step: int  # the step the run stopped (and saved) at; peer_lost: its last committed checkpoint's
     job_id: str = ""
     time: str = ""
     signal_unix_time: float | None = None
@@ -329,6 +330,13 @@ class RunDir:
         return self._change(
             status="failed", error=error.splitlines()[0] if error else error, failed_at_step=step
         )
+
+    def peer_lost(self, event: Interruption, error: str) -> RunRecord:
+        """Another rank died: the run stops unsaved; it resumes from the checkpoint of ``event.step``."""
+        record = self.record()
+        record.interruptions.append(event)
+        record.status, record.step, record.error = "interrupted", event.step, error
+        return self.write_record(record)
 
     def already_complete(self, config: RunConfig) -> str | None:
         """What to say when this run completed with the same settings and length (nothing to

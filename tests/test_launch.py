@@ -8,11 +8,11 @@ tasks) once a run is mid-way, and each test then waits for the outcome it checks
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -40,6 +40,18 @@ BASE_SET = {
     "checkpoint.every": 20,
 }
 INTERRUPT_AT = 60  # steps
+# The runs across nodes: ZeRO-2 over gloo between node1 and node2, a checkpoint every step (a
+# lost node's task dies during a save), a collective gives up after 30 s.
+MULTI = {
+    "deepspeed.zero_stage": 2,
+    "optim.schedule": "wsd",
+    "optim.warmup_steps": 5,
+    "optim.cooldown_fraction": 0.25,
+    "logging.log_every": 1,
+    "checkpoint.every": 1,
+    "checkpoint.keep_every": 10,
+    "distributed.timeout_s": 30,
+}
 
 
 def write_sweep(directory: Path, name: str, profile: str, resources=None, axes=None, **extra_set) -> Path:
@@ -83,11 +95,28 @@ def job_step_started(run_dir: Path) -> bool:
     return f"{job}.0" in steps.stdout.split()
 
 
+def mid_run(run_dir: Path) -> bool:
+    """The run has logged INTERRUPT_AT steps and committed a checkpoint."""
+    return last_step(run_dir) >= INTERRUPT_AT and bool(list((run_dir / "checkpoints").glob("*/COMMITTED")))
+
+
+def resumed_past(step: int, restarts: int = 1, key: str = "restarts"):
+    """Due once run.json lists ``restarts`` entries under ``key`` (resumes; ``interruptions``: stops,
+    a stop before the first step saves nothing and so resumes nothing) and the log reached ``step``."""
+
+    def due(run_dir: Path) -> bool:
+        path = run_dir / "run.json"
+        done = json.loads(path.read_text()).get(key, []) if path.is_file() else []
+        return len(done) >= restarts and last_step(run_dir) >= step
+
+    return due
+
+
 class Watcher:
-    """One thread per run: sends its interruption once the run has logged INTERRUPT_AT steps and
-    committed a checkpoint (or, ``at_start``, half a second after the job's step was launched, while
-    Python is still starting); remembers when and at which step (threads, so that no slow command
-    delays another run's signal)."""
+    """One thread per target: once ``due(run_dir)`` holds (after ``delay`` seconds more), it sends
+    the target's interruption, a command with {job} for the run's job id or a callable in this process
+    (no interpreter start-up before the signal), and remembers when and at which step (threads, so
+    that no slow command delays another run's signal)."""
 
     def __init__(self, targets: list[tuple]):
         self.sent: dict[str, tuple[float, int]] = {}
@@ -99,20 +128,12 @@ class Watcher:
         for thread in self.threads:
             thread.start()
 
-    def _due(self, run_dir: Path, at_start: bool) -> bool:
-        if at_start:
-            return job_step_started(run_dir)
-        return last_step(run_dir) >= INTERRUPT_AT and bool(
-            list((run_dir / "checkpoints").glob("*/COMMITTED"))
-        )
-
-    def _watch(self, name: str, run_dir: Path, command, at_start: bool = False) -> None:
+    def _watch(self, name: str, run_dir: Path, command, due=mid_run, delay: float = 0.0) -> None:
         while not self.stop.is_set():
-            if self._due(run_dir, at_start):
-                if at_start:
-                    time.sleep(0.5)  # past the job's first milliseconds: its interpreter is starting
+            if due(run_dir):
+                time.sleep(delay)
                 step = last_step(run_dir)
-                if callable(command):  # in this process: no interpreter start-up before the signal
+                if callable(command):
                     try:
                         command()
                         self.sent[name] = (time.time(), step)
@@ -127,7 +148,36 @@ class Watcher:
                 else:
                     self.sent[name] = (time.time(), step)
                 return
-            time.sleep(0.05 if at_start else 0.1)
+            time.sleep(0.05)
+
+
+def kill_node_task(node: int, run_dir: Path, within_save_s: float = 5.0) -> dict:
+    """SIGKILL the run's task on namespace node ``node`` (as if the node died), during a checkpoint
+    save when one comes within ``within_save_s``: a step directory without COMMITTED. Returns the
+    step of the newest committed checkpoint at the kill and the half-written one, if any."""
+    ckpts = run_dir / "checkpoints"
+    deadline = time.time() + within_save_s
+    half = None
+    while time.time() < deadline:
+        committed = {p.parent.name for p in ckpts.glob("*/COMMITTED")}
+        writing = [p for p in ckpts.glob("step_*") if p.is_dir() and p.name not in committed]
+        if writing:
+            half = writing[0].name
+            break
+        time.sleep(0.002)
+    pids = subprocess.run(
+        ["ip", "netns", "pids", f"nepa-node{node}"], capture_output=True, text=True
+    ).stdout.split()
+    tasks = [
+        pid
+        for pid in pids
+        if "submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    ]
+    assert tasks, f"no task of {run_dir.name} on node{node}"
+    for pid in tasks:
+        subprocess.run(["kill", "-9", pid], check=False)
+    newest = max((int(name[5:13]) for name in {p.parent.name for p in ckpts.glob("*/COMMITTED")}), default=0)
+    return {"committed": newest, "half_written": half, "time": time.time()}
 
 
 @pytest.fixture(scope="module")
@@ -154,39 +204,74 @@ def study(tmp_path_factory):
             {"mem_gb": 2},
             axes=[{"zip": {"seed": [0, 1, 2, 3], "optim.warmup_fraction": [0.05, 0.05, 0.05, 2.0]}}],
         ),
-        **{
-            name: write_sweep(
-                root,
-                name,
-                "local",
-                {"tasks_per_node": 2, "mem_gb": 4},
-                **{"deepspeed.zero_stage": 2, "budget.images": 3840},  # 120 steps
-            )
-            for name in ("two_task", "two_task_twin")  # the same run twice: preempted, uninterrupted
-        },
         "local": write_sweep(root, "local", "cpu", **{"seed": 0, "optim.warmup_fraction": 0.05}),
-        # A WSD study of one model: the 300-step trunk's job submits the 100- and 200-step budgets'
-        # cooldown branches (from steps 75 and 150) as it commits those checkpoints.
-        "wsd": write_sweep(
+        # A notice while the job is still starting (bug: it died of SIGUSR2 as FAILED).
+        "start_notice": write_sweep(root, "start_notice", "local", {"mem_gb": 2}, **{"budget.images": 1920}),
+        # Notices while children run: a loader worker started with spawn (it used to die of the
+        # notice, and the run failed), first while the job starts, then mid-epoch.
+        "children": write_sweep(
             root,
-            "wsd",
+            "children",
             "local",
             {"mem_gb": 2},
-            axes=[{"grid": {"budget.images": [3200, 6400, 9600]}}],
-            **{"optim.schedule": "wsd", "optim.warmup_steps": 10, "optim.cooldown_fraction": 0.25},
+            **{"budget.images": 3200, "data.num_workers": 1, "data.worker_start": "spawn"},  # 100 steps
         ),
-        # A preemption notice while the job is still starting (bug: it died of SIGUSR2 as FAILED).
-        "start_notice": write_sweep(root, "start_notice", "local", {"mem_gb": 2}, **{"budget.images": 1920}),
+        # Across the namespace nodes (partition multi, 2 nodes x 1 task, ZeRO-2 over gloo): a WSD
+        # trunk (60 steps; its 40-step budget branches at step 30), preempted on both nodes, then a
+        # node's task killed while it saves (a checkpoint every step); its uninterrupted twin; and a
+        # job array of one-node runs, one per node.
+        **{
+            name: write_sweep(root, name, "local_multi", axes=axes, **MULTI)
+            for name, axes in (
+                ("multi", [{"grid": {"budget.images": [1280, 1920]}}]),
+                ("multi_twin", [{"grid": {"budget.images": [1920]}}]),
+            )
+        },
+        "spread": write_sweep(
+            root, "spread", "local_multi", {"nodes": 1}, axes=[{"seeds": 2}], **{"budget.images": 640}
+        ),
     }
     loaded = {name: load_sweep(path) for name, path in sweeps.items()}
     seed0 = loaded["sweep"].runs[0]
+    trunk = loaded["multi"].runs[1]
+    killed: dict = {}
     watcher = Watcher(
         [
             # An array task: through `sweep preempt`'s code, which stops scancel's retries (slurm/README.md).
             ("usr2", seed0.run_dir, lambda: launcher.preempt(loaded["sweep"], seed0.run_id)),
             ("requeue", loaded["sweep"].runs[1].run_dir, ["scontrol", "requeue", "{job}"]),
-            ("two_task", loaded["two_task"].runs[0].run_dir, ["scancel", "--signal=USR2", "{job}"]),
-            ("start", loaded["start_notice"].runs[0].run_dir, ["scancel", "--signal=USR2", "{job}"], True),
+            (
+                "start",
+                loaded["start_notice"].runs[0].run_dir,
+                ["scancel", "--signal=USR2", "{job}"],
+                job_step_started,
+                0.5,
+            ),
+            (
+                "children_start",
+                loaded["children"].runs[0].run_dir,
+                ["scancel", "--signal=USR2", "{job}"],
+                job_step_started,
+                0.5,
+            ),
+            (
+                "children_mid",
+                loaded["children"].runs[0].run_dir,
+                ["scancel", "--signal=USR2", "{job}"],
+                resumed_past(10, key="interruptions"),
+            ),
+            (
+                "multi_usr2",
+                trunk.run_dir,
+                lambda: launcher.preempt(loaded["multi"], trunk.run_id),
+                resumed_past(12, 0),
+            ),
+            (
+                "multi_kill",
+                trunk.run_dir,
+                lambda: killed.update(kill_node_task(2, trunk.run_dir)),
+                resumed_past(40),
+            ),
             (
                 "local",
                 loaded["local"].runs[0].run_dir,
@@ -204,7 +289,7 @@ def study(tmp_path_factory):
         ]
     )
     watcher.start()  # before the launches: the start-up notice must not miss its job's start
-    for name in ("start_notice", "timeout", "sweep", "two_task", "two_task_twin", "wsd"):
+    for name in ("start_notice", "multi", "multi_twin", "spread", "children", "timeout", "sweep"):
         cli("sweep", "launch", str(sweeps[name]))
     local = subprocess.Popen(
         [sys.executable, "-m", "nepa_scale.cli", "sweep", "launch", str(sweeps["local"])],
@@ -233,9 +318,10 @@ def study(tmp_path_factory):
         "twin": twin,
         "twin_dir": twin_dir,
         "watcher": watcher,
+        "killed": killed,
     }
     watcher.stop.set()
-    for name in ("start_notice", "timeout", "sweep", "two_task", "two_task_twin", "wsd"):
+    for name in ("start_notice", "multi", "multi_twin", "spread", "children", "timeout", "sweep"):
         launcher.cancel(loaded[name])
     for process in (local, twin):
         if process.poll() is None:
@@ -282,6 +368,10 @@ def test_sweep_completes_skips_on_relaunch_and_reports_invalid_run(study):
     assert status.returncode == 1 and "error: optim.warmup_fraction" in status.stdout
     again = cli("sweep", "launch", str(study["sweeps"]["sweep"]))
     assert again.stdout.startswith("submitted 0 of 4 runs")
+    assert (
+        f"not submitted: {rows[3].run_id}: failed, its config is invalid (optim.warmup_fraction"
+        in again.stdout
+    )
     # The job ran the code snapshot taken at submission.
     launch_info = json.loads((sweep.runs[2].run_dir / "launch.json").read_text())
     assert (Path(launch_info["code"]) / "nepa_scale" / "launch" / "job.py").is_file()
@@ -343,17 +433,6 @@ def test_a_notice_while_the_job_starts_ends_in_a_requeue(study):
     assert notice["step"] == 0 and info["step"] == info["total_steps"] == 60
 
 
-def test_two_task_gloo_run_resumes_after_preemption(study):
-    sweep, twin = study["loaded"]["two_task"], study["loaded"]["two_task_twin"]
-    (row,) = wait_done(sweep)
-    (twin_row,) = wait_done(twin)
-    info = run_info(sweep.runs[0].run_dir)
-    assert "two_task" in study["watcher"].sent, study["watcher"].errors
-    assert row.state == twin_row.state == "completed", (row.error, twin_row.error)
-    assert info["world_size"] == 2 and len(info["restarts"]) == 1
-    assert_same_run(sweep.runs[0].run_dir, twin.runs[0].run_dir)
-
-
 def test_runs_with_the_same_resources_go_in_as_one_job_array(study):
     sweep = study["loaded"]["sweep"]
     wait_done(sweep)
@@ -367,28 +446,110 @@ def test_runs_with_the_same_resources_go_in_as_one_job_array(study):
     assert {line.split("|")[0] for line in states} == set(jobs)
 
 
-def test_a_trunk_submits_its_cooldown_branches_which_start_from_its_checkpoints(study):
-    sweep = study["loaded"]["wsd"]
+def task_logs(run_dir: Path) -> dict[str, str]:
+    """Every log of the run's jobs, by file name (one per task of each job: {job}_{task}_log.err)."""
+    launch = json.loads((run_dir / "launch.json").read_text())
+    folder = Path(launch["folder"])
+    return {p.name: p.read_text(errors="replace") for p in folder.glob(f"{launch['job_id']}_*_log.err")}
+
+
+def test_a_run_across_two_nodes_survives_a_notice_and_a_lost_node_bitwise(study):
+    """2 nodes x 1 task, ZeRO-2 over gloo between the nodes' addresses: a notice (scancel USR2)
+    reaches both nodes, all save and requeue; later node2's task is SIGKILLed while it saves. The
+    survivor does not wait for a time limit: it fails within seconds, records the run interrupted at
+    its last committed checkpoint and requeues it. The resumed run equals its uninterrupted twin,
+    losses and final weights bitwise; the trunk submitted its branch once, from one rank."""
+    sweep, twin = study["loaded"]["multi"], study["loaded"]["multi_twin"]
     rows = wait_done(sweep)
-    assert [(r.design, r.state) for r in rows] == [
-        ("branch@75", "completed"),
-        ("branch@150", "completed"),
-        ("trunk", "completed"),
-    ], [r.error for r in rows]
-    trunk = sweep.runs[2]
-    assert {75, 150} <= {c.step for c in committed_checkpoints(trunk.run_dir / "checkpoints")}
-    trunk_done = datetime.strptime(run_info(trunk.run_dir)["finished"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    for branch in sweep.runs[:2]:
-        info = run_info(branch.run_dir)
-        assert info["branch"]["step"] == branch.branch_step and info["branch"]["parent"] == str(trunk.run_dir)
-        assert info["step"] == info["total_steps"] and not info["restarts"]
-        assert min(c.step for c in committed_checkpoints(branch.run_dir / "checkpoints")) > branch.branch_step
-        assert [m["step"] for m in metrics(branch.run_dir)] == list(range(5, info["total_steps"] + 1, 5))
-        # Submitted by the trunk's job once the branch point committed, before the trunk finished.
-        marker = trunk.run_dir / "checkpoints" / f"step_{branch.branch_step:08d}" / "COMMITTED"
-        submitted = json.loads((branch.run_dir / "launch.json").read_text())["jobs"][0]["submitted"]
-        submitted_at = datetime.strptime(submitted, "%Y-%m-%dT%H:%M:%S%z").timestamp()
-        assert int(marker.stat().st_mtime) - 1 <= submitted_at <= trunk_done
+    (twin_row,) = wait_done(twin)
+    sent, killed = study["watcher"].sent, study["killed"]
+    assert {"multi_usr2", "multi_kill"} <= set(sent), study["watcher"].errors
+    assert [(r.design, r.state) for r in rows] == [("branch@30", "completed"), ("trunk", "completed")], [
+        r.error for r in rows
+    ]
+    assert twin_row.state == "completed", twin_row.error
+    trunk = sweep.runs[1]
+    info = run_info(trunk.run_dir)
+    assert info["world_size"] == 2 and info["status"] == "completed" and info["error"] is None
+    notice, lost = info["interruptions"]
+    assert notice["kind"] == "preemption" and notice["action"] == "requeue"
+    assert lost["kind"] == "peer_lost" and lost["action"] == "requeue"
+    assert lost["signal_unix_time"] - killed["time"] < 30  # seconds, not the time limit
+    assert [r["from_step"] for r in info["restarts"]] == [notice["step"], lost["step"]]
+    if killed["half_written"]:  # caught mid-save: rank 0 commits only after every rank has saved
+        assert lost["step"] <= int(killed["half_written"][5:13])  # so a resume used it only if complete
+    assert_same_run(trunk.run_dir, twin.runs[0].run_dir)
+    logs = task_logs(trunk.run_dir)
+    assert sum("received SIGUSR2" in text for text in logs.values()) >= 2, list(logs)  # both nodes
+    submitted = [
+        line for text in logs.values() for line in text.splitlines() if "submitted cooldown branch" in line
+    ]
+    assert len(submitted) == 1, submitted
+    branch = sweep.runs[0]
+    assert len(json.loads((branch.run_dir / "launch.json").read_text())["jobs"]) == 1
+    assert run_info(branch.run_dir)["branch"]["step"] == 30
+
+
+def test_a_two_node_run_resumes_on_one_node_through_a_universal_checkpoint(study, tmp_path):
+    sweep = study["loaded"]["multi"]
+    wait_done(sweep)
+    run_dir = tmp_path / "one_node"
+    shutil.copytree(sweep.runs[1].run_dir, run_dir)
+    for ckpt in committed_checkpoints(run_dir / "checkpoints"):
+        if ckpt.step > 20:  # keep_every=10 kept 10 and 20: the run lost everything after step 20
+            shutil.rmtree(ckpt.path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nepa_scale.cli",
+            "train",
+            str(run_dir / "config.yaml"),
+            f"output_dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "universal" in done.stderr
+    restart = run_info(run_dir)["restarts"][-1]
+    assert restart["from_step"] == 20 and restart["world_size"] == 1
+    before, after = losses(sweep.runs[1].run_dir), losses(run_dir)
+    assert sorted(after) == sorted(before) and all(after[s] == before[s] for s in range(1, 21))
+    assert max(abs(after[s] - before[s]) for s in range(21, 61)) < 1e-5  # one rank sums in another order
+
+
+def test_a_job_array_lands_on_different_nodes(study):
+    sweep = study["loaded"]["spread"]
+    rows = wait_done(sweep)
+    assert [r.state for r in rows] == ["completed", "completed"], [r.error for r in rows]
+    jobs = [json.loads((run.run_dir / "launch.json").read_text())["job_id"] for run in sweep.runs]
+    assert len({job.split("_")[0] for job in jobs}) == 1, jobs
+    nodes = subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-j", ",".join(jobs), "-o", "JobID,NodeList"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert sorted(line.split("|")[1] for line in nodes) == ["node1", "node2"], nodes
+
+
+def test_notices_while_children_run_end_in_requeues(study):
+    """The notice reaches every process of the job step; a loader worker started with spawn ignores
+    it (the notices stay blocked in it), so the run saves and requeues instead of failing: once while
+    the job starts, once mid-epoch with the worker running."""
+    sweep = study["loaded"]["children"]
+    (row,) = wait_done(sweep)
+    sent = study["watcher"].sent
+    assert {"children_start", "children_mid"} <= set(sent), study["watcher"].errors
+    info = run_info(sweep.runs[0].run_dir)
+    assert row.state == "completed" and info["error"] is None, row.error
+    assert [e["kind"] for e in info["interruptions"]] == ["preemption", "preemption"]
+    assert info["interruptions"][0]["steps_done"] == 0 and info["interruptions"][1]["steps_done"] > 0
+    assert not any(
+        "worker" in text and "killed" in text for text in task_logs(sweep.runs[0].run_dir).values()
+    )
 
 
 def test_sweep_cancel_cancels_a_job_array(study, tmp_path):
@@ -406,6 +567,16 @@ def test_sweep_cancel_cancels_a_job_array(study, tmp_path):
     assert result.stdout.startswith("cancelled 2 runs"), result.stdout
     rows = wait_done(sweep)
     assert [r.state for r in rows] == ["cancelled", "cancelled"], launcher.status_table(rows)
+    status = cli("sweep", "status", str(path), check=False).stdout
+    for row in rows:  # what was left undone: where each resumes from, and the command
+        start = (
+            f"its checkpoint of step {row.committed}"
+            if row.committed is not None
+            else "the start (nothing committed)"
+        )
+        assert (
+            f"{row.run_id}: cancelled; resumes from {start} with: nepa-scale sweep launch {path}" in status
+        ), status
 
 
 # ----------------------------------------------------------------------------- local executor

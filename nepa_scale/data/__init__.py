@@ -67,7 +67,22 @@ def few_labels(dataset: DigitsDataset | ImageFolderDataset, fraction: float) -> 
     return LabelSubset(dataset, labels, fraction)
 
 
-def batch_loader(dataset, sampler: ResumableBatchSampler, num_workers: int, seed: int, pin_memory: bool):
+def worker_context(start: str | None, num_workers: int):
+    """How loader workers start (``data.worker_start``: fork, spawn, forkserver), as a DataLoader's
+    multiprocessing context; None: the platform's default."""
+    import multiprocessing
+
+    return multiprocessing.get_context(start) if start and num_workers > 0 else None
+
+
+def batch_loader(
+    dataset,
+    sampler: ResumableBatchSampler,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool,
+    worker_start: str | None = None,
+):
     """A DataLoader over ``sampler``'s micro-batches. Its generator is private: creating an
     iterator must not consume the global RNG (exact resume)."""
     import torch
@@ -80,6 +95,7 @@ def batch_loader(dataset, sampler: ResumableBatchSampler, num_workers: int, seed
         collate_fn=collate,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=pin_memory,
+        multiprocessing_context=worker_context(worker_start, num_workers),
     )
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +25,7 @@ class World:
     world_size: int
     device: torch.device
     backend: str
+    timeout_s: float = 600.0
 
     @property
     def is_main(self) -> bool:
@@ -62,24 +66,78 @@ def slurm_rendezvous() -> dict[str, str]:
 def use_environment_extensions_dir() -> None:
     """DeepSpeed compiles its CPU communication op on first use into torch's extension cache. The
     build names this environment's absolute paths, so checkouts that share one cache rebuild it
-    whenever another ran last (a minute each time): one cache per environment builds it once."""
+    whenever another ran last (a minute each time): one cache per environment builds it once.
+    A build, where one still happens, runs this environment's ninja: two ninja binaries hash the
+    same build differently, and each then rebuilds after the other."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    scripts = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(scripts, "ninja")):
+        path = os.environ.get("PATH", "")
+        if path.split(os.pathsep)[0] != scripts:
+            os.environ["PATH"] = scripts + (os.pathsep + path if path else "")
+
+
+SHM_OP = "deepspeed_shm_comm"
+BUILD_STAMP = "nepa_build.json"  # beside the built op: the versions it was built for
+
+
+def _build_versions() -> dict[str, str]:
+    import deepspeed
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": sys.version}
 
 
 def prebuild_cpu_comm_op() -> None:
     """Build DeepSpeed's CPU communication op now (``make setup`` does), so that no run's start-up
-    pays for the compile; nothing to do where DeepSpeed communicates through a GPU library."""
+    compiles it; nothing to do where DeepSpeed communicates through a GPU library. The build runs
+    with this environment's ninja first on PATH, and a stamp records the versions it is for."""
     use_environment_extensions_dir()
     from deepspeed.accelerator import get_accelerator
     from deepspeed.comm.torch import build_shm_op
 
-    if get_accelerator().device_name() == "cpu":
-        build_shm_op()
+    if get_accelerator().device_name() != "cpu":
+        return
+    build_shm_op()
+    stamp = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / SHM_OP / BUILD_STAMP
+    stamp.write_text(json.dumps(_build_versions()))
 
 
-def init_world() -> World:
-    """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU)."""
+def load_prebuilt_cpu_comm_op() -> bool:
+    """Hand DeepSpeed the op ``make setup`` built, as a module, without a build step: DeepSpeed's
+    own load would ask ninja whether the build is up to date, and ninja then rebuilds it (a minute
+    of compiling) whenever another ninja binary last built it, or the job's snapshot or PATH differ
+    (docs/performance.md). Returns False (DeepSpeed builds it then) when there is none, or it was
+    built for other versions."""
+    import importlib.util
+
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return False
+    folder = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / SHM_OP
+    library, stamp = folder / f"{SHM_OP}.so", folder / BUILD_STAMP
+    try:
+        if not library.is_file() or json.loads(stamp.read_text()) != _build_versions():
+            return False
+    except (OSError, ValueError):
+        return False
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return False
+    owner = next(cls for cls in type(builder).__mro__ if "_loaded_ops" in vars(cls))
+    if builder.name not in owner._loaded_ops:
+        spec = importlib.util.spec_from_file_location(SHM_OP, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        owner._loaded_ops[builder.name] = module  # DeepSpeed's own cache of loaded ops
+    return True
+
+
+def init_world(timeout_s: float = 600.0) -> World:
+    """Initialise torch.distributed through DeepSpeed (nccl on GPU, gloo on CPU); a collective
+    fails after ``timeout_s`` (``distributed.timeout_s``)."""
     use_environment_extensions_dir()
+    load_prebuilt_cpu_comm_op()
     import deepspeed
 
     rank, local_rank, world_size = world_from_env()
@@ -97,8 +155,13 @@ def init_world() -> World:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-    return World(rank, local_rank, world_size, device, backend)
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    return World(rank, local_rank, world_size, device, backend, timeout_s)
 
 
 def barrier() -> None:
@@ -115,7 +178,29 @@ def control_group(world: World) -> dist.ProcessGroup | None:
         return None
     if world.backend == "gloo":
         return dist.group.WORLD
-    return dist.new_group(backend="gloo")
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=world.timeout_s))
+
+
+# What a collective raises when a peer rank is gone: the connection closed under it (gloo, at once)
+# or the wait ran out (NCCL, after distributed.timeout_s).
+PEER_LOST_MARKERS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Connection refused",
+    "Timed out",
+    "timed out",
+    "Socket Timeout",
+    "NCCL communicator was aborted",
+    "ProcessGroupNCCL's watchdog",
+)
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """``exc`` is a collective failing because another rank is gone (not this rank's own error)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in PEER_LOST_MARKERS)
 
 
 def deepspeed_config(

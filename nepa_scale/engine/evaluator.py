@@ -109,7 +109,12 @@ class Evaluator:
         self.val_sampler.set_position(0, 0)
         pin = device.type == "cuda"
         loader = batch_loader(
-            self.val_set, self.val_sampler, self.config.data.num_workers, self.config.seed, pin
+            self.val_set,
+            self.val_sampler,
+            self.config.data.num_workers,
+            self.config.seed,
+            pin,
+            self.config.data.worker_start,
         )
 
         def add(batch, weight: float) -> None:
@@ -214,6 +219,7 @@ class Evaluator:
             rank=self.world.rank,
             world_size=self.world.world_size,
             num_workers=self.config.data.num_workers,
+            worker_start=self.config.data.worker_start,
         )
         if not self.world.is_main:
             return {}

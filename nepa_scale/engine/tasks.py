@@ -431,6 +431,7 @@ class SegmentTask:
             ctx.world.device,
             ctx.settings.dtype,
             ctx.config.data.num_workers,
+            ctx.config.data.worker_start,
         ).to(ctx.world.device)
         engine.train()
         if dist.is_initialized() and dist.get_world_size() > 1:

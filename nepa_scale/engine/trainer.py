@@ -32,8 +32,15 @@ from nepa_scale.config import RunConfig, dump_yaml
 from nepa_scale.data import Batch, ResumableBatchSampler, batch_loader, check_training_data, to_model_input
 from nepa_scale.data.device_decode import decode_on_device
 from nepa_scale.data.resize import resized_copy_settings
-from nepa_scale.engine.checkpoint import Checkpointer, ResumePlan
-from nepa_scale.engine.distributed import World, barrier, control_group, deepspeed_config, init_world
+from nepa_scale.engine.checkpoint import Checkpointer, ResumePlan, committed_checkpoints
+from nepa_scale.engine.distributed import (
+    World,
+    barrier,
+    control_group,
+    deepspeed_config,
+    init_world,
+    is_peer_loss,
+)
 from nepa_scale.engine.ema import Ema
 from nepa_scale.engine.evaluator import Evaluator
 from nepa_scale.engine.health import LossWatch, report_skipped
@@ -51,10 +58,10 @@ from nepa_scale.engine.provenance import git_revision, package_dir, package_vers
 from nepa_scale.engine.schedule import build_optimizer, check_schedule, cooldown_start
 from nepa_scale.engine.settings import resolve_step_settings
 from nepa_scale.engine.tasks import TASKS, TaskContext
-from nepa_scale.errors import ConfigError, DataError
+from nepa_scale.errors import ConfigError, DataError, PeerLost
 from nepa_scale.memory import device_memory_gb
 from nepa_scale.models import NEPA, resolve_backend
-from nepa_scale.rundir import REQUEUE_EXIT_CODE, Restart, RunDir, now
+from nepa_scale.rundir import REQUEUE_EXIT_CODE, Interruption, Restart, RunDir, now
 
 log = logging.getLogger("nepa_scale.train")
 
@@ -124,7 +131,7 @@ class Trainer:
         called on rank 0 with the step of each committed checkpoint (the launcher submits a WSD
         trunk's branches from it)."""
         self.config, self.preempt, self.on_commit = config, preempt, on_commit
-        self.world = init_world()
+        self.world = init_world(config.distributed.timeout_s)
         self.control_group = control_group(self.world)
         setup_logging(self.world)
         self.run = RunDir(config.output_dir)
@@ -198,7 +205,9 @@ class Trainer:
         while True:
             self.sampler.set_position(epoch, step_in_epoch)
             pin = self.world.device.type == "cuda"
-            yield from batch_loader(self.train_set, self.sampler, c.data.num_workers, c.seed, pin)
+            yield from batch_loader(
+                self.train_set, self.sampler, c.data.num_workers, c.seed, pin, c.data.worker_start
+            )
             epoch, step_in_epoch = epoch + 1, 0
 
     # -- building
@@ -345,6 +354,7 @@ class Trainer:
         progress = Progress(c.logging.progress, world.is_main, total, start_step)
         peak = device_peak_tflops(world.device, c.logging.device_peak_tflops)
         self.meter.started = time.perf_counter()  # throughput counts from here, not from start-up
+        self.attempt = len(run.record().restarts)  # the same on every rank: written before the start barrier
         skipped: list[str] = []
         step = start_step
         try:
@@ -387,6 +397,8 @@ class Trainer:
                     return self._stopped(preempt, done, start_step)
             self.loss_watch.check_learned(total - start_step, c.logging.log_every)
         except BaseException as exc:
+            if world.world_size > 1 and is_peer_loss(exc):  # another rank is gone, not this one's error
+                raise self._peer_lost(exc, step, start_step) from exc
             if world.is_main:
                 run.failed(f"{type(exc).__name__}: {exc}", step=step)
             raise
@@ -411,6 +423,39 @@ class Trainer:
         if probe:
             values |= self.evaluator.probe(engine, ema)
         writer.write_eval(step, values)
+
+    def _peer_lost(self, exc: BaseException, step: int, start_step: int) -> PeerLost:
+        """A collective failed because another rank is gone. The first surviving rank to claim it
+        (any rank may survive, rank 0 too may be the lost one) records the run interrupted at its
+        last committed checkpoint; every survivor stops with ``PeerLost``."""
+        committed = committed_checkpoints(self.run.checkpoints)
+        resume_step = committed[-1].step if committed else (self.config.branch.step or 0)
+        claim = self.run.logs / f".peer_lost_attempt{self.attempt}_from_step{start_step}"
+        self.run.logs.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(claim, "x"):
+                pass
+            recorded = True
+        except FileExistsError:
+            recorded = False
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = (
+            f"rank {self.world.rank}: another rank of the run is gone ({type(exc).__name__}: {reason}) at step "
+            f"{step}; the run resumes from its checkpoint of step {resume_step}"
+        )
+        if recorded:
+            event = Interruption(
+                signal="peer lost",
+                kind="peer_lost",
+                action="resume",
+                step=resume_step,
+                time=now(),
+                signal_unix_time=time.time(),
+                steps_done=step - start_step,
+            )
+            self.run.peer_lost(event, message)
+        log.error("%s", message)
+        return PeerLost(message, resume_step, recorded)
 
     def _stopped(self, preempt: PreemptionFlag, step: int, start_step: int) -> TrainResult:
         """Preempted at ``step`` (saved there, unless no step was trained): exit for a requeue."""

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from nepa_scale.data import Skipped, to_model_input
+from nepa_scale.data import Skipped, to_model_input, worker_context
 from nepa_scale.errors import DataError
 
 KNN_K = 20
@@ -146,6 +146,7 @@ def extract_features(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    worker_start: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean-pooled final-LN features (fp32, on ``device``) of ``dataset[indices]`` in that order, and
     a mask of the readable ones. Each rank extracts every ``world_size``-th image (the same number
@@ -165,6 +166,7 @@ def extract_features(
         batch_size=batch_size,
         collate_fn=_probe_collate(backbone.arch.image_size, backbone.arch.in_chans),
         num_workers=num_workers,
+        multiprocessing_context=worker_context(worker_start, num_workers),
     )
     forward = model if backbone is not model else backbone.forward_features
     feats, readable = [], []
@@ -461,6 +463,7 @@ def probe_run(
         causal=causal,
         batch_size=256,
         num_workers=config.data.num_workers,
+        worker_start=config.data.worker_start,
     )
     result = probe_features(*data, k=k, causal=causal, seed=lg.probe_subset_seed)
     step = 0 if weights == "random_init" else latest.step

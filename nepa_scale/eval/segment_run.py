@@ -53,6 +53,7 @@ def evaluate_run(
         stride,
         device,
         num_workers=config.data.num_workers,
+        worker_start=config.data.worker_start,
     )
     record = {
         "step": checkpoint.step,

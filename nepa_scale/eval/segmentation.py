@@ -125,13 +125,20 @@ def score_images(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     num_workers: int = 0,
+    worker_start: str | None = None,
 ) -> torch.Tensor:
     """The confusion matrix of ``indices`` of an evaluation dataset (image, label map at its size),
     read and resized by ``num_workers`` loader processes (``data.num_workers``) while the model runs."""
     from torch.utils.data import DataLoader
 
+    from nepa_scale.data import worker_context
+
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    for image, label in DataLoader(dataset, sampler=indices, batch_size=None, num_workers=num_workers):
+    context = worker_context(worker_start, num_workers)
+    loader = DataLoader(
+        dataset, sampler=indices, batch_size=None, num_workers=num_workers, multiprocessing_context=context
+    )
+    for image, label in loader:
         logits = predict_logits(
             lambda x: forward(x.to(dtype)), image[None].to(device), num_classes, crop, patch, mode, stride
         )

@@ -11,6 +11,11 @@ returns "preempted". Then rank 0 decides:
   failed with that reason (``sweep launch --retry-failed`` continues it from its checkpoint).
 - SIGTERM (``scontrol requeue``, ``scancel``): SLURM is already requeueing or ending the job.
 
+A rank that dies (its node fails, its task is killed) saves nothing; its peers' next collective
+fails (at once on gloo, after ``distributed.timeout_s`` on NCCL), the first survivor records the
+run ``interrupted`` at its last committed checkpoint and requeues the job, up to the profile's
+``max_requeues`` losses (slurm/README.md: why a requeue and not the next ``sweep launch``).
+
 A notice can arrive at any moment of the job, also while Python is still starting, before any
 handler exists. So submitit starts the job's Python through ``BLOCK_NOTICES_THEN_EXEC``: the
 notices are blocked first (the mask survives exec, a blocked signal stays pending), and the
@@ -42,6 +47,7 @@ from pathlib import Path
 
 import submitit
 
+from nepa_scale.errors import PeerLost
 from nepa_scale.rundir import REQUEUE_EXIT_CODE, Interruption, RunDir, now
 
 log = logging.getLogger("nepa_scale.launch")
@@ -138,8 +144,12 @@ class RunJob(submitit.helpers.Checkpointable):
         run = RunDir(self.run_dir)
         try:
             result = self._train(preempt)
+        except PeerLost as exc:  # another rank died: recorded at the last committed checkpoint
+            if exc.recorded:
+                self._after_peer_loss(env, run)
+            raise SystemExit(REQUEUE_EXIT_CODE) from None
         except BaseException as exc:
-            if env.global_rank == 0 and run.record().status != "failed":
+            if env.global_rank == 0 and run.record().status not in ("failed", "interrupted"):
                 run.failed(f"{type(exc).__name__}: {exc}")
             raise
         finally:
@@ -178,6 +188,35 @@ class RunJob(submitit.helpers.Checkpointable):
                 )
 
         return on_commit
+
+    def _after_peer_loss(self, env, run: RunDir) -> None:
+        """The rank that recorded a lost peer requeues the job (SLURM kills what is left of it and
+        starts it again, from the last committed checkpoint), up to ``max_requeues`` losses."""
+        record = run.record()
+        losses = sum(event.kind == "peer_lost" for event in record.interruptions)
+        event = record.interruptions[-1]
+        event.job_id = env.job_id
+        if losses > self.max_requeues:
+            event.action = "give_up"
+            record.status = "failed"
+            record.error = (
+                f"a rank was lost {losses} times, more than the profile's max_requeues={self.max_requeues}: "
+                "check the nodes, then `nepa-scale sweep launch --retry-failed` continues from step "
+                f"{event.step}"
+            )
+            run.write_record(record)
+            log.error("run %s: %s", Path(self.run_dir).name, record.error)
+            return
+        event.action = "requeue"
+        run.write_record(record)
+        log.warning(
+            "run %s: a rank was lost; requeueing to resume from step %d (%d of %d losses allowed)",
+            Path(self.run_dir).name,
+            event.step,
+            losses,
+            self.max_requeues,
+        )
+        env._requeue(self.max_requeues - record.timeouts)  # submitit's own requeue
 
     def _after_preemption(self, env, run: RunDir, preempt, started: float, result) -> None:
         received = preempt.received.name if preempt.received else None

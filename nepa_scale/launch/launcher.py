@@ -218,7 +218,9 @@ def read_launch(run: RunDir) -> dict:
 class RunStatus:
     run_id: str
     model: str
-    state: str  # not launched | pending | running | requeued | preempted | cancelled | completed | failed
+    # not launched | waiting | pending | running | requeued | preempted | interrupted | cancelled |
+    # completed | failed
+    state: str
     progress: float | None
     step: int | None
     loss: float | None
@@ -228,6 +230,8 @@ class RunStatus:
     error: str | None
     idle_timeouts: int = 0  # time-limit attempts that trained no step
     design: str = ""  # trunk | branch@STEP | "" (independent)
+    committed: int | None = None  # the step of its newest committed checkpoint (where it resumes)
+    invalid: bool = False  # its config is invalid: nothing to resume
 
 
 def _job_error_line(launch: dict) -> str | None:
@@ -272,6 +276,8 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
         state = "running"
     elif job_state.startswith("CANCELLED"):
         state = "cancelled"
+    elif status == "interrupted":  # a rank was lost and nothing requeued it (yet): resumable
+        state = "interrupted"
     elif job_state in FAILED_SLURM_STATES or (
         job_state in ("ENDED", "COMPLETED", "UNKNOWN") and status in (None, "created", "running")
     ):  # the job is over but the run neither finished nor saved for a requeue
@@ -298,7 +304,42 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
         error,
         record.idle_timeouts,
         run.design,
+        _newest_committed(rd),
+        bool(run.error),
     )
+
+
+def _newest_committed(run: RunDir) -> int | None:
+    from nepa_scale.engine.checkpoint import committed_checkpoints
+
+    found = committed_checkpoints(run.checkpoints) if run.checkpoints.is_dir() else []
+    return found[-1].step if found else None
+
+
+NOT_DONE = ("failed", "cancelled", "interrupted", "preempted")  # stopped, and no job will continue them
+
+
+def not_done_lines(rows: list[RunStatus], sweep_file: str | Path) -> list[str]:
+    """What a launch or status leaves undone: each stopped run, where it would resume from, and the
+    command that resumes it."""
+    lines = []
+    for r in rows:
+        if r.state not in NOT_DONE:
+            continue
+        if r.invalid:
+            lines.append(f"{r.run_id}: {r.state}, its config is invalid ({r.error}): fix the sweep file")
+            continue
+        start = (
+            f"its checkpoint of step {r.committed}"
+            if r.committed is not None
+            else "the start (nothing committed)"
+        )
+        retry = " --retry-failed" if r.state == "failed" else ""
+        reason = f" ({r.error})" if r.error and r.state == "failed" else ""
+        lines.append(
+            f"{r.run_id}: {r.state}{reason}; resumes from {start} with: nepa-scale sweep launch {sweep_file}{retry}"
+        )
+    return lines
 
 
 def sweep_status(sweep: Sweep) -> list[RunStatus]:

@@ -78,6 +78,8 @@ LATER_SETTINGS = {
     "logging.probe_train_per_class": None,
     "logging.probe_val_per_class": None,
     "logging.probe_subset_seed": 0,
+    "distributed": {"timeout_s": 600.0},
+    "data.worker_start": None,
 }
 # Settings removed since run ids were first recorded, hashed at the value every recorded run had.
 RETIRED_SETTINGS = {"logging.probe_limit": None}

@@ -34,6 +34,7 @@ from nepa_scale.scaling.quantities import (
     label,
     lower_is_better,
     quantity_table,
+    short_label,
 )
 from nepa_scale.scaling.study import AnalysisResult, Study
 
@@ -145,7 +146,7 @@ def frontier(study: Study) -> AnalysisResult | None:
         found.curves,
         found.points,
         found.fit,
-        label(found.column),
+        short_label(found.column),
         study.settings.convention,
         found.start,
         column=found.column,
@@ -205,7 +206,7 @@ def isoflop(study: Study) -> AnalysisResult | None:
         ],
     )
     curves = figures.isoflop_curves(
-        rows.assign(compute=rows["flops_budget"]), fit, study.quantity_label, study.n_label
+        rows.assign(compute=rows["flops_budget"]), fit, study.quantity_short, study.n_label
     )
     figs = study.figure(curves, "isoflop") | study.figure(
         figures.n_opt_vs_compute(fit, study.n_label, s.convention), "n_opt"
@@ -217,7 +218,7 @@ def loss_vs_params(study: Study, chinchilla_fit) -> AnalysisResult | None:
     if not len(study.final):
         return None
     fig = figures.loss_vs_params(
-        study.final, chinchilla_fit, study.quantity_label, study.n_label, study.d_label
+        study.final, chinchilla_fit, study.quantity_short, study.n_label, study.d_label
     )
     return AnalysisResult(figures=study.figure(fig, "loss_vs_params"))
 
@@ -285,7 +286,7 @@ def prediction(study: Study) -> AnalysisResult | None:
         "the prediction's 95% interval"
     )
     figs = study.figure(
-        figures.prediction_check(points, study.quantity_label, study.d_label, study.n_label),
+        figures.prediction_check(points, study.quantity_short, study.d_label, study.n_label),
         "prediction_check",
     )
     return AnalysisResult(entry, ho, figs)
@@ -332,7 +333,7 @@ def candidates(study: Study) -> AnalysisResult | None:
 def diagnostics(study: Study) -> AnalysisResult | None:
     """The label-free diagnostics against compute, and each one's rank correlation with the fitted
     quantity over the runs (never fitted across widths)."""
-    shown = {c: QUANTITIES[c].label for c in DIAGNOSTICS if c in study.evaluations}
+    shown = {c: QUANTITIES[c].short for c in DIAGNOSTICS if c in study.evaluations}
     if not shown:
         return None
     correlations = diagnostic_correlations(study.final, study.quantity)

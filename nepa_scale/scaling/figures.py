@@ -170,7 +170,7 @@ def loss_vs_params(
             low, high = fit.band(ns, np.full_like(ns, value))
             if np.isfinite(low).all():
                 ax.fill_between(ns, low, high, color=color, alpha=0.12, gid=f"band:{value:.4g}")
-    title = "Final loss vs model size, per compute budget" if by_budget else "Final loss vs model size, per D"
+    title = f"Each run's final point vs model size, per {'compute budget' if by_budget else 'D'}"
     if fit is not None and not by_budget:
         title += " (dashed: L(N, D) fit, 95% band)"
     ax.set(xscale="log", yscale="log", xlabel=f"N ({n_label})", ylabel=quantity_label, title=title)
@@ -264,7 +264,7 @@ def diagnostics_vs_compute(evaluations: pd.DataFrame, columns: dict[str, str], c
                 gid=f"{column}:{run_id}",
             )
         ax.set(xscale="log", xlabel=f"training FLOPs ({convention})", title=text, ylabel=column)
-        ax.title.set_fontsize(8)
+        ax.title.set_fontsize(9)
     handles, labels = axes[0][0].get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     axes[0][0].legend(unique.values(), unique.keys(), fontsize=7)

@@ -28,6 +28,7 @@ class Quantity:
     label: str
     lower_is_better: bool
     kind: str  # downstream | loss | diagnostic
+    short: str = ""  # for an axis or a panel title (the label says it in full)
 
 
 QUANTITIES = {
@@ -35,34 +36,65 @@ QUANTITIES = {
         "linear-probe error (online: logistic regression on frozen mean-pooled features, fixed class-balanced subsets)",
         True,
         "downstream",
+        "linear-probe error (online)",
     ),
     "probe_knn_error": Quantity(
         "kNN error (online: k = 20, cosine, temperature 0.07, fixed class-balanced subsets)",
         True,
         "downstream",
+        "kNN error (online, k = 20)",
     ),
-    "probe_linear_nll": Quantity("linear-probe cross-entropy (online, val subset)", True, "downstream"),
+    "probe_linear_nll": Quantity(
+        "linear-probe cross-entropy (online, val subset)", True, "downstream", "linear-probe cross-entropy"
+    ),
     "ft_error": Quantity(
-        "fine-tune error 1 - top-1 (val) of the attached classification fine-tunes", True, "downstream"
+        "fine-tune error 1 - top-1 (val) of the attached classification fine-tunes",
+        True,
+        "downstream",
+        "fine-tune error (1 - top-1)",
     ),
     "seg_error": Quantity(
-        "segmentation error 1 - mIoU (val, single scale) of the attached fine-tunes", True, "downstream"
+        "segmentation error 1 - mIoU (val, single scale) of the attached fine-tunes",
+        True,
+        "downstream",
+        "segmentation error (1 - mIoU)",
     ),
-    "miou": Quantity("mIoU (val, single scale) of the attached segmentation fine-tunes", False, "downstream"),
-    "val_cosine_distance": Quantity("held-out mean cosine distance 1 + val_loss (NEPA loss)", True, "loss"),
-    "cosine_distance": Quantity("mean cosine distance 1 + loss (training NEPA loss, smoothed)", True, "loss"),
+    "miou": Quantity(
+        "mIoU (val, single scale) of the attached segmentation fine-tunes", False, "downstream", "mIoU"
+    ),
+    "val_cosine_distance": Quantity(
+        "held-out mean cosine distance 1 + val_loss (NEPA loss)", True, "loss", "held-out 1 + val_loss"
+    ),
+    "cosine_distance": Quantity(
+        "mean cosine distance 1 + loss (training NEPA loss, smoothed)",
+        True,
+        "loss",
+        "training 1 + loss (smoothed)",
+    ),
     "val_gap_remaining": Quantity(
         "gap remaining: 1 - the share of the gap between the better trivial predictor and a perfect "
         "prediction that the model closes (held-out)",
         True,
         "diagnostic",
+        "gap remaining (1 - gap closed)",
     ),
     "rankme_features": Quantity(
-        "effective rank (RankMe) of the pooled features / width", False, "diagnostic"
+        "effective rank (RankMe) of the pooled features / width",
+        False,
+        "diagnostic",
+        "RankMe of pooled features / width",
     ),
-    "rankme_targets": Quantity("effective rank (RankMe) of the patch targets / width", False, "diagnostic"),
+    "rankme_targets": Quantity(
+        "effective rank (RankMe) of the patch targets / width",
+        False,
+        "diagnostic",
+        "RankMe of targets / width",
+    ),
     "val_target_spread": Quantity(
-        "target spread: 1 - mean pairwise cosine of an image's targets (held-out)", False, "diagnostic"
+        "target spread: 1 - mean pairwise cosine of an image's targets (held-out)",
+        False,
+        "diagnostic",
+        "target spread (held-out)",
     ),
 }
 # What ``--quantity auto`` fits, in order of preference: the first every completed run measured.
@@ -77,6 +109,10 @@ MONOTONE_SHARE = 0.7  # below this share of improving consecutive points a quant
 
 def label(column: str) -> str:
     return QUANTITIES[column].label if column in QUANTITIES else column
+
+
+def short_label(column: str) -> str:
+    return QUANTITIES[column].short if column in QUANTITIES else column
 
 
 def lower_is_better(column: str) -> bool:

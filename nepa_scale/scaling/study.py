@@ -11,7 +11,7 @@ import pandas as pd
 
 from nepa_scale.scaling import figures
 from nepa_scale.scaling.collect import DEFAULT_WINDOW
-from nepa_scale.scaling.quantities import label
+from nepa_scale.scaling.quantities import label, short_label
 
 N_KINDS = {"params": "total parameters", "params_no_embed": "parameters without patch embedding"}
 D_KINDS = {"images": "images seen", "patches": "patches seen (images x patches per image)"}
@@ -87,6 +87,10 @@ class Study:
     @property
     def quantity_label(self) -> str:
         return label(self.quantity)
+
+    @property
+    def quantity_short(self) -> str:
+        return short_label(self.quantity)
 
     @property
     def n_label(self) -> str:

@@ -1,7 +1,13 @@
-# Shared settings for the single-node SLURM cluster scripts (sourced, not run).
+# Shared settings for the local SLURM cluster scripts (sourced, not run).
 # Everything the daemons write lives under $NEPA_SLURM_STATE; the configs live where
 # Debian's slurm-wlm looks for them (/etc/slurm), marked as ours so that a real
 # cluster's configuration is never overwritten.
+#
+# The cluster: node `localhost` (this machine, partition `debug`, the default) and
+# NEPA_SLURM_NODES more nodes node1..nodeN (partition `multi`), each a network namespace
+# of its own on a private bridge (10.77.0.0/24, no route out): its own address, hostname
+# and /etc/hosts, one slurmd each. Multi-node jobs (gloo across nodes, node failure) run
+# there.
 set -euo pipefail
 
 NEPA_SLURM_STATE=${NEPA_SLURM_STATE:-/var/tmp/nepa-slurm}
@@ -11,6 +17,13 @@ MARKER="# written by nepa-scale slurm/local/configure.sh"
 DB_NAME=slurm_acct_db
 DB_USER=slurm
 DB_PASSWORD=${NEPA_SLURM_DB_PASSWORD:-nepa-local}
+NODES=${NEPA_SLURM_NODES:-2}              # namespace nodes besides localhost (0: none)
+NET=10.77.0                              # the bridge's /24; nothing routes in or out of it
+BRIDGE=nepa-br0
+CONTROLLER_ADDR=$NET.1                   # the bridge's address: how the nodes reach slurmctld
+node_name() { echo "node$1"; }
+node_netns() { echo "nepa-node$1"; }
+node_addr() { echo "$NET.$((10 + $1))"; }
 
 log() { echo "[slurm/local] $*" >&2; }
 die() { echo "[slurm/local] error: $*" >&2; exit 1; }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Write slurm.conf and slurmdbd.conf for one node (this machine, all its cores and all
-# but 2 GiB of its memory). Rewriting them is harmless; a config we did not write is
-# never touched.
+# Write slurm.conf and slurmdbd.conf: node localhost (this machine, all its cores and all
+# but 2 GiB of its memory less what the namespace nodes get) in partition debug, and
+# NEPA_SLURM_NODES namespace nodes of one CPU each in partition multi; plus the hosts file
+# the namespace nodes see. Rewriting them is harmless; a config we did not write is never
+# touched.
 source "$(dirname "$0")/common.sh"
 need_root
 mkdir -p "$SLURM_ETC" "$NEPA_SLURM_STATE"/{log,run,ctld,spool}
@@ -10,13 +12,32 @@ owned_or_absent "$SLURM_ETC/slurmdbd.conf"
 
 # nproc honours OMP_NUM_THREADS (the test command sets it to 1): count the cores without it.
 cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
-mem_mib=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
+node_mem_mib=2048
+mem_mib=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 2048 - NODES * node_mem_mib ))
 state=$NEPA_SLURM_STATE
+if [ "$NODES" -gt 0 ]; then
+  controller="localhost($CONTROLLER_ADDR)"   # the nodes in namespaces reach it on the bridge
+  node_lines=""
+  hosts="127.0.0.1 localhost
+$CONTROLLER_ADDR nepa-controller"
+  for i in $(seq "$NODES"); do
+    node_lines+="NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") CPUs=1 RealMemory=$node_mem_mib State=UNKNOWN
+"
+    hosts+="
+$(node_addr "$i") $(node_name "$i")"
+  done
+  partition_lines="PartitionName=multi Nodes=node[1-$NODES] MaxTime=INFINITE State=UP"
+  echo "$hosts" > "$state/hosts.new" && mv "$state/hosts.new" "$state/hosts"
+else
+  controller=localhost
+  node_lines=""
+  partition_lines=""
+fi
 
 cat > "$SLURM_ETC/slurm.conf.new" <<CONF
 $MARKER
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=localhost
+SlurmctldHost=$controller
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -35,10 +56,10 @@ AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/linux
 JobCompType=jobcomp/none
 SlurmctldPidFile=$state/run/slurmctld.pid
-SlurmdPidFile=$state/run/slurmd.pid
+SlurmdPidFile=$state/run/slurmd-%n.pid
 SlurmctldLogFile=$state/log/slurmctld.log
-SlurmdLogFile=$state/log/slurmd.log
-SlurmdSpoolDir=$state/spool
+SlurmdLogFile=$state/log/slurmd-%n.log
+SlurmdSpoolDir=$state/spool/%n
 StateSaveLocation=$state/ctld
 ReturnToService=2
 SlurmctldTimeout=30
@@ -47,8 +68,11 @@ InactiveLimit=0
 MinJobAge=300
 KillWait=5
 Waittime=0
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mib State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# The namespace nodes first: slurmctld 22.05 stops with "Duplicated NodeHostName node1" when a
+# node line follows NodeName=localhost's.
+${node_lines}NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mib State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+$partition_lines
 CONF
 mv "$SLURM_ETC/slurm.conf.new" "$SLURM_ETC/slurm.conf"
 
@@ -68,4 +92,4 @@ StoragePass=$DB_PASSWORD
 StorageLoc=$DB_NAME
 CONF
 mv "$SLURM_ETC/slurmdbd.conf.new" "$SLURM_ETC/slurmdbd.conf"
-log "configured $CLUSTER_NAME: 1 node, $cpus CPUs, $mem_mib MiB (state in $state)"
+log "configured $CLUSTER_NAME: localhost ($cpus CPUs, $mem_mib MiB) + $NODES namespace node(s) (state in $state)"

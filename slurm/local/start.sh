@@ -1,13 +1,37 @@
 #!/usr/bin/env bash
-# Start the single-node cluster: munge, MariaDB + slurmdbd (accounting), slurmctld,
-# slurmd. Installs and configures first when needed; daemons already running are left
-# alone, so running it twice is harmless. Prints nothing but log lines; ready when it exits.
+# Start the local cluster: munge, MariaDB + slurmdbd (accounting), slurmctld, slurmd for
+# node localhost, and NEPA_SLURM_NODES (default 2) nodes in network namespaces of their
+# own, one slurmd each (common.sh: the layout). Installs and configures first when needed;
+# daemons already running are left alone, so running it twice is harmless. Prints nothing
+# but log lines; ready when it exits (every node idle).
 source "$(dirname "$0")/common.sh"
 need_root
 here=$(dirname "$0")
 "$here/install.sh"
 "$here/configure.sh"
 state=$NEPA_SLURM_STATE
+
+# The namespace nodes' network first, before any daemon may address a node: a bridge with the
+# controller's address, and per node a namespace with one veth into the bridge, its address, no
+# default route. Nothing is ever sent to these addresses while they do not exist here.
+if [ "$NODES" -gt 0 ]; then
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge
+    ip addr add "$CONTROLLER_ADDR/24" dev "$BRIDGE"
+  fi
+  ip link set "$BRIDGE" up
+  for i in $(seq "$NODES"); do
+    ns=$(node_netns "$i")
+    [ -e "/run/netns/$ns" ] || ip netns add "$ns"
+    if ! ip link show "nepa-veth$i" >/dev/null 2>&1; then
+      ip link add "nepa-veth$i" type veth peer name eth0 netns "$ns"
+      ip link set "nepa-veth$i" master "$BRIDGE" up
+      ip -n "$ns" addr add "$(node_addr "$i")/24" dev eth0
+      ip -n "$ns" link set eth0 up
+      ip -n "$ns" link set lo up
+    fi
+  done
+fi
 
 # munge: authenticates every daemon and client.
 mkdir -p /run/munge && chown munge:munge /run/munge
@@ -34,10 +58,23 @@ if ! pid_alive "$state/run/slurmctld.pid"; then
   /usr/sbin/slurmctld
   wait_for slurmctld 30 scontrol ping
 fi
-if ! pid_alive "$state/run/slurmd.pid"; then
+if ! pid_alive "$state/run/slurmd-localhost.pid" && ! pid_alive "$state/run/slurmd.pid"; then
   # The node is called localhost whatever this machine's hostname is.
   /usr/sbin/slurmd -N localhost
 fi
-node_up() { sinfo -h -N -o %t | grep -qE '^(idle|mix|alloc)'; }
-wait_for "node localhost" 30 node_up
-log "cluster $CLUSTER_NAME is up: $(sinfo -h -o '%P %D %t %c CPUs')"
+
+if [ "$NODES" -gt 0 ]; then
+  for i in $(seq "$NODES"); do
+    ns=$(node_netns "$i") name=$(node_name "$i")
+    if ! pid_alive "$state/run/slurmd-$name.pid"; then
+      # Not `ip netns exec`: it remounts /sys, and slurmd then cannot find its cgroups. A UTS
+      # namespace gives the node its hostname (gloo binds to what the hostname resolves to), a
+      # mount namespace its own /etc/hosts; every job of the node inherits both.
+      nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private -- \
+        sh -c "mount --bind '$state/hosts' /etc/hosts && hostname $name && exec /usr/sbin/slurmd -N $name"
+    fi
+  done
+fi
+nodes_up() { [ "$(sinfo -h -N -o %t | grep -cE '^(idle|mix|alloc)')" -ge $((NODES + 1)) ]; }
+wait_for "$((NODES + 1)) nodes" 30 nodes_up
+log "cluster $CLUSTER_NAME is up: $(sinfo -h -o '%P %D %t %c' | tr '\n' ';' | sed 's/;$//')"
