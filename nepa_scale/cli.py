@@ -55,9 +55,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from nepa_scale.engine.export import export_run
+    from nepa_scale.engine.export import export_run, exported_step
 
     written = export_run(args.run_dir, args.out)
+    print(f"exported step {exported_step(written['ours'])} of {args.run_dir}:")
     for kind, path in written.items():
         print(f"{kind:>13}: {path}")
     return 0
@@ -203,6 +204,8 @@ def _attach(sweep, args: argparse.Namespace) -> int:
         return _fail(f"sweep {sweep.name}: the file has no attach: section ({sweep.path})")
     for name in names:
         downstream = attached_sweep(sweep, name, executor=args.executor)
+        for warning in downstream.warnings:
+            print(f"warning: {warning}")
         if not args.dry_run:
             export_sources(downstream)
         pending = launcher.launch(downstream, retry_failed=args.retry_failed, dry_run=args.dry_run)
@@ -248,8 +251,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         left = [r for r in launcher.sweep_status(sweep) if r.run_id not in submitted]
         for line in launcher.not_done_lines(left, args.sweep):
             print(f"not submitted: {line}")
+        invalid = sum(r.invalid for r in left)
+        if invalid:  # a sweep file with a bad row is not a launch that went well
+            print(f"{invalid} run(s) of {args.sweep} are invalid (`nepa-scale sweep plan` names the key)")
         if not args.wait or args.dry_run:
-            return 0
+            return 1 if invalid else 0
         launcher.wait(sweep)
     if args.action == "preempt":
         if not args.run:

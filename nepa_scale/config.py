@@ -198,7 +198,7 @@ class SegmentConfig:
 class LoggingConfig:
     log_every: int = 10
     eval_every: int = 0  # held-out loss every N steps (0: only at the end)
-    eval_batches: int = 4
+    eval_batches: int | None = 4  # micro-batches per rank the held-out loss takes (None: the whole split)
     tensorboard: bool = False
     wandb_project: str | None = None
     progress: str = "auto"  # auto (interactive terminals only) | always | never
@@ -231,6 +231,9 @@ class CheckpointConfig:
     allow_budget_change: bool = False
     # Also save at these steps and keep them for good: a WSD trunk's branch points (set by the planner).
     keep_steps: list[int] = field(default_factory=list)
+    # Resume although metrics.jsonl no longer covers the steps before the checkpoint (deleted, cut):
+    # refused unless asked for; the gap is then recorded in run.json.
+    allow_lost_history: bool = False
 
 
 @dataclass
@@ -370,14 +373,19 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if hint is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # .inf, .nan: no setting means either
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value
@@ -465,7 +473,10 @@ def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
@@ -572,6 +583,15 @@ def validate(c: RunConfig) -> None:
         all(0 <= b < 1 for b in c.optim.betas), f"optim.betas: each must be in [0, 1), got {c.optim.betas}"
     )
     _require(c.optim.weight_decay >= 0, f"optim.weight_decay: must be >= 0, got {c.optim.weight_decay}")
+    _require(c.optim.min_lr >= 0, f"optim.min_lr: must be >= 0, got {c.optim.min_lr}")
+    if c.budget.global_batch > 0:
+        peak = c.optim.peak_lr(c.budget.global_batch)
+        source = "optim.lr" if c.optim.lr is not None else "optim.base_lr x budget.global_batch / 256"
+        _require(
+            c.optim.min_lr <= peak,
+            f"optim.min_lr: {c.optim.min_lr:g} is above the peak lr {peak:g} ({source}): the schedule would "
+            "raise the lr instead of decaying it",
+        )
     _require(
         0 <= c.optim.warmup_fraction < 1,
         f"optim.warmup_fraction: must be in [0, 1), got {c.optim.warmup_fraction}",
@@ -670,6 +690,10 @@ def validate(c: RunConfig) -> None:
         0 < c.data.eval_crop_pct <= 1, f"data.eval_crop_pct: must be in (0, 1], got {c.data.eval_crop_pct}"
     )
     _require(lg.log_every > 0, f"logging.log_every: must be > 0, got {lg.log_every}")
+    _require(
+        lg.eval_batches is None or lg.eval_batches >= 1,
+        f"logging.eval_batches: must be >= 1 (or null: the whole val split), got {lg.eval_batches}",
+    )
     _require(lg.eval_every >= 0, f"logging.eval_every: must be >= 0, got {lg.eval_every}")
     _require(
         lg.progress in ("auto", "always", "never"),

@@ -32,7 +32,12 @@ class ResumeRefused(NepaError):
 
 
 class NonFiniteLoss(NepaError):
-    """The loss became NaN or infinite: the run stops before any checkpoint is written after it."""
+    """The loss became NaN or infinite: the run stops before any checkpoint is written after it
+    (``step``: the first step whose loss was not finite, what run.json records)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 class BackendUnavailable(NepaError, RuntimeError):
@@ -53,6 +58,10 @@ class RunRecordError(NepaError):
 
 class SweepError(NepaError):
     """A sweep action that cannot be carried out (a run never launched, a job without tasks)."""
+
+
+class StorageError(NepaError):
+    """The run's directory has no room left (a full disk or quota); the message names it."""
 
 
 class PeerLost(NepaError):

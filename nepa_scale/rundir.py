@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nepa_scale.errors import RunRecordError
+from nepa_scale.errors import RunRecordError, UsageError
 
 if TYPE_CHECKING:
     from nepa_scale.config import RunConfig
@@ -42,9 +42,11 @@ if TYPE_CHECKING:
 MARKER = "COMMITTED"  # written last into a checkpoint directory: from then on it counts
 PREFIX = "step_"
 SCHEMA_VERSION = 2  # 2: typed record, resume_digest (1 called it config_hash), steps_done on interruptions
-# interrupted: stopped without saving (a peer rank was lost); it resumes from its last committed checkpoint
-STATUSES = ("created", "running", "preempted", "interrupted", "completed", "failed")
+# interrupted: stopped without saving (a peer rank was lost); it resumes from its last committed checkpoint.
+# stopped: a user stopped it (Ctrl-C); saved like a preempted run, and resumable the same way.
+STATUSES = ("created", "running", "preempted", "interrupted", "stopped", "completed", "failed")
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "saved, please run me again"
+STOPPED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for a command stopped with Ctrl-C
 
 
 def _umask() -> int:
@@ -70,6 +72,13 @@ def _replace_atomically(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def follow_umask(*paths: Path) -> None:
+    """Give files the mode a plain ``open`` would (0666 less the umask): writers that use mkstemp,
+    safetensors among them, make them 0600, which colleagues on a shared file system cannot read."""
+    for path in paths:
+        os.chmod(path, 0o666 & ~_umask())
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -274,6 +283,15 @@ class RunDir:
         _set_fields(record, fields)
         return self.write_record(record)
 
+    def config(self) -> RunConfig:
+        """The run's recorded config (its values checked, never its files); a one-line error naming
+        the folder when it holds no run."""
+        if not self.root.exists():
+            raise UsageError(f"{self.root}: no such run directory")
+        if not self.run_json.is_file():
+            raise UsageError(f"{self.root}: not a run directory (no run.json)")
+        return self.record().run_config()
+
     # -- transitions (launcher)
     def created(self, config: RunConfig) -> RunRecord:
         """A launched run's directory is prepared (the job has not started)."""
@@ -312,13 +330,20 @@ class RunDir:
         return self.write_record(record)
 
     def skipped(self, paths: list[str]) -> RunRecord:
+        """Files that could not be read, each listed once (a file is skipped again every epoch)."""
         record = self.record()
-        record.skipped_files.extend(paths)
+        known = set(record.skipped_files)
+        record.skipped_files.extend(p for p in dict.fromkeys(paths) if p not in known)
         return self.write_record(record)
 
     def preempted(self, step: int, global_batch: int, by: str) -> RunRecord:
         return self._change(
             status="preempted", step=step, images_seen=images_seen(step, global_batch), preempted_by=by
+        )
+
+    def stopped(self, step: int, global_batch: int, by: str) -> RunRecord:
+        return self._change(
+            status="stopped", step=step, images_seen=images_seen(step, global_batch), preempted_by=by
         )
 
     def completed(self, step: int, global_batch: int) -> RunRecord:
@@ -352,10 +377,16 @@ class RunDir:
         record = self.record()
         if record.status != "completed" or record.step is None or not isinstance(record.config, dict):
             return None
+        from nepa_scale.errors import NepaError
+
+        try:  # read through today's config: settings added since the run was recorded get their defaults
+            recorded = record.run_config().to_dict()
+        except NepaError:
+            return None
         current = config.to_dict()
         same = (
             record.resume_digest == config.resume_digest()
-            and all(record.config.get(key) == current[key] for key in ("budget", "data"))
+            and all(recorded[key] == current[key] for key in ("budget", "data"))
             and self.has_committed(record.step)
         )
         return record if same else None

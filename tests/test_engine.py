@@ -577,8 +577,8 @@ def test_corrupt_images_are_skipped_and_reported(tmp_path, decode):
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "completed"
     assert sorted(set(info["skipped_files"])) == sorted(str(p) for p in corrupt)
-    assert len(info["skipped_files"]) == 6  # each corrupt file once per epoch, two epochs
-    assert "skipped 3 unreadable image file(s)" in result.stderr
+    assert len(info["skipped_files"]) == 3  # each corrupt file once, though read in two epochs
+    assert "skipped 3 image file(s) that could not be read:" in result.stderr
     assert info["data_resized"] == {
         "copy": str(tmp_path / "data"),
         "source": str((tmp_path / "photos").resolve()),

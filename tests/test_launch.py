@@ -290,7 +290,7 @@ def study(tmp_path_factory):
     )
     watcher.start()  # before the launches: the start-up notice must not miss its job's start
     for name in ("start_notice", "multi", "multi_twin", "spread", "children", "timeout", "sweep"):
-        cli("sweep", "launch", str(sweeps[name]))
+        cli("sweep", "launch", str(sweeps[name]), check=name != "sweep")  # "sweep" holds an invalid run
     local = subprocess.Popen(
         [sys.executable, "-m", "nepa_scale.cli", "sweep", "launch", str(sweeps["local"])],
         env=env(),
@@ -366,8 +366,8 @@ def test_sweep_completes_skips_on_relaunch_and_reports_invalid_run(study):
     assert "optim.warmup_fraction" in rows[3].error
     status = cli("sweep", "status", str(study["sweeps"]["sweep"]), check=False)
     assert status.returncode == 1 and "error: optim.warmup_fraction" in status.stdout
-    again = cli("sweep", "launch", str(study["sweeps"]["sweep"]))
-    assert again.stdout.startswith("submitted 0 of 4 runs")
+    again = cli("sweep", "launch", str(study["sweeps"]["sweep"]), check=False)
+    assert again.returncode == 1 and again.stdout.startswith("submitted 0 of 4 runs")
     assert (
         f"not submitted: {rows[3].run_id}: failed, its config is invalid (optim.warmup_fraction"
         in again.stdout

@@ -249,6 +249,12 @@ def resume_changes(
     if meta.get("world_size") not in (None, world_size):
         universal = " through a universal checkpoint" if config.deepspeed.zero_stage > 0 else ""
         changed.append(f"world size {meta['world_size']} -> {world_size}{universal}")
+    step = meta.get("step")
+    if not branch and step is not None and total_steps < step:
+        refused.append(
+            f"budget: the new length ({total_steps} steps) ends before step {step}, where the checkpoint is: "
+            "a run cannot be shortened past the step it has reached (start a new run for a shorter budget)"
+        )
     return refused, changed
 
 
@@ -306,12 +312,51 @@ class Checkpointer:
                 raise ResumeRefused(
                     f"config changed in a way that breaks resume from {candidate.path}: " + "; ".join(refused)
                 )
+            changes += self.check_history(candidate.step)
             for change in changes:
                 log.warning("resuming from %s with a change: %s", candidate.path, change)
             return self._plan(candidate, changes)
         if self.world.is_main and self.root.is_dir() and any(self.root.iterdir()):
             log.warning("no committed checkpoint in %s: starting from step 0", self.root)
         return None
+
+    def checkpoint_bytes(self) -> int:
+        """What one checkpoint of this run takes: the newest committed one's files, else an estimate
+        (fp32 weights and two Adam moments per parameter, in every rank's share)."""
+        committed = committed_checkpoints(self.root)
+        if committed:
+            return sum(p.stat().st_size for p in committed[-1].path.rglob("*") if p.is_file())
+        from nepa_scale.models.zoo import count_params
+
+        return 12 * count_params(self.config.model.arch())["total"]
+
+    def check_history(self, step: int) -> list[str]:
+        """The run's log (metrics.jsonl) covers its steps up to ``step``, where it resumes: a run's
+        history never silently goes missing. Refused (naming the file) when the file is gone or its
+        start or end is missing, unless ``checkpoint.allow_lost_history``: then the loss is one of
+        the resume's recorded changes."""
+        every = self.config.logging.log_every
+        logged = sorted(
+            m["step"]
+            for m in self.run.read_metrics()
+            if m.get("kind") == "train" and m.get("step", 0) <= step
+        )
+        if step < every:
+            return []
+        if not logged:
+            lost = f"{self.run.metrics} has no line of steps 1-{step}" + (
+                "" if self.run.metrics.is_file() else " (the file is missing)"
+            )
+        elif logged[0] > every or logged[-1] < step - every:
+            lost = f"{self.run.metrics} covers steps {logged[0]}-{logged[-1]} of the 1-{step} the checkpoint has trained"
+        else:
+            return []
+        if not self.config.checkpoint.allow_lost_history:
+            raise ResumeRefused(
+                f"{lost}: the run's history before its checkpoint is lost. Restore the file, or resume "
+                "without it with checkpoint.allow_lost_history=true (recorded in run.json)"
+            )
+        return [f"history lost: {lost} (checkpoint.allow_lost_history)"]
 
     def _plan(self, candidate: Committed, changes: list[str], branch: bool = False) -> ResumePlan:
         universal = (

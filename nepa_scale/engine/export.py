@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from nepa_scale.engine import checkpoint as ckpt
-from nepa_scale.errors import CheckpointError
+from nepa_scale.errors import CheckpointError, UsageError
 from nepa_scale.models.official import official_config, save_official
-from nepa_scale.rundir import RunDir
+from nepa_scale.rundir import RunDir, follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +59,63 @@ def newest_verified(run: RunDir) -> ckpt.Committed:
     return committed[-1]
 
 
+EXPORTED = "model.safetensors"
+
+
+def exported_step(path: str | Path) -> int | None:
+    """The step an export holds (its metadata), None for a file without it or not there."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return int((handle.metadata() or {}).get("step"))
+    except (OSError, TypeError, ValueError, RuntimeError):
+        return None
+
+
+def stale_export(run_dir: str | Path) -> tuple[int | None, int] | None:
+    """(the step RUN/export/ holds, the run's newest committed step) when the export is missing or
+    older than the newest checkpoint; None when it is current."""
+    run = RunDir(run_dir)
+    committed = ckpt.committed_checkpoints(run.checkpoints)
+    if not committed:
+        return None
+    held = exported_step(run.export / EXPORTED)
+    return None if held == committed[-1].step else (held, committed[-1].step)
+
+
+def _writable(folder: Path) -> None:
+    """``folder`` exists (made if need be) and takes a file, or a one-line error naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UsageError(f"export: cannot write to {folder}: {exc.strerror or exc}") from None
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Consolidate the run's newest committed checkpoint; returns the files written (the step they
+    hold is in their metadata: ``exported_step``)."""
     run = RunDir(run_dir)
     latest = newest_verified(run)
-    config = run.record().run_config()
+    config = run.config()
     arch = config.model.arch()
     out = Path(out_dir) if out_dir else run.export
-    out.mkdir(parents=True, exist_ok=True)
+    _writable(out)
+    written = _write_export(latest, config, arch, out)
+    follow_umask(*written.values())
+    log.info("exported step %d of %s to %s", latest.step, run.root, out)
+    return written
+
+
+def _write_export(latest: ckpt.Committed, config, arch, out: Path) -> dict[str, Path]:
     state = {k: v.contiguous() for k, v in fp32_state_dict(latest).items()}
     meta = {"step": str(latest.step), "model": config.model.name, "layout": "nepa_scale"}
-    written = {"ours": out / "model.safetensors", "official": out / "official" / "model.safetensors"}
+    written = {"ours": out / EXPORTED, "official": out / "official" / "model.safetensors"}
     save_file(state, str(written["ours"]), metadata=meta)
     if config.task == "segment":  # backbone + pyramid + heads: the official layout has no place for them
         del written["official"]
-        log.info("exported step %d of %s to %s", latest.step, run.root, out)
         return written
     written["official"].parent.mkdir(exist_ok=True)
     save_official(state, written["official"])
@@ -86,5 +130,5 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[s
         save_file(ema, str(written["ema"]), metadata={**meta, "ema_decay": str(config.checkpoint.ema_decay)})
         written["ema_official"] = out / "official" / "model_ema.safetensors"
         save_official(ema, written["ema_official"])
-    log.info("exported step %d of %s to %s", latest.step, run.root, out)
+    written["config"] = written["official"].parent / "config.json"
     return written

@@ -42,9 +42,11 @@ class LossWatch:
             dist.all_gather(gathered, self.first_nonfinite)
         bad = {rank: int(t.item()) for rank, t in enumerate(gathered) if int(t.item()) < NO_STEP}
         if bad:
+            first = min(bad.values())
             raise NonFiniteLoss(
-                f"non-finite loss at step {min(bad.values())} on rank(s) {sorted(bad)}: stopping "
-                f"(no checkpoint written after it){self.hint}"
+                f"non-finite loss at step {first} on rank(s) {sorted(bad)}: stopping "
+                f"(no checkpoint written after it){self.hint}",
+                step=first,
             )
 
     def interval(self, loss: float) -> None:
@@ -60,18 +62,20 @@ class LossWatch:
             )
 
 
-def report_skipped(world: World, run: RunDir, paths: list[str]) -> list[str]:
-    """Every rank's skipped files (a collective when world_size > 1); rank 0 records and logs them."""
-    gathered: list[list[str]] = [paths]
+def report_skipped(world: World, run: RunDir, skipped: list[tuple[str, str]]) -> list[str]:
+    """Every rank's skipped files, (path, why) (a collective when world_size > 1); rank 0 records each
+    path once in run.json and logs them with the reason."""
+    gathered: list[list[tuple[str, str]]] = [skipped]
     if world.world_size > 1:
         gathered = [[] for _ in range(world.world_size)]
-        dist.all_gather_object(gathered, paths)
-    flat = [p for part in gathered for p in part]
-    if world.is_main and flat:
-        run.skipped(flat)
+        dist.all_gather_object(gathered, skipped)
+    why = {path: reason for part in gathered for path, reason in part}
+    if world.is_main and why:
+        run.skipped(list(why))
+        shown = [f"{path} ({reason})" for path, reason in list(why.items())[:3]]
         log.warning(
-            "skipped %d unreadable image file(s): %s",
-            len(flat),
-            ", ".join(flat[:5]) + (" ..." if len(flat) > 5 else ""),
+            "skipped %d image file(s) that could not be read: %s",
+            len(why),
+            "; ".join(shown) + (" ..." if len(why) > 3 else ""),
         )
-    return flat
+    return list(why)

@@ -28,7 +28,9 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-PREEMPT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+# SIGUSR2: SLURM's preemption and time-limit notice; SIGTERM: scontrol requeue, scancel, kill;
+# SIGINT: Ctrl-C, a user stopping the run (saved, and recorded as stopped).
+PREEMPT_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 POLL_S = 0.2  # how often the waiting thread checks that it should go on
 
 
@@ -57,6 +59,12 @@ class PreemptionFlag:
         self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
         resource_tracker.ensure_running()  # inherits the block (it ignores SIGTERM itself) ...
         signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)  # ... and unblocked SIGTERM here
+        while set(signal.sigpending()) & set(self.signals):  # one that came while starting: taken now
+            info = signal.sigtimedwait(self.signals, 0)
+            if info is None:
+                break
+            if self._set(info.si_signo):
+                log.warning("received %s while starting: stopping before the first step", self.received.name)
         self._stop.clear()
         self._thread = threading.Thread(target=self._wait, name="nepa-preemption-notices", daemon=True)
         self._thread.start()

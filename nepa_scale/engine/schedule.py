@@ -42,10 +42,16 @@ def cooldown_start(optim: OptimConfig, total_steps: int) -> int:
 
 
 def check_schedule(optim: OptimConfig, total_steps: int) -> None:
-    """A WSD run's warmup ends before its cooldown starts (a ConfigError naming the key otherwise)."""
+    """The warmup ends before the run does, and a WSD run's before its cooldown starts (a ConfigError
+    naming the key otherwise)."""
     from nepa_scale.errors import ConfigError
 
     start, warmup = cooldown_start(optim, total_steps), warmup_steps(optim, total_steps)
+    if optim.warmup_steps is not None and warmup >= total_steps > 1:
+        raise ConfigError(
+            f"optim.warmup_steps: {warmup} steps of warmup, but the run has {total_steps} steps: the lr would "
+            "never reach its peak; shorten the warmup or lengthen the run"
+        )
     if optim.schedule == "wsd" and warmup > start:
         raise ConfigError(
             f"optim.warmup_steps: the warmup ({warmup} steps) runs into the cooldown, which starts at step "

@@ -29,7 +29,7 @@ from nepa_scale.flops import train_flops_per_image
 from nepa_scale.models import NEPA
 from nepa_scale.models.arch import NepaArch
 from nepa_scale.objective import next_embedding_loss
-from nepa_scale.rundir import RunDir
+from nepa_scale.rundir import RunDir, follow_umask
 
 if TYPE_CHECKING:
     from nepa_scale.engine.ema import Ema
@@ -69,7 +69,7 @@ def layer_decay_groups(
     return groups
 
 
-def load_pretrained(backbone: NEPA, pretrained: str | None, ema: bool) -> None:
+def load_pretrained(backbone: NEPA, pretrained: str | None, ema: bool, key: str) -> None:
     """Backbone weights from a file (ours or the official layout) or a run directory's export/; the
     pretraining head, if any, is left out and a missing QK-norm is filled with identity."""
     from nepa_scale.models.official import load_weights
@@ -78,6 +78,16 @@ def load_pretrained(backbone: NEPA, pretrained: str | None, ema: bool) -> None:
         return
     path = Path(pretrained)
     if path.is_dir():
+        from nepa_scale.engine.export import stale_export
+
+        stale = stale_export(path)
+        if stale is not None:  # weights of another step than the run's newest: refused, never taken silently
+            held, newest = stale
+            what = "no export" if held is None else f"the export of step {held}"
+            raise ConfigError(
+                f"{key}: {path} has {what}, but its newest "
+                f"checkpoint is step {newest}: run `nepa-scale export {path}` first"
+            )
         path = path / "export" / ("model_ema.safetensors" if ema else "model.safetensors")
     load_weights(backbone, path, head="ignore", qk_norm="fill")
     log.info("initialised from %s", path)
@@ -234,7 +244,7 @@ class FinetuneTask:
             attention=c.model.attention,
             grad_checkpointing=self.ctx.settings.checkpointed_blocks,
         )
-        load_pretrained(model, ft.pretrained, ft.pretrained_ema)
+        load_pretrained(model, ft.pretrained, ft.pretrained_ema, "finetune.pretrained")
         if ft.freeze_patch_embed:
             model.patch_embed.requires_grad_(False)
         return model
@@ -298,10 +308,9 @@ class FinetuneTask:
             if result["val_acc_ema"] > best:
                 from safetensors.torch import save_file
 
-                save_file(
-                    {k: v.contiguous() for k, v in ema.state_dict().items()},
-                    str(ctx.run.root / "best_ema.safetensors"),
-                )
+                best = ctx.run.root / "best_ema.safetensors"
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(best))
+                follow_umask(best)
                 self.best_file.write_text(json.dumps({"val_acc_ema": result["val_acc_ema"], "step": step}))
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
@@ -368,7 +377,7 @@ class SegmentTask:
     def build_model(self):
         c, sg = self.ctx.config, self.ctx.config.segment
         model = self.new_model(c, self.ctx.arch, c.model.attention, self.ctx.settings.checkpointed_blocks)
-        load_pretrained(model.backbone, sg.pretrained, sg.pretrained_ema)
+        load_pretrained(model.backbone, sg.pretrained, sg.pretrained_ema, "segment.pretrained")
         # Never used: the features are taken before the final norm and from no later block.
         model.backbone.norm.requires_grad_(False)
         model.backbone.blocks[max(model.feature_blocks) :].requires_grad_(False)

@@ -18,8 +18,11 @@ are all restored.
 
 from __future__ import annotations
 
+import errno
 import logging
 import random
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +35,7 @@ from nepa_scale.config import RunConfig, dump_yaml
 from nepa_scale.data import Batch, ResumableBatchSampler, batch_loader, check_training_data, to_model_input
 from nepa_scale.data.device_decode import decode_on_device
 from nepa_scale.data.resize import resized_copy_settings
-from nepa_scale.engine.checkpoint import Checkpointer, ResumePlan, committed_checkpoints
+from nepa_scale.engine.checkpoint import Checkpointer, ResumePlan, committed_checkpoints, remove_uncommitted
 from nepa_scale.engine.distributed import (
     World,
     barrier,
@@ -40,6 +43,7 @@ from nepa_scale.engine.distributed import (
     deepspeed_config,
     init_world,
     is_peer_loss,
+    world_from_env,
 )
 from nepa_scale.engine.ema import Ema
 from nepa_scale.engine.evaluator import Evaluator
@@ -58,17 +62,17 @@ from nepa_scale.engine.provenance import git_revision, package_dir, package_vers
 from nepa_scale.engine.schedule import build_optimizer, check_schedule, cooldown_start
 from nepa_scale.engine.settings import resolve_step_settings
 from nepa_scale.engine.tasks import TASKS, TaskContext
-from nepa_scale.errors import ConfigError, DataError, PeerLost
+from nepa_scale.errors import ConfigError, DataError, PeerLost, StorageError
 from nepa_scale.memory import device_memory_gb
 from nepa_scale.models import NEPA, resolve_backend
-from nepa_scale.rundir import REQUEUE_EXIT_CODE, Interruption, Restart, RunDir, now
+from nepa_scale.rundir import REQUEUE_EXIT_CODE, STOPPED_EXIT_CODE, Interruption, Restart, RunDir, now
 
 log = logging.getLogger("nepa_scale.train")
 
 
 @dataclass
 class TrainResult:
-    status: str  # completed | preempted
+    status: str  # completed | preempted | stopped (Ctrl-C)
     step: int  # the step the run stopped at (saved there when it trained any step)
     total_steps: int
     exit_code: int
@@ -131,7 +135,15 @@ class Trainer:
         called on rank 0 with the step of each committed checkpoint (the launcher submits a WSD
         trunk's branches from it)."""
         self.config, self.preempt, self.on_commit = config, preempt, on_commit
-        self.world = init_world(config.distributed.timeout_s)
+        try:
+            self.world = init_world(config.distributed.timeout_s)
+        except Exception as exc:  # the rendezvous: a rank that never came (its node died at start-up)
+            rank, _, world_size = world_from_env()
+            if world_size > 1 and is_peer_loss(exc):
+                run = RunDir(config.output_dir)
+                attempt = f"start{len(run.record().restarts)}_{len(run.record().interruptions)}"
+                raise peer_lost(run, config, exc, rank, attempt, None, 0) from exc
+            raise
         self.control_group = control_group(self.world)
         setup_logging(self.world)
         self.run = RunDir(config.output_dir)
@@ -355,7 +367,7 @@ class Trainer:
         peak = device_peak_tflops(world.device, c.logging.device_peak_tflops)
         self.meter.started = time.perf_counter()  # throughput counts from here, not from start-up
         self.attempt = len(run.record().restarts)  # the same on every rank: written before the start barrier
-        skipped: list[str] = []
+        skipped: list[tuple[str, str]] = []
         step = start_step
         try:
             if preempt.agreed(self.control_group):  # the notice came during start-up: nothing to save
@@ -397,10 +409,15 @@ class Trainer:
                     return self._stopped(preempt, done, start_step)
             self.loss_watch.check_learned(total - start_step, c.logging.log_every)
         except BaseException as exc:
+            full = disk_full(exc, run.root, self.checkpointer.checkpoint_bytes())
+            if full is not None:
+                if world.is_main:  # the half-written checkpoint goes now (the next start would remove it):
+                    remove_uncommitted(run.checkpoints)  # its room is what run.json needs to say why
+                raise self._failed(full, step) from exc
             if world.world_size > 1 and is_peer_loss(exc):  # another rank is gone, not this one's error
                 raise self._peer_lost(exc, step, start_step) from exc
             if world.is_main:
-                run.failed(f"{type(exc).__name__}: {exc}", step=step)
+                run.failed(f"{type(exc).__name__}: {exc}", step=getattr(exc, "step", None) or step)
             raise
         finally:
             if preempt is not self.preempt:
@@ -424,45 +441,43 @@ class Trainer:
             values |= self.evaluator.probe(engine, ema)
         writer.write_eval(step, values)
 
+    def _failed(self, exc: Exception, step: int) -> Exception:
+        """Record ``exc`` as the run's failure where that is still possible (a full disk may refuse
+        run.json too: then the log says it) and return it."""
+        if self.world.is_main:
+            try:
+                self.run.failed(f"{type(exc).__name__}: {exc}", step=step)
+            except OSError as write_error:
+                log.error("could not record the failure in %s: %s", self.run.run_json, write_error)
+        return exc
+
     def _peer_lost(self, exc: BaseException, step: int, start_step: int) -> PeerLost:
-        """A collective failed because another rank is gone. The first surviving rank to claim it
-        (any rank may survive, rank 0 too may be the lost one) records the run interrupted at its
-        last committed checkpoint; every survivor stops with ``PeerLost``."""
-        committed = committed_checkpoints(self.run.checkpoints)
-        resume_step = committed[-1].step if committed else (self.config.branch.step or 0)
-        claim = self.run.logs / f".peer_lost_attempt{self.attempt}_from_step{start_step}"
-        self.run.logs.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(claim, "x"):
-                pass
-            recorded = True
-        except FileExistsError:
-            recorded = False
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        message = (
-            f"rank {self.world.rank}: another rank of the run is gone ({type(exc).__name__}: {reason}) at step "
-            f"{step}; the run resumes from its checkpoint of step {resume_step}"
+        return peer_lost(
+            self.run,
+            self.config,
+            exc,
+            self.world.rank,
+            f"attempt{self.attempt}_from_step{start_step}",
+            step,
+            step - start_step,
         )
-        if recorded:
-            event = Interruption(
-                signal="peer lost",
-                kind="peer_lost",
-                action="resume",
-                step=resume_step,
-                time=now(),
-                signal_unix_time=time.time(),
-                steps_done=step - start_step,
-            )
-            self.run.peer_lost(event, message)
-        log.error("%s", message)
-        return PeerLost(message, resume_step, recorded)
 
     def _stopped(self, preempt: PreemptionFlag, step: int, start_step: int) -> TrainResult:
-        """Preempted at ``step`` (saved there, unless no step was trained): exit for a requeue."""
-        if self.world.is_main:
-            by = preempt.received.name if preempt.received else "peer rank"
+        """Preempted at ``step`` (saved there, unless no step was trained): exit for a requeue; or,
+        on Ctrl-C (SIGINT), stopped by the user: saved the same way, resumable, exit 130."""
+        by = preempt.received.name if preempt.received else "peer rank"
+        stopped = preempt.received == signal.SIGINT
+        saved = "checkpoint committed" if step > start_step else "no step trained, nothing to save"
+        if self.world.is_main and stopped:
+            self.run.stopped(step, self.config.budget.global_batch, by)
+            log.info(
+                "stopped (Ctrl-C) at step %d of %d: %s; the same command resumes it",
+                step,
+                self.total_steps,
+                saved,
+            )
+        elif self.world.is_main:
             self.run.preempted(step, self.config.budget.global_batch, by)
-            saved = "checkpoint committed" if step > start_step else "no step trained, nothing to save"
             log.info(
                 "preempted (%s) at step %d: %s, exiting with %d for requeue",
                 by,
@@ -471,15 +486,17 @@ class Trainer:
                 REQUEUE_EXIT_CODE,
             )
         barrier()
+        if stopped:
+            return TrainResult("stopped", step, self.total_steps, STOPPED_EXIT_CODE, start_step)
         return TrainResult("preempted", step, self.total_steps, REQUEUE_EXIT_CODE, start_step)
 
     def train_step(
         self, engine, batches: Iterator[Batch], step: int, timer: PhaseTimer = NO_TIMER
-    ) -> list[str]:
+    ) -> list[tuple[str, str]]:
         """One optimizer step: per micro-batch, forward + loss, ``engine.backward``, ``engine.step``
         (DeepSpeed steps the optimizer at the accumulation boundary). Nothing here waits for the
-        device; ``timer`` marks the phases for the benchmark. Returns the paths of skipped files."""
-        skipped: list[str] = []
+        device; ``timer`` marks the phases for the benchmark. Returns the skipped files (path, why)."""
+        skipped: list[tuple[str, str]] = []
         device, dtype = self.world.device, self.settings.dtype
         for _ in range(self.settings.accumulation_steps):
             wait_start = time.perf_counter()
@@ -487,7 +504,7 @@ class Trainer:
             wait = time.perf_counter() - wait_start
             if batch.pending is not None:  # data.decode=device
                 batch = decode_on_device(batch, device, self.arch.image_size, self.config.data.interpolation)
-            skipped += [s.path for s in batch.skipped]
+            skipped += [(s.path, s.reason) for s in batch.skipped]
             if len(batch.images):
                 images = to_model_input(batch.images, device, dtype)
             else:  # every file of the micro-batch unreadable: a zero-weight step
@@ -505,7 +522,7 @@ class Trainer:
         return skipped
 
     def _log_interval(
-        self, engine, writer: MetricsWriter, done: int, peak: float | None, skipped: list[str]
+        self, engine, writer: MetricsWriter, done: int, peak: float | None, skipped: list[tuple[str, str]]
     ) -> dict:
         """The interval's train line (collective), after the checks that would make it meaningless."""
         self.loss_watch.check_finite()
@@ -533,6 +550,72 @@ class Trainer:
             )
         self.meter.reset()
         return record
+
+
+def peer_lost(
+    run: RunDir,
+    config: RunConfig,
+    exc: BaseException,
+    rank: int,
+    attempt: str,
+    step: int | None,
+    steps_done: int,
+) -> PeerLost:
+    """A collective (or the rendezvous) failed because another rank is gone. The first surviving rank
+    to claim it (any rank may survive: rank 0 may be the lost one) records the run interrupted at its
+    last committed checkpoint; every survivor stops with ``PeerLost``. ``attempt`` names this attempt
+    of the run (one claim each); ``step``: where it failed, None before training."""
+    committed = committed_checkpoints(run.checkpoints)
+    resume_step = committed[-1].step if committed else (config.branch.step or 0)
+    run.logs.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(run.logs / f".peer_lost_{attempt}", "x"):
+            pass
+        recorded = True
+    except FileExistsError:
+        recorded = False
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    when = "while the ranks met" if step is None else f"at step {step}"
+    message = (
+        f"rank {rank}: another rank of the run is gone ({type(exc).__name__}: {reason}) {when}; the run "
+        f"resumes from {'its checkpoint of step ' + str(resume_step) if resume_step else 'the start'}"
+    )
+    if recorded:
+        event = Interruption(
+            signal="peer lost",
+            kind="peer_lost",
+            action="resume",
+            step=resume_step,
+            time=now(),
+            signal_unix_time=time.time(),
+            steps_done=steps_done,
+        )
+        run.peer_lost(event, message)
+    log.error("%s", message)
+    return PeerLost(message, resume_step, recorded)
+
+
+def disk_full(exc: BaseException, root, needed: int) -> StorageError | None:
+    """A StorageError naming the run's directory when ``exc`` came from its device running out of
+    room: an OSError with ENOSPC or EDQUOT anywhere in its chain, or an I/O error (torch.save's
+    says only "file write failed" or "unexpected pos") while less than ``needed`` bytes are free."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    full = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return None
+    io = any(isinstance(e, OSError | RuntimeError) for e in chain)
+    if not full and not (io and free < needed):
+        return None
+    return StorageError(
+        f"no space left on the device of {root}: {free / 1e6:.1f} MB free, a checkpoint of this run needs "
+        f"about {needed / 1e6:.1f} MB; free space (or move output_dir) and run again: it resumes from its "
+        "newest committed checkpoint"
+    )
 
 
 def check_probe_subsets_unchanged(recorded: dict | None, current: dict | None, config: RunConfig) -> None:

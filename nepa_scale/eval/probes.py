@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from nepa_scale.data import Skipped, to_model_input, worker_context
-from nepa_scale.errors import DataError
+from nepa_scale.errors import DataError, UsageError
 
 KNN_K = 20
 KNN_TEMPERATURE = 0.07
@@ -422,7 +422,17 @@ def probe_run(
     if weights not in ("online", "ema", "random_init"):
         raise ValueError(f"weights: choose online, ema or random_init, got '{weights}'")
     run = RunDir(run_dir)
-    recorded = run.record().run_config().to_dict()
+    recorded_config = run.config()
+    if recorded_config.task != "pretrain":  # its weights are a classifier or a segmenter, not a NEPA
+        raise UsageError(
+            f"{run.root} is a {recorded_config.task} run: `nepa-scale probe` takes pretraining runs"
+            + (
+                f" (it started from {source})"
+                if (source := recorded_config.finetune.pretrained or recorded_config.segment.pretrained)
+                else ""
+            )
+        )
+    recorded = recorded_config.to_dict()
     config = config_from_dict(
         apply_overrides(recorded, [f"data.{item}" for item in data_overrides]), check_paths=False
     )

@@ -27,7 +27,7 @@ def evaluate_run(
     """Score a segmentation run's newest committed checkpoint on its val split (single scale, fp32,
     the run's mode and stride unless given); writes RUN_DIR/segment_eval.json."""
     run = RunDir(run_dir)
-    data = run.record().run_config().to_dict()
+    data = run.config().to_dict()
     if data["task"] != "segment":
         raise ConfigError(f"segment-eval: {run.root} is a {data['task']} run, not a segmentation run")
     for item in data_overrides or []:

@@ -57,7 +57,7 @@ def transfer_sweep(
     from nepa_scale.launch.sweep import load_sweep
 
     spec = read_yaml_mapping(spec_file, "transfer sweep")
-    recorded = [RunDir(source).record().run_config() for source in sources]
+    recorded = [RunDir(source).config() for source in sources]
     spec["set"] = {
         "model.name": recorded[0].model.name,
         **{f"model.overrides.{k}": v for k, v in recorded[0].model.overrides.items()},
@@ -84,7 +84,7 @@ def final_accuracy(run_dir: Path) -> dict[str, float]:
 
 def run_transfer(sweep, spec_file: str | Path, executor: str | None = None, out=sys.stdout) -> dict:
     """Probe and fine-tune the sweep's largest model against its untrained twin; write transfer.json."""
-    from nepa_scale.engine.export import export_run
+    from nepa_scale.engine.export import export_run, stale_export
     from nepa_scale.eval.probes import probe_run
     from nepa_scale.launch import launcher
 
@@ -95,7 +95,7 @@ def run_transfer(sweep, spec_file: str | Path, executor: str | None = None, out=
     for source in sources:
         probes["pretrained"].append(probe_run(source, weights="online", reuse=True)[0])
         probes["random_init"].append(probe_run(source, weights="random_init", reuse=True)[0])
-        if not (RunDir(source).export / "model.safetensors").is_file():
+        if stale_export(source) is not None:
             export_run(source)
     # Beside the study, not in it: the analysis collects every run under the study's directory.
     root = sweep.output_root.parent / f"{sweep.output_root.name}_transfer"

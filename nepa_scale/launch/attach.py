@@ -18,6 +18,7 @@ carries each pretraining run's mIoU (segmentation) or top-1 and error (classific
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -66,12 +67,18 @@ def attached_sweep(sweep: Sweep, name: str, executor: str | None = None) -> Swee
         raise ConfigError(f"{sweep.path}: attach.{name}.sweep: file not found: {spec_file}")
     spec = read_yaml_mapping(spec_file, "attached sweep")
     budgets = entry.get("budgets")
-    sources = [
+    selected = [
         run
         for run in sweep.runs
-        if run.config is not None
-        and RunDir(run.run_dir).record().status == "completed"
-        and (budgets is None or run.config.budget.images in budgets)
+        if run.config is not None and (budgets is None or run.config.budget.images in budgets)
+    ]
+    status = {run.run_id: RunDir(run.run_dir).record().status or "not launched" for run in selected}
+    sources = [run for run in selected if status[run.run_id] == "completed"]
+    unfinished = [  # said, never silently left out: attach again once they complete
+        f"attach.{name}: {run.run_id} is {status[run.run_id]}, not complete: not attached (run `nepa-scale "
+        f"sweep attach {sweep.path}` again once it completes)"
+        for run in selected
+        if status[run.run_id] != "completed"
     ]
     if not sources:
         raise ConfigError(
@@ -98,9 +105,10 @@ def attached_sweep(sweep: Sweep, name: str, executor: str | None = None) -> Swee
     columns |= per_model_columns(entry.get("per_model") or {}, defaults, models)
     axes = [{"zip": columns}]
     root = sweep.output_root.parent / f"{sweep.output_root.name}_{name}"
-    return load_sweep(
+    downstream = load_sweep(
         resolved_sweep_file(spec_file, spec, root, axes, "attached_sweep.yaml"), executor=executor
     )
+    return dataclasses.replace(downstream, warnings=(*downstream.warnings, *unfinished))
 
 
 def downstream_defaults(base: dict, spec: dict) -> dict:
@@ -129,15 +137,16 @@ def per_model_columns(per_model: dict, defaults: dict, models: list[str]) -> dic
 
 def export_sources(downstream: Sweep) -> list[Path]:
     """Export the weights of each source run the downstream runs start from, where its export/ is
-    missing (the fine-tunes read them from there); returns the runs exported."""
-    from nepa_scale.engine.export import export_run
+    missing or older than its newest checkpoint (the fine-tunes read them from there); returns the
+    runs exported."""
+    from nepa_scale.engine.export import export_run, stale_export
 
     exported = []
     for run in downstream.runs:
         source = (
             run.config.segment.pretrained if run.config.task == "segment" else run.config.finetune.pretrained
         )
-        if source and Path(source).is_dir() and not (RunDir(source).export / "model.safetensors").is_file():
+        if source and Path(source).is_dir() and stale_export(source) is not None:
             export_run(source)
             exported.append(Path(source))
     return exported

@@ -93,10 +93,15 @@ def evaluation_flops(
     None when the probe's image count is unknown (its data is not reachable from here)."""
     lg, per_image = config.logging, planned_arch_and_flops(config)[1]
     at_start = bool(lg.eval_every or lg.probe_every)
-    held_out = lg.eval_batches * micro_batch * world_size
+    data_json, size = json.dumps(config.to_dict()["data"], sort_keys=True), config.model.arch().image_size
+    if lg.eval_batches is None:  # the whole val split
+        held_out = _probe_images(data_json, size, "val", None, lg.probe_subset_seed)
+        if held_out is None:
+            return None
+    else:
+        held_out = lg.eval_batches * micro_batch * world_size
     images = evaluation_points(lg.eval_every, steps, branch_step, at_start) * held_out
     if lg.probe_every:
-        data_json, size = json.dumps(config.to_dict()["data"], sort_keys=True), config.model.arch().image_size
         counts = [
             _probe_images(data_json, size, split, per_class, lg.probe_subset_seed)
             for split, per_class in (("train", lg.probe_train_per_class), ("val", lg.probe_val_per_class))

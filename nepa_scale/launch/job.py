@@ -58,7 +58,7 @@ SIGNAL_SLACK_S = 60
 # Block the notices, then become submitit's job process (its arguments follow the code).
 BLOCK_NOTICES_THEN_EXEC = (
     "import os, signal, sys; "
-    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGTERM}); "
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGTERM, signal.SIGINT}); "
     "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
 )
 
@@ -84,7 +84,7 @@ def decide(
     max_requeues: int,
 ) -> Decision:
     """What to do after the trainer saved and stopped; ``timeouts`` counts earlier time-limit requeues."""
-    if signal_name == "SIGTERM":
+    if signal_name in ("SIGTERM", "SIGINT"):  # SLURM ends or requeues the job itself; a user stopped it
         return Decision("exit", "termination")
     timed_out = seconds_left is not None and seconds_left <= signal_delay_s + SIGNAL_SLACK_S
     if not timed_out:

@@ -276,8 +276,8 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
         state = "running"
     elif job_state.startswith("CANCELLED"):
         state = "cancelled"
-    elif status == "interrupted":  # a rank was lost and nothing requeued it (yet): resumable
-        state = "interrupted"
+    elif status in ("interrupted", "stopped"):  # a rank was lost, or a user stopped it: resumable
+        state = status
     elif job_state in FAILED_SLURM_STATES or (
         job_state in ("ENDED", "COMPLETED", "UNKNOWN") and status in (None, "created", "running")
     ):  # the job is over but the run neither finished nor saved for a requeue
@@ -316,7 +316,13 @@ def _newest_committed(run: RunDir) -> int | None:
     return found[-1].step if found else None
 
 
-NOT_DONE = ("failed", "cancelled", "interrupted", "preempted")  # stopped, and no job will continue them
+NOT_DONE = (
+    "failed",
+    "cancelled",
+    "interrupted",
+    "preempted",
+    "stopped",
+)  # stopped, and no job will continue them
 
 
 def not_done_lines(rows: list[RunStatus], sweep_file: str | Path) -> list[str]:

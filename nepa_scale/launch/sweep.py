@@ -80,6 +80,7 @@ LATER_SETTINGS = {
     "logging.probe_subset_seed": 0,
     "distributed": {"timeout_s": 600.0},
     "data.worker_start": None,
+    "checkpoint.allow_lost_history": False,
 }
 # Settings removed since run ids were first recorded, hashed at the value every recorded run had.
 RETIRED_SETTINGS = {"logging.probe_limit": None}

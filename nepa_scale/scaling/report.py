@@ -72,6 +72,12 @@ def load_study(sweep_dir: Path, out: Path, s: StudySettings) -> tuple[pd.DataFra
     quantity, why = resolve_quantity(completed[completed["eval_point"] == "final"], s.quantity)
     warnings += why
     done = fit_table(completed, s, quantity)
+    final = done[done["eval_point"] == "final"]
+    unusable = final[~np.isfinite(final["quantity"].astype(float)) | (final["quantity"] <= 0)]
+    warnings += [
+        f"run {row['run_id']}: its {quantity} is {row['quantity']} (not a positive number): left out of the fits"
+        for _, row in unusable.iterrows()
+    ]
     subsets = done["probe_subsets"].dropna().unique() if "probe_subsets" in done else []
     if len(subsets) > 1:
         warnings.append(
