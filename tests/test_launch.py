@@ -168,11 +168,14 @@ def kill_node_task(node: int, run_dir: Path, within_save_s: float = 5.0) -> dict
     pids = subprocess.run(
         ["ip", "netns", "pids", f"nepa-node{node}"], capture_output=True, text=True
     ).stdout.split()
-    tasks = [
-        pid
-        for pid in pids
-        if "submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
-    ]
+    tasks = []  # its Python task, not an srun whose command line names it too
+    for pid in pids:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_text(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "submitit.core._submit" in argv and "python" in Path(argv[0]).name:
+            tasks.append(pid)
     assert tasks, f"no task of {run_dir.name} on node{node}"
     for pid in tasks:
         subprocess.run(["kill", "-9", pid], check=False)

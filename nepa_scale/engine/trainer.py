@@ -353,7 +353,10 @@ class Trainer:
             return TrainResult(
                 "completed", self.total_steps, self.total_steps, 0, start_step=self.total_steps
             )
-        engine, ema, start_step = self.build_engine()
+        try:
+            engine, ema, start_step = self.build_engine()
+        except BaseException as exc:  # the engine's build is collective too: a rank may be lost here
+            self._raise_for(exc, None, 0)
         return self.train(engine, ema, start_step)
 
     def train(self, engine, ema: Ema | None, start_step: int) -> TrainResult:
@@ -366,7 +369,6 @@ class Trainer:
         progress = Progress(c.logging.progress, world.is_main, total, start_step)
         peak = device_peak_tflops(world.device, c.logging.device_peak_tflops)
         self.meter.started = time.perf_counter()  # throughput counts from here, not from start-up
-        self.attempt = len(run.record().restarts)  # the same on every rank: written before the start barrier
         skipped: list[tuple[str, str]] = []
         step = start_step
         try:
@@ -409,16 +411,7 @@ class Trainer:
                     return self._stopped(preempt, done, start_step)
             self.loss_watch.check_learned(total - start_step, c.logging.log_every)
         except BaseException as exc:
-            full = disk_full(exc, run.root, self.checkpointer.checkpoint_bytes())
-            if full is not None:
-                if world.is_main:  # the half-written checkpoint goes now (the next start would remove it):
-                    remove_uncommitted(run.checkpoints)  # its room is what run.json needs to say why
-                raise self._failed(full, step) from exc
-            if world.world_size > 1 and is_peer_loss(exc):  # another rank is gone, not this one's error
-                raise self._peer_lost(exc, step, start_step) from exc
-            if world.is_main:
-                run.failed(f"{type(exc).__name__}: {exc}", step=getattr(exc, "step", None) or step)
-            raise
+            self._raise_for(exc, step, start_step)
         finally:
             if preempt is not self.preempt:
                 preempt.uninstall()
@@ -441,6 +434,29 @@ class Trainer:
             values |= self.evaluator.probe(engine, ema)
         writer.write_eval(step, values)
 
+    def _raise_for(self, exc: BaseException, step: int | None, start_step: int) -> None:
+        """Raise what ``exc`` means for the run (``_stopped_by``), with ``exc`` as its cause."""
+        meaning = self._stopped_by(exc, step, start_step)
+        if meaning is exc:
+            raise exc
+        raise meaning from exc
+
+    def _stopped_by(self, exc: BaseException, step: int | None, start_step: int) -> BaseException:
+        """What ``exc`` means for the run, recorded: a full disk (one line naming the folder), another
+        rank lost (an interruption, resumed from the last committed checkpoint), or a failure."""
+        full = disk_full(exc, self.run.root, self.checkpointer.checkpoint_bytes())
+        if full is not None:
+            if self.world.is_main:  # the half-written checkpoint goes now (the next start would remove it):
+                remove_uncommitted(self.run.checkpoints)  # its room is what run.json needs to say why
+            return self._failed(full, step)
+        if self.world.world_size > 1 and is_peer_loss(exc):  # another rank is gone, not this one's error
+            attempt = f"attempt{len(self.run.record().restarts)}_from_step{start_step}"
+            steps_done = 0 if step is None else step - start_step
+            return peer_lost(self.run, self.config, exc, self.world.rank, attempt, step, steps_done)
+        if self.world.is_main:
+            self.run.failed(f"{type(exc).__name__}: {exc}", step=getattr(exc, "step", None) or step)
+        return exc
+
     def _failed(self, exc: Exception, step: int) -> Exception:
         """Record ``exc`` as the run's failure where that is still possible (a full disk may refuse
         run.json too: then the log says it) and return it."""
@@ -450,17 +466,6 @@ class Trainer:
             except OSError as write_error:
                 log.error("could not record the failure in %s: %s", self.run.run_json, write_error)
         return exc
-
-    def _peer_lost(self, exc: BaseException, step: int, start_step: int) -> PeerLost:
-        return peer_lost(
-            self.run,
-            self.config,
-            exc,
-            self.world.rank,
-            f"attempt{self.attempt}_from_step{start_step}",
-            step,
-            step - start_step,
-        )
 
     def _stopped(self, preempt: PreemptionFlag, step: int, start_step: int) -> TrainResult:
         """Preempted at ``step`` (saved there, unless no step was trained): exit for a requeue; or,
