@@ -91,17 +91,20 @@ def job_running(sweep) -> bool:
 
 
 def kill_task(node: int) -> int:
+    """SIGKILL the run's task on ``node``: its Python process (not srun, whose command line names
+    the task too: on node1 it is the job's batch step, and a dead srun ends the whole job)."""
     pids = subprocess.run(
         ["ip", "netns", "pids", f"nepa-node{node}"], capture_output=True, text=True
     ).stdout.split()
     killed = 0
     for pid in pids:
         try:
-            if "submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"):
-                subprocess.run(["kill", "-9", pid], check=False)
-                killed += 1
+            argv = Path(f"/proc/{pid}/cmdline").read_text(errors="replace").split("\0")
         except OSError:
             continue
+        if "submitit.core._submit" in argv and "python" in Path(argv[0]).name:
+            subprocess.run(["kill", "-9", pid], check=False)
+            killed += 1
     return killed
 
 
