@@ -71,12 +71,21 @@ def launch(path: Path):
     return load_sweep(path)
 
 
-def wait(sweep, timeout: float = 600, poll: float = 1.0) -> launcher.RunStatus:
-    deadline = time.time() + timeout
+def wait(sweep, timeout: float = 600, poll: float = 1.0, settle: float = 60.0) -> launcher.RunStatus:
+    """The run's row once it completed, failed or was cancelled, or once it has sat in another
+    stopped state for ``settle`` seconds with no job continuing it (the scheduler's view of a job
+    being requeued can lag for a moment)."""
+    deadline, stopped_since = time.time() + timeout, None
     while time.time() < deadline:
         (row,) = launcher.sweep_status(sweep)
-        if row.state not in ("pending", "running", "requeued", "not launched"):
+        if row.state in ("completed", "failed", "cancelled"):
             return row
+        if row.state in ("pending", "running", "requeued", "not launched"):
+            stopped_since = None
+        else:
+            stopped_since = stopped_since or time.time()
+            if time.time() - stopped_since > settle:
+                return row
         time.sleep(poll)
     raise TimeoutError(launcher.status_table(launcher.sweep_status(sweep)))
 

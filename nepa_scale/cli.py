@@ -86,7 +86,7 @@ def cmd_models(args: argparse.Namespace) -> int:  # noqa: ARG001
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """kNN + linear probe of a run's newest committed checkpoint (or its EMA weights)."""
-    from nepa_scale.eval.probes import probe_run
+    from nepa_scale.workflows.probe import probe_run
 
     record, out = probe_run(
         args.run_dir,
@@ -107,7 +107,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_segment_eval(args: argparse.Namespace) -> int:
     """mIoU and per-class IoU of a segmentation run's newest committed checkpoint."""
-    from nepa_scale.eval.segment_run import evaluate_run
+    from nepa_scale.workflows.segment_eval import evaluate_run
 
     record, out = evaluate_run(args.run_dir, args.mode, args.stride, args.limit, args.data)
     print(
@@ -188,7 +188,7 @@ def cmd_resize_data(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The end-to-end mini scaling study (sweeps/demo.yaml): train, survive a preemption, fit, report."""
-    from nepa_scale.launch.demo import DEMO_SWEEP, TRANSFER_SWEEP, run_demo
+    from nepa_scale.workflows.demo import DEMO_SWEEP, TRANSFER_SWEEP, run_demo
 
     transfer = None if args.transfer_sweep == "none" else (args.transfer_sweep or TRANSFER_SWEEP)
     return run_demo(args.sweep or DEMO_SWEEP, args.executor, args.output_root, args.bootstrap, transfer)
@@ -197,7 +197,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _attach(sweep, args: argparse.Namespace) -> int:
     """Plan and launch the downstream fine-tunes of the sweep's completed runs (attach: in the file)."""
     from nepa_scale.launch import launcher
-    from nepa_scale.launch.attach import attached_sweep, export_sources
+    from nepa_scale.workflows.attach import attached_sweep, export_sources
 
     names = [args.name] if args.name else list(sweep.attach)
     if not names:

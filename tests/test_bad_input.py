@@ -170,9 +170,9 @@ def current_umask() -> int:
 
 
 def test_8_attach_names_the_runs_it_leaves_out(stopped, tmp_path):
-    from nepa_scale.launch.attach import attached_sweep
     from nepa_scale.launch.sweep import load_sweep
     from nepa_scale.rundir import RunDir, RunRecord
+    from nepa_scale.workflows.attach import attached_sweep
 
     study_file = tmp_path / "study.yaml"
     study_file.write_text(

@@ -176,9 +176,9 @@ def test_a_study_attaches_the_papers_fine_tunes_with_each_models_recipe(tmp_path
     """sweeps/scaling_imagenet_wsd.yaml's attach.finetune: one fine-tune per completed run of the two
     longest budgets, with the source's shape and seed, the recipe's own model settings, and the
     released L recipe for L and H (per_model); runs of other budgets are not fine-tuned."""
-    from nepa_scale.launch.attach import attached_sweep
     from nepa_scale.launch.sweep import load_sweep
     from nepa_scale.rundir import RunDir, RunRecord
+    from nepa_scale.workflows.attach import attached_sweep
 
     study = load_sweep(REPO / "sweeps" / "scaling_imagenet_wsd.yaml", output_root=tmp_path / "study")
     for run in study.runs:  # every pretraining run recorded as completed (the fine-tunes' sources)

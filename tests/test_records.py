@@ -14,7 +14,7 @@ import time
 import pytest
 from helpers import REPO, cli, env
 
-from nepa_scale.launch.job import job_python
+from nepa_scale.launch.executors import job_python
 from nepa_scale.rundir import Interruption, RunDir, RunRecord, write_json_atomic
 
 OLD_RUN = REPO / "tests" / "data" / "run_schema1"  # written by the code before the typed record

@@ -377,7 +377,7 @@ def test_miniature_segmentation_learns_attaches_to_its_study_and_enters_the_tabl
             {"base": str(SEGMENT_CONFIG), "set": dict(parse_override(o) for o in MINI), "profile": "cpu"}
         )
     )
-    from nepa_scale.launch.attach import attached_sweep, export_sources
+    from nepa_scale.workflows.attach import attached_sweep, export_sources
 
     study = load_sweep(study_file)
     pretrain_file = tmp_path / "pretrain.yaml"  # the planned run, trained as its job would train it
@@ -444,7 +444,7 @@ def test_miniature_segmentation_learns_attaches_to_its_study_and_enters_the_tabl
 
 
 def test_attach_entries_fail_with_one_line_naming_the_key(tmp_path):
-    from nepa_scale.launch.attach import attached_sweep
+    from nepa_scale.workflows.attach import attached_sweep
 
     def study(attach) -> Path:
         path = tmp_path / "study.yaml"

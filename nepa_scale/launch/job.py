@@ -36,37 +36,21 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import submitit
 
 from nepa_scale.errors import PeerLost
+from nepa_scale.launch.executors import scheduler
 from nepa_scale.rundir import REQUEUE_EXIT_CODE, Interruption, RunDir, now
 
 log = logging.getLogger("nepa_scale.launch")
 
 # SLURM may deliver --signal up to 60 s before the requested delay, and a scheduler tick late.
 SIGNAL_SLACK_S = 60
-
-# Block the notices, then become submitit's job process (its arguments follow the code).
-BLOCK_NOTICES_THEN_EXEC = (
-    "import os, signal, sys; "
-    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGTERM, signal.SIGINT}); "
-    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
-)
-
-
-def job_python() -> str:
-    """The ``python`` command submitit runs a job with: this interpreter, notices blocked first
-    (``-S``: the few milliseconds before the mask is set load nothing but the interpreter)."""
-    return f"{shlex.quote(sys.executable)} -S -c {shlex.quote(BLOCK_NOTICES_THEN_EXEC)}"
 
 
 @dataclass(frozen=True)
@@ -99,17 +83,6 @@ def decide(
     return Decision("requeue", "timeout")
 
 
-def slurm_end_time(job_id: str) -> float | None:
-    """The job's scheduled end (epoch seconds) from squeue; None when SLURM does not say."""
-    try:
-        text = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%e"], capture_output=True, text=True, timeout=30, check=True
-        ).stdout.strip()
-        return datetime.fromisoformat(text.splitlines()[0]).timestamp()
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
-
-
 class RunJob(submitit.helpers.Checkpointable):
     """The callable submitted for one run. Stateless: everything it needs is in the run directory,
     so a requeued job simply calls it again (``checkpoint()`` resubmits it unchanged)."""
@@ -124,7 +97,7 @@ class RunJob(submitit.helpers.Checkpointable):
         submit_branches: Callable[[str], list[str]] | None = None,
     ):
         """``submit_branches``: for a WSD trunk on SLURM, called with the run directory after each
-        committed checkpoint (the launcher's ``submit_ready_branches``, pickled by reference)."""
+        committed checkpoint (``branches.submit_ready_branches``, pickled by reference)."""
         self.run_dir = run_dir
         self.max_requeues = max_requeues
         self.signal_delay_s = signal_delay_s
@@ -171,7 +144,10 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def _branch_submitter(self):
         """For a WSD trunk on SLURM: after each commit, submit the branches whose point it is."""
-        if self.submit_branches is None or submitit.JobEnvironment().name() != "slurm":
+        if (
+            self.submit_branches is None
+            or not scheduler(submitit.JobEnvironment().name()).jobs_submit_branches
+        ):
             return None
 
         def on_commit(step: int) -> None:
@@ -220,9 +196,8 @@ class RunJob(submitit.helpers.Checkpointable):
 
     def _after_preemption(self, env, run: RunDir, preempt, started: float, result) -> None:
         received = preempt.received.name if preempt.received else None
-        if env.name() == "slurm":
-            end = slurm_end_time(env.job_id)
-        else:
+        end = scheduler(env.name()).end_time(env.job_id)
+        if end is None:  # the local scheduler keeps no end time: the limit counts from the start
             end = started + self.time_min * 60
         at = preempt.received_at or time.time()
         record = run.record()

@@ -11,7 +11,7 @@
           compute: [1.0e12, 3.0e12]                      #     each run as long as its budget (whole
           models: {model.overrides.dim: [32, 64]}        #     steps, within 1%); models: a zip
       - union: [[{zip: ...}, {seeds: 3}], [{zip: ...}]]  #   union: the runs of each list, together
-    attach: {segment: {sweep: x.yaml}} # downstream fine-tunes of the runs (nepa_scale/launch/attach.py)
+    attach: {segment: {sweep: x.yaml}} # downstream fine-tunes of the runs (nepa_scale/workflows/attach.py)
     profile: local                     # slurm/profiles/NAME.yaml or a path
     resources: {time_min: 30}          # profile overrides for every run
     output_root: runs/demo             # run directories: <output_root>/<run id>
@@ -56,7 +56,7 @@ from nepa_scale.launch.profiles import ClusterProfile, load_profile
 SWEEP_KEYS = {"name", "description", "base", "set", "axes", "profile", "resources", "output_root", "attach"}
 RESOURCE_PREFIX = "resources."
 BLOCK_KINDS = ("grid", "zip", "seeds", "isoflop", "union")
-ATTACH_KEYS = {"sweep", "budgets", "per_model"}  # an attach: entry (nepa_scale/launch/attach.py)
+ATTACH_KEYS = {"sweep", "budgets", "per_model"}  # an attach: entry (nepa_scale/workflows/attach.py)
 # Not what a run computes: where it lives, how a branch gets its start (left out of the digest),
 # where its data is mounted (hashed as unset, so runs without a data.root kept their ids).
 UNHASHED = ("output_dir", "branch", "checkpoint.keep_steps")

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nepa_scale.eval.transfer import TRANSFER_FILE, transfer_lines
 from nepa_scale.scaling import analyses
 from nepa_scale.scaling.analyses import AnalysisResult, run_step
 from nepa_scale.scaling.collect import (
@@ -29,6 +28,7 @@ from nepa_scale.scaling.fits import MAX_INTERVAL_RATIO, Estimate, FitError, huma
 from nepa_scale.scaling.quantities import label, resolve_quantity
 from nepa_scale.scaling.render import describe, write_html, write_markdown
 from nepa_scale.scaling.study import D_KINDS, N_KINDS, Report, Study, StudySettings
+from nepa_scale.scaling.transfer_record import TransferRecord
 
 
 def fit_table(table: pd.DataFrame, s: StudySettings, quantity: str | None = None) -> pd.DataFrame:
@@ -167,7 +167,7 @@ def build_report(
         if r.entry is not None and not r.entry.get("identified", True)
     ]
     warnings = first + warnings + [w for r in results.values() for w in r.warnings]
-    transfer_file = sweep_dir / TRANSFER_FILE
+    transfer = TransferRecord.read(sweep_dir)  # written by the demo's transfer step
     report = Report(
         settings=s,
         quantity=study.quantity,
@@ -176,8 +176,7 @@ def build_report(
         warnings=warnings,
         conventions=conventions(s, study.quantity),
         summary=summary_lines(study, results),
-        # written by the demo's transfer step (nepa_scale/eval/transfer.py)
-        transfer=transfer_lines(json.loads(transfer_file.read_text())) if transfer_file.is_file() else [],
+        transfer=transfer.lines() if transfer is not None else [],
     )
     (out / "fits.json").write_text(json.dumps(report.to_json(), indent=2, default=_json_number))
     report.paths = {

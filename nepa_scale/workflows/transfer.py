@@ -16,22 +16,25 @@ beside the study, in SWEEP_DIR_transfer/.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from nepa_scale.config import read_yaml_mapping
+from nepa_scale.engine.export import export_run, stale_export
 from nepa_scale.errors import ConfigError
+from nepa_scale.launch import launcher
+from nepa_scale.launch.executors import scheduler
+from nepa_scale.launch.sweep import load_sweep
+from nepa_scale.models.zoo import count_params
 from nepa_scale.rundir import RunDir
-
-TRANSFER_FILE = "transfer.json"
+from nepa_scale.scaling.transfer_record import FinetuneComparison, ProbeComparison, TransferRecord
+from nepa_scale.workflows.attach import resolved_sweep_file
+from nepa_scale.workflows.probe import probe_run
 
 
 def largest_runs(sweep) -> list[Path]:
     """The completed runs with the most parameters and the longest budget, one per seed: the model
     whose transfer a study is most interested in, as many times as the study trained it."""
-    from nepa_scale.models.zoo import count_params
-
     done = [
         r for r in sweep.runs if r.config is not None and RunDir(r.run_dir).record().status == "completed"
     ]
@@ -53,9 +56,6 @@ def transfer_sweep(
     """The transfer sweep for ``sources``: the file's recipe, their model shape, and for each source a
     fine-tune from its weights and one from scratch, with the source's seed. The resolved file is kept
     with the runs."""
-    from nepa_scale.launch.attach import resolved_sweep_file
-    from nepa_scale.launch.sweep import load_sweep
-
     spec = read_yaml_mapping(spec_file, "transfer sweep")
     recorded = [RunDir(source).config() for source in sources]
     spec["set"] = {
@@ -82,12 +82,8 @@ def final_accuracy(run_dir: Path) -> dict[str, float]:
     return {k: float(last[k]) for k in ("val_acc", "val_acc_ema") if k in last} | {"step": last["step"]}
 
 
-def run_transfer(sweep, spec_file: str | Path, executor: str | None = None, out=sys.stdout) -> dict:
+def run_transfer(sweep, spec_file: str | Path, executor: str | None = None, out=sys.stdout) -> TransferRecord:
     """Probe and fine-tune the sweep's largest model against its untrained twin; write transfer.json."""
-    from nepa_scale.engine.export import export_run, stale_export
-    from nepa_scale.eval.probes import probe_run
-    from nepa_scale.launch import launcher
-
     sources = largest_runs(sweep)
     names = ", ".join(source.name for source in sources)
     print(f"\ntransfer of {names} (the largest, longest-trained model)", file=out, flush=True)
@@ -101,7 +97,7 @@ def run_transfer(sweep, spec_file: str | Path, executor: str | None = None, out=
     root = sweep.output_root.parent / f"{sweep.output_root.name}_transfer"
     ft_sweep = transfer_sweep(spec_file, sources, root, executor)
     launcher.launch(ft_sweep)
-    if ft_sweep.runs[0].resources.executor == "slurm":
+    if not scheduler(ft_sweep.runs[0].resources.executor).runs_here:  # submitted: follow the jobs
         launcher.wait(ft_sweep, out=out)
     finetunes: dict[str, list[dict]] = {"pretrained": [], "scratch": []}
     for run in ft_sweep.runs:
@@ -112,52 +108,24 @@ def run_transfer(sweep, spec_file: str | Path, executor: str | None = None, out=
             {"run": str(run.run_dir), "seed": run.config.seed, **final_accuracy(run.run_dir)}
         )
     ft, first = ft_sweep.runs[0].config, probes["pretrained"][0]
-    result = {
-        "sources": [str(source) for source in sources],
-        "probe": {
-            "what": f"logistic regression and kNN (k={first['k']}) on frozen mean-pooled features (causal "
+    keep = ("linear_acc", "knn_acc", "step")
+    record = TransferRecord(
+        sources=[str(source) for source in sources],
+        probe=ProbeComparison(
+            what=f"logistic regression and kNN (k={first['k']}) on frozen mean-pooled features (causal "
             f"attention, as pretrained), {first['n_train']} training and {first['n_test']} held-out images",
-            **{
-                init: [{k: record[k] for k in ("linear_acc", "knn_acc", "step")} for record in records]
-                for init, records in probes.items()
-            },
-        },
-        "finetune": {
-            "what": f"{ft.finetune.label_fraction:.0%} of the training labels, "
+            pretrained=[{k: r[k] for k in keep} for r in probes["pretrained"]],
+            random_init=[{k: r[k] for k in keep} for r in probes["random_init"]],
+        ),
+        finetune=FinetuneComparison(
+            what=f"{ft.finetune.label_fraction:.0%} of the training labels, "
             + (f"{ft.budget.images:,} images" if ft.budget.images else f"{ft.budget.epochs:g} epochs")
             + f" (batch {ft.budget.global_batch}), lr {ft.optim.lr:g}, layer decay {ft.finetune.layer_decay:g}, "
             f"{'causal' if ft.finetune.causal else 'bidirectional'} attention, patch embedding "
             f"{'frozen' if ft.finetune.freeze_patch_embed else 'trained'}; top-1 on the whole val split at the "
             "end (online weights; EMA beside)",
             **finetunes,
-        },
-    }
-    (sweep.output_root / TRANSFER_FILE).write_text(json.dumps(result, indent=2))
-    return result
-
-
-def _mean_of(entries: list[dict], key: str) -> str:
-    """``0.873`` for one run; ``0.873 (0.856, 0.891)``: the mean and each seed's value, for several."""
-    values = [entry[key] for entry in entries]
-    mean = f"{sum(values) / len(values):.3f}"
-    return mean if len(values) == 1 else f"{mean} ({', '.join(f'{v:.3f}' for v in values)})"
-
-
-def transfer_lines(result: dict) -> list[str]:
-    """The comparison in words (means over the seeds, each seed's value in brackets), for the console
-    and the report."""
-    p, f = result["probe"], result["finetune"]
-    lines = [
-        f"linear probe: pretrained {_mean_of(p['pretrained'], 'linear_acc')} vs random init "
-        f"{_mean_of(p['random_init'], 'linear_acc')} (kNN {_mean_of(p['pretrained'], 'knn_acc')} vs "
-        f"{_mean_of(p['random_init'], 'knn_acc')}); {p['what']}",
-    ]
-    if f.get("pretrained") and f.get("scratch"):
-        ema = ""
-        if all("val_acc_ema" in entry for entry in f["pretrained"] + f["scratch"]):
-            ema = f" (EMA {_mean_of(f['pretrained'], 'val_acc_ema')} vs {_mean_of(f['scratch'], 'val_acc_ema')})"
-        lines.append(
-            f"few-label fine-tune: from pretrained {_mean_of(f['pretrained'], 'val_acc')} vs from scratch "
-            f"{_mean_of(f['scratch'], 'val_acc')}{ema}; {f['what']}"
-        )
-    return lines
+        ),
+    )
+    record.write(sweep.output_root)
+    return record

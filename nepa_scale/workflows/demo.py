@@ -16,8 +16,13 @@ from pathlib import Path
 
 from nepa_scale.launch import launcher
 from nepa_scale.launch.design import training_steps
+from nepa_scale.launch.executors import scheduler
 from nepa_scale.launch.plan import plan_table
-from nepa_scale.launch.sweep import PlannedRun, load_sweep
+from nepa_scale.launch.sweep import PlannedRun, Sweep, load_sweep
+from nepa_scale.rundir import RunDir
+from nepa_scale.scaling.fits import Estimate, human
+from nepa_scale.scaling.report import StudySettings, build_report, describe
+from nepa_scale.workflows.transfer import run_transfer
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SWEEP = REPO / "sweeps" / "demo.yaml"
@@ -31,6 +36,30 @@ def ensure_local_slurm(out) -> None:
         return
     print("starting the local SLURM cluster (slurm/local/start.sh)", file=out, flush=True)
     subprocess.run(["bash", str(REPO / "slurm" / "local" / "start.sh")], check=True)
+
+
+class PreemptOnce:
+    """Sends one run a preemption notice once it has logged ``step`` (the demo's "preemption"): a
+    launcher watch, called with the runs in flight at every poll."""
+
+    def __init__(self, sweep: Sweep, run_id: str, step: int, out=sys.stdout):
+        self.sweep, self.run_id, self.step, self.out, self.sent = sweep, run_id, step, out, False
+
+    def __call__(self, active: set[str]) -> None:
+        if self.sent or self.run_id not in active:
+            return
+        train = [
+            m for m in RunDir(self.sweep.run(self.run_id).run_dir).read_metrics() if m.get("kind") == "train"
+        ]
+        if train and train[-1]["step"] >= self.step:
+            launcher.preempt(self.sweep, self.run_id)
+            self.sent = True
+            print(
+                f"[{time.strftime('%H:%M:%S')}] preempting {self.run_id} at step {train[-1]['step']} (SIGUSR2, as a "
+                "cluster would): it saves a checkpoint, exits for requeue and resumes from it",
+                file=self.out,
+                flush=True,
+            )
 
 
 def preempt_target(runs: list[PlannedRun]) -> PlannedRun | None:
@@ -49,14 +78,10 @@ def run_demo(
     transfer_sweep: str | Path | None = TRANSFER_SWEEP,
     out=sys.stdout,
 ) -> int:
-    from nepa_scale.eval.transfer import run_transfer, transfer_lines
-    from nepa_scale.scaling.fits import Estimate, human
-    from nepa_scale.scaling.report import StudySettings, build_report, describe
-
     started = time.time()
     sweep = load_sweep(sweep_file, executor=executor, output_root=output_root)
     kind = sweep.runs[0].resources.executor
-    if kind == "slurm":
+    if not scheduler(kind).runs_here:  # the local SLURM cluster
         ensure_local_slurm(out)
     pending, rows = launcher.to_submit(sweep)
     done = sum(row.state == "completed" for row in rows)
@@ -74,12 +99,12 @@ def run_demo(
     preempt_at = None
     if target is not None:
         steps = training_steps(target.config)
-        preempt_at = launcher.PreemptOnce(sweep, target.run_id, max(1, int(PREEMPT_FRACTION * steps)))
-    launcher.launch(sweep, preempt_at=preempt_at)
+        preempt_at = PreemptOnce(sweep, target.run_id, max(1, int(PREEMPT_FRACTION * steps)), out)
+    launcher.launch(sweep, watch=preempt_at)
     rows = (
-        launcher.wait(sweep, preempt_at=preempt_at, out=out)
-        if kind == "slurm"
-        else launcher.sweep_status(sweep)
+        launcher.sweep_status(sweep)
+        if scheduler(kind).runs_here
+        else launcher.wait(sweep, watch=preempt_at, out=out)
     )
     print(launcher.status_table(rows), file=out)
     if any(r.state != "completed" for r in rows):
@@ -133,7 +158,7 @@ def run_demo(
         print(f"  note: {warning}", file=out)
     if transfer is not None:
         print("\ntransfer (the largest model against the same model untrained)", file=out)
-        for line in transfer_lines(transfer):
+        for line in transfer.lines():
             print(f"  {line}", file=out)
     print(
         f"\nreport: {report.paths['html']}\nfigures: {report.paths['html'].parent / 'figures'}\n"
