@@ -153,6 +153,7 @@ class PlainEngine:
 
 def case_config(case: BenchCase, output_dir: str):
     from nepa_scale.config import load_config
+    from nepa_scale.data import check_input_paths
 
     timed = case.warmup + case.steps * case.repeats + case.profile
     data = ["data.kind=synthetic", f"data.synthetic_size={case.micro_batch * (timed + 1)}"]
@@ -160,7 +161,7 @@ def case_config(case: BenchCase, output_dir: str):
         data = ["data.kind=digits", "data.crop_scale=[0.35,1.0]", "data.hflip=0.0"]
     elif case.data != "synthetic":
         data = ["data.kind=imagefolder", f"data.root={case.data}"]
-    return load_config(
+    config = load_config(
         None,
         [
             f"model.name={case.model}",
@@ -180,6 +181,8 @@ def case_config(case: BenchCase, output_dir: str):
             *case.settings,
         ],
     )
+    check_input_paths(config)
+    return config
 
 
 def loader_rate(trainer, batches: int = 8) -> float:

@@ -14,7 +14,9 @@ import re
 import sys
 from pathlib import Path
 
-from nepa_scale.config import check_world, load_config
+from nepa_scale.config import load_config
+from nepa_scale.data import check_input_paths
+from nepa_scale.engine.settings import check_world
 from nepa_scale.errors import NepaError, PeerLost, UsageError
 from nepa_scale.rundir import REQUEUE_EXIT_CODE, RunDir
 
@@ -43,6 +45,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    check_input_paths(config)
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     check_world(config, world_size)
     complete = RunDir(config.output_dir).already_complete(config)

@@ -6,7 +6,6 @@ Every error is one line that names the offending key (``ConfigError: optim.lr: m
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import types
@@ -279,55 +278,6 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def resume_fingerprint(self) -> dict[str, Any]:
-        """The settings a checkpoint cannot survive a change of: model shape, batch, data order,
-        objective, and the optimizer's settings (restored from the checkpoint, so a change would be
-        silently ignored). As JSON values (lists, not tuples), as a checkpoint records them."""
-        arch = dataclasses.asdict(self.model.arch())
-        o = self.optim
-        fingerprint = {
-            "task": self.task,
-            "model": {k: v for k, v in arch.items() if k != "drop_path"},
-            "budget.global_batch": self.budget.global_batch,
-            "data.kind": self.data.kind,
-            "seed": self.seed,
-            "objective": dataclasses.asdict(self.objective),
-            "optim": {
-                "peak_lr": o.peak_lr(self.budget.global_batch),
-                "warmup_fraction": o.warmup_fraction,
-                "min_lr": o.min_lr,
-                "betas": o.betas,
-                "eps": o.eps,
-                "weight_decay": o.weight_decay,
-            },
-        }
-        # Settings added later enter only when set, so that digests recorded before them still match.
-        if o.warmup_steps is not None:
-            fingerprint["optim"]["warmup_steps"] = o.warmup_steps
-        if o.schedule != "cosine":
-            fingerprint["optim"]["schedule"] = o.schedule
-        if o.schedule == "wsd":
-            fingerprint["optim"]["cooldown"] = [o.cooldown_fraction, o.cooldown_shape]
-        if self.task == "finetune":
-            fingerprint["finetune.layer_decay"] = self.finetune.layer_decay
-            if self.finetune.label_fraction != 1.0:  # a different training set, a different data order
-                fingerprint["finetune.label_fraction"] = self.finetune.label_fraction
-        if self.task == "segment":
-            sg = self.segment
-            fingerprint["segment"] = {
-                "num_classes": sg.num_classes,
-                "feature_blocks": sg.feature_blocks,
-                "channels": [sg.decoder_channels, sg.aux_channels],
-                "layer_decay": sg.layer_decay,
-                "crop": sg.crop,
-            }
-        return json.loads(json.dumps(fingerprint))
-
-    def resume_digest(self) -> str:
-        """A short digest of ``resume_fingerprint()`` (recorded in run.json and every checkpoint)."""
-        blob = json.dumps(self.resume_fingerprint(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
 
 # ----------------------------------------------------------------------------- parsing
 
@@ -487,13 +437,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(apply_overrides(data, overrides or []))
 
 
-def config_from_dict(data: dict[str, Any], check_paths: bool = True) -> RunConfig:
-    """A validated RunConfig. ``check_paths=False`` checks values only: for reading a run back
-    (collect, report, export, probe), where the data may since have moved or been unmounted."""
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """A RunConfig with every value checked, no file looked for (``data.check_input_paths``): a run
+    read back (collect, report, export, probe) may have moved or lost its data since."""
     config = build_dataclass(RunConfig, data)
     validate(config)
-    if check_paths:
-        check_input_paths(config)
     return config
 
 
@@ -503,8 +451,8 @@ def _require(condition: bool, message: str) -> None:
 
 
 def validate(c: RunConfig) -> None:
-    """Value checks that need neither hardware nor files (``check_world`` checks the world size,
-    ``check_input_paths`` the files a run reads)."""
+    """Value checks that need neither hardware nor files (``engine.settings.check_world`` checks the
+    world size, ``data.check_input_paths`` the files a run reads)."""
     _require(
         c.model.name in list_models(),
         f"model.name: unknown model '{c.model.name}' (choose from {', '.join(list_models())})",
@@ -784,39 +732,6 @@ def _validate_segment(c: RunConfig, depth: int) -> None:
         "ZeRO-3's collective forward cannot do: use 0-2",
     )
     _require(c.checkpoint.ema_decay is None, "checkpoint.ema_decay: not supported for task: segment")
-
-
-def check_input_paths(c: RunConfig) -> None:
-    """The files a run reads exist: checked when a run starts or is launched, never when read back."""
-    if c.data.kind == "imagefolder":
-        root = Path(c.data.root) / c.data.train_split
-        _require(root.is_dir(), f"data.root: directory not found: {root}")
-    pretrained = c.finetune.pretrained
-    _require(
-        c.task != "finetune" or pretrained is None or Path(pretrained).exists(),
-        f"finetune.pretrained: not found: {pretrained}",
-    )
-    _require(
-        c.task != "segment" or c.segment.pretrained is None or Path(c.segment.pretrained).exists(),
-        f"segment.pretrained: not found: {c.segment.pretrained}",
-    )
-    if c.data.kind == "ade20k":
-        for folder in ("images/training", "annotations/training"):
-            _require(
-                (Path(c.data.root) / folder).is_dir(),
-                f"data.root: directory not found: {Path(c.data.root) / folder}",
-            )
-
-
-def check_world(c: RunConfig, world_size: int) -> int:
-    """The micro-batch per process for this world size; a ConfigError if the batch does not divide."""
-    b = c.budget
-    micro = b.micro_batch if b.micro_batch is not None else b.global_batch // world_size
-    if micro <= 0 or b.global_batch % (world_size * micro):
-        raise ConfigError(
-            f"budget.global_batch: {b.global_batch} is not divisible by world size {world_size} x micro_batch {micro}"
-        )
-    return micro
 
 
 def dump_yaml(config: RunConfig) -> str:

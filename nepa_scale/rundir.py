@@ -135,7 +135,7 @@ class RunRecord:
 
     status: str | None = None  # one of STATUSES; None: no run.json yet
     config: dict[str, Any] | None = None  # the resolved config (RunConfig.to_dict())
-    resume_digest: str | None = None  # RunConfig.resume_digest(): what a checkpoint cannot survive
+    resume_digest: str | None = None  # engine.fingerprint.resume_digest: what a checkpoint cannot survive
     # Facts of the latest start (written by the engine when training starts or resumes).
     versions: dict[str, str] = field(default_factory=dict)
     git_revision: str | None = None
@@ -203,7 +203,7 @@ class RunRecord:
 
         if not isinstance(self.config, dict):
             raise ConfigError("run.json: no config recorded")
-        return config_from_dict(drop_retired(self.config), check_paths=False)
+        return config_from_dict(drop_retired(self.config))
 
     @property
     def idle_timeouts(self) -> int:
@@ -295,7 +295,9 @@ class RunDir:
     # -- transitions (launcher)
     def created(self, config: RunConfig) -> RunRecord:
         """A launched run's directory is prepared (the job has not started)."""
-        return self._change(status="created", config=config.to_dict(), resume_digest=config.resume_digest())
+        from nepa_scale.engine.fingerprint import resume_digest  # imports the config: not to read records
+
+        return self._change(status="created", config=config.to_dict(), resume_digest=resume_digest(config))
 
     def invalid(self, config_data: dict[str, Any], error: str) -> RunRecord:
         """A sweep run whose config is invalid: it fails without a job."""
@@ -377,6 +379,7 @@ class RunDir:
         record = self.record()
         if record.status != "completed" or record.step is None or not isinstance(record.config, dict):
             return None
+        from nepa_scale.engine.fingerprint import resume_digest  # imports the config: not to read records
         from nepa_scale.errors import NepaError
 
         try:  # read through today's config: settings added since the run was recorded get their defaults
@@ -385,7 +388,7 @@ class RunDir:
             return None
         current = config.to_dict()
         same = (
-            record.resume_digest == config.resume_digest()
+            record.resume_digest == resume_digest(config)
             and all(recorded[key] == current[key] for key in ("budget", "data"))
             and self.has_committed(record.step)
         )

@@ -254,6 +254,7 @@ def test_resume_refuses_changed_length_or_state_layout_and_records_a_change_made
 def test_the_resume_rule_names_each_refused_key():
     from nepa_scale.config import load_config
     from nepa_scale.engine.checkpoint import resume_changes
+    from nepa_scale.engine.fingerprint import resume_fingerprint
     from nepa_scale.engine.settings import resolve_step_settings
 
     def settings_of(config):
@@ -261,7 +262,7 @@ def test_the_resume_rule_names_each_refused_key():
 
     base = load_config(REPO / "configs" / "digits_tiny.yaml", [*SMALL, "deepspeed.zero_stage=0"])
     meta = {
-        "fingerprint": base.resume_fingerprint(),
+        "fingerprint": resume_fingerprint(base),
         "zero_stage": 0,
         "precision": "fp32",
         "total_steps": 60,

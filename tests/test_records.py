@@ -43,10 +43,11 @@ def test_a_run_directory_written_by_the_previous_code_reads_back(tmp_path):
 def test_transitions_write_the_documented_record(tmp_path):
     run = RunDir(tmp_path / "r")
     from nepa_scale.config import load_config
+    from nepa_scale.engine.fingerprint import resume_digest
 
     config = load_config(REPO / "configs" / "digits_tiny.yaml", [f"output_dir={run.root}"])
     run.created(config)
-    assert run.record().status == "created" and run.record().resume_digest == config.resume_digest()
+    assert run.record().status == "created" and run.record().resume_digest == resume_digest(config)
     run.started(None, total_steps=10, world_size=1)
     run.preempted(4, config.budget.global_batch, "SIGUSR2")
     record = run.interrupted(Interruption("SIGUSR2", "timeout", "requeue", 4, steps_done=0))
@@ -63,11 +64,12 @@ def test_transitions_write_the_documented_record(tmp_path):
 
 def test_a_completed_run_is_recognised_only_with_the_same_length_and_its_final_checkpoint(tmp_path):
     from nepa_scale.config import load_config
+    from nepa_scale.engine.fingerprint import resume_digest
 
     run = RunDir(tmp_path / "old")
     shutil.copytree(OLD_RUN, run.root)
     config = load_config(run.config_yaml, [f"output_dir={run.root}"])
-    run.write_record(RunRecord.from_dict({**run.record().to_dict(), "resume_digest": config.resume_digest()}))
+    run.write_record(RunRecord.from_dict({**run.record().to_dict(), "resume_digest": resume_digest(config)}))
     assert run.completed_with(config) is not None
     longer = load_config(run.config_yaml, [f"output_dir={run.root}", "budget.images=19200"])
     assert run.completed_with(longer) is None

@@ -203,8 +203,7 @@ def test_every_shipped_config_validates_and_the_segmentation_recipes_say_what_do
     from nepa_scale.config import config_from_dict, read_yaml_mapping
 
     configs = {
-        path.stem: config_from_dict(read_yaml_mapping(path), check_paths=False)
-        for path in (REPO / "configs").glob("*.yaml")
+        path.stem: config_from_dict(read_yaml_mapping(path)) for path in (REPO / "configs").glob("*.yaml")
     }
     b, l14 = configs["segment_ade20k_b14"], configs["segment_ade20k_l14"]
     for config, lr, decay, drop, blocks, width in (

@@ -1,161 +1,77 @@
-"""Datasets, transforms and the resumable sampler."""
+"""Datasets, transforms and the resumable sampler; the check that a run's input files exist.
+
+Names are imported lazily (PEP 562) so that ``check_input_paths`` runs without paying for
+``import torch``: `nepa-scale train` refuses a missing folder before the engine starts.
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nepa_scale.config import DataConfig
-from nepa_scale.data.datasets import (
-    IMAGE_EXTENSIONS,
-    AugmentSpec,
-    Batch,
-    DigitsDataset,
-    EncodedJpeg,
-    ImageFolderDataset,
-    LabelSubset,
-    SeededDataset,
-    Skipped,
-    SyntheticDataset,
-    build_transform,
-    collate,
-    to_model_input,
-)
-from nepa_scale.data.sampler import ResumableBatchSampler
-from nepa_scale.errors import DataError
+from nepa_scale.errors import ConfigError
 
-SAMPLE_CHECK = 16  # files decoded before a run starts, to catch a folder of unreadable images early
+if TYPE_CHECKING:
+    from nepa_scale.config import RunConfig
 
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "IMAGE_EXTENSIONS",
+            "AugmentSpec",
+            "Batch",
+            "DigitsDataset",
+            "EncodedJpeg",
+            "ImageFolderDataset",
+            "LabelSubset",
+            "SeededDataset",
+            "Skipped",
+            "SyntheticDataset",
+            "build_transform",
+            "collate",
+            "to_model_input",
+        ),
+        "datasets",
+    ),
+    "ResumableBatchSampler": "sampler",
+    **dict.fromkeys(
+        (
+            "SAMPLE_CHECK",
+            "batch_loader",
+            "build_dataset",
+            "check_pairs",
+            "check_training_data",
+            "few_labels",
+            "spread_sample",
+            "worker_context",
+        ),
+        "loading",
+    ),
+}
 
-def build_dataset(
-    config: DataConfig,
-    split: str,
-    image_size: int,
-    train: bool,
-    auto_augment: str | None = None,
-    re_prob: float = 0.0,
-    decode: str = "cpu",
-):
-    """The dataset for ``split`` ("train" or "val") with the recipe's transforms (fine-tuning adds
-    RandAugment and RandomErasing). ``decode="device"``: training JPEGs are decoded by
-    ``decode_on_device`` on the device."""
-    spec = AugmentSpec(
-        image_size,
-        tuple(config.crop_scale),
-        config.hflip,
-        config.interpolation,
-        config.eval_crop_pct,
-        auto_augment,
-        re_prob,
-    )
-    transform = build_transform(spec, train=train)
-    if config.kind == "digits":
-        return DigitsDataset(split, image_size, transform)
-    if config.kind == "synthetic":
-        size = config.synthetic_size if split == "train" else max(config.synthetic_size // 8, 1)
-        return SyntheticDataset(size, image_size)
-    folder = config.train_split if split == "train" else config.val_split
-    return ImageFolderDataset(
-        Path(config.root) / folder, transform, decode_on_device=train and decode == "device"
-    )
+__all__ = sorted([*_EXPORTS, "check_input_paths"])
 
 
-def few_labels(dataset: DigitsDataset | ImageFolderDataset, fraction: float) -> SeededDataset:
-    """``fraction`` of each class of a training split (``finetune.label_fraction``); all of it at 1."""
-    if fraction >= 1:
-        return dataset
-    labels = dataset.labels if isinstance(dataset, DigitsDataset) else [label for _, label in dataset.samples]
-    return LabelSubset(dataset, labels, fraction)
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'nepa_scale.data' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"nepa_scale.data.{_EXPORTS[name]}"), name)
 
 
-def worker_context(start: str | None, num_workers: int):
-    """How loader workers start (``data.worker_start``: fork, spawn, forkserver), as a DataLoader's
-    multiprocessing context; None: the platform's default."""
-    import multiprocessing
-
-    return multiprocessing.get_context(start) if start and num_workers > 0 else None
-
-
-def batch_loader(
-    dataset,
-    sampler: ResumableBatchSampler,
-    num_workers: int,
-    seed: int,
-    pin_memory: bool,
-    worker_start: str | None = None,
-):
-    """A DataLoader over ``sampler``'s micro-batches. Its generator is private: creating an
-    iterator must not consume the global RNG (exact resume)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed),
-        pin_memory=pin_memory,
-        multiprocessing_context=worker_context(worker_start, num_workers),
-    )
-
-
-def spread_sample(size: int) -> list[int]:
-    """Up to SAMPLE_CHECK indices spread evenly over ``size`` items, first and last included."""
-    return sorted({round(i * (size - 1) / max(1, SAMPLE_CHECK - 1)) for i in range(SAMPLE_CHECK)})
-
-
-def check_pairs(pairs) -> None:
-    """Segmentation: a spread sample of the image and annotation pairs is read; a bad pair raises a
-    DataError naming its file."""
-    for i in spread_sample(len(pairs)):
-        pairs.load(i)
-
-
-def check_training_data(dataset, global_batch: int, what: str = "data") -> None:
-    """Data a run can train on, checked before the engine starts: at least one global batch of
-    samples, no empty class folder, and readable images (a spread sample of the files is decoded;
-    for segmentation, of the image and annotation pairs).
-    A ``DataError`` names the folder, the count and the reason."""
-    where = getattr(dataset, "root", what)
-    if len(dataset) < global_batch:
-        raise DataError(
-            f"{what}: {where} has {len(dataset)} samples, fewer than one global batch of {global_batch} "
-            "(budget.global_batch)"
-        )
-    pairs = getattr(dataset, "pairs", None)
-    if pairs is not None:
-        check_pairs(pairs)
-    if isinstance(dataset, ImageFolderDataset):
-        empty = dataset.empty_classes()
-        if empty:
-            raise DataError(
-                f"{what}: {len(empty)} class folder(s) without images ({', '.join(IMAGE_EXTENSIONS)}), "
-                f"e.g. {dataset.root / empty[0]}: remove them or add images"
-            )
-        picks = spread_sample(len(dataset))
-        failures = [dataset.load(i)[0] for i in picks]
-        failures = [f for f in failures if isinstance(f, Skipped)]
-        if len(failures) == len(picks):
-            raise DataError(
-                f"{what}: none of {len(picks)} sampled images under {dataset.root} can be decoded "
-                f"(e.g. {failures[0].path}: {failures[0].reason})"
-            )
-
-
-__all__ = [
-    "AugmentSpec",
-    "Batch",
-    "DigitsDataset",
-    "EncodedJpeg",
-    "ImageFolderDataset",
-    "ResumableBatchSampler",
-    "SeededDataset",
-    "Skipped",
-    "SyntheticDataset",
-    "build_dataset",
-    "batch_loader",
-    "build_transform",
-    "check_training_data",
-    "collate",
-    "to_model_input",
-]
+def check_input_paths(config: RunConfig) -> None:
+    """The files a run reads exist: checked when a run starts or is launched, never when a run is
+    read back (collect, report, export, probe), where the data may since have moved or been unmounted."""
+    data = config.data
+    if data.kind == "imagefolder" and not (Path(data.root) / data.train_split).is_dir():
+        raise ConfigError(f"data.root: directory not found: {Path(data.root) / data.train_split}")
+    starts_from = {"finetune": config.finetune, "segment": config.segment}.get(config.task)
+    if (
+        starts_from is not None
+        and starts_from.pretrained is not None
+        and not Path(starts_from.pretrained).exists()
+    ):
+        raise ConfigError(f"{config.task}.pretrained: not found: {starts_from.pretrained}")
+    for folder in ("images/training", "annotations/training") if data.kind == "ade20k" else ():
+        if not (Path(data.root) / folder).is_dir():
+            raise ConfigError(f"data.root: directory not found: {Path(data.root) / folder}")

@@ -37,6 +37,7 @@ import torch
 
 from nepa_scale.config import RunConfig
 from nepa_scale.engine.distributed import World, barrier
+from nepa_scale.engine.fingerprint import resume_digest, resume_fingerprint
 from nepa_scale.engine.settings import StepSettings
 from nepa_scale.errors import CheckpointError, ResumeRefused
 from nepa_scale.rundir import MARKER, PREFIX, RunDir, images_seen, tag_for, write_json_atomic
@@ -220,7 +221,7 @@ def resume_changes(
     docstring. Settings a checkpoint did not record (older code) are not compared, except the run's
     length, which run.json recorded (``recorded_total_steps``). ``branch``: a WSD cooldown branch
     starting from its trunk's checkpoint, whose length differs by design."""
-    refused = fingerprint_diff(meta.get("fingerprint", {}), config.resume_fingerprint())
+    refused = fingerprint_diff(meta.get("fingerprint", {}), resume_fingerprint(config))
     stage = meta.get("zero_stage")
     if stage is not None and stage != config.deepspeed.zero_stage:
         refused.append(
@@ -477,8 +478,8 @@ class Checkpointer:
                     "world_size": world.world_size,
                     "zero_stage": c.deepspeed.zero_stage,
                     "precision": self.settings.precision,
-                    "resume_digest": c.resume_digest(),
-                    "fingerprint": c.resume_fingerprint(),
+                    "resume_digest": resume_digest(c),
+                    "fingerprint": resume_fingerprint(c),
                     "reason": reason,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 },

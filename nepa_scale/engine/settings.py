@@ -8,13 +8,16 @@ planner asks before any device exists (the profile says what the device will be)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from nepa_scale.config import RunConfig, check_world
+from nepa_scale.config import RunConfig
+from nepa_scale.errors import ConfigError
 from nepa_scale.memory import blocks_to_checkpoint, estimate_memory
 from nepa_scale.models.arch import NepaArch, checkpointed_blocks
 from nepa_scale.models.zoo import count_params
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,20 @@ class StepSettings:
 
     @property
     def dtype(self) -> torch.dtype:
+        import torch  # heavy: `nepa-scale train` checks the world size before the engine starts
+
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
+
+
+def check_world(config: RunConfig, world_size: int) -> int:
+    """The micro-batch per process for this world size; a ConfigError if the batch does not divide."""
+    b = config.budget
+    micro = b.micro_batch if b.micro_batch is not None else b.global_batch // world_size
+    if micro <= 0 or b.global_batch % (world_size * micro):
+        raise ConfigError(
+            f"budget.global_batch: {b.global_batch} is not divisible by world size {world_size} x micro_batch {micro}"
+        )
+    return micro
 
 
 def resolve_precision(setting: str, device_type: str) -> str:

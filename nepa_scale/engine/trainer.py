@@ -47,6 +47,7 @@ from nepa_scale.engine.distributed import (
 )
 from nepa_scale.engine.ema import Ema
 from nepa_scale.engine.evaluator import Evaluator
+from nepa_scale.engine.fingerprint import resume_digest
 from nepa_scale.engine.health import LossWatch, report_skipped
 from nepa_scale.engine.metrics import (
     NO_TIMER,
@@ -307,7 +308,7 @@ class Trainer:
                 restart,
                 **fresh,
                 config=c.to_dict(),
-                resume_digest=c.resume_digest(),
+                resume_digest=resume_digest(c),
                 versions=package_versions(),
                 git_revision=git_revision(),
                 code=package_dir(),

@@ -137,10 +137,13 @@ class RunJob(submitit.helpers.Checkpointable):
         import torch
 
         from nepa_scale.config import load_config
+        from nepa_scale.data import check_input_paths
         from nepa_scale.engine.trainer import train
 
         torch.set_num_threads(self.cpus_per_task)
-        return train(load_config(RunDir(self.run_dir).config_yaml), preempt, self._branch_submitter())
+        config = load_config(RunDir(self.run_dir).config_yaml)
+        check_input_paths(config)
+        return train(config, preempt, self._branch_submitter())
 
     def _branch_submitter(self):
         """For a WSD trunk on SLURM: after each commit, submit the branches whose point it is."""

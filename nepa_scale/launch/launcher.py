@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import submitit
 
-from nepa_scale.config import check_input_paths
+from nepa_scale.data import check_input_paths
 from nepa_scale.errors import SweepError
 from nepa_scale.launch.branches import branch_point_committed, record_branches, run_job
 from nepa_scale.launch.design import training_flops

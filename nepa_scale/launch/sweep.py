@@ -43,13 +43,13 @@ from nepa_scale.config import (
     ConfigError,
     RunConfig,
     SegmentConfig,
-    check_input_paths,
-    check_world,
     config_from_dict,
     parse_override,
     read_yaml_mapping,
     set_dotted,
 )
+from nepa_scale.data import check_input_paths
+from nepa_scale.engine.settings import check_world
 from nepa_scale.launch.design import check_flops_budget, plan_branches
 from nepa_scale.launch.profiles import ClusterProfile, load_profile
 
@@ -321,7 +321,7 @@ def load_sweep(
         profile = load_profile(profile_name, resources, relative_to=path.parent)
         config, error = None, None
         try:
-            config = config_from_dict(data, check_paths=False)  # costs do not depend on where the data is
+            config = config_from_dict(data)  # costs do not depend on where the data is (checked below)
             check_world(config, profile.world_size)
             check_flops_budget(config)
             data = config.to_dict()

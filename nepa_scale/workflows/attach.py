@@ -116,7 +116,7 @@ def downstream_defaults(base: dict, spec: dict) -> dict:
     data = json.loads(json.dumps(base))
     for key, value in (spec.get("set") or {}).items():
         set_dotted(data, key, value)
-    return config_from_dict(data, check_paths=False).to_dict()
+    return config_from_dict(data).to_dict()
 
 
 def per_model_columns(per_model: dict, defaults: dict, models: list[str]) -> dict[str, list]:

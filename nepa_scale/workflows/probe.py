@@ -49,9 +49,7 @@ def probe_run(
             )
         )
     recorded = recorded_config.to_dict()
-    config = config_from_dict(
-        apply_overrides(recorded, [f"data.{item}" for item in data_overrides]), check_paths=False
-    )
+    config = config_from_dict(apply_overrides(recorded, [f"data.{item}" for item in data_overrides]))
     lg = config.logging
     train_per_class = train_per_class if train_per_class is not None else lg.probe_train_per_class
     val_per_class = val_per_class if val_per_class is not None else lg.probe_val_per_class

@@ -32,7 +32,7 @@ def evaluate_run(
         raise ConfigError(f"segment-eval: {run.root} is a {data['task']} run, not a segmentation run")
     for item in data_overrides or []:
         set_dotted(data, *parse_override(f"data.{item}", "--data"))
-    config = config_from_dict(data, check_paths=False)
+    config = config_from_dict(data)
     sg = config.segment
     checkpoint = newest_verified(run)
     model = SegmentTask.new_model(config, SegmentTask.resolve_arch(config), attention="sdpa")

@@ -1,0 +1,65 @@
+"""The resume fingerprint: the settings a checkpoint cannot survive a change of.
+
+Every checkpoint and run.json record it (and its digest); the checkpointer compares it on resume
+(``checkpoint.resume_changes``) and refuses a change with the key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from nepa_scale.config import RunConfig
+
+
+def resume_fingerprint(config: RunConfig) -> dict[str, Any]:
+    """Model shape, batch, data order, objective, and the optimizer's settings (restored from the
+    checkpoint, so a change would be silently ignored). As JSON values (lists, not tuples), as a
+    checkpoint records them."""
+    arch = dataclasses.asdict(config.model.arch())
+    o = config.optim
+    fingerprint = {
+        "task": config.task,
+        "model": {k: v for k, v in arch.items() if k != "drop_path"},
+        "budget.global_batch": config.budget.global_batch,
+        "data.kind": config.data.kind,
+        "seed": config.seed,
+        "objective": dataclasses.asdict(config.objective),
+        "optim": {
+            "peak_lr": o.peak_lr(config.budget.global_batch),
+            "warmup_fraction": o.warmup_fraction,
+            "min_lr": o.min_lr,
+            "betas": o.betas,
+            "eps": o.eps,
+            "weight_decay": o.weight_decay,
+        },
+    }
+    # Settings added later enter only when set, so that digests recorded before them still match.
+    if o.warmup_steps is not None:
+        fingerprint["optim"]["warmup_steps"] = o.warmup_steps
+    if o.schedule != "cosine":
+        fingerprint["optim"]["schedule"] = o.schedule
+    if o.schedule == "wsd":
+        fingerprint["optim"]["cooldown"] = [o.cooldown_fraction, o.cooldown_shape]
+    if config.task == "finetune":
+        fingerprint["finetune.layer_decay"] = config.finetune.layer_decay
+        if config.finetune.label_fraction != 1.0:  # a different training set, a different data order
+            fingerprint["finetune.label_fraction"] = config.finetune.label_fraction
+    if config.task == "segment":
+        sg = config.segment
+        fingerprint["segment"] = {
+            "num_classes": sg.num_classes,
+            "feature_blocks": sg.feature_blocks,
+            "channels": [sg.decoder_channels, sg.aux_channels],
+            "layer_decay": sg.layer_decay,
+            "crop": sg.crop,
+        }
+    return json.loads(json.dumps(fingerprint))
+
+
+def resume_digest(config: RunConfig) -> str:
+    """A short digest of ``resume_fingerprint`` (recorded in run.json and every checkpoint)."""
+    blob = json.dumps(resume_fingerprint(config), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
