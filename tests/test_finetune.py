@@ -20,7 +20,7 @@ FINETUNE_CONFIG = REPO / "configs" / "finetune_digits_tiny.yaml"
 
 
 def test_layer_decay_assigns_the_formula_lr_to_each_block():
-    config = RunConfig(task="finetune")
+    config = RunConfig(task="finetune", budget={"epochs": 1})
     config.finetune.num_classes, config.finetune.layer_decay = 10, 0.65
     arch = FinetuneTask.resolve_arch(config)
     fake_context = SimpleNamespace(config=config, arch=arch, run=SimpleNamespace(root=Path("/nonexistent")))
@@ -101,7 +101,7 @@ def test_finetuning_improves_resumes_exactly_and_keeps_the_stem_frozen(pretraine
 def test_few_labels_take_each_class_evenly_and_the_same_images_every_time():
     from nepa_scale.data import build_dataset, few_labels
 
-    config = RunConfig(task="finetune")
+    config = RunConfig(task="finetune", budget={"epochs": 1})
     full = build_dataset(config.data, "train", 16, train=False)
     subset = few_labels(full, 0.1)
     again = few_labels(build_dataset(config.data, "train", 16, train=False), 0.1)
@@ -122,7 +122,7 @@ def test_held_out_evaluation_covers_the_whole_split_not_only_whole_batches():
     from nepa_scale.engine.evaluator import Evaluator
     from nepa_scale.engine.settings import StepSettings
 
-    config = RunConfig(task="finetune")
+    config = RunConfig(task="finetune", budget={"epochs": 1})
     world = World(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
     settings = StepSettings(
         "fp32", micro_batch=64, accumulation_steps=1, checkpointed_blocks=0, predicted_memory_gb=None

@@ -159,10 +159,8 @@ def make_run(
     """A run directory as the engine writes it: run.json with the resolved config, metrics.jsonl.
     ``loss(n, images, step, steps)``: the cosine distance at a step (default: the law at the images seen);
     ``probe(n, images, step, steps)``: the linear-probe error on the evaluation lines (default: none)."""
-    config = RunConfig(seed=seed)
+    config = RunConfig(seed=seed, budget={"global_batch": 128, "images": steps * 128})
     config.model.overrides = _arch_overrides(dim)
-    config.budget.global_batch = 128
-    config.budget.images = steps * 128
     arch = config.model.arch()
     n = count_params(arch)["total"]
     per_image = train_flops_per_image(arch)

@@ -26,7 +26,7 @@ def resume_fingerprint(config: RunConfig) -> dict[str, Any]:
         "budget.global_batch": config.budget.global_batch,
         "data.kind": config.data.kind,
         "seed": config.seed,
-        "objective": dataclasses.asdict(config.objective),
+        "objective": config.objective.model_dump(),
         "optim": {
             "peak_lr": o.peak_lr(config.budget.global_batch),
             "warmup_fraction": o.warmup_fraction,

@@ -66,7 +66,7 @@ def record_branches(sweep: Sweep, trunk: PlannedRun, folder: Path, code_dir: Pat
                     "run_id": b.run_id,
                     "run_dir": str(b.run_dir),
                     "step": b.branch_step,
-                    "resources": b.resources.to_dict(),
+                    "resources": b.resources.model_dump(),
                 }
                 for b in branches
             ],
@@ -87,7 +87,7 @@ def submit_ready_branches(trunk_dir: str | Path) -> list[str]:
             continue
         try:
             if not RunDir(run_dir).launch_json.is_file():  # a launch may have been quicker
-                resources = ClusterProfile(**branch["resources"])
+                resources = ClusterProfile.model_construct(**branch["resources"])  # checked at launch
                 with _outside_this_job():
                     submit_group(
                         spec["sweep"],

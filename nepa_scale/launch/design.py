@@ -19,7 +19,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from nepa_scale.config import DataConfig, RunConfig
+from nepa_scale.config import DataConfig, RunConfig, validated
 from nepa_scale.engine.schedule import check_schedule, cooldown_start
 from nepa_scale.engine.tasks import planned_arch_and_flops
 from nepa_scale.errors import ConfigError, NepaError
@@ -31,10 +31,9 @@ ISOFLOP_TOLERANCE = 0.01
 
 @functools.lru_cache(maxsize=16)
 def _train_size(data_json: str, image_size: int) -> int:
-    from nepa_scale.config import build_dataclass
     from nepa_scale.data import build_dataset
 
-    data = build_dataclass(DataConfig, json.loads(data_json), "data")
+    data = validated(DataConfig, json.loads(data_json), "data.")
     return len(build_dataset(data, "train", image_size, train=False))
 
 
@@ -61,11 +60,10 @@ def _probe_images(
     listing), or per class x class folders when the split's files are not listed; None without data."""
     from pathlib import Path
 
-    from nepa_scale.config import build_dataclass
     from nepa_scale.data import build_dataset
     from nepa_scale.eval.probes import probe_subset
 
-    data = build_dataclass(DataConfig, json.loads(data_json), "data")
+    data = validated(DataConfig, json.loads(data_json), "data.")
     if data.kind == "imagefolder":
         folder = Path(data.root) / (data.train_split if split == "train" else data.val_split)
         if not folder.is_dir():

@@ -77,7 +77,7 @@ def submit(sweep: Sweep, runs: list[PlannedRun], code_dir=None) -> dict[str, sub
             folder = scheduler(run.resources.executor).folder(sweep.output_root)
             if run.trunk_of:
                 record_branches(sweep, run, folder, code_dir)
-            groups.setdefault(json.dumps(run.resources.to_dict(), sort_keys=True), []).append(run)
+            groups.setdefault(json.dumps(run.resources.model_dump(), sort_keys=True), []).append(run)
         for group in groups.values():
             folder = scheduler(group[0].resources.executor).folder(sweep.output_root)
             pairs = [(r.run_dir, r.resources) for r in group]

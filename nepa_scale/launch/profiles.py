@@ -9,46 +9,51 @@ keys in its axes).
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from nepa_scale.config import ConfigError, build_dataclass, read_yaml_mapping
+from pydantic import Field, field_validator, model_validator
+
+from nepa_scale.config.files import read_yaml_mapping
+from nepa_scale.config.schema import Float, Int, Refusal, Section, Str, validated
+from nepa_scale.errors import ConfigError
 
 PROFILE_DIR = Path(__file__).resolve().parents[2] / "slurm" / "profiles"
 EXECUTORS = ("slurm", "local")
 
 
-@dataclass
-class ClusterProfile:
-    executor: str = "slurm"  # slurm | local (submitit's LocalExecutor: processes on this machine)
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    nodes: int = 1
-    gpus_per_node: int = 0
-    tasks_per_node: int = 1  # one task per GPU on GPU nodes
-    cpus_per_task: int = 1  # also the torch thread count of each task
-    mem_gb: float | None = None  # per node; None: the partition's default
-    time_min: int = 60
-    signal_delay_s: int = 90  # SIGUSR2 this long before the time limit
-    max_requeues: int = 3  # time-limit requeues per run (preemptions do not count)
-    array_parallelism: int = 64  # at most this many runs at once (job arrays; local executor)
-    sbatch_extra: dict[str, Any] = field(default_factory=dict)  # any other sbatch flag, e.g. reservation
-    setup: list[str] = field(default_factory=list)  # shell lines before the job (module load, ...)
+class ClusterProfile(Section):
+    executor: Literal[EXECUTORS] = (
+        "slurm"  # slurm | local (submitit's LocalExecutor: processes on this machine)
+    )
+    partition: Str | None = None
+    account: Str | None = None
+    qos: Str | None = None
+    constraint: Str | None = None
+    nodes: Int = Field(1, ge=1)
+    gpus_per_node: Int = Field(0, ge=0)
+    tasks_per_node: Int = Field(1, ge=1)  # one task per GPU on GPU nodes
+    cpus_per_task: Int = Field(1, ge=1)  # also the torch thread count of each task
+    mem_gb: Float | None = None  # per node; None: the partition's default
+    time_min: Int = Field(60, ge=1)
+    signal_delay_s: Int = Field(90, ge=0)  # SIGUSR2 this long before the time limit
+    max_requeues: Int = Field(3, ge=0)  # time-limit requeues per run (preemptions do not count)
+    array_parallelism: Int = Field(64, ge=1)  # at most this many runs at once (job arrays; local executor)
+    sbatch_extra: dict[str, Any] = Field(default_factory=dict)  # any other sbatch flag, e.g. reservation
+    setup: list[Str] = Field(default_factory=list)  # shell lines before the job (module load, ...)
     # Planner assumptions (sweep plan): achieved training TFLOP/s and memory per device.
-    device_tflops: float = 160.0  # measured eager bf16 DeepSpeed step on one H100 (docs/performance.md)
-    device_memory_gb: float = 80.0
+    device_tflops: Float = Field(
+        160.0, gt=0
+    )  # measured eager bf16 DeepSpeed step on one H100 (docs/performance.md)
+    device_memory_gb: Float = 80.0
     # Measured one-device steps (nepa-scale bench --out FILE; paths relative to the profile file):
     # the planner takes a run's compute time from the case of its model, else from device_tflops.
-    bench_results: list[str] = field(default_factory=list)
+    bench_results: list[Str] = Field(default_factory=list)
     # Communication (nepa_scale/comm.py): nccl-tests bus bandwidth (GB/s) of large collectives within
     # a node (NVLink) and per device across nodes (its share of the network), and a latency per call.
-    intra_node_gbps: float = 360.0
-    inter_node_gbps: float = 40.0
-    collective_latency_us: float = 30.0
+    intra_node_gbps: Float = Field(360.0, gt=0)
+    inter_node_gbps: Float = Field(40.0, gt=0)
+    collective_latency_us: Float = Field(30.0, ge=0)
 
     @property
     def world_size(self) -> int:
@@ -59,33 +64,24 @@ class ClusterProfile:
         """GPUs per run, or tasks when the profile has no GPUs (CPU runs)."""
         return self.nodes * self.gpus_per_node if self.gpus_per_node else self.world_size
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @field_validator("bench_results")
+    @classmethod
+    def _bench_files_exist(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not Path(path).is_file():
+                raise ValueError(f"no such file {path}")
+        return paths
 
-
-def validate_profile(p: ClusterProfile, where: str) -> None:
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{where}: {message}")
-
-    require(p.executor in EXECUTORS, f"executor: must be one of {', '.join(EXECUTORS)}, got '{p.executor}'")
-    for name in ("nodes", "tasks_per_node", "cpus_per_task", "time_min", "array_parallelism"):
-        require(getattr(p, name) >= 1, f"{name}: must be >= 1, got {getattr(p, name)}")
-    require(p.gpus_per_node >= 0, f"gpus_per_node: must be >= 0, got {p.gpus_per_node}")
-    require(
-        p.gpus_per_node == 0 or p.tasks_per_node == p.gpus_per_node,
-        f"tasks_per_node: one task per GPU, so it must equal gpus_per_node ({p.gpus_per_node}), got {p.tasks_per_node}",
-    )
-    require(p.signal_delay_s >= 0, f"signal_delay_s: must be >= 0, got {p.signal_delay_s}")
-    require(p.max_requeues >= 0, f"max_requeues: must be >= 0, got {p.max_requeues}")
-    require(p.executor != "local" or p.nodes == 1, "nodes: the local executor runs on one machine (nodes: 1)")
-    for name in ("device_tflops", "intra_node_gbps", "inter_node_gbps"):
-        require(getattr(p, name) > 0, f"{name}: must be > 0, got {getattr(p, name)}")
-    require(
-        p.collective_latency_us >= 0, f"collective_latency_us: must be >= 0, got {p.collective_latency_us}"
-    )
-    for path in p.bench_results:
-        require(Path(path).is_file(), f"bench_results: no such file {path}")
+    @model_validator(mode="after")
+    def _tasks_fit_the_nodes(self) -> ClusterProfile:
+        if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+            raise Refusal(
+                "tasks_per_node",
+                f"one task per GPU, so it must equal gpus_per_node ({self.gpus_per_node}), got {self.tasks_per_node}",
+            )
+        if self.executor == "local" and self.nodes != 1:
+            raise Refusal("nodes", "the local executor runs on one machine (nodes: 1)")
+        return self
 
 
 def profile_path(name: str, relative_to: Path | None = None) -> Path:
@@ -113,6 +109,4 @@ def load_profile(
         if isinstance(source.get("bench_results"), list):
             source["bench_results"] = [str((where / str(b)).resolve()) for b in source["bench_results"]]
     data.update(overrides)
-    profile = build_dataclass(ClusterProfile, data, "resources")
-    validate_profile(profile, f"profile {path.stem}")
-    return profile
+    return validated(ClusterProfile, data, f"profile {path.stem}: ")

@@ -89,7 +89,7 @@ def record_submission(
             "job_id": str(job.job_id),
             "folder": str(folder),
             "code": str(code_dir),
-            "resources": resources.to_dict(),
+            "resources": resources.model_dump(),
             "jobs": [*previous.get("jobs", []), entry],
         },
     )

@@ -48,6 +48,7 @@ from nepa_scale.config import (
     read_yaml_mapping,
     set_dotted,
 )
+from nepa_scale.config.files import get_dotted, pop_dotted
 from nepa_scale.data import check_input_paths
 from nepa_scale.engine.settings import check_world
 from nepa_scale.launch.design import check_flops_budget, plan_branches
@@ -74,7 +75,7 @@ LATER_SETTINGS = {
     "model.float8": False,
     "deepspeed.overlap_comm": None,
     "deepspeed.reduce_bucket_size": None,
-    "segment": json.loads(json.dumps(dataclasses.asdict(SegmentConfig()))),  # the whole section, unused
+    "segment": SegmentConfig().model_dump(mode="json"),  # the whole section, unused
     "logging.probe_train_per_class": None,
     "logging.probe_val_per_class": None,
     "logging.probe_subset_seed": 0,
@@ -241,34 +242,16 @@ def run_id_digest(data: dict[str, Any]) -> str:
     retired settings at the value they had (``RETIRED_SETTINGS``)."""
     hashed = copy.deepcopy(data)
     for dotted in UNHASHED:
-        _pop_dotted(hashed, dotted)
+        pop_dotted(hashed, dotted)
     for dotted in BLANKED:
-        if _get_dotted(hashed, dotted) is not None:
+        if get_dotted(hashed, dotted) is not None:
             set_dotted(hashed, dotted, None)
     for dotted, default in LATER_SETTINGS.items():
-        if _get_dotted(hashed, dotted, default) == default:
-            _pop_dotted(hashed, dotted)
+        if get_dotted(hashed, dotted, default) == default:
+            pop_dotted(hashed, dotted)
     for dotted, value in RETIRED_SETTINGS.items():
         set_dotted(hashed, dotted, value)
     return hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
-def _get_dotted(data: dict[str, Any], dotted: str, default: Any = None) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def _pop_dotted(data: dict[str, Any], dotted: str) -> None:
-    *sections, last = dotted.split(".")
-    node: Any = data
-    for part in sections:
-        node = node.get(part) if isinstance(node, dict) else None
-    if isinstance(node, dict):
-        node.pop(last, None)
 
 
 def _base_config(spec: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:

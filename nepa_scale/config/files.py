@@ -1,0 +1,72 @@
+"""Settings files: YAML reading, dotted keys (``a.b.c``) and ``key=value`` overrides, for run
+configs, sweeps, attach entries and cluster profiles alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nepa_scale.errors import ConfigError
+
+
+def get_dotted(data: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    """``data["a"]["b"]["c"]`` for ``dotted="a.b.c"``, or ``default`` where it is not there."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``data["a"]["b"]["c"] = value`` for ``dotted="a.b.c"``, creating sections on the way."""
+    parts = dotted.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def pop_dotted(data: dict[str, Any], dotted: str) -> None:
+    """Remove ``dotted`` from ``data`` where it is there."""
+    section, _, last = dotted.rpartition(".")
+    node = get_dotted(data, section) if section else data
+    if isinstance(node, dict):
+        node.pop(last, None)
+
+
+def parse_override(item: str, what: str = "override") -> tuple[str, Any]:
+    """``"a.b.c=value"`` -> ``("a.b.c", value)`` with the value parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"{what} '{item}': expected key=value")
+    dotted, raw = item.split("=", 1)
+    return dotted.strip(), yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    return data
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping, or a one-line ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data

@@ -1,0 +1,144 @@
+"""Typed settings: strict value types, sections that refuse unknown keys, and one-line errors.
+
+Run configs and cluster profiles are pydantic models built from these. A field declares its type,
+range (``Field(gt=...)``) and allowed values (``Literal``); ``json_schema_extra`` may say how its
+errors read (``noun``: "unknown scope 'x'", ``note``: "> 0 elements"). A rule between fields is a
+model validator that raises ``Refusal`` naming the key. ``validated`` turns the first error into
+the project's one-line ``ConfigError``: the dotted key, the value and what it may be.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from nepa_scale.errors import ConfigError
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``2e-3`` (no dot) as a string: take it as the number it spells."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+def integer(value: Any) -> Any:
+    """An int, or a whole float (YAML reads ``1.28e6`` as one); true, "3" and 1.5 are not integers."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PydanticCustomError("int_type", "expected an integer")
+    return value
+
+
+# Strict where coercion would hide a mistake: "yes" and 1 are not booleans, "abc" is not a number.
+Bool, Str = Annotated[bool, Strict()], Annotated[str, Strict()]
+Float = Annotated[float, Strict(), Field(allow_inf_nan=False), BeforeValidator(_number)]  # an int is one too
+Int = Annotated[int, BeforeValidator(integer)]
+Probability, BelowOne = Annotated[Float, Field(ge=0, le=1)], Annotated[Float, Field(ge=0, lt=1)]
+Fraction, Positive = Annotated[Float, Field(gt=0, le=1)], Annotated[Float, Field(gt=0)]
+
+
+class Refusal(ValueError):
+    """A validator's verdict: ``key`` (dotted, from the model that raises it; "" for the model
+    itself) cannot be used, for ``reason``."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(reason)
+        self.key = key
+
+
+class Section(BaseModel):
+    """A block of settings: a key it does not know is an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, data: Any) -> Any:
+        return {} if data is None else data  # YAML `logging:` with nothing under it
+
+
+M = TypeVar("M", bound=BaseModel)
+EXPECTED = {
+    "bool_type": "true or false",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "finite_number": "a finite number",  # .inf, .nan: no setting means either
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+}
+BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def validated(model: type[M], data: Any, prefix: str = "") -> M:
+    """``model`` read from ``data``, or a ConfigError: one line, ``prefix`` and the dotted key first."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(prefix + _one_line(exc.errors()[0], model)) from None
+
+
+def _one_line(error: ErrorDetails, model: type[BaseModel]) -> str:
+    """One pydantic error in this project's words: ``key: what it may be, got value``."""
+    loc, kind, value = error["loc"], error["type"], error.get("input")
+    if kind == "missing":  # a tuple's item: the list is too short
+        loc, kind = loc[:-1], "too_short"
+    field = _field_at(model, loc)
+    says = (field.json_schema_extra if field else None) or {}
+    note = f" {says['note']}" if "note" in says else ""
+    if kind == "value_error":  # a Refusal, or a field validator's ValueError
+        loc += tuple(part for part in getattr(error["ctx"]["error"], "key", "").split(".") if part)
+        text = str(error["ctx"]["error"])
+    elif kind in ("too_short", "too_long", "tuple_type"):
+        text = f"expected a list of {len(get_args(field.annotation))} values, got {value!r}"
+    elif kind == "extra_forbidden":
+        parent = _field_at(model, loc[:-1])
+        text = (
+            f"unknown key (known: {', '.join(sorted((parent.annotation if parent else model).model_fields))})"
+        )
+    elif kind == "literal_error" and "noun" in says:
+        text = f"unknown {says['noun']} {value!r} (choose from {', '.join(_choices(field.annotation))})"
+    elif kind == "literal_error":
+        *some, last = _choices(field.annotation)
+        text = f"must be {', '.join(some)} or {last}{note}, got {value!r}"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bounds = {k: getattr(m, k) for m in field.metadata for k in BOUNDS if hasattr(m, k)} or error["ctx"]
+        low, high = bounds.get("gt", bounds.get("ge")), bounds.get("lt", bounds.get("le"))
+        span = " ".join(f"{BOUNDS[k]} {v}" for k, v in bounds.items())
+        if low is not None and high is not None:
+            span = f"in {'(' if 'gt' in bounds else '['}{low}, {high}{')' if 'lt' in bounds else ']'}"
+        text = f"must be {span}{note}, got {value!r}"
+    else:
+        text = f"expected {EXPECTED.get(kind, error['msg'])}, got {value!r}"
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    return f"{key or 'config'}: {text}"
+
+
+def _field_at(model: type[BaseModel], loc: tuple) -> FieldInfo | None:
+    """The field an error's location points at (an item of a tuple or list included)."""
+    field, hint = None, model
+    for part in loc:
+        if type(None) in get_args(hint):  # X | None: X
+            hint = next(arg for arg in get_args(hint) if arg is not type(None))
+        if isinstance(part, str) and isinstance(hint, type) and issubclass(hint, BaseModel):
+            field = hint.model_fields.get(part)
+        elif isinstance(part, int) and get_args(hint):  # tuple[A, B] or list[A]
+            field = FieldInfo.from_annotation(get_args(hint)[min(part, len(get_args(hint)) - 1)])
+        else:
+            return None
+        hint = field.annotation if field is not None else None
+    return field
+
+
+def _choices(hint: Any) -> list[str]:
+    """The values a Literal (inside an Annotated or an optional) allows."""
+    if get_origin(hint) is Literal:
+        return [str(choice) for choice in get_args(hint)]
+    return [choice for arg in get_args(hint) for choice in _choices(arg)]
