@@ -1,16 +1,13 @@
 """Run configuration: typed sections, YAML loading, ``key=value`` overrides.
 
-Each field declares its type, range and allowed values (``schema``: the strict types and the
-one-line errors); a rule between fields is a model validator beside its section, one across
-sections sits on ``RunConfig``. An error is one line naming the key, the value and what it may be
-(``ConfigError: optim.lr: must be > 0, got -1``). What a run reads from disk is checked by
-``nepa_scale.data.check_input_paths``, the world size by ``nepa_scale.engine.settings.check_world``.
+Each field declares its type, range and allowed values (the types: ``schema``); a rule between
+fields is a model validator beside its section, one across sections sits on ``RunConfig``. An error
+is one line naming the key, the value and what it may be: ``optim.lr: must be > 0, got -1``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -18,7 +15,8 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 
-from nepa_scale.config.files import apply_overrides, pop_dotted, read_yaml_mapping
+from nepa_scale.config.files import RETIRED_KEYS, apply_overrides, read_yaml_mapping
+from nepa_scale.config.files import drop_retired as drop_retired
 from nepa_scale.config.files import parse_override as parse_override
 from nepa_scale.config.files import set_dotted as set_dotted
 from nepa_scale.config.schema import (
@@ -51,9 +49,6 @@ TASKS, COMPILE_SCOPES, COMPILE_MODES = get_args(Task), get_args(CompileScope), g
 SCHEDULES, COOLDOWN_SHAPES, WORKER_STARTS = get_args(Schedule), get_args(CooldownShape), get_args(WorkerStart)
 DATA_KINDS, SEGMENT_KINDS = get_args(DataKind), ("ade20k", "digit_canvas")  # segment: (image, label map)
 WHOLE_SPLIT = {"note": "(or null: the whole split)"}
-# Keys this project no longer reads: one at null (an old run's config.yaml) is dropped, one set to a
-# value is refused with its replacement named; drop_retired takes them out of a run record.
-RETIRED_KEYS = {"logging.probe_limit": "use logging.probe_train_per_class and logging.probe_val_per_class"}
 
 
 def _blocks(value: Any) -> Any:
@@ -370,6 +365,7 @@ class RunConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _retired_keys(cls, data: Any) -> Any:
+        """An old run's config.yaml holds them at null: dropped; one set to a value names its successor."""
         for dotted, replacement in RETIRED_KEYS.items():
             section, key = dotted.split(".")
             values = data.get(section) if isinstance(data, dict) else None
@@ -435,14 +431,6 @@ class RunConfig(Section):
             raise Refusal("deepspeed.zero_stage", why + " forward cannot do: use 0-2")
         if self.checkpoint.ema_decay is not None:
             raise Refusal("checkpoint.ema_decay", "not supported for task: segment")
-
-
-def drop_retired(data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``data`` without the retired keys (a recorded config written by older code)."""
-    data = json.loads(json.dumps(data))
-    for dotted in RETIRED_KEYS:
-        pop_dotted(data, dotted)
-    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

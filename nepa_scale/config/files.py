@@ -1,14 +1,19 @@
 """Settings files: YAML reading, dotted keys (``a.b.c``) and ``key=value`` overrides, for run
-configs, sweeps, attach entries and cluster profiles alike."""
+configs, sweeps, attach entries and cluster profiles alike; the keys old run configs may hold."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from nepa_scale.errors import ConfigError
+
+# Keys this project no longer reads: one at null (an old run's config.yaml) is dropped, one set to a
+# value is refused with its replacement named (RunConfig); drop_retired takes them out of a record.
+RETIRED_KEYS = {"logging.probe_limit": "use logging.probe_train_per_class and logging.probe_val_per_class"}
 
 
 def get_dotted(data: dict[str, Any], dotted: str, default: Any = None) -> Any:
@@ -38,6 +43,14 @@ def pop_dotted(data: dict[str, Any], dotted: str) -> None:
     node = get_dotted(data, section) if section else data
     if isinstance(node, dict):
         node.pop(last, None)
+
+
+def drop_retired(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``data`` without the retired keys (a recorded config written by older code)."""
+    data = json.loads(json.dumps(data))
+    for dotted in RETIRED_KEYS:
+        pop_dotted(data, dotted)
+    return data
 
 
 def parse_override(item: str, what: str = "override") -> tuple[str, Any]:

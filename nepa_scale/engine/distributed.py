@@ -229,7 +229,7 @@ def deepspeed_config(
         "zero_allow_untested_optimizer": True,
         "bf16": {
             "enabled": settings.precision == "bf16",
-            "check_grad_overflow": ds.check_grad_overflow,  # DeepSpeed's default is on (nepa_scale/config: why off)
+            "check_grad_overflow": ds.check_grad_overflow,  # DeepSpeed's default is on (config: why off)
         },
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,

@@ -23,9 +23,8 @@ EXECUTORS = ("slurm", "local")
 
 
 class ClusterProfile(Section):
-    executor: Literal[EXECUTORS] = (
-        "slurm"  # slurm | local (submitit's LocalExecutor: processes on this machine)
-    )
+    # slurm | local (submitit's LocalExecutor: processes on this machine)
+    executor: Literal[EXECUTORS] = "slurm"
     partition: Str | None = None
     account: Str | None = None
     qos: Str | None = None
@@ -41,10 +40,9 @@ class ClusterProfile(Section):
     array_parallelism: Int = Field(64, ge=1)  # at most this many runs at once (job arrays; local executor)
     sbatch_extra: dict[str, Any] = Field(default_factory=dict)  # any other sbatch flag, e.g. reservation
     setup: list[Str] = Field(default_factory=list)  # shell lines before the job (module load, ...)
-    # Planner assumptions (sweep plan): achieved training TFLOP/s and memory per device.
-    device_tflops: Float = Field(
-        160.0, gt=0
-    )  # measured eager bf16 DeepSpeed step on one H100 (docs/performance.md)
+    # Planner assumptions (sweep plan): achieved training TFLOP/s (default: an eager bf16 DeepSpeed
+    # step measured on one H100, docs/performance.md) and memory per device.
+    device_tflops: Float = Field(160.0, gt=0)
     device_memory_gb: Float = 80.0
     # Measured one-device steps (nepa-scale bench --out FILE; paths relative to the profile file):
     # the planner takes a run's compute time from the case of its model, else from device_tflops.
