@@ -40,7 +40,8 @@ from nepa_scale.models.zoo import get_arch, list_models
 
 Task = Literal["pretrain", "finetune", "segment"]
 CompileScope = Literal["none", "blocks", "model"]
-CompileMode = Literal["default", "max-autotune-no-cudagraphs"]  # without CUDA graphs: ZeRO hooks in between
+# torch.compile modes that leave CUDA graphs out (ZeRO's hooks run between the blocks).
+CompileMode = Literal["default", "max-autotune-no-cudagraphs"]
 Schedule = Literal["cosine", "wsd", "constant", "poly"]
 CooldownShape = Literal["linear", "1-sqrt"]
 DataKind = Literal["digits", "imagefolder", "synthetic", "ade20k", "digit_canvas"]
