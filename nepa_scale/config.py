@@ -31,6 +31,7 @@ TASKS = ("pretrain", "finetune", "segment")
 SEGMENT_KINDS = ("ade20k", "digit_canvas")  # (image, label map) datasets, for task: segment
 DATA_KINDS = ("digits", "imagefolder", "synthetic", *SEGMENT_KINDS)
 WORKER_STARTS = ("fork", "spawn", "forkserver")
+SEGMENT_EVAL_MODES = ("slide", "whole")  # sliding-window or whole-image inference
 
 
 @dataclass

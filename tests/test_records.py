@@ -114,7 +114,8 @@ def test_a_notice_during_python_start_up_reaches_the_flag(tmp_path):
 
 
 def test_project_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):
-    import nepa_scale.cli as command_line
+    import nepa_scale.cli.runs as commands
+    from nepa_scale.cli import main
     from nepa_scale.errors import DataError
 
     missing = cli("report", str(tmp_path / "nowhere"))
@@ -127,16 +128,16 @@ def test_project_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_p
 
         return command
 
-    monkeypatch.setattr(command_line, "cmd_models", raises(DataError("data: the folder x has no images")))
-    assert command_line.main(["models"]) == 1
+    monkeypatch.setattr(commands, "cmd_models", raises(DataError("data: the folder x has no images")))
+    assert main(["models"]) == 1
     assert capsys.readouterr().err == "nepa-scale: error: data: the folder x has no images\n"
-    monkeypatch.setattr(command_line, "cmd_models", raises(RuntimeError("a bug")))
+    monkeypatch.setattr(commands, "cmd_models", raises(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # not swallowed into one line
-        command_line.main(["models"])
+        main(["models"])
     import torch
 
-    monkeypatch.setattr(command_line, "cmd_models", raises(torch.OutOfMemoryError("CUDA out of memory")))
+    monkeypatch.setattr(commands, "cmd_models", raises(torch.OutOfMemoryError("CUDA out of memory")))
     with pytest.raises(torch.OutOfMemoryError):
-        command_line.main(["models"])
+        main(["models"])
     hint = capsys.readouterr().err
     assert "budget.micro_batch" in hint and "model.grad_checkpointing" in hint

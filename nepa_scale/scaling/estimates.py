@@ -12,6 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 EXPONENT_BOUNDS = (0.0, 5.0)  # the L-BFGS-B bounds of every fitted exponent
 MAX_INTERVAL_RATIO = 10.0  # a 95% interval wider than this factor (high / low) is not a result
@@ -137,7 +138,6 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
 
 def _one_blas_thread() -> None:
     """Each worker owns one core: BLAS threads on top of the processes only oversubscribe."""
-    from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)
 
