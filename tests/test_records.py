@@ -141,3 +141,25 @@ def test_project_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_p
         main(["models"])
     hint = capsys.readouterr().err
     assert "budget.micro_batch" in hint and "model.grad_checkpointing" in hint
+
+
+def test_each_sweep_action_takes_only_its_own_options(capsys):
+    """`--comm` is plan's, `--run` preempt's (and required there), `--retry-failed` launch's and
+    attach's: offered to another action, argparse refuses them in one usage line."""
+    from nepa_scale.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["sweep", "plan", "s.yaml", "--comm"]).comm
+    assert parser.parse_args(["sweep", "preempt", "s.yaml", "--run", "r1"]).run == "r1"
+    assert parser.parse_args(["sweep", "attach", "s.yaml", "--retry-failed", "--name", "segment"]).retry_failed
+    for argv in (
+        ["sweep", "status", "s.yaml", "--comm"],
+        ["sweep", "launch", "s.yaml", "--run", "r1"],
+        ["sweep", "preempt", "s.yaml"],
+        ["sweep", "cancel", "s.yaml", "--retry-failed"],
+        ["report", "d", "--convention", "6ND"],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        assert exit_.value.code == 2, argv
+    assert "invalid choice: '6ND'" in capsys.readouterr().err
