@@ -412,7 +412,7 @@ def test_seeds_are_grouped_and_their_spread_is_the_noise_floor(tmp_path):
     results = build_report(tmp_path / "study", tmp_path / "report", settings)
     floor = results.fits["noise floor (seeds)"]
     assert floor["cells"] == 6 and floor["std_log"] == pytest.approx(spread.std_log)
-    assert "noise floor (seeds)" in (tmp_path / "report" / "report.md").read_text()
+    assert "### Noise floor: the seeds' spread" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_estimates_at_a_bound_or_too_wide_are_not_identified():
