@@ -110,7 +110,7 @@ def display(value) -> str:
         return str(Estimate.from_dict(value))
     if isinstance(value, bool):
         return str(value)
-    if value is None or (isinstance(value, float | np.floating) and math.isnan(value)):
+    if value is None or (pd.api.types.is_scalar(value) and pd.isna(value)):  # NaN, NaT, pd.NA
         return ""
     if isinstance(value, int | float | np.floating | np.integer):
         return human(value)
@@ -169,7 +169,7 @@ def fit_rows(entry: dict, convention: str) -> dict[str, str | pd.DataFrame]:
         shown = f"fit starts at (training FLOPs, {convention})" if name == "starts at FLOPs" else name
         shown = ROW_NAMES.get(name, shown)
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            rows[shown] = readable(pd.DataFrame(value))
+            rows[shown] = pd.DataFrame(value)
         elif name in PERCENT_ROWS and isinstance(value, float):
             rows[shown] = _percent(value)
         else:
