@@ -43,6 +43,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from nepa_scale.errors import ConfigError
+
 # DeepSpeed's names, as its communication logger records them.
 ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER = "all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor"
 
@@ -77,9 +79,8 @@ def regathered_share(params: int, max_reuse_distance: int = 10**9) -> float:
 
 def zero_options(zero_optimization: dict[str, Any]) -> ZeroOptions:
     """A run's ``zero_optimization`` section with DeepSpeed's defaults filled in by DeepSpeed."""
+    # heavy: DeepSpeed (its import prints to stdout), only when a plan reads ZeRO's defaults
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-    from nepa_scale.config import ConfigError
 
     try:
         z = DeepSpeedZeroConfig(**zero_optimization)

@@ -26,8 +26,13 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+import torch
+
 from nepa_scale.comm import regathered_share
 from nepa_scale.models.arch import NepaArch, checkpointed_blocks
+from nepa_scale.models.vit import NEPA
+from nepa_scale.objective import next_embedding_loss
 
 GIB = 2**30
 ADAM_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32
@@ -50,10 +55,6 @@ class MemoryEstimate:
 def _saved_bytes(arch: NepaArch, depth: int, grad_checkpointing: bool, compiled: bool = False) -> int:
     """Bytes autograd keeps for one image through ``depth`` blocks (all checkpointed, or none;
     compiled as ``model.compile: blocks`` does, or eager)."""
-    import torch
-
-    from nepa_scale.models.vit import NEPA
-    from nepa_scale.objective import next_embedding_loss
 
     torch.manual_seed(0)
     model = NEPA(arch.replace(depth=depth), attention="sdpa", grad_checkpointing=grad_checkpointing)
@@ -169,10 +170,7 @@ def blocks_to_checkpoint(
 
 def device_memory_gb(device) -> float:
     """What ``auto`` plans against: the GPU's memory, or this machine's RAM for a CPU run."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory / GIB
-    import psutil
 
     return psutil.virtual_memory().total / GIB

@@ -32,12 +32,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from nepa_scale.errors import RunRecordError, UsageError
-
-if TYPE_CHECKING:
-    from nepa_scale.config import RunConfig
+from nepa_scale.config import RunConfig, config_from_dict, drop_retired
+from nepa_scale.errors import ConfigError, RunRecordError, UsageError
 
 MARKER = "COMMITTED"  # written last into a checkpoint directory: from then on it counts
 PREFIX = "step_"
@@ -199,8 +197,6 @@ class RunRecord:
     def run_config(self) -> RunConfig:
         """The run's config, checked for values only: reading a run back never looks for its data
         or its pretrained weights (they may live on another machine or be unmounted by now)."""
-        from nepa_scale.config import ConfigError, config_from_dict, drop_retired
-
         if not isinstance(self.config, dict):
             raise ConfigError("run.json: no config recorded")
         return config_from_dict(drop_retired(self.config))
@@ -293,11 +289,9 @@ class RunDir:
         return self.record().run_config()
 
     # -- transitions (launcher)
-    def created(self, config: RunConfig) -> RunRecord:
+    def created(self, config: RunConfig, resume_digest: str) -> RunRecord:
         """A launched run's directory is prepared (the job has not started)."""
-        from nepa_scale.engine.fingerprint import resume_digest  # imports the config: not to read records
-
-        return self._change(status="created", config=config.to_dict(), resume_digest=resume_digest(config))
+        return self._change(status="created", config=config.to_dict(), resume_digest=resume_digest)
 
     def invalid(self, config_data: dict[str, Any], error: str) -> RunRecord:
         """A sweep run whose config is invalid: it fails without a job."""
@@ -364,35 +358,6 @@ class RunDir:
         record.interruptions.append(event)
         record.status, record.step, record.error = "interrupted", event.step, error
         return self.write_record(record)
-
-    def already_complete(self, config: RunConfig) -> str | None:
-        """What to say when this run completed with the same settings and length (nothing to
-        train); None otherwise."""
-        record = self.completed_with(config)
-        if record is None:
-            return None
-        return f"run {self.root} is already complete (step {record.step} of {record.total_steps}): nothing to train"
-
-    def completed_with(self, config: RunConfig) -> RunRecord | None:
-        """The record of this run when it completed with the same resume settings, budget and data
-        (so the same length) and its final checkpoint is committed: there is nothing to train."""
-        record = self.record()
-        if record.status != "completed" or record.step is None or not isinstance(record.config, dict):
-            return None
-        from nepa_scale.engine.fingerprint import resume_digest  # imports the config: not to read records
-        from nepa_scale.errors import NepaError
-
-        try:  # read through today's config: settings added since the run was recorded get their defaults
-            recorded = record.run_config().to_dict()
-        except NepaError:
-            return None
-        current = config.to_dict()
-        same = (
-            record.resume_digest == resume_digest(config)
-            and all(recorded[key] == current[key] for key in ("budget", "data"))
-            and self.has_committed(record.step)
-        )
-        return record if same else None
 
     def has_committed(self, step: int) -> bool:
         """A committed checkpoint of ``step`` is there (e.g. a WSD trunk's branch point)."""

@@ -196,7 +196,7 @@ def test_bf16_overflow_check_is_off_unless_asked_for(tmp_path, check_grad_overfl
     off unless ``deepspeed.check_grad_overflow`` asks for it; either way the step updates the weights."""
     from torch.profiler import profile
 
-    from nepa_scale.bench import BenchCase, case_config
+    from nepa_scale.bench.case import BenchCase, case_config
     from nepa_scale.engine.trainer import Trainer
 
     case = BenchCase(model="nepa_tiny", micro_batch=4, zero_stage=2, precision="bf16")
@@ -273,7 +273,7 @@ def test_float8_converts_the_block_linears_and_trains_through_the_engine(tmp_pat
     (seconds per small matmul), so the sizes are tiny; the loss over a run is a GPU check."""
     from torchao.float8.float8_linear import Float8Linear
 
-    from nepa_scale.bench import BenchCase, case_config
+    from nepa_scale.bench.case import BenchCase, case_config
     from nepa_scale.engine.distributed import merged
     from nepa_scale.engine.trainer import Trainer, apply_float8
     from nepa_scale.models import NEPA, get_arch
@@ -312,7 +312,7 @@ def test_float8_converts_the_block_linears_and_trains_through_the_engine(tmp_pat
 def test_device_profile_counts_idle_gaps_and_compiled_kernels():
     """The GPU profile's arithmetic (the GPU run is rare): overlapping kernels count once, gaps count
     as idle, inductor's triton kernels are the compiled share."""
-    from nepa_scale.bench import device_profile, merged_length
+    from nepa_scale.bench.device import device_profile, merged_length
 
     assert merged_length([]) == 0
     assert merged_length([(0, 10), (20, 30)]) == 20  # a gap: idle device

@@ -14,6 +14,7 @@ import time
 import pytest
 from helpers import REPO, cli, env
 
+from nepa_scale.engine.fingerprint import completed_with, resume_digest
 from nepa_scale.launch.executors import job_python
 from nepa_scale.rundir import Interruption, RunDir, RunRecord, write_json_atomic
 
@@ -43,10 +44,9 @@ def test_a_run_directory_written_by_the_previous_code_reads_back(tmp_path):
 def test_transitions_write_the_documented_record(tmp_path):
     run = RunDir(tmp_path / "r")
     from nepa_scale.config import load_config
-    from nepa_scale.engine.fingerprint import resume_digest
 
     config = load_config(REPO / "configs" / "digits_tiny.yaml", [f"output_dir={run.root}"])
-    run.created(config)
+    run.created(config, resume_digest(config))
     assert run.record().status == "created" and run.record().resume_digest == resume_digest(config)
     run.started(None, total_steps=10, world_size=1)
     run.preempted(4, config.budget.global_batch, "SIGUSR2")
@@ -64,17 +64,16 @@ def test_transitions_write_the_documented_record(tmp_path):
 
 def test_a_completed_run_is_recognised_only_with_the_same_length_and_its_final_checkpoint(tmp_path):
     from nepa_scale.config import load_config
-    from nepa_scale.engine.fingerprint import resume_digest
 
     run = RunDir(tmp_path / "old")
     shutil.copytree(OLD_RUN, run.root)
     config = load_config(run.config_yaml, [f"output_dir={run.root}"])
     run.write_record(RunRecord.from_dict({**run.record().to_dict(), "resume_digest": resume_digest(config)}))
-    assert run.completed_with(config) is not None
+    assert completed_with(run, config) is not None
     longer = load_config(run.config_yaml, [f"output_dir={run.root}", "budget.images=19200"])
-    assert run.completed_with(longer) is None
+    assert completed_with(run, longer) is None
     (run.checkpoints / "step_00000300" / "COMMITTED").unlink()
-    assert run.completed_with(config) is None
+    assert completed_with(run, config) is None
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
@@ -116,7 +115,8 @@ def test_a_notice_during_python_start_up_reaches_the_flag(tmp_path):
 
 
 def test_project_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_path, monkeypatch, capsys):
-    import nepa_scale.cli as command_line
+    import nepa_scale.cli.runs as commands
+    from nepa_scale.cli import main
     from nepa_scale.errors import DataError
 
     missing = cli("report", str(tmp_path / "nowhere"))
@@ -129,16 +129,40 @@ def test_project_errors_are_one_line_and_other_errors_keep_their_traceback(tmp_p
 
         return command
 
-    monkeypatch.setattr(command_line, "cmd_models", raises(DataError("data: the folder x has no images")))
-    assert command_line.main(["models"]) == 1
+    monkeypatch.setattr(commands, "cmd_models", raises(DataError("data: the folder x has no images")))
+    assert main(["models"]) == 1
     assert capsys.readouterr().err == "nepa-scale: error: data: the folder x has no images\n"
-    monkeypatch.setattr(command_line, "cmd_models", raises(RuntimeError("a bug")))
+    monkeypatch.setattr(commands, "cmd_models", raises(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):  # not swallowed into one line
-        command_line.main(["models"])
+        main(["models"])
     import torch
 
-    monkeypatch.setattr(command_line, "cmd_models", raises(torch.OutOfMemoryError("CUDA out of memory")))
+    monkeypatch.setattr(commands, "cmd_models", raises(torch.OutOfMemoryError("CUDA out of memory")))
     with pytest.raises(torch.OutOfMemoryError):
-        command_line.main(["models"])
+        main(["models"])
     hint = capsys.readouterr().err
     assert "budget.micro_batch" in hint and "model.grad_checkpointing" in hint
+
+
+def test_each_sweep_action_takes_only_its_own_options(capsys):
+    """`--comm` is plan's, `--run` preempt's (and required there), `--retry-failed` launch's and
+    attach's: offered to another action, argparse refuses them in one usage line."""
+    from nepa_scale.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["sweep", "plan", "s.yaml", "--comm"]).comm
+    assert parser.parse_args(["sweep", "preempt", "s.yaml", "--run", "r1"]).run == "r1"
+    assert parser.parse_args(
+        ["sweep", "attach", "s.yaml", "--retry-failed", "--name", "segment"]
+    ).retry_failed
+    for argv in (
+        ["sweep", "status", "s.yaml", "--comm"],
+        ["sweep", "launch", "s.yaml", "--run", "r1"],
+        ["sweep", "preempt", "s.yaml"],
+        ["sweep", "cancel", "s.yaml", "--retry-failed"],
+        ["report", "d", "--convention", "6ND"],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        assert exit_.value.code == 2, argv
+    assert "invalid choice: '6ND'" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from nepa_scale.flops import train_flops_per_image
 from nepa_scale.models.zoo import count_params
 from nepa_scale.rundir import Restart, RunDir, RunRecord
 from nepa_scale.scaling import figures
+from nepa_scale.scaling.analyses import fit_entry
 from nepa_scale.scaling.collect import collect, collect_curves
 from nepa_scale.scaling.fits import (
     Estimate,
@@ -25,12 +27,15 @@ from nepa_scale.scaling.fits import (
     fit_isoflop,
     fit_power_law,
     holdout,
+    interval_spread,
     judged,
     pareto_frontier,
     resample,
     seed_spread,
 )
-from nepa_scale.scaling.report import StudySettings, build_report, fit_table, read_fits
+from nepa_scale.scaling.render import describe, write_html, write_markdown
+from nepa_scale.scaling.report import StudySettings, build_report, fit_table, identified_in_words, read_fits
+from nepa_scale.scaling.study import AnalysisResult, Report
 
 TRUE = {"E": 0.05, "A": 40.0, "B": 200.0, "alpha": 0.34, "beta": 0.28}
 
@@ -297,6 +302,16 @@ def test_report_from_a_synthetic_sweep(sweep, tmp_path):
     ):
         assert text in html, text
     assert (tmp_path / "report.md").exists() and (tmp_path / "table.parquet").exists()
+    # It opens with what the study shows: the first section, before any warning or figure.
+    markdown = (tmp_path / "report.md").read_text()
+    assert re.findall(r"<h2>(.*?)</h2>", html)[0] == "What this study shows"
+    assert html.index("What this study shows") < html.index("class='warn'") < html.index("<figure")
+    assert markdown.split("\n## ")[1].startswith("What this study shows\n")
+    assert "Fitted quantity" in html[: html.index("<h2>Warnings")]
+    # Tables name what their numbers are and never print NaN (the failed run has no loss).
+    text = re.sub(r"data:image/png;base64,[^'\"]+", "", html) + markdown
+    assert not re.search(r"\bNaN\b|>nan<|\| nan \|", text)
+    assert "training FLOPs (6N+attn)" in html and "flops_6N+attn" not in text
     for name in ("loss_curves", "residuals", "loss_vs_params", "downstream_probe_error"):
         assert (tmp_path / "figures" / f"{name}.png").exists() and (
             tmp_path / "figures" / f"{name}.svg"
@@ -395,7 +410,7 @@ def test_seeds_are_grouped_and_their_spread_is_the_noise_floor(tmp_path):
     results = build_report(tmp_path / "study", tmp_path / "report", settings)
     floor = results.fits["noise floor (seeds)"]
     assert floor["cells"] == 6 and floor["std_log"] == pytest.approx(spread.std_log)
-    assert "noise floor (seeds)" in (tmp_path / "report" / "report.md").read_text()
+    assert "### Noise floor: the seeds' spread" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_estimates_at_a_bound_or_too_wide_are_not_identified():
@@ -409,6 +424,39 @@ def test_estimates_at_a_bound_or_too_wide_are_not_identified():
     assert str(pinned).startswith("not identified (")
     assert str(Estimate(403712.0, 400000.5, 410000.25)) == "403,712 [4e+05, 4.1e+05]"
     assert Estimate.from_dict(json.loads(json.dumps(at_bound.to_dict()))) == at_bound
+
+
+def test_intervals_too_wide_for_a_factor_are_said_in_words(tmp_path):
+    """Bug: a parameter the data do not constrain read "its 95% interval spans a factor of 1e+183";
+    past a factor of 100 the report says orders of magnitude, in words, wherever it shows the reason."""
+    assert interval_spread(0.1, 8.46) == "a factor of 84.6"
+    assert interval_spread(1.0, 3.42e4) == "about 5 orders of magnitude"
+    assert interval_spread(1e-100, 1e83) == "many orders of magnitude (more than 6)"
+    huge = judged(Estimate(2.0, 1e-100, 1e83))
+    assert not huge.identified and "many orders of magnitude" in huge.reason
+    at_zero = judged(Estimate(9.696e-12, 1e-20, 1e-3), floor=1e-7)
+    entry = fit_entry({"E": at_zero, "A": huge, "alpha": judged(Estimate(0.5, 0.4, 0.6), 0.0, 5.0)})
+    assert identified_in_words(entry) == "alpha = 0.5 [0.4, 0.6]; E and A not identified (see Warnings)"
+    report = Report(
+        StudySettings(),
+        "q",
+        pd.DataFrame(),
+        {"chinchilla": AnalysisResult(entry)},
+        [f"chinchilla: not identified: {entry['reason']}"],
+        {},
+        ["Fitted quantity: q"],
+        [],
+    )
+    shown = "\n".join(
+        (
+            describe(entry),
+            write_html(tmp_path, report).read_text(),
+            write_markdown(tmp_path, report).read_text(),
+        )
+    )
+    assert "A: not identified (its 95% interval spans many orders of magnitude (more than 6))" in shown
+    assert not re.search(r"factor of [0-9.]+e[+-]?[0-9]+", shown), shown
+    assert "e+83" not in shown and "e+183" not in shown and "fitted 9.7e-12" in shown
 
 
 def test_single_size_and_degenerate_studies_are_not_identified(tmp_path):

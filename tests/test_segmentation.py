@@ -108,7 +108,7 @@ def test_ade20k_missing_or_corrupt_annotations_name_the_file(tmp_path):
         check_training_data(SegmentationDataset(pairs, SegmentAugment(crop=14), train=True), 1)
     from torch.utils.data import DataLoader
 
-    from nepa_scale.cli import _one_line
+    from nepa_scale.cli.errors import one_line as _one_line
 
     loader = DataLoader(SegmentationDataset(pairs, SegmentAugment(crop=14), train=True), num_workers=1)
     with pytest.raises(DataError) as raised:  # found later, in a loader worker: the CLI's line names it

@@ -46,8 +46,10 @@ Schedule = Literal["cosine", "wsd", "constant", "poly"]
 CooldownShape = Literal["linear", "1-sqrt"]
 DataKind = Literal["digits", "imagefolder", "synthetic", "ade20k", "digit_canvas"]
 WorkerStart = Literal["fork", "spawn", "forkserver"]
+SegmentEvalMode = Literal["slide", "whole"]  # sliding-window or whole-image inference
 TASKS, COMPILE_SCOPES, COMPILE_MODES = get_args(Task), get_args(CompileScope), get_args(CompileMode)
 SCHEDULES, COOLDOWN_SHAPES, WORKER_STARTS = get_args(Schedule), get_args(CooldownShape), get_args(WorkerStart)
+SEGMENT_EVAL_MODES = get_args(SegmentEvalMode)
 DATA_KINDS, SEGMENT_KINDS = get_args(DataKind), ("ade20k", "digit_canvas")  # segment: (image, label map)
 WHOLE_SPLIT = {"note": "(or null: the whole split)"}
 
@@ -259,7 +261,7 @@ class SegmentConfig(Section):
     cat_max_ratio: Fraction = 0.75
     hflip: Probability = 0.5
     photometric: Bool = True
-    eval_mode: Literal["slide", "whole"] = "slide"  # windows of crop px, eval_stride apart | whole (padded)
+    eval_mode: SegmentEvalMode = "slide"  # windows of crop px, eval_stride apart | whole (padded)
     eval_stride: Int | None = Field(None, gt=0)  # default: 2/3 of the crop (mmseg: 341 for 512)
     eval_limit: Int | None = Field(None, gt=0)  # evaluate during training on N val images (None: all)
 

@@ -7,17 +7,20 @@ be decoded are returned as ``Skipped`` markers; ``collate`` drops and counts the
 
 from __future__ import annotations
 
+import gzip
 import io
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform
+from PIL import Image as PILImage
+from timm.data import auto_augment, create_transform
 from torch.utils.data import Dataset
 from torchvision.transforms import RandomHorizontalFlip as HFlip
 
@@ -43,8 +46,6 @@ class AugmentSpec:
 def _posterize_zero_bits_compat() -> None:
     """RandAugment's PosterizeIncreasing keeps 4..0 bits; at magnitude 10 it asks PIL for 0 bits, which
     Pillow >= 11 refuses. Keeping 0 bits meant a black image in every older Pillow: restore exactly that."""
-    from PIL import Image as PILImage
-    from timm.data import auto_augment
 
     original = auto_augment.posterize
     if getattr(original, "zero_bits_compat", False):
@@ -228,8 +229,6 @@ def load_digits_file() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits (8x8 images with values 0-16, and labels), read from the file the package
     ships, as ``sklearn.datasets.load_digits`` reads it, without importing scikit-learn: that import
     (scipy included) is 2 s of every run's start-up (docs/demo.md)."""
-    import gzip
-    from importlib.util import find_spec
 
     spec = find_spec("sklearn")  # locates the package without running its __init__
     if spec is None or not spec.submodule_search_locations:

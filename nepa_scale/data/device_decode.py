@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from nepa_scale.data.datasets import Batch, EncodedJpeg, Skipped
 
@@ -29,7 +30,6 @@ def crop_resize_flip(image: torch.Tensor, sample: EncodedJpeg, size: int, interp
 
 
 def _decode_each(samples: list[EncodedJpeg], device: torch.device) -> list[torch.Tensor | None]:
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     try:  # the whole micro-batch in one call
         return list(decode_jpeg([s.data for s in samples], mode=ImageReadMode.RGB, device=device))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
 
 from nepa_scale.config import DataConfig
 from nepa_scale.data.datasets import (
@@ -67,8 +71,6 @@ def few_labels(dataset: DigitsDataset | ImageFolderDataset, fraction: float) -> 
 def worker_context(start: str | None, num_workers: int):
     """How loader workers start (``data.worker_start``: fork, spawn, forkserver), as a DataLoader's
     multiprocessing context; None: the platform's default."""
-    import multiprocessing
-
     return multiprocessing.get_context(start) if start and num_workers > 0 else None
 
 
@@ -82,9 +84,6 @@ def batch_loader(
 ):
     """A DataLoader over ``sampler``'s micro-batches. Its generator is private: creating an
     iterator must not consume the global RNG (exact resume)."""
-    import torch
-    from torch.utils.data import DataLoader
-
     return DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nepa_scale.data.datasets import IMAGE_EXTENSIONS, SeededDataset, sample_rng, to_model_input
+from nepa_scale.data.datasets import (
+    IMAGE_EXTENSIONS,
+    DigitsDataset,
+    SeededDataset,
+    sample_rng,
+    to_model_input,
+)
 from nepa_scale.errors import DataError
 
 IGNORE_INDEX = 255
@@ -249,7 +255,6 @@ class DigitCanvases:
         count: int | None = None,
         per_canvas: int = 4,
     ):
-        from nepa_scale.data.datasets import DigitsDataset
 
         digits = DigitsDataset(split, digit_size, transform=None)
         self.digits = [np.asarray(img.convert("L")) for img in digits.images]

@@ -24,6 +24,7 @@ from its trunk's committed checkpoint at the branch step: the same rule, its len
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import shutil
@@ -34,13 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from nepa_scale.config import RunConfig
 from nepa_scale.engine.distributed import World, barrier
-from nepa_scale.engine.fingerprint import resume_digest, resume_fingerprint
+from nepa_scale.engine.fingerprint import fingerprint_diff, resume_digest, resume_fingerprint
 from nepa_scale.engine.settings import StepSettings
 from nepa_scale.errors import CheckpointError, ResumeRefused
-from nepa_scale.rundir import MARKER, PREFIX, RunDir, images_seen, tag_for, write_json_atomic
+from nepa_scale.models.zoo import count_params
+from nepa_scale.rundir import MARKER, PREFIX, RunDir, follow_umask, images_seen, tag_for, write_json_atomic
 
 if TYPE_CHECKING:
     from nepa_scale.engine.ema import Ema
@@ -48,6 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UNIVERSAL_SUFFIX = "_universal"
+BEST_EMA_WEIGHTS, BEST_EMA_RECORD = "best_ema.safetensors", "best_ema.json"  # a fine-tune's kept-best EMA
 
 
 def step_of(path: Path) -> int | None:
@@ -70,8 +74,6 @@ class Committed:
 
 
 def read_marker(path: Path) -> dict[str, Any] | None:
-    import json
-
     marker = path / MARKER
     if not marker.is_file():
         return None
@@ -195,19 +197,6 @@ def load_rng(path: Path, rank: int) -> dict[str, Any]:
 EMA_FILE = "ema.pt"
 
 
-def fingerprint_diff(old: dict, new: dict) -> list[str]:
-    """``key: checkpoint a -> config b`` for each key the checkpoint recorded that now differs (a key
-    added to the fingerprint by newer code is not a change)."""
-    lines = []
-    for key in sorted(old):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            lines += [f"{key}.{line}" for line in fingerprint_diff(a, b)]
-        elif a != b:
-            lines.append(f"{key}: checkpoint {a!r} -> config {b!r}")
-    return lines
-
-
 def resume_changes(
     meta: dict[str, Any],
     config: RunConfig,
@@ -327,7 +316,6 @@ class Checkpointer:
         committed = committed_checkpoints(self.root)
         if committed:
             return sum(p.stat().st_size for p in committed[-1].path.rglob("*") if p.is_file())
-        from nepa_scale.models.zoo import count_params
 
         return 12 * count_params(self.config.model.arch())["total"]
 
@@ -389,10 +377,11 @@ class Checkpointer:
 
     def _to_universal(self, source: Committed) -> Path:
         """DeepSpeed's universal format of a ZeRO checkpoint (rank 0 converts once), for a new world size."""
+        # heavy: DeepSpeed; the launcher and the analysis read checkpoints without it
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
         target = source.path.with_name(source.tag + UNIVERSAL_SUFFIX)
         if self.world.is_main and not (target / MARKER).exists():
-            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
             log.info(
                 "world size %d -> %d: converting %s to a universal checkpoint",
                 source.meta["world_size"],
@@ -487,3 +476,16 @@ class Checkpointer:
             retention(self.root, c.checkpoint.keep_last, c.checkpoint.keep_every, c.checkpoint.keep_steps)
         barrier()
         return path
+
+    def keep_best(self, ema: Ema, score: float, step: int) -> bool:
+        """Keep ``ema``'s weights as RUN_DIR/best_ema.safetensors when ``score`` beats the best kept
+        so far (best_ema.json records it and its step); rank 0's call. True when they were kept."""
+        record = self.run.root / BEST_EMA_RECORD
+        best = json.loads(record.read_text())["val_acc_ema"] if record.exists() else -1.0
+        if score <= best:
+            return False
+        weights = self.run.root / BEST_EMA_WEIGHTS
+        save_file({k: v.contiguous() for k, v in ema.state_dict().items()}, str(weights))
+        follow_umask(weights)
+        write_json_atomic(record, {"val_acc_ema": score, "step": step})
+        return True

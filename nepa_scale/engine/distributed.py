@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -51,7 +53,6 @@ def world_from_env() -> tuple[int, int, int]:
 def slurm_rendezvous() -> dict[str, str]:
     """MASTER_ADDR/PORT for a plain ``srun``: the job's first node, a port derived from the job id
     (stable across requeues, like submitit's TorchDistributedEnvironment)."""
-    import subprocess
 
     hosts = subprocess.run(
         ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
@@ -82,7 +83,7 @@ BUILD_STAMP = "nepa_build.json"  # beside the built op: the versions it was buil
 
 
 def _build_versions() -> dict[str, str]:
-    import deepspeed
+    import deepspeed  # heavy: `sweep plan` reads this module (deepspeed_config) without it
 
     return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": sys.version}
 
@@ -92,8 +93,8 @@ def prebuild_cpu_comm_op() -> None:
     compiles it; nothing to do where DeepSpeed communicates through a GPU library. The build runs
     with this environment's ninja first on PATH, and a stamp records the versions it is for."""
     use_environment_extensions_dir()
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.comm.torch import build_shm_op
+    from deepspeed.accelerator import get_accelerator  # heavy: DeepSpeed, for a run only
+    from deepspeed.comm.torch import build_shm_op  # heavy: DeepSpeed, for a run only
 
     if get_accelerator().device_name() != "cpu":
         return
@@ -108,9 +109,8 @@ def load_prebuilt_cpu_comm_op() -> bool:
     of compiling) whenever another ninja binary last built it, or the job's snapshot or PATH differ
     (docs/performance.md). Returns False (DeepSpeed builds it then) when there is none, or it was
     built for other versions."""
-    import importlib.util
 
-    from deepspeed.accelerator import get_accelerator
+    from deepspeed.accelerator import get_accelerator  # heavy: DeepSpeed, for a run only
 
     if get_accelerator().device_name() != "cpu":
         return False
@@ -138,7 +138,7 @@ def init_world(timeout_s: float = 600.0) -> World:
     fails after ``timeout_s`` (``distributed.timeout_s``)."""
     use_environment_extensions_dir()
     load_prebuilt_cpu_comm_op()
-    import deepspeed
+    import deepspeed  # heavy: `sweep plan` reads this module (deepspeed_config) without it
 
     rank, local_rank, world_size = world_from_env()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))

@@ -18,10 +18,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from nepa_scale.config import RunConfig
+from nepa_scale.config import DataConfig, RunConfig
 from nepa_scale.data import ResumableBatchSampler, batch_loader, build_dataset, collate, to_model_input
 from nepa_scale.engine.distributed import World
 from nepa_scale.engine.settings import StepSettings
+from nepa_scale.errors import ConfigError, DataError
 from nepa_scale.eval.probes import (
     ProbeSubset,
     check_probe_subsets,
@@ -229,3 +230,21 @@ class Evaluator:
             "probe_weights": "ema" if lg.probe_ema else "online",
             "probe_causal": result.causal,
         }
+
+
+def check_probe_subsets_unchanged(recorded: dict | None, current: dict | None, data: DataConfig) -> None:
+    """A resumed run probes the images it probed before: one curve, one probe."""
+    if not recorded or not current or recorded == current:
+        return
+    for key in ("seed", "train_per_class", "val_per_class"):
+        if recorded.get(key) != current.get(key):
+            name = "probe_subset_seed" if key == "seed" else f"probe_{key}"
+            raise ConfigError(
+                f"logging.{name}: the run probed with {recorded.get(key)} before (run.json probe_subsets), "
+                f"now {current.get(key)}: one run's probe curve needs one subset; set it back or start a new run"
+            )
+    raise DataError(
+        f"data: the probe subsets drawn from {data.root or data.kind} differ from those the run "
+        f"recorded ({recorded['train']} / {recorded['val']} before, {current['train']} / {current['val']} now): "
+        "the split's files changed since the run started"
+    )

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nepa_scale.engine import checkpoint as ckpt
@@ -36,6 +37,7 @@ def fp32_state_dict(checkpoint: ckpt.Committed) -> dict[str, torch.Tensor]:
         module = {k: v.float() for k, v in states["module"].items()}
     if stage == 0:
         return module
+    # heavy: DeepSpeed, only for an export (the tasks read this module for stale_export)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
@@ -64,7 +66,6 @@ EXPORTED = "model.safetensors"
 
 def exported_step(path: str | Path) -> int | None:
     """The step an export holds (its metadata), None for a file without it or not there."""
-    from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:

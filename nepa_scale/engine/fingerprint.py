@@ -1,7 +1,8 @@
 """The resume fingerprint: the settings a checkpoint cannot survive a change of.
 
 Every checkpoint and run.json record it (and its digest); the checkpointer compares it on resume
-(``checkpoint.resume_changes``) and refuses a change with the key named.
+(``checkpoint.resume_changes``) and refuses a change with the key named, and a run that completed
+with the same digest, budget and data has nothing left to train (``already_complete``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 from typing import Any
 
 from nepa_scale.config import RunConfig
+from nepa_scale.errors import NepaError
+from nepa_scale.rundir import RunDir, RunRecord
 
 
 def resume_fingerprint(config: RunConfig) -> dict[str, Any]:
@@ -63,3 +66,46 @@ def resume_digest(config: RunConfig) -> str:
     """A short digest of ``resume_fingerprint`` (recorded in run.json and every checkpoint)."""
     blob = json.dumps(resume_fingerprint(config), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def fingerprint_diff(old: dict, new: dict) -> list[str]:
+    """``key: checkpoint a -> config b`` for each key the checkpoint recorded that now differs (a key
+    added to the fingerprint by newer code is not a change)."""
+    lines = []
+    for key in sorted(old):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += [f"{key}.{line}" for line in fingerprint_diff(a, b)]
+        elif a != b:
+            lines.append(f"{key}: checkpoint {a!r} -> config {b!r}")
+    return lines
+
+
+def completed_with(run: RunDir, config: RunConfig) -> RunRecord | None:
+    """The record of ``run`` when it completed with the same resume settings, budget and data
+    (so the same length) and its final checkpoint is committed: there is nothing to train."""
+    record = run.record()
+    if record.status != "completed" or record.step is None or not isinstance(record.config, dict):
+        return None
+    try:  # read through today's config: settings added since the run was recorded get their defaults
+        recorded = record.run_config().to_dict()
+    except NepaError:
+        return None
+    current = config.to_dict()
+    same = (
+        record.resume_digest == resume_digest(config)
+        and all(recorded[key] == current[key] for key in ("budget", "data"))
+        and run.has_committed(record.step)
+    )
+    return record if same else None
+
+
+def already_complete(run: RunDir, config: RunConfig) -> str | None:
+    """What to say when ``run`` completed with the same settings and length (nothing to train);
+    None otherwise."""
+    record = completed_with(run, config)
+    if record is None:
+        return None
+    return (
+        f"run {run.root} is already complete (step {record.step} of {record.total_steps}): nothing to train"
+    )

@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from nepa_scale.config import LoggingConfig
 from nepa_scale.engine.distributed import World
 from nepa_scale.errors import ConfigError
-from nepa_scale.rundir import RunDir, images_seen
+from nepa_scale.rundir import RunDir, images_seen, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ class MetricsWriter:
             return
         if logging_config.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard
             except ImportError:
                 raise ConfigError(
                     "logging.tensorboard: needs the tensorboard package (pip install tensorboard)"
@@ -191,7 +192,7 @@ class MetricsWriter:
         wandb_project = logging_config.wandb_project
         if wandb_project:
             try:
-                import wandb
+                import wandb  # optional: wandb
             except ImportError:
                 raise ConfigError(
                     "logging.wandb_project: needs the wandb package (pip install wandb)"
@@ -231,6 +232,11 @@ class MetricsWriter:
             }
         )
 
+    def write_record(self, name: str, record: dict[str, Any]) -> None:
+        """A task's fuller record of its newest evaluation, as RUN_DIR/``name`` (replaced each time)."""
+        if self.is_main:
+            write_json_atomic(self.run.root / name, record)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -249,8 +255,6 @@ class Progress:
         self.lines = is_main and enabled != "never"
         self.last_line = -math.inf
         if self.lines and (enabled == "always" or sys.stderr.isatty()):
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
             self.lines = False
 

@@ -22,6 +22,7 @@ import logging
 import signal
 import threading
 import time
+from multiprocessing import resource_tracker
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,6 @@ class PreemptionFlag:
         multiprocessing's resource tracker is started here, under the mask: starting it unblocks
         SIGTERM in the calling thread (Python 3.11, bpo-33613's fix), which the first spawn or
         forkserver child (a DataLoader worker) would otherwise do after the mask is set."""
-        from multiprocessing import resource_tracker
 
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)

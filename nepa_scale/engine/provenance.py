@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import torch
+
+import nepa_scale
+from nepa_scale.config import RunConfig, dump_yaml
+from nepa_scale.data.resize import resized_copy_settings
+from nepa_scale.engine.checkpoint import ResumePlan
+from nepa_scale.engine.evaluator import check_probe_subsets_unchanged
+from nepa_scale.engine.fingerprint import resume_digest
+from nepa_scale.rundir import Restart, RunDir, now
 
 
 def git_revision() -> str | None:
@@ -23,11 +34,8 @@ def git_revision() -> str | None:
 
 
 def package_versions() -> dict[str, str]:
-    import deepspeed
-    import timm
-    import torch
-
-    import nepa_scale
+    import deepspeed  # heavy: the launcher reads this module (git_revision) without DeepSpeed
+    import timm  # heavy, likewise
 
     return {
         "python": sys.version.split()[0],
@@ -42,3 +50,54 @@ def package_versions() -> dict[str, str]:
 def package_dir() -> str:
     """The nepa_scale package this process imported (a launched job's is the code snapshot)."""
     return str(Path(__file__).resolve().parents[1])
+
+
+def record_start(
+    run: RunDir,
+    config: RunConfig,
+    plan: ResumePlan | None,
+    start_step: int,
+    probe_subsets: dict | None,
+    **facts,
+) -> None:
+    """Rank 0, as an attempt of a run starts: its config.yaml; in run.json the restart (or, for a
+    cooldown branch, where it left its trunk, with the trunk's log up to there) and this attempt's
+    facts: the versions and code it ran, and ``facts`` (world, precision, step settings, size)."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.config_yaml.write_text(dump_yaml(config))
+    restart, branch = None, None
+    if plan is not None and plan.branch:  # a fresh start from the trunk: its log up to here
+        copied = run.copy_metrics_from(RunDir(config.branch.parent), start_step)
+        branch = {
+            "parent": config.branch.parent,
+            "step": start_step,
+            "checkpoint": str(plan.source.path),
+            "copied_metric_lines": copied,
+        }
+    elif plan is not None:
+        check_probe_subsets_unchanged(run.record().probe_subsets, probe_subsets, config.data)
+        dropped = run.truncate_metrics(start_step, len(run.record().restarts))
+        restart = Restart(
+            from_step=start_step,
+            world_size=facts["world_size"],
+            time=now(),
+            unix_time=time.time(),
+            discarded_metric_lines=dropped,
+            changes=plan.changes,
+        )
+    else:
+        run.truncate_metrics(0, 0)
+    fresh = {} if restart is not None else {"branch": branch}  # a resume keeps the record's
+    resized = config.data.kind == "imagefolder"
+    run.started(
+        restart,
+        **fresh,
+        config=config.to_dict(),
+        resume_digest=resume_digest(config),
+        versions=package_versions(),
+        git_revision=git_revision(),
+        code=package_dir(),
+        data_resized=resized_copy_settings(config.data.root, config.data.train_split) if resized else None,
+        probe_subsets=probe_subsets,
+        **facts,
+    )

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from nepa_scale.config import OptimConfig
+from nepa_scale.errors import ConfigError
 
 
 def warmup_steps(optim: OptimConfig, total_steps: int) -> int:
@@ -44,7 +45,6 @@ def cooldown_start(optim: OptimConfig, total_steps: int) -> int:
 def check_schedule(optim: OptimConfig, total_steps: int) -> None:
     """The warmup ends before the run does, and a WSD run's before its cooldown starts (a ConfigError
     naming the key otherwise)."""
-    from nepa_scale.errors import ConfigError
 
     start, warmup = cooldown_start(optim, total_steps), warmup_steps(optim, total_steps)
     if optim.warmup_steps is not None and warmup >= total_steps > 1:

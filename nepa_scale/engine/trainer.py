@@ -5,11 +5,13 @@ run length) and checks the data, so bad input fails before DeepSpeed starts. ``f
 engine (resuming from the newest committed checkpoint) and runs ``train``, which reads top to
 bottom: per step, train, maybe log, maybe evaluate, maybe checkpoint, maybe stop on preemption.
 
-The components: the task (``tasks.py``: model, loss, evaluation), the step settings
+The components: the task (``tasks/``: model, loss, evaluation), the step settings
 (``settings.py``), the optimizer and lr schedule (``schedule.py``), the checkpointer
-(``checkpoint.py``: resume planning and the resume rule, save, load), the EMA (``ema.py``), the
-evaluator (``evaluator.py``), the metrics writer and progress (``metrics.py``), the preemption flag
-(``preemption.py``), provenance (``provenance.py``) and the run record (``nepa_scale/rundir.py``).
+(``checkpoint.py``: resume planning and the resume rule, save, load, the best EMA weights), the
+EMA (``ema.py``), the evaluator (``evaluator.py``), the metrics writer and progress
+(``metrics.py``), the preemption flag (``preemption.py``), how an attempt ends (``outcomes.py``),
+compile and float8 (``acceleration.py``), provenance (``provenance.py``) and the run record
+(``nepa_scale/rundir.py``).
 
 A resumed run is indistinguishable from an uninterrupted one: weights, optimizer, lr schedule,
 data position (a function of the step), per-rank RNG states, the EMA and a log interval cut short
@@ -18,36 +20,31 @@ are all restored.
 
 from __future__ import annotations
 
-import errno
 import logging
 import random
-import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
+import deepspeed
 import numpy as np
 import torch
 
-from nepa_scale.config import RunConfig, dump_yaml
+from nepa_scale.config import RunConfig
 from nepa_scale.data import Batch, ResumableBatchSampler, batch_loader, check_training_data, to_model_input
 from nepa_scale.data.device_decode import decode_on_device
-from nepa_scale.data.resize import resized_copy_settings
-from nepa_scale.engine.checkpoint import Checkpointer, ResumePlan, committed_checkpoints, remove_uncommitted
+from nepa_scale.engine.acceleration import apply_compile, apply_float8
+from nepa_scale.engine.checkpoint import Checkpointer, ResumePlan
 from nepa_scale.engine.distributed import (
     World,
     barrier,
     control_group,
     deepspeed_config,
-    init_world,
     is_peer_loss,
-    world_from_env,
 )
 from nepa_scale.engine.ema import Ema
 from nepa_scale.engine.evaluator import Evaluator
-from nepa_scale.engine.fingerprint import resume_digest
+from nepa_scale.engine.fingerprint import already_complete
 from nepa_scale.engine.health import LossWatch, report_skipped
 from nepa_scale.engine.metrics import (
     NO_TIMER,
@@ -58,30 +55,18 @@ from nepa_scale.engine.metrics import (
     device_peak_tflops,
     train_record,
 )
+from nepa_scale.engine.outcomes import TrainResult, failure, join_world, stopped
 from nepa_scale.engine.preemption import PreemptionFlag
-from nepa_scale.engine.provenance import git_revision, package_dir, package_versions
+from nepa_scale.engine.provenance import record_start
 from nepa_scale.engine.schedule import build_optimizer, check_schedule, cooldown_start
 from nepa_scale.engine.settings import resolve_step_settings
-from nepa_scale.engine.tasks import TASKS, TaskContext
-from nepa_scale.errors import ConfigError, DataError, PeerLost, StorageError
+from nepa_scale.engine.tasks import TASKS, Task, TaskContext
+from nepa_scale.errors import ConfigError, DataError
 from nepa_scale.memory import device_memory_gb
 from nepa_scale.models import NEPA, resolve_backend
-from nepa_scale.rundir import REQUEUE_EXIT_CODE, STOPPED_EXIT_CODE, Interruption, Restart, RunDir, now
+from nepa_scale.rundir import RunDir
 
 log = logging.getLogger("nepa_scale.train")
-
-
-@dataclass
-class TrainResult:
-    status: str  # completed | preempted | stopped (Ctrl-C)
-    step: int  # the step the run stopped at (saved there when it trained any step)
-    total_steps: int
-    exit_code: int
-    start_step: int = 0  # the step this attempt started (resumed) from
-
-    @property
-    def steps_done(self) -> int:
-        return self.step - self.start_step
 
 
 def setup_logging(world: World) -> None:
@@ -89,39 +74,6 @@ def setup_logging(world: World) -> None:
     fmt = f"%(asctime)s [rank {world.rank}] %(name)s: %(message)s"
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-
-
-def apply_compile(model: NEPA, scope: str, mode: str = "default") -> None:
-    """torch.compile in place, before DeepSpeed wraps the model (state-dict keys are unchanged).
-
-    ``blocks`` compiles each transformer block: identical blocks share one compiled graph, so it
-    compiles in seconds for any depth, and ZeRO's per-module hooks stay outside the graphs."""
-    options = {} if mode == "default" else {"mode": mode}
-    if scope == "blocks":
-        for block in model.blocks:
-            block.compile(**options)
-    elif scope == "model":
-        model.compile(**options)
-
-
-def apply_float8(model: torch.nn.Module) -> int:
-    """torchao's float8 training for the blocks' linear layers (dynamic tensor-wise scaling), in
-    place, before compile and DeepSpeed; the weights stay ordinary parameters, so checkpoints and
-    exports are unchanged. Layers whose sides are not multiples of 16 (float8 matmuls' alignment)
-    stay as they are. Returns how many layers were converted."""
-    from torchao.float8 import convert_to_float8_training
-
-    def eligible(module: torch.nn.Module, name: str) -> bool:
-        return (
-            isinstance(module, torch.nn.Linear)
-            and ".blocks." in f".{name}"
-            and module.in_features % 16 == 0
-            and module.out_features % 16 == 0
-        )
-
-    before = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    convert_to_float8_training(model, module_filter_fn=eligible)
-    return before - sum(type(m) is torch.nn.Linear for m in model.modules())
 
 
 class Trainer:
@@ -136,15 +88,7 @@ class Trainer:
         called on rank 0 with the step of each committed checkpoint (the launcher submits a WSD
         trunk's branches from it)."""
         self.config, self.preempt, self.on_commit = config, preempt, on_commit
-        try:
-            self.world = init_world(config.distributed.timeout_s)
-        except Exception as exc:  # the rendezvous: a rank that never came (its node died at start-up)
-            rank, _, world_size = world_from_env()
-            if world_size > 1 and is_peer_loss(exc):
-                run = RunDir(config.output_dir)
-                attempt = f"start{len(run.record().restarts)}_{len(run.record().interruptions)}"
-                raise peer_lost(run, config, exc, rank, attempt, None, 0) from exc
-            raise
+        self.world = join_world(config)
         self.control_group = control_group(self.world)
         setup_logging(self.world)
         self.run = RunDir(config.output_dir)
@@ -196,7 +140,7 @@ class Trainer:
             epoch_steps,
             task_class.val_dataset(config, self.arch),
         )
-        self.task = task_class(
+        self.task: Task = task_class(
             TaskContext(config, self.arch, self.world, self.run, self.settings, self.evaluator)
         )
         # The probe's fixed images, drawn and checked now: data a probe cannot use (one class) fails
@@ -253,7 +197,6 @@ class Trainer:
     def build_engine(self, resume: bool = True) -> tuple[object, Ema | None, int]:
         """Model, optimizer and DeepSpeed engine, resumed from the newest committed checkpoint unless
         ``resume`` is False (the benchmark); returns (engine, ema, start step)."""
-        import deepspeed
 
         c = self.config
         plan = self.checkpointer.plan_resume() if resume else None  # a refusal needs no model
@@ -275,54 +218,23 @@ class Trainer:
         return engine, ema, start_step
 
     def _record_start(self, model: NEPA, plan: ResumePlan | None, start_step: int) -> None:
-        c, world, run = self.config, self.world, self.run
+        c, world, settings = self.config, self.world, self.settings
         params = sum(p.numel() for p in model.parameters())
         backend = model.blocks[0].attn.backend
         if world.is_main:
-            run.root.mkdir(parents=True, exist_ok=True)
-            run.config_yaml.write_text(dump_yaml(c))
-            restart, branch = None, None
-            if plan is not None and plan.branch:  # a fresh start from the trunk: its log up to here
-                copied = run.copy_metrics_from(RunDir(c.branch.parent), start_step)
-                branch = {
-                    "parent": c.branch.parent,
-                    "step": start_step,
-                    "checkpoint": str(plan.source.path),
-                    "copied_metric_lines": copied,
-                }
-            elif plan is not None:
-                check_probe_subsets_unchanged(run.record().probe_subsets, self.probe_subsets, c)
-                dropped = run.truncate_metrics(start_step, len(run.record().restarts))
-                restart = Restart(
-                    from_step=start_step,
-                    world_size=world.world_size,
-                    time=now(),
-                    unix_time=time.time(),
-                    discarded_metric_lines=dropped,
-                    changes=plan.changes,
-                )
-            else:
-                run.truncate_metrics(0, 0)
-            fresh = {} if restart is not None else {"branch": branch}  # a resume keeps the record's
-            run.started(
-                restart,
-                **fresh,
-                config=c.to_dict(),
-                resume_digest=resume_digest(c),
-                versions=package_versions(),
-                git_revision=git_revision(),
-                code=package_dir(),
+            record_start(
+                self.run,
+                c,
+                plan,
+                start_step,
+                self.probe_subsets,
                 world_size=world.world_size,
-                precision=self.settings.precision,
+                precision=settings.precision,
                 attention_backend=backend,
-                checkpointed_blocks=self.settings.checkpointed_blocks,
-                micro_batch=self.settings.micro_batch,
-                data_resized=resized_copy_settings(c.data.root, c.data.train_split)
-                if c.data.kind == "imagefolder"
-                else None,
+                checkpointed_blocks=settings.checkpointed_blocks,
+                micro_batch=settings.micro_batch,
                 total_steps=self.total_steps,
                 steps_per_epoch=self.sampler.steps_per_epoch,
-                probe_subsets=self.probe_subsets,
                 flop_convention=c.budget.flop_convention,
                 flops_per_image=self.flops_per_image,
                 params=params,
@@ -331,15 +243,15 @@ class Trainer:
         log.info(
             "run %s: %s (%s params), %d steps of %d images (%d x %d micro-batches x %d ranks), %s, "
             "attention=%s, compile=%s, zero=%d, from step %d",
-            run.root,
+            self.run.root,
             c.model.name,
             f"{params:,}",
             self.total_steps,
             c.budget.global_batch,
-            self.settings.micro_batch,
-            self.settings.accumulation_steps,
+            settings.micro_batch,
+            settings.accumulation_steps,
             world.world_size,
-            self.settings.precision,
+            settings.precision,
             backend,
             c.model.compile,
             c.deepspeed.zero_stage,
@@ -348,7 +260,7 @@ class Trainer:
 
     # -- the run
     def fit(self) -> TrainResult:
-        complete = self.run.already_complete(self.config)
+        complete = already_complete(self.run, self.config)
         if complete is not None:
             log.info(complete)
             return TrainResult(
@@ -357,7 +269,9 @@ class Trainer:
         try:
             engine, ema, start_step = self.build_engine()
         except BaseException as exc:  # the engine's build is collective too: a rank may be lost here
-            self._raise_for(exc, None, 0)
+            if self.world.world_size > 1 and is_peer_loss(exc):
+                self._raise_for(exc, None, 0)
+            raise  # a refused resume or a bad setting: the run's record stays as it was
         return self.train(engine, ema, start_step)
 
     def train(self, engine, ema: Ema | None, start_step: int) -> TrainResult:
@@ -430,71 +344,28 @@ class Trainer:
         """One evaluation line at ``step``: the task's held-out evaluation and the probes, as due."""
         values: dict = {}
         if held_out:
-            values |= self.task.evaluate(engine, ema, step)
+            evaluation = self.task.evaluate(engine, ema, step)
+            values |= evaluation.metrics
+            if evaluation.record is not None:
+                writer.write_record(evaluation.record_file, evaluation.record)
+            if evaluation.best_score is not None and self.world.is_main:
+                if self.checkpointer.keep_best(ema, evaluation.best_score, step):
+                    log.info("step %d: best EMA weights so far kept (%.4f)", step, evaluation.best_score)
+            barrier()  # rank 0 may have scored the EMA and kept its weights
         if probe:
             values |= self.evaluator.probe(engine, ema)
         writer.write_eval(step, values)
 
     def _raise_for(self, exc: BaseException, step: int | None, start_step: int) -> None:
-        """Raise what ``exc`` means for the run (``_stopped_by``), with ``exc`` as its cause."""
-        meaning = self._stopped_by(exc, step, start_step)
+        """Raise what ``exc`` means for the run (``outcomes.failure``), with ``exc`` as its cause."""
+        bytes_needed = self.checkpointer.checkpoint_bytes()
+        meaning = failure(exc, self.run, self.world, self.config, bytes_needed, step, start_step)
         if meaning is exc:
             raise exc
         raise meaning from exc
 
-    def _stopped_by(self, exc: BaseException, step: int | None, start_step: int) -> BaseException:
-        """What ``exc`` means for the run, recorded: a full disk (one line naming the folder), another
-        rank lost (an interruption, resumed from the last committed checkpoint), or a failure."""
-        full = disk_full(exc, self.run.root, self.checkpointer.checkpoint_bytes())
-        if full is not None:
-            if self.world.is_main:  # the half-written checkpoint goes now (the next start would remove it):
-                remove_uncommitted(self.run.checkpoints)  # its room is what run.json needs to say why
-            return self._failed(full, step)
-        if self.world.world_size > 1 and is_peer_loss(exc):  # another rank is gone, not this one's error
-            attempt = f"attempt{len(self.run.record().restarts)}_from_step{start_step}"
-            steps_done = 0 if step is None else step - start_step
-            return peer_lost(self.run, self.config, exc, self.world.rank, attempt, step, steps_done)
-        if self.world.is_main:
-            self.run.failed(f"{type(exc).__name__}: {exc}", step=getattr(exc, "step", None) or step)
-        return exc
-
-    def _failed(self, exc: Exception, step: int) -> Exception:
-        """Record ``exc`` as the run's failure where that is still possible (a full disk may refuse
-        run.json too: then the log says it) and return it."""
-        if self.world.is_main:
-            try:
-                self.run.failed(f"{type(exc).__name__}: {exc}", step=step)
-            except OSError as write_error:
-                log.error("could not record the failure in %s: %s", self.run.run_json, write_error)
-        return exc
-
     def _stopped(self, preempt: PreemptionFlag, step: int, start_step: int) -> TrainResult:
-        """Preempted at ``step`` (saved there, unless no step was trained): exit for a requeue; or,
-        on Ctrl-C (SIGINT), stopped by the user: saved the same way, resumable, exit 130."""
-        by = preempt.received.name if preempt.received else "peer rank"
-        stopped = preempt.received == signal.SIGINT
-        saved = "checkpoint committed" if step > start_step else "no step trained, nothing to save"
-        if self.world.is_main and stopped:
-            self.run.stopped(step, self.config.budget.global_batch, by)
-            log.info(
-                "stopped (Ctrl-C) at step %d of %d: %s; the same command resumes it",
-                step,
-                self.total_steps,
-                saved,
-            )
-        elif self.world.is_main:
-            self.run.preempted(step, self.config.budget.global_batch, by)
-            log.info(
-                "preempted (%s) at step %d: %s, exiting with %d for requeue",
-                by,
-                step,
-                saved,
-                REQUEUE_EXIT_CODE,
-            )
-        barrier()
-        if stopped:
-            return TrainResult("stopped", step, self.total_steps, STOPPED_EXIT_CODE, start_step)
-        return TrainResult("preempted", step, self.total_steps, REQUEUE_EXIT_CODE, start_step)
+        return stopped(self.run, self.world, self.config, preempt, step, start_step, self.total_steps)
 
     def train_step(
         self, engine, batches: Iterator[Batch], step: int, timer: PhaseTimer = NO_TIMER
@@ -556,90 +427,6 @@ class Trainer:
             )
         self.meter.reset()
         return record
-
-
-def peer_lost(
-    run: RunDir,
-    config: RunConfig,
-    exc: BaseException,
-    rank: int,
-    attempt: str,
-    step: int | None,
-    steps_done: int,
-) -> PeerLost:
-    """A collective (or the rendezvous) failed because another rank is gone. The first surviving rank
-    to claim it (any rank may survive: rank 0 may be the lost one) records the run interrupted at its
-    last committed checkpoint; every survivor stops with ``PeerLost``. ``attempt`` names this attempt
-    of the run (one claim each); ``step``: where it failed, None before training."""
-    committed = committed_checkpoints(run.checkpoints)
-    resume_step = committed[-1].step if committed else (config.branch.step or 0)
-    run.logs.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(run.logs / f".peer_lost_{attempt}", "x"):
-            pass
-        recorded = True
-    except FileExistsError:
-        recorded = False
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    when = "while the ranks met" if step is None else f"at step {step}"
-    message = (
-        f"rank {rank}: another rank of the run is gone ({type(exc).__name__}: {reason}) {when}; the run "
-        f"resumes from {'its checkpoint of step ' + str(resume_step) if resume_step else 'the start'}"
-    )
-    if recorded:
-        event = Interruption(
-            signal="peer lost",
-            kind="peer_lost",
-            action="resume",
-            step=resume_step,
-            time=now(),
-            signal_unix_time=time.time(),
-            steps_done=steps_done,
-        )
-        run.peer_lost(event, message)
-    log.error("%s", message)
-    return PeerLost(message, resume_step, recorded)
-
-
-def disk_full(exc: BaseException, root, needed: int) -> StorageError | None:
-    """A StorageError naming the run's directory when ``exc`` came from its device running out of
-    room: an OSError with ENOSPC or EDQUOT anywhere in its chain, or an I/O error (torch.save's
-    says only "file write failed" or "unexpected pos") while less than ``needed`` bytes are free."""
-    chain, seen = [], exc
-    while seen is not None and len(chain) < 8:
-        chain.append(seen)
-        seen = seen.__cause__ or seen.__context__
-    full = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
-    try:
-        free = shutil.disk_usage(root).free
-    except OSError:
-        return None
-    io = any(isinstance(e, OSError | RuntimeError) for e in chain)
-    if not full and not (io and free < needed):
-        return None
-    return StorageError(
-        f"no space left on the device of {root}: {free / 1e6:.1f} MB free, a checkpoint of this run needs "
-        f"about {needed / 1e6:.1f} MB; free space (or move output_dir) and run again: it resumes from its "
-        "newest committed checkpoint"
-    )
-
-
-def check_probe_subsets_unchanged(recorded: dict | None, current: dict | None, config: RunConfig) -> None:
-    """A resumed run probes the images it probed before: one curve, one probe."""
-    if not recorded or not current or recorded == current:
-        return
-    for key in ("seed", "train_per_class", "val_per_class"):
-        if recorded.get(key) != current.get(key):
-            name = "probe_subset_seed" if key == "seed" else f"probe_{key}"
-            raise ConfigError(
-                f"logging.{name}: the run probed with {recorded.get(key)} before (run.json probe_subsets), "
-                f"now {current.get(key)}: one run's probe curve needs one subset; set it back or start a new run"
-            )
-    raise DataError(
-        f"data: the probe subsets drawn from {config.data.root or config.data.kind} differ from those the run "
-        f"recorded ({recorded['train']} / {recorded['val']} before, {current['train']} / {current['val']} now): "
-        "the split's files changed since the run started"
-    )
 
 
 def train(

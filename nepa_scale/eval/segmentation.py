@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
+from nepa_scale.data import worker_context
 from nepa_scale.data.segmentation import IGNORE_INDEX
 
 
@@ -129,9 +131,6 @@ def score_images(
 ) -> torch.Tensor:
     """The confusion matrix of ``indices`` of an evaluation dataset (image, label map at its size),
     read and resized by ``num_workers`` loader processes (``data.num_workers``) while the model runs."""
-    from torch.utils.data import DataLoader
-
-    from nepa_scale.data import worker_context
 
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     context = worker_context(worker_start, num_workers)

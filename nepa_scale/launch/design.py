@@ -18,10 +18,11 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from nepa_scale.config import DataConfig, RunConfig, validated
 from nepa_scale.engine.schedule import check_schedule, cooldown_start
-from nepa_scale.engine.tasks import planned_arch_and_flops
+from nepa_scale.engine.tasks import SegmentTask, planned_arch_and_flops
 from nepa_scale.errors import ConfigError, NepaError
 from nepa_scale.rundir import images_seen
 
@@ -31,7 +32,7 @@ ISOFLOP_TOLERANCE = 0.01
 
 @functools.lru_cache(maxsize=16)
 def _train_size(data_json: str, image_size: int) -> int:
-    from nepa_scale.data import build_dataset
+    from nepa_scale.data import build_dataset  # heavy: torch, for an epochs budget only
 
     data = validated(DataConfig, json.loads(data_json), "data.")
     return len(build_dataset(data, "train", image_size, train=False))
@@ -43,8 +44,6 @@ def training_steps(config: RunConfig) -> int:
     b = config.budget
     steps_per_epoch = 0
     if b.epochs is not None and config.task == "segment":  # image and annotation pairs, listed
-        from nepa_scale.engine.tasks import SegmentTask
-
         steps_per_epoch = len(SegmentTask.train_dataset(config, None)) // b.global_batch
     elif b.epochs is not None:
         data_json = json.dumps(config.to_dict()["data"], sort_keys=True)
@@ -58,10 +57,8 @@ def _probe_images(
 ) -> int | None:
     """Images of a split's probe subset: counted from the labels (the bundled digits, a folder's
     listing), or per class x class folders when the split's files are not listed; None without data."""
-    from pathlib import Path
-
-    from nepa_scale.data import build_dataset
-    from nepa_scale.eval.probes import probe_subset
+    from nepa_scale.data import build_dataset  # heavy: torch, for a study that probes only
+    from nepa_scale.eval.probes import probe_subset  # heavy: torch, likewise
 
     data = validated(DataConfig, json.loads(data_json), "data.")
     if data.kind == "imagefolder":

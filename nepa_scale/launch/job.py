@@ -43,6 +43,8 @@ from pathlib import Path
 
 import submitit
 
+from nepa_scale.config import load_config
+from nepa_scale.data import check_input_paths
 from nepa_scale.errors import PeerLost
 from nepa_scale.launch.executors import scheduler
 from nepa_scale.rundir import REQUEUE_EXIT_CODE, Interruption, RunDir, now
@@ -106,6 +108,7 @@ class RunJob(submitit.helpers.Checkpointable):
         self.submit_branches = submit_branches
 
     def __call__(self) -> dict:
+        # heavy (torch): the job imports the engine; the submitting side, which pickles this, does not
         from nepa_scale.engine.preemption import PreemptionFlag
 
         preempt = PreemptionFlag().install()  # first: a notice during start-up must not be lost
@@ -134,11 +137,9 @@ class RunJob(submitit.helpers.Checkpointable):
         raise SystemExit(REQUEUE_EXIT_CODE)
 
     def _train(self, preempt):
-        import torch
+        import torch  # heavy, as above: only in the job's process
 
-        from nepa_scale.config import load_config
-        from nepa_scale.data import check_input_paths
-        from nepa_scale.engine.trainer import train
+        from nepa_scale.engine.trainer import train  # heavy: torch, DeepSpeed
 
         torch.set_num_threads(self.cpus_per_task)
         config = load_config(RunDir(self.run_dir).config_yaml)

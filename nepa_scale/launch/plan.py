@@ -29,12 +29,13 @@ from nepa_scale.comm import Collective, StepTime, ZeroOptions, step_collectives,
 from nepa_scale.config import ConfigError, RunConfig
 from nepa_scale.engine.distributed import World, deepspeed_config
 from nepa_scale.engine.settings import StepSettings, resolve_step_settings
-from nepa_scale.engine.tasks import planned_arch_and_flops
+from nepa_scale.engine.tasks import SegmentTask, planned_arch_and_flops
 from nepa_scale.errors import DataError
 from nepa_scale.launch.design import evaluation_flops, training_steps
 from nepa_scale.launch.profiles import ClusterProfile
 from nepa_scale.launch.sweep import PlannedRun, Sweep
 from nepa_scale.models.arch import NepaArch
+from nepa_scale.models.vit import NEPA
 from nepa_scale.rundir import images_seen
 
 
@@ -152,8 +153,6 @@ def planned_collectives(
 
 def planned_model(config: RunConfig, arch: NepaArch):
     """The run's model on the meta device (shapes only): what its parameters and modules are."""
-    from nepa_scale.engine.tasks import SegmentTask
-    from nepa_scale.models.vit import NEPA
 
     with torch.device("meta"):
         if config.task == "segment":  # the pyramid and heads too

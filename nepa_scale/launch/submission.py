@@ -20,6 +20,7 @@ import submitit
 
 import nepa_scale
 from nepa_scale.config import dump_yaml
+from nepa_scale.engine.fingerprint import resume_digest
 from nepa_scale.engine.provenance import git_revision
 from nepa_scale.launch.executors import scheduler
 from nepa_scale.launch.profiles import ClusterProfile
@@ -67,7 +68,7 @@ def prepare(run: PlannedRun) -> None:
         return
     rd.config_yaml.write_text(dump_yaml(run.config))
     if not rd.run_json.is_file():
-        rd.created(run.config)
+        rd.created(run.config, resume_digest(run.config))
 
 
 def read_launch(run: RunDir) -> dict:

@@ -38,7 +38,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
 
 
 def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    import xformers.ops as xops
+    import xformers.ops as xops  # optional: xformers (CUDA only)
 
     # xformers wants [B, M, H, K]; we carry [B, H, M, K].
     bias = xops.LowerTriangularMask() if causal else None

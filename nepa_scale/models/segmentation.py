@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from nepa_scale.models.arch import NepaArch
 from nepa_scale.models.vit import NEPA
@@ -133,7 +134,6 @@ def head_forward_flops(
     """Forward FLOPs per image of the pyramid, UPerNet and the auxiliary head on a rows x cols token
     grid, counted by torch's FlopCounterMode on meta tensors (no memory, no compute). At ADE20K's
     crop they are most of a segmentation step: 1,335 GFLOP against the B/14 backbone's 303."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         pyramid, decoder = FeaturePyramid(dim), UPerHead(dim, num_classes, decoder_channels)

@@ -52,11 +52,11 @@ def create_model(
     **overrides,
 ) -> NEPA:
     """Build a zoo entry; ``pretrained`` is a local file (ours or the official layout)."""
-    from nepa_scale.models.vit import NEPA
+    from nepa_scale.models.vit import NEPA  # heavy: torch; the zoo's names and sizes need none
 
     model = NEPA(get_arch(name, **overrides), attention=attention, grad_checkpointing=grad_checkpointing)
     if pretrained is not None:
-        from nepa_scale.models.official import load_weights
+        from nepa_scale.models.official import load_weights  # heavy: torch, safetensors
 
         load_weights(model, pretrained)
     return model

@@ -19,6 +19,7 @@ from nepa_scale.scaling import figures
 from nepa_scale.scaling.fits import (
     Estimate,
     FitError,
+    SeedSpread,
     fit_chinchilla,
     fit_isoflop,
     fit_power_law,
@@ -29,6 +30,7 @@ from nepa_scale.scaling.fits import (
     width_effect,
 )
 from nepa_scale.scaling.quantities import (
+    MONOTONE_SHARE,
     QUANTITIES,
     diagnostic_correlations,
     label,
@@ -170,7 +172,7 @@ def chinchilla(study: Study) -> AnalysisResult:
         seed=s.seed,
         n_label=study.n_label,
         d_label=study.d_label,
-        quantity_label=study.quantity_label,
+        quantity_label=study.quantity_short,
     )
     entry = fit_entry(
         fit.params,
@@ -179,7 +181,9 @@ def chinchilla(study: Study) -> AnalysisResult:
         resampled_units=fit.n_runs,
         bootstrap=fit.n_bootstrap,
     )
-    figs = study.figure(figures.residuals(final, fit, study.d_label, study.n_label), "residuals")
+    spread = seed_noise(study)
+    noise = spread.std_log if spread is not None else None
+    figs = study.figure(figures.residuals(final, fit, study.d_label, study.n_label, noise), "residuals")
     return AnalysisResult(entry, fit, figs, [f"Chinchilla: {w}" for w in fit.warnings])
 
 
@@ -243,7 +247,7 @@ def prediction(study: Study) -> AnalysisResult | None:
         n_bootstrap=s.n_bootstrap,
         seed=s.seed,
     )
-    spread = seed_spread(final["N"], final["D"], final["quantity"], seeds) if seeds is not None else None
+    spread = seed_noise(study)
     rows = []
     for (n, d), cell in final[np.isin(final["N"], ho.held_out_sizes)].groupby(["N", "D"]):
         observed = cell["quantity"].to_numpy(float)
@@ -264,7 +268,7 @@ def prediction(study: Study) -> AnalysisResult | None:
         "held out N": [float(n) for n in ho.held_out_sizes],
         "fit without it": "identified"
         if ho.fit.identified
-        else f"not identified ({_reasons(ho.fit.params)})",
+        else f"not identified: {_unidentified(ho.fit.params)}",
         "per D": [
             {
                 "D": float(r["D"]),
@@ -292,15 +296,22 @@ def prediction(study: Study) -> AnalysisResult | None:
     return AnalysisResult(entry, ho, figs)
 
 
-def _reasons(params: dict[str, Estimate]) -> str:
+def _unidentified(params: dict[str, Estimate]) -> str:
+    """The names of the parameters a fit leaves unidentified."""
     return ", ".join(name for name, p in params.items() if not p.identified)
 
 
-def noise_floor(study: Study) -> AnalysisResult | None:
+def seed_noise(study: Study) -> SeedSpread | None:
+    """The seeds' spread of the fitted quantity at equal (N, D): the study's noise floor, against
+    which the residuals, the prediction check and the width effect are read (None without seeds)."""
     final = study.final
     if "seed" not in final:
         return None
-    spread = seed_spread(final["N"], final["D"], final["quantity"], final["seed"])
+    return seed_spread(final["N"], final["D"], final["quantity"], final["seed"])
+
+
+def noise_floor(study: Study) -> AnalysisResult | None:
+    final, spread = study.final, seed_noise(study)
     if spread is None:
         return None
     entry = {
@@ -321,13 +332,19 @@ def candidates(study: Study) -> AnalysisResult | None:
     if not len(table):
         return None
     warnings = [
-        f"{row['quantity']}: {row['flag']} (share of consecutive points that improve below "
-        "0.7; quantities.MONOTONE_SHARE)"
+        f"{short_label(row['quantity'])} is {row['flag']}: it improves between "
+        f"{_share(row['improves in training'])} of a run's consecutive evaluation points, "
+        f"{_share(row['improves with D'])} along D and {_share(row['improves with N'])} along N "
+        f"(flagged below {MONOTONE_SHARE:.0%})"
         for _, row in table.iterrows()
         if row["flag"] and row["kind"] == "fitted"
     ]
     records = table.astype(object).where(table.notna(), None).to_dict("records")
     return AnalysisResult({"table": records}, table, warnings=warnings)
+
+
+def _share(value: float) -> str:
+    return f"{value:.0%}" if math.isfinite(value) else "n/a"
 
 
 def diagnostics(study: Study) -> AnalysisResult | None:

@@ -12,9 +12,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 EXPONENT_BOUNDS = (0.0, 5.0)  # the L-BFGS-B bounds of every fitted exponent
 MAX_INTERVAL_RATIO = 10.0  # a 95% interval wider than this factor (high / low) is not a result
+# Beyond these ratios (high / low) a factor is no longer a number people read: 3.42e+04 becomes
+# "about 5 orders of magnitude", and anything past a million-fold "many orders of magnitude".
+FACTOR_IN_WORDS = 100.0
+MANY_DECADES = 6
 
 
 @dataclass
@@ -83,6 +88,18 @@ def human(x: float) -> str:
     return f"{x:.4g}"
 
 
+def interval_spread(low: float, high: float) -> str:
+    """How far apart an interval's ends are, for people: a factor while it reads as one, then orders
+    of magnitude in words (never "a factor of 1e+183": the number itself means nothing)."""
+    ratio = high / low
+    if ratio < FACTOR_IN_WORDS:
+        return f"a factor of {ratio:.3g}"
+    decades = math.log10(ratio)
+    if decades < MANY_DECADES:
+        return f"about {decades:.0f} orders of magnitude"
+    return f"many orders of magnitude (more than {MANY_DECADES})"
+
+
 def judged(
     estimate: Estimate,
     lower: float | None = None,
@@ -102,13 +119,13 @@ def judged(
         elif estimate.has_interval and min(abs(estimate.low - bound), abs(estimate.high - bound)) <= tol:
             reasons.append(f"its interval reaches the {name} bound {human(bound)} of its search")
     if floor is not None and estimate.value < floor:
-        reasons.append(f"{human(estimate.value)} is at its lower bound 0 (below {floor:.1g})")
+        reasons.append(f"at its lower bound 0 (fitted {estimate.value:.2g})")
     if not estimate.has_interval:
         reasons.append("no bootstrap interval")
     elif estimate.high == estimate.low:
         reasons.append("its interval has zero width: the resamples cannot move it (pinned)")
     elif estimate.low > 0 and estimate.high / estimate.low > MAX_INTERVAL_RATIO:
-        reasons.append(f"its 95% interval spans a factor of {estimate.high / estimate.low:.3g}")
+        reasons.append(f"its 95% interval spans {interval_spread(estimate.low, estimate.high)}")
     elif estimate.low <= 0 < estimate.high and lower is None:
         reasons.append("its 95% interval includes 0")
     if reasons:
@@ -137,7 +154,6 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
 
 def _one_blas_thread() -> None:
     """Each worker owns one core: BLAS threads on top of the processes only oversubscribe."""
-    from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)
 

@@ -23,8 +23,12 @@ def size_colors(sizes) -> dict[float, tuple]:
     return {s: cmap(i / max(1, len(unique) - 1) * 0.9) for i, s in enumerate(unique)}
 
 
-def _millions(n: float) -> str:
-    return f"{n / 1e6:.3g}M" if n >= 1e5 else f"{n / 1e3:.3g}k"
+def _count(n: float) -> str:
+    """A count for a legend: 7.46k, 104k, 1.5M, 2.1B (never 0.104M or 1.92e+04)."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.3g}"
 
 
 def loss_curves(
@@ -51,7 +55,7 @@ def loss_curves(
             color=colors[float(params)],
             lw=1.2,
             alpha=0.85,
-            label=f"{_millions(params)} params",
+            label=f"{_count(params)} params",
             gid=f"run:{run_id}",
         )
     if frontier is not None and len(frontier):
@@ -158,7 +162,7 @@ def loss_vs_params(
     for i, value in enumerate(groups):
         rows = final[final[key] == value].groupby("N", as_index=False)["quantity"].agg(["mean", "min", "max"])
         color = cmap(i / max(1, len(groups) - 1) * 0.85)
-        label = f"C = {value:.2g}" if by_budget else f"D = {value:.3g}"
+        label = f"C = {value:.2g}" if by_budget else f"D = {_count(value)}"
         ax.plot(rows["N"], rows["mean"], "o-", color=color, ms=4, label=label, gid=f"{key}:{value:.4g}")
         if (rows["max"] > rows["min"]).any():  # seeds: their range
             ax.vlines(rows["N"], rows["min"], rows["max"], color=color, lw=1, gid=f"seeds:{value:.4g}")
@@ -178,7 +182,11 @@ def loss_vs_params(
     return fig
 
 
-def residuals(table: pd.DataFrame, fit: ChinchillaFit, d_label: str, n_label: str) -> plt.Figure:
+def residuals(
+    table: pd.DataFrame, fit: ChinchillaFit, d_label: str, n_label: str, noise: float | None = None
+) -> plt.Figure:
+    """log(observed / fit) per run; ``noise`` (the seeds' std of log) shades the band within which a
+    residual is seed noise rather than something the law misses."""
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     colors = size_colors(table["N"])
     resid = np.log(table["quantity"]) - np.log(fit.predict(table["N"], table["D"]))
@@ -188,10 +196,12 @@ def residuals(table: pd.DataFrame, fit: ChinchillaFit, d_label: str, n_label: st
             group["resid"],
             color=colors[float(n)],
             s=16,
-            label=f"N={_millions(n)}",
+            label=f"N={_count(n)}",
             gid=f"resid:{n}",
         )
     ax.axhline(0, color="k", lw=0.8)
+    if noise is not None and np.isfinite(noise):
+        ax.axhspan(-noise, noise, color="0.5", alpha=0.15, label="seed noise (±1 std of log)", gid="noise")
     ax.set(
         xscale="log", xlabel=f"D ({d_label})", ylabel="log(observed) - log(fit)", title="Residuals of L(N, D)"
     )
@@ -209,7 +219,7 @@ def downstream_vs_compute(table: pd.DataFrame, metric: str, convention: str) -> 
             "o-",
             color=colors[float(n)],
             ms=4,
-            label=f"N={_millions(n)}",
+            label=f"N={_count(n)}",
             gid=f"downstream:{n}",
         )
     ax.set(xscale="log", xlabel=f"training FLOPs ({convention})", ylabel=metric, title=f"{metric} vs compute")
@@ -240,7 +250,7 @@ def prediction_check(points: pd.DataFrame, quantity_label: str, d_label: str, n_
         yscale="log",
         xlabel=f"D ({d_label})",
         ylabel=quantity_label,
-        title=f"Prediction check: the largest model (N = {_millions(points['N'].iloc[0])}, {n_label}) held out",
+        title=f"Prediction check: the largest model (N = {_count(points['N'].iloc[0])}, {n_label}) held out",
     )
     ax.legend(fontsize=8)
     return fig
@@ -260,7 +270,7 @@ def diagnostics_vs_compute(evaluations: pd.DataFrame, columns: dict[str, str], c
                 ms=3,
                 lw=0.8,
                 color=colors[float(params)],
-                label=f"{_millions(params)} params",
+                label=f"{_count(params)} params",
                 gid=f"{column}:{run_id}",
             )
         ax.set(xscale="log", xlabel=f"training FLOPs ({convention})", title=text, ylabel=column)

@@ -27,6 +27,7 @@ from nepa_scale.scaling.estimates import (
     Estimate,
     estimate,
     human,
+    interval_spread,
     judged,
     parallel_bootstrap,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "fit_power_law",
     "holdout",
     "human",
+    "interval_spread",
     "judged",
     "parallel_bootstrap",
     "pareto_frontier",

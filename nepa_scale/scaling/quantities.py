@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 
 from nepa_scale.scaling.fits import seed_spread, width_effect
 
@@ -202,7 +203,6 @@ def quantity_table(final: pd.DataFrame, evaluations: pd.DataFrame, fitted: str) 
 def diagnostic_correlations(final: pd.DataFrame, fitted: str) -> dict[str, float]:
     """Spearman rank correlation of each diagnostic (and the NEPA losses) with the fitted quantity
     over the study's completed runs."""
-    from scipy.stats import spearmanr
 
     out = {}
     for column, quantity in QUANTITIES.items():

@@ -26,7 +26,7 @@ from nepa_scale.scaling.collect import (
 )
 from nepa_scale.scaling.fits import MAX_INTERVAL_RATIO, Estimate, FitError, human
 from nepa_scale.scaling.quantities import label, resolve_quantity
-from nepa_scale.scaling.render import describe, write_html, write_markdown
+from nepa_scale.scaling.render import FIT_TITLES, as_estimate, describe, write_html, write_markdown
 from nepa_scale.scaling.study import D_KINDS, N_KINDS, Report, Study, StudySettings
 from nepa_scale.scaling.transfer_record import TransferRecord
 
@@ -119,24 +119,17 @@ def _analyses(study: Study) -> dict[str, AnalysisResult]:
 
 
 def summary_lines(study: Study, results: dict[str, AnalysisResult]) -> list[str]:
-    """What the study shows: the fitted quantity, what is identified, the noise floor, the check."""
+    """What the study shows, before any warning or figure: the fitted quantity and the axes, what
+    each law identifies (and what it does not), the noise floor, the prediction check."""
+    s = study.settings
     lines = [
         f"Fitted quantity: {study.quantity_label} ({study.quantity}), the final point of each of "
-        f"{len(study.final)} completed runs."
+        f"{len(study.final)} completed runs. N = {study.n_label}, D = {study.d_label}, C = training FLOPs "
+        f"({s.convention}). In brackets: 95% bootstrap intervals ({s.n_bootstrap} resamples)."
     ]
-    for name, what in (
-        ("frontier", "Compute frontier E + A C^-alpha"),
-        ("chinchilla", "L(N, D) = E + A/N^alpha + B/D^beta"),
-    ):
-        entry = results[name].entry if name in results else None
-        if entry is None:
-            continue
-        if "params" not in entry:
-            lines.append(f"{what}: not identified ({entry['reason']}).")
-            continue
-        exponents = {k: v for k, v in entry["params"].items() if k in ("alpha", "beta")}
-        shown = "; ".join(f"{k} = {Estimate.from_dict(v)}" for k, v in exponents.items())
-        lines.append(f"{what}: {shown}.")
+    for name in ("frontier", "chinchilla"):
+        if name in results and results[name].entry is not None:
+            lines.append(f"{FIT_TITLES[name]}: {identified_in_words(results[name].entry)}.")
     noise = results.get("noise floor (seeds)")
     if noise is not None and noise.entry and "what" in noise.entry:
         lines.append(f"Noise floor: {noise.entry['what']}.")
@@ -149,6 +142,20 @@ def summary_lines(study: Study, results: dict[str, AnalysisResult]) -> list[str]
             f"Prediction check (N = {held} held out, predicted at every D): {check.entry['verdict']}."
         )
     return lines
+
+
+def identified_in_words(entry: dict) -> str:
+    """A law's identified parameters with their intervals, then the names of those it leaves
+    unidentified (the warnings say why): the summary never hides a half-identified law."""
+    if "params" not in entry:
+        return f"not identified ({entry['reason']})"
+    params = {name: as_estimate(p) for name, p in entry["params"].items()}
+    shown = [f"{name} = {p}" for name, p in params.items() if p.identified]
+    missing = [name for name, p in params.items() if not p.identified]
+    if missing:
+        names = missing[0] if len(missing) == 1 else ", ".join(missing[:-1]) + " and " + missing[-1]
+        shown.append(f"{names} not identified (see Warnings)")
+    return "; ".join(shown)
 
 
 def build_report(

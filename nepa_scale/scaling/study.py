@@ -9,12 +9,9 @@ from typing import Any
 
 import pandas as pd
 
-from nepa_scale.scaling import figures
+from nepa_scale.scaling import D_KINDS, N_KINDS, figures
 from nepa_scale.scaling.collect import DEFAULT_WINDOW
 from nepa_scale.scaling.quantities import label, short_label
-
-N_KINDS = {"params": "total parameters", "params_no_embed": "parameters without patch embedding"}
-D_KINDS = {"images": "images seen", "patches": "patches seen (images x patches per image)"}
 
 
 @dataclass

@@ -53,29 +53,27 @@ class TransferRecord:
         return cls(data["sources"], ProbeComparison(**data["probe"]), FinetuneComparison(**data["finetune"]))
 
     def lines(self) -> list[str]:
-        """The comparison in words (means over the seeds, each seed's value in brackets), for the
-        console and the report."""
+        """The comparison in words (top-1 accuracy, means over the seeds, each seed's value after
+        "seeds" so that it is not read as an interval), for the console and the report."""
         p, f = self.probe, self.finetune
         lines = [
             f"linear probe: pretrained {_mean_of(p.pretrained, 'linear_acc')} vs random init "
-            f"{_mean_of(p.random_init, 'linear_acc')} (kNN {_mean_of(p.pretrained, 'knn_acc')} vs "
-            f"{_mean_of(p.random_init, 'knn_acc')}); {p.what}",
+            f"{_mean_of(p.random_init, 'linear_acc')} in top-1 accuracy; kNN {_mean_of(p.pretrained, 'knn_acc')} "
+            f"vs {_mean_of(p.random_init, 'knn_acc')}; {p.what}",
         ]
         if f.pretrained and f.scratch:
             ema = ""
             if all("val_acc_ema" in entry for entry in f.pretrained + f.scratch):
-                ema = (
-                    f" (EMA {_mean_of(f.pretrained, 'val_acc_ema')} vs {_mean_of(f.scratch, 'val_acc_ema')})"
-                )
+                ema = f"; EMA {_mean_of(f.pretrained, 'val_acc_ema')} vs {_mean_of(f.scratch, 'val_acc_ema')}"
             lines.append(
                 f"few-label fine-tune: from pretrained {_mean_of(f.pretrained, 'val_acc')} vs from scratch "
-                f"{_mean_of(f.scratch, 'val_acc')}{ema}; {f.what}"
+                f"{_mean_of(f.scratch, 'val_acc')} in top-1 accuracy{ema}; {f.what}"
             )
         return lines
 
 
 def _mean_of(entries: list[dict], key: str) -> str:
-    """``0.873`` for one run; ``0.873 (0.856, 0.891)``: the mean and each seed's value, for several."""
+    """``0.873`` for one run; ``0.873 (seeds 0.856, 0.891)``: the mean and each seed's value."""
     values = [entry[key] for entry in entries]
     mean = f"{sum(values) / len(values):.3f}"
-    return mean if len(values) == 1 else f"{mean} ({', '.join(f'{v:.3f}' for v in values)})"
+    return mean if len(values) == 1 else f"{mean} (seeds {', '.join(f'{v:.3f}' for v in values)})"

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from nepa_scale.config import config_from_dict, read_yaml_mapping, set_dotted
+from nepa_scale.engine.export import export_run, stale_export
 from nepa_scale.errors import ConfigError
 from nepa_scale.launch.sweep import Sweep, load_sweep
 from nepa_scale.rundir import RunDir
@@ -139,7 +140,6 @@ def export_sources(downstream: Sweep) -> list[Path]:
     """Export the weights of each source run the downstream runs start from, where its export/ is
     missing or older than its newest checkpoint (the fine-tunes read them from there); returns the
     runs exported."""
-    from nepa_scale.engine.export import export_run, stale_export
 
     exported = []
     for run in downstream.runs:

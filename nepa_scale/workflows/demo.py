@@ -22,6 +22,7 @@ from nepa_scale.launch.sweep import PlannedRun, Sweep, load_sweep
 from nepa_scale.rundir import RunDir
 from nepa_scale.scaling.fits import Estimate, human
 from nepa_scale.scaling.report import StudySettings, build_report, describe
+from nepa_scale.scaling.study import Report
 from nepa_scale.workflows.transfer import run_transfer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,6 +71,52 @@ def preempt_target(runs: list[PlannedRun]) -> PlannedRun | None:
     return max(candidates, key=lambda r: (r.config.budget.images or 0, r.run_id))
 
 
+def print_fits(report: Report, n_bootstrap: int, out) -> None:
+    """The fits, the prediction check, the noise floor and the candidate quantities, in short."""
+    fits = report.fits
+    print(
+        f"\nfits of {report.conventions['fitted quantity']} ({n_bootstrap} bootstrap resamples, 95% "
+        "intervals; a parameter the data do not pin down is shown as not identified, with the reason)",
+        file=out,
+    )
+    if "frontier" in fits:
+        print(f"  compute frontier  L(C) = E + A * C^-alpha:  {describe(fits['frontier'])}", file=out)
+    if "chinchilla" in fits:
+        print(f"  Chinchilla  L(N, D) = E + A/N^alpha + B/D^beta:  {describe(fits['chinchilla'])}", file=out)
+    if "isoflop" in fits:
+        print(f"  IsoFLOP  N_opt ~ C^a, D_opt ~ C^b:  {describe(fits['isoflop'])}", file=out)
+    check = fits.get("prediction check", {})
+    if "per D" in check:
+        print(f"  prediction check (the largest width held out): {check['verdict']}", file=out)
+        for point in check["per D"]:
+            print(
+                f"    D = {human(point['D'])}: observed {point['observed mean']:.4g}, predicted "
+                f"{Estimate.from_dict(point['predicted'])} (log error {point['log error']:+.3f}, "
+                f"{point['z (seed SE)']:+.2g} seed SE)",
+                file=out,
+            )
+    noise = fits.get("noise floor (seeds)")
+    if noise:
+        print(f"  seeds: {noise['what']}", file=out)
+        if "width effect" in noise:
+            print(f"  width: {noise['width effect']}", file=out)
+    quantities = report.analyses.get("quantities")
+    if quantities is not None:
+        print(
+            "  candidate quantities (seed std of log | width effect in SE | share improving in training, with D, with N):",
+            file=out,
+        )
+        for _, row in quantities.fit.iterrows():
+            print(
+                f"    {row['quantity']:<20} {row['seed std of log']:6.3f} | {row['width effect (SE)']:+6.2f} | "
+                f"{row['improves in training']:.2f} {row['improves with D']:.2f} {row['improves with N']:.2f}"
+                + (f"  ({row['flag']})" if row["flag"] else ""),
+                file=out,
+            )
+    for warning in report.warnings:
+        print(f"  note: {warning}", file=out)
+
+
 def run_demo(
     sweep_file: str | Path = DEMO_SWEEP,
     executor: str | None = None,
@@ -114,48 +161,7 @@ def run_demo(
     transfer = run_transfer(sweep, transfer_sweep, executor, out=out) if transfer_sweep else None
     transferred = time.time() - started
     report = build_report(sweep.output_root, None, StudySettings(n_bootstrap=n_bootstrap))
-    fits = report.fits
-    print(
-        f"\nfits of {report.conventions['fitted quantity']} ({n_bootstrap} bootstrap resamples, 95% "
-        "intervals; a parameter the data do not pin down is shown as not identified, with the reason)",
-        file=out,
-    )
-    if "frontier" in fits:
-        print(f"  compute frontier  L(C) = E + A * C^-alpha:  {describe(fits['frontier'])}", file=out)
-    if "chinchilla" in fits:
-        print(f"  Chinchilla  L(N, D) = E + A/N^alpha + B/D^beta:  {describe(fits['chinchilla'])}", file=out)
-    if "isoflop" in fits:
-        print(f"  IsoFLOP  N_opt ~ C^a, D_opt ~ C^b:  {describe(fits['isoflop'])}", file=out)
-    check = fits.get("prediction check", {})
-    if "per D" in check:
-        print(f"  prediction check (the largest width held out): {check['verdict']}", file=out)
-        for point in check["per D"]:
-            print(
-                f"    D = {human(point['D'])}: observed {point['observed mean']:.4g}, predicted "
-                f"{Estimate.from_dict(point['predicted'])} (log error {point['log error']:+.3f}, "
-                f"{point['z (seed SE)']:+.2g} seed SE)",
-                file=out,
-            )
-    noise = fits.get("noise floor (seeds)")
-    if noise:
-        print(f"  seeds: {noise['what']}", file=out)
-        if "width effect" in noise:
-            print(f"  width: {noise['width effect']}", file=out)
-    quantities = report.analyses.get("quantities")
-    if quantities is not None:
-        print(
-            "  candidate quantities (seed std of log | width effect in SE | share improving in training, with D, with N):",
-            file=out,
-        )
-        for _, row in quantities.fit.iterrows():
-            print(
-                f"    {row['quantity']:<20} {row['seed std of log']:6.3f} | {row['width effect (SE)']:+6.2f} | "
-                f"{row['improves in training']:.2f} {row['improves with D']:.2f} {row['improves with N']:.2f}"
-                + (f"  ({row['flag']})" if row["flag"] else ""),
-                file=out,
-            )
-    for warning in report.warnings:
-        print(f"  note: {warning}", file=out)
+    print_fits(report, n_bootstrap, out)
     if transfer is not None:
         print("\ntransfer (the largest model against the same model untrained)", file=out)
         for line in transfer.lines():

@@ -1,0 +1,112 @@
+"""The commands on a study: collect, report, and the end-to-end demo."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nepa_scale.flops import CONVENTIONS
+from nepa_scale.scaling import D_KINDS, N_KINDS
+
+
+def _settings(args: argparse.Namespace):
+    from nepa_scale.scaling.study import StudySettings  # heavy: pandas, matplotlib
+
+    return StudySettings(
+        quantity=args.quantity,
+        n_kind=args.n,
+        d_kind=args.d,
+        convention=args.convention,
+        budgets=args.budgets,
+        window=args.window,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        downstream=args.downstream or [],
+        frontier_from=getattr(args, "frontier_from", None),
+    )
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from nepa_scale.scaling.collect import collect, write_table  # heavy: pandas
+
+    table = collect(args.sweep_dir, budgets=args.budgets, window=args.window, convention=args.convention)
+    paths = write_table(table, args.out or Path(args.sweep_dir) / "report")
+    counts = table.drop_duplicates("run_id")["status"].value_counts().to_dict()
+    print(
+        f"{len(table)} rows from {table['run_id'].nunique()} runs ({counts}) -> {paths['parquet']}, {paths['csv']}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from nepa_scale.scaling.report import build_report, describe  # heavy: pandas, scipy, matplotlib
+
+    report = build_report(args.sweep_dir, args.out, _settings(args))
+    for line in report.summary:
+        print(line)
+    for name, fit in report.fits.items():
+        if name not in ("quantities", "prediction check"):
+            print(f"{name}: {describe(fit)}")
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    print(f"report: {report.paths['html']} (and {report.paths['markdown'].name})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The end-to-end mini scaling study (sweeps/demo.yaml): train, survive a preemption, fit, report."""
+    from nepa_scale.workflows.demo import DEMO_SWEEP, TRANSFER_SWEEP, run_demo  # heavy: everything
+
+    transfer = None if args.transfer_sweep == "none" else (args.transfer_sweep or TRANSFER_SWEEP)
+    return run_demo(args.sweep or DEMO_SWEEP, args.executor, args.output_root, args.bootstrap, transfer)
+
+
+def _add_study_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_dir")
+    p.add_argument("--out", default=None, help="output directory (default SWEEP_DIR/report)")
+    p.add_argument(
+        "--budgets", type=float, nargs="*", default=None, help="pre-registered compute budgets (FLOPs)"
+    )
+    p.add_argument("--window", type=int, default=5, help="log lines averaged for the loss at a budget")
+    p.add_argument("--convention", default="6N+attn", choices=CONVENTIONS)
+    p.add_argument(
+        "--quantity",
+        default="auto",
+        help="fitted column (default auto: the online linear-probe error when every run has it, else the "
+        "kNN error, else the held-out NEPA loss with a warning; ft_error / seg_error: the attached "
+        "fine-tunes; or any positive column)",
+    )
+    p.add_argument(
+        "--frontier-from",
+        type=float,
+        default=None,
+        help="FLOPs where the frontier fit starts (default: where the frontier has covered 10%% of its drop)",
+    )
+    p.add_argument("--n", default="params", choices=list(N_KINDS))
+    p.add_argument("--d", default="images", choices=list(D_KINDS))
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--downstream", nargs="*", default=None, help="metric columns to plot and fit vs compute")
+
+
+def add_commands(sub, executors: tuple[str, ...]) -> None:
+    """collect, report, demo."""
+    for name, func, text in (
+        ("collect", cmd_collect, "the tidy run table (Parquet + CSV) of a sweep directory"),
+        ("report", cmd_report, "fits, figures and an HTML/Markdown report of a sweep directory"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_study_options(p)
+        p.set_defaults(func=func)
+
+    demo = sub.add_parser("demo", help="end-to-end mini scaling study on this machine (sweeps/demo.yaml)")
+    demo.add_argument("--executor", choices=executors, default=None, help="default: local processes")
+    demo.add_argument("--output-root", default=None, help="default: the sweep's output_root (runs/demo)")
+    demo.add_argument("--sweep", default=None, help="another sweep file (e.g. a smaller one)")
+    demo.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the fit intervals")
+    demo.add_argument(
+        "--transfer-sweep",
+        default=None,
+        help="the fine-tune recipe of the transfer comparison (default sweeps/demo_transfer.yaml; none: skip it)",
+    )
+    demo.set_defaults(func=cmd_demo)
