@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 150
 sys.path.insert(0, str(REPO))
 
-from nepa_scale.engine.checkpoint import committed_checkpoints  # noqa: E402
+from nepa_scale.engine.checkpoint_store import committed_checkpoints  # noqa: E402
 from nepa_scale.engine.export import fp32_state_dict  # noqa: E402
 from nepa_scale.launch import launcher  # noqa: E402
 from nepa_scale.launch.sweep import load_sweep  # noqa: E402

@@ -148,7 +148,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def final_weights(run_dir: Path) -> dict:
-    from nepa_scale.engine.checkpoint import committed_checkpoints
+    from nepa_scale.engine.checkpoint_store import committed_checkpoints
     from nepa_scale.engine.export import fp32_state_dict
 
     return fp32_state_dict(committed_checkpoints(Path(run_dir) / "checkpoints")[-1])

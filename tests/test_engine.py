@@ -32,7 +32,7 @@ from helpers import (
     run_train,
 )
 
-from nepa_scale.engine.checkpoint import MARKER, committed_checkpoints
+from nepa_scale.engine.checkpoint_store import MARKER, committed_checkpoints
 from nepa_scale.launch import launcher
 from nepa_scale.launch.sweep import load_sweep
 

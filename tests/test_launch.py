@@ -21,7 +21,7 @@ import yaml
 from helpers import DIGITS_CONFIG, REPO, env, final_weights, losses, metrics
 
 from nepa_scale.config import ConfigError
-from nepa_scale.engine.checkpoint import committed_checkpoints
+from nepa_scale.engine.checkpoint_store import committed_checkpoints
 from nepa_scale.launch import launcher
 from nepa_scale.launch.job import decide
 from nepa_scale.launch.sweep import load_sweep

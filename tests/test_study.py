@@ -17,7 +17,7 @@ import yaml
 from helpers import REPO, final_weights, losses, metrics, run_and_signal, run_train
 
 from nepa_scale.config import OptimConfig, load_config
-from nepa_scale.engine.checkpoint import committed_checkpoints
+from nepa_scale.engine.checkpoint_store import committed_checkpoints
 from nepa_scale.engine.schedule import cooldown_start, lr_factor
 from nepa_scale.launch.design import training_flops, training_steps
 from nepa_scale.launch.plan import plan_table

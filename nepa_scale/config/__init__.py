@@ -193,9 +193,8 @@ class DeepSpeedConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload_optimizer: Bool = False
     offload_params: Bool = False
-    # bf16: skip optimizer steps whose gradients are not finite. DeepSpeed's check tests every
-    # gradient and makes the host wait for the GPU each step (docs/performance.md: what it costs), so
-    # it is off: a non-finite loss stops the run instead. Turn it on for a run that keeps stopping.
+    # bf16: skip steps whose gradients are not finite. Off: the check stalls the host every step
+    # (docs/performance.md) and a non-finite loss stops the run instead; on for a run that keeps stopping.
     check_grad_overflow: Bool = False
     # Communication (nepa_scale/comm.py: what they change). None keeps DeepSpeed's default: overlap
     # gradient reduction with backward for ZeRO-3 only; gradient buckets of 5e8 elements, so up to
@@ -318,11 +317,9 @@ class CheckpointConfig(Section):
 class DistributedConfig(Section):
     """How the ranks of a run talk to each other."""
 
-    # How long a collective may wait before it fails (DeepSpeed's process groups and the preemption
-    # group). When a rank dies, gloo's peers fail within seconds ("Connection reset by peer"), but an
-    # NCCL collective waits this long; the survivors then record the run interrupted at its last
-    # committed checkpoint and requeue it (slurm/README.md). Keep it above the longest wait of a
-    # healthy run: a checkpoint write on a slow file system, a straggling data loader.
+    # How long a collective may wait before it fails: how long NCCL survivors of a dead rank wait
+    # before they record the run interrupted and requeue it (gloo fails within seconds;
+    # slurm/README.md). Keep it above a healthy run's longest wait (a slow checkpoint write).
     timeout_s: Float = Field(600.0, gt=0, json_schema_extra={"note": "seconds"})
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nepa_scale.engine import checkpoint as ckpt
+from nepa_scale.engine import checkpoint_store as store
 from nepa_scale.errors import CheckpointError, UsageError
 from nepa_scale.models.official import official_config, save_official
 from nepa_scale.rundir import RunDir, follow_umask
@@ -19,7 +19,7 @@ from nepa_scale.rundir import RunDir, follow_umask
 log = logging.getLogger(__name__)
 
 
-def fp32_state_dict(checkpoint: ckpt.Committed) -> dict[str, torch.Tensor]:
+def fp32_state_dict(checkpoint: store.Committed) -> dict[str, torch.Tensor]:
     """Full fp32 weights from any ZeRO stage.
 
     Stage 0 keeps them whole in the model-states file. For stages 1-3 DeepSpeed's zero_to_fp32 rebuilds
@@ -52,12 +52,12 @@ def fp32_state_dict(checkpoint: ckpt.Committed) -> dict[str, torch.Tensor]:
     return out
 
 
-def newest_verified(run: RunDir) -> ckpt.Committed:
+def newest_verified(run: RunDir) -> store.Committed:
     """The run's newest committed checkpoint, verified against its manifest."""
-    committed = ckpt.committed_checkpoints(run.checkpoints)
+    committed = store.committed_checkpoints(run.checkpoints)
     if not committed:
         raise CheckpointError(f"no committed checkpoint under {run.checkpoints}")
-    ckpt.verify(committed[-1])
+    store.verify(committed[-1])
     return committed[-1]
 
 
@@ -78,7 +78,7 @@ def stale_export(run_dir: str | Path) -> tuple[int | None, int] | None:
     """(the step RUN/export/ holds, the run's newest committed step) when the export is missing or
     older than the newest checkpoint; None when it is current."""
     run = RunDir(run_dir)
-    committed = ckpt.committed_checkpoints(run.checkpoints)
+    committed = store.committed_checkpoints(run.checkpoints)
     if not committed:
         return None
     held = exported_step(run.export / EXPORTED)
@@ -110,7 +110,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[s
     return written
 
 
-def _write_export(latest: ckpt.Committed, config, arch, out: Path) -> dict[str, Path]:
+def _write_export(latest: store.Committed, config, arch, out: Path) -> dict[str, Path]:
     state = {k: v.contiguous() for k, v in fp32_state_dict(latest).items()}
     meta = {"step": str(latest.step), "model": config.model.name, "layout": "nepa_scale"}
     written = {"ours": out / EXPORTED, "official": out / "official" / "model.safetensors"}
@@ -121,7 +121,7 @@ def _write_export(latest: ckpt.Committed, config, arch, out: Path) -> dict[str, 
     written["official"].parent.mkdir(exist_ok=True)
     save_official(state, written["official"])
     (written["official"].parent / "config.json").write_text(json.dumps(official_config(arch), indent=2))
-    ema_file = latest.path / ckpt.EMA_FILE
+    ema_file = latest.path / store.EMA_FILE
     if ema_file.is_file():
         ema = {
             k: v.float().contiguous()

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from nepa_scale.config import RunConfig
-from nepa_scale.engine.checkpoint import committed_checkpoints, remove_uncommitted
+from nepa_scale.engine.checkpoint_store import committed_checkpoints, remove_uncommitted
 from nepa_scale.engine.distributed import World, barrier, init_world, is_peer_loss, world_from_env
 from nepa_scale.engine.preemption import PreemptionFlag
 from nepa_scale.errors import PeerLost, StorageError

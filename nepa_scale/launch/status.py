@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nepa_scale.engine.checkpoint import committed_checkpoints
+from nepa_scale.engine.checkpoint_store import committed_checkpoints
 from nepa_scale.errors import RunRecordError
 from nepa_scale.launch.branches import branch_point_committed
 from nepa_scale.launch.executors import FAILED_SLURM_STATES, LIVE_SLURM_STATES, scheduler

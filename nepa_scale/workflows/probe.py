@@ -11,7 +11,7 @@ import torch
 
 from nepa_scale.config import apply_overrides, config_from_dict
 from nepa_scale.data import build_dataset
-from nepa_scale.engine.checkpoint import EMA_FILE
+from nepa_scale.engine.checkpoint_store import EMA_FILE
 from nepa_scale.engine.export import fp32_state_dict, newest_verified
 from nepa_scale.errors import CheckpointError, UsageError
 from nepa_scale.eval.probes import KNN_K, check_probe_subsets, probe_datasets, probe_features, probe_subset
