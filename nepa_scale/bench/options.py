@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nepa_scale.bench.case import ENGINES
-from nepa_scale.config import COMPILE_SCOPES
+from nepa_scale.config import COMPILE_SCOPES, PRECISIONS
 from nepa_scale.models.arch import BACKENDS
 
 
@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero", default="2", help="comma-separated ZeRO stages")
     parser.add_argument("--compile", default="none", help=f"comma-separated: {','.join(COMPILE_SCOPES)}")
     parser.add_argument("--engine", default="deepspeed", help=f"comma-separated: {','.join(ENGINES)}")
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--data", default="synthetic", help="synthetic | digits | an ImageNet-style folder")
     parser.add_argument("--decode", default="cpu", help="comma-separated, for a folder: cpu,device")
     parser.add_argument("--workers", type=int, default=0, help="data-loader worker processes")

@@ -47,9 +47,10 @@ CooldownShape = Literal["linear", "1-sqrt"]
 DataKind = Literal["digits", "imagefolder", "synthetic", "ade20k", "digit_canvas"]
 WorkerStart = Literal["fork", "spawn", "forkserver"]
 SegmentEvalMode = Literal["slide", "whole"]  # sliding-window or whole-image inference
+Precision = Literal["auto", "fp32", "bf16"]  # auto: bf16 on GPU, fp32 on CPU
 TASKS, COMPILE_SCOPES, COMPILE_MODES = get_args(Task), get_args(CompileScope), get_args(CompileMode)
 SCHEDULES, COOLDOWN_SHAPES, WORKER_STARTS = get_args(Schedule), get_args(CooldownShape), get_args(WorkerStart)
-SEGMENT_EVAL_MODES = get_args(SegmentEvalMode)
+SEGMENT_EVAL_MODES, PRECISIONS = get_args(SegmentEvalMode), get_args(Precision)
 DATA_KINDS, SEGMENT_KINDS = get_args(DataKind), ("ade20k", "digit_canvas")  # segment: (image, label map)
 WHOLE_SPLIT = {"note": "(or null: the whole split)"}
 
@@ -190,7 +191,7 @@ class BudgetConfig(Section):
 
 class DeepSpeedConfig(Section):
     zero_stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(integer)] = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Precision = "auto"
     offload_optimizer: Bool = False
     offload_params: Bool = False
     # bf16: skip steps whose gradients are not finite. Off: the check stalls the host every step
