@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from nepa_scale.config import RunConfig
 from nepa_scale.errors import ConfigError
-from nepa_scale.memory import blocks_to_checkpoint, estimate_memory
 from nepa_scale.models.arch import NepaArch, checkpointed_blocks
 from nepa_scale.models.zoo import count_params
 
@@ -64,6 +63,9 @@ def resolve_step_settings(
     """The settings of one optimizer step. ``grad_checkpointing: auto`` needs ``memory_gb`` (the
     device's memory) and picks the fewest blocks whose predicted peak fits 90% of it; the memory
     model also runs when ``predict_memory`` is asked for (it compiles blocks for compiled runs)."""
+    # heavy: torch (the memory model measures a forward pass); check_world, above, needs none of it
+    from nepa_scale.memory import blocks_to_checkpoint, estimate_memory
+
     micro = check_world(config, world_size)
     precision = resolve_precision(config.deepspeed.precision, device_type)
     run = dict(
