@@ -640,3 +640,20 @@ def test_quantity_auto_falls_back_to_the_loss_with_a_warning(sweep, tmp_path):
         and "not comparable" not in warnings[0]
         and "two different tasks" in warnings[0]
     )
+
+
+def blas_threads(_task) -> int:
+    """In a bootstrap worker: the most threads any loaded BLAS (numpy's, scipy's own) may use."""
+    import scipy.optimize  # noqa: F401  (what a fit's worker loads: scipy brings its own OpenBLAS)
+    from threadpoolctl import threadpool_info
+
+    return max((lib["num_threads"] for lib in threadpool_info()), default=1)
+
+
+def test_bootstrap_workers_each_use_one_blas_thread():
+    """Two processes on two cores with a BLAS thread each, never BLAS threads on top of them: the
+    limit once missed scipy's OpenBLAS (loaded after the pool's initializer) and the demo's
+    Chinchilla bootstrap took five times as long."""
+    from nepa_scale.scaling.estimates import _parallel_map
+
+    assert _parallel_map(blas_threads, [None, None]) == [1, 1]

@@ -152,10 +152,14 @@ def _interval(samples: np.ndarray) -> tuple[float, float]:
     return float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))
 
 
-def _one_blas_thread() -> None:
-    """Each worker owns one core: BLAS threads on top of the processes only oversubscribe."""
-
-    threadpool_limits(1)
+def _with_one_blas_thread(job: tuple) -> list:
+    """Runs ``fn(task)`` in a worker with one BLAS thread: threads on top of the processes only
+    oversubscribe the cores. The limit is set here, once unpickling ``fn`` has imported its module
+    (scipy loads its own OpenBLAS then); a pool initializer runs before that and misses it, which
+    made the demo's Chinchilla bootstrap five times slower."""
+    fn, task = job
+    with threadpool_limits(1):
+        return fn(task)
 
 
 def _parallel_map(fn, tasks: list) -> list:
@@ -164,8 +168,8 @@ def _parallel_map(fn, tasks: list) -> list:
         return [fn(t) for t in tasks]
     # spawn, not fork: forked children inherit BLAS thread pools mid-state and can crawl or hang.
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_one_blas_thread) as pool:
-        return list(pool.map(fn, tasks))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        return list(pool.map(_with_one_blas_thread, [(fn, task) for task in tasks]))
 
 
 def estimate(value: float, samples: np.ndarray | None) -> Estimate:

@@ -9,6 +9,7 @@ so a second call only rebuilds the report.
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -109,12 +110,18 @@ def print_fits(report: Report, n_bootstrap: int, out) -> None:
         for _, row in quantities.fit.iterrows():
             print(
                 f"    {row['quantity']:<20} {row['seed std of log']:6.3f} | {row['width effect (SE)']:+6.2f} | "
-                f"{row['improves in training']:.2f} {row['improves with D']:.2f} {row['improves with N']:.2f}"
+                + " ".join(_share(row[f"improves {along}"]) for along in ("in training", "with D", "with N"))
                 + (f"  ({row['flag']})" if row["flag"] else ""),
                 file=out,
             )
     for warning in report.warnings:
         print(f"  note: {warning}", file=out)
+
+
+def _share(value: float) -> str:
+    """A share of improving steps, or a dash where the quantity has none (the train loss has no
+    evaluation points to compare)."""
+    return "  - " if math.isnan(value) else f"{value:.2f}"
 
 
 def run_demo(
