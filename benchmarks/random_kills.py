@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from nepa_scale.engine.checkpoint_store import committed_checkpoints  # noqa: E402
 from nepa_scale.engine.export import fp32_state_dict  # noqa: E402
-from nepa_scale.launch import launcher  # noqa: E402
+from nepa_scale.launch.status import RunStatus, status_table, sweep_status  # noqa: E402
 from nepa_scale.launch.sweep import load_sweep  # noqa: E402
 from nepa_scale.rundir import RunDir  # noqa: E402
 
@@ -71,13 +71,13 @@ def launch(path: Path):
     return load_sweep(path)
 
 
-def wait(sweep, timeout: float = 600, poll: float = 1.0, settle: float = 60.0) -> launcher.RunStatus:
+def wait(sweep, timeout: float = 600, poll: float = 1.0, settle: float = 60.0) -> RunStatus:
     """The run's row once it completed, failed or was cancelled, or once it has sat in another
     stopped state for ``settle`` seconds with no job continuing it (the scheduler's view of a job
     being requeued can lag for a moment)."""
     deadline, stopped_since = time.time() + timeout, None
     while time.time() < deadline:
-        (row,) = launcher.sweep_status(sweep)
+        (row,) = sweep_status(sweep)
         if row.state in ("completed", "failed", "cancelled"):
             return row
         if row.state in ("pending", "running", "requeued", "not launched"):
@@ -87,7 +87,7 @@ def wait(sweep, timeout: float = 600, poll: float = 1.0, settle: float = 60.0) -
             if time.time() - stopped_since > settle:
                 return row
         time.sleep(poll)
-    raise TimeoutError(launcher.status_table(launcher.sweep_status(sweep)))
+    raise TimeoutError(status_table(sweep_status(sweep)))
 
 
 def job_running(sweep) -> bool:

@@ -24,6 +24,7 @@ from nepa_scale.config import ConfigError
 from nepa_scale.engine.checkpoint_store import committed_checkpoints
 from nepa_scale.launch import launcher
 from nepa_scale.launch.job import decide
+from nepa_scale.launch.status import RunStatus, status_table, sweep_status
 from nepa_scale.launch.sweep import load_sweep
 
 DEADLINE_S = 600
@@ -331,14 +332,14 @@ def study(tmp_path_factory):
             process.kill()
 
 
-def wait_done(sweep, timeout: float = DEADLINE_S) -> list[launcher.RunStatus]:
+def wait_done(sweep, timeout: float = DEADLINE_S) -> list[RunStatus]:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        rows = launcher.sweep_status(sweep)
+        rows = sweep_status(sweep)
         if not any(r.state in ("pending", "running", "requeued", "not launched", "waiting") for r in rows):
             return rows
         time.sleep(1)
-    raise AssertionError("sweep did not finish:\n" + launcher.status_table(launcher.sweep_status(sweep)))
+    raise AssertionError("sweep did not finish:\n" + status_table(sweep_status(sweep)))
 
 
 def wait_twin(study) -> Path:
@@ -562,14 +563,14 @@ def test_sweep_cancel_cancels_a_job_array(study, tmp_path):
     sweep = load_sweep(path)
     cli("sweep", "launch", str(path))
     deadline = time.time() + DEADLINE_S
-    while time.time() < deadline and not any(r.state == "running" for r in launcher.sweep_status(sweep)):
+    while time.time() < deadline and not any(r.state == "running" for r in sweep_status(sweep)):
         time.sleep(0.5)
     jobs = [json.loads((run.run_dir / "launch.json").read_text())["job_id"] for run in sweep.runs]
     assert len({job.split("_")[0] for job in jobs}) == 1 and all("_" in job for job in jobs), jobs
     result = cli("sweep", "cancel", str(path))
     assert result.stdout.startswith("cancelled 2 runs"), result.stdout
     rows = wait_done(sweep)
-    assert [r.state for r in rows] == ["cancelled", "cancelled"], launcher.status_table(rows)
+    assert [r.state for r in rows] == ["cancelled", "cancelled"], status_table(rows)
     status = cli("sweep", "status", str(path), check=False).stdout
     for row in rows:  # what was left undone: where each resumes from, and the command
         start = (

@@ -33,6 +33,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from nepa_scale.launch import launcher  # heavy: torch, submitit
+    from nepa_scale.launch.status import not_done_lines, sweep_status  # heavy, likewise
 
     sweep = _load(args)
     pending = launcher.launch(sweep, retry_failed=args.retry_failed, dry_run=args.dry_run)
@@ -42,8 +43,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         + (": " + ", ".join(r.run_id for r in pending) if pending else "")
     )
     submitted = {r.run_id for r in pending}
-    left = [r for r in launcher.sweep_status(sweep) if r.run_id not in submitted]
-    for line in launcher.not_done_lines(left, args.sweep):
+    left = [r for r in sweep_status(sweep) if r.run_id not in submitted]
+    for line in not_done_lines(left, args.sweep):
         print(f"not submitted: {line}")
     invalid = sum(r.invalid for r in left)
     if invalid:  # a sweep file with a bad row is not a launch that went well
@@ -55,11 +56,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from nepa_scale.launch import launcher  # heavy: torch, submitit
+    from nepa_scale.launch.status import not_done_lines, status_table, sweep_status  # heavy: torch, submitit
 
-    rows = launcher.sweep_status(_load(args))
-    print(launcher.status_table(rows))
-    for line in launcher.not_done_lines(rows, args.sweep):
+    rows = sweep_status(_load(args))
+    print(status_table(rows))
+    for line in not_done_lines(rows, args.sweep):
         print(line)
     return 1 if any(r.state == "failed" for r in rows) else 0
 

@@ -183,7 +183,6 @@ class Checkpointer:
         committed = committed_checkpoints(self.root)
         if committed:
             return sum(p.stat().st_size for p in committed[-1].path.rglob("*") if p.is_file())
-
         return 12 * count_params(self.config.model.arch())["total"]
 
     def check_history(self, step: int) -> list[str]:

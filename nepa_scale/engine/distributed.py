@@ -109,7 +109,6 @@ def load_prebuilt_cpu_comm_op() -> bool:
     of compiling) whenever another ninja binary last built it, or the job's snapshot or PATH differ
     (docs/performance.md). Returns False (DeepSpeed builds it then) when there is none, or it was
     built for other versions."""
-
     from deepspeed.accelerator import get_accelerator  # heavy: DeepSpeed, for a run only
 
     if get_accelerator().device_name() != "cpu":

@@ -66,7 +66,6 @@ EXPORTED = "model.safetensors"
 
 def exported_step(path: str | Path) -> int | None:
     """The step an export holds (its metadata), None for a file without it or not there."""
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             return int((handle.metadata() or {}).get("step"))

@@ -43,7 +43,8 @@ def join_world(config: RunConfig) -> World:
         rank, _, world_size = world_from_env()
         if world_size > 1 and is_peer_loss(exc):
             run = RunDir(config.output_dir)
-            attempt = f"start{len(run.record().restarts)}_{len(run.record().interruptions)}"
+            record = run.record()
+            attempt = f"start{len(record.restarts)}_{len(record.interruptions)}"
             raise peer_lost(run, config, exc, rank, attempt, None, 0) from exc
         raise
 

@@ -197,7 +197,6 @@ class Trainer:
     def build_engine(self, resume: bool = True) -> tuple[object, Ema | None, int]:
         """Model, optimizer and DeepSpeed engine, resumed from the newest committed checkpoint unless
         ``resume`` is False (the benchmark); returns (engine, ema, start step)."""
-
         c = self.config
         plan = self.checkpointer.plan_resume() if resume else None  # a refusal needs no model
         model = self.build_model()

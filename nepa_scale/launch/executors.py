@@ -255,11 +255,11 @@ def _local_alive(job_id: str) -> bool:
 def _signal_local(job_id: str, sig: signal.Signals, controller: bool = False) -> int:
     """Signal a local job's task processes (or its controller, which forwards SIGTERM to them)."""
     root = psutil.Process(int(job_id))
-    targets = [root] if controller else []
-    if not controller:
-        targets = [
-            p for p in root.children(recursive=True) if "submitit.core._submit" in " ".join(p.cmdline())
-        ]
+    targets = (
+        [root]
+        if controller
+        else [p for p in root.children(recursive=True) if "submitit.core._submit" in " ".join(p.cmdline())]
+    )
     for process in targets:
         process.send_signal(sig)
     return len(targets)

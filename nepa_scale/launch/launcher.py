@@ -23,14 +23,12 @@ from nepa_scale.errors import SweepError
 from nepa_scale.launch.branches import branch_point_committed, record_branches, run_job
 from nepa_scale.launch.design import training_flops
 from nepa_scale.launch.executors import LIVE_SLURM_STATES, scheduler
-from nepa_scale.launch.status import (  # noqa: F401 - the launcher's view of a sweep, for its callers
+from nepa_scale.launch.status import (
     IN_FLIGHT,
     RunStatus,
     ended_line,
     job_states,
-    not_done_lines,
     progress_line,
-    status_table,
     sweep_status,
 )
 from nepa_scale.launch.submission import claim, prepare, read_launch, release, snapshot_code, submit_group

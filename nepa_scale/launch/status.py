@@ -115,7 +115,7 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
     step = train[-1]["step"] if train else None
     total = record.total_steps
     state, error = _state(run, record, launch, job_state)
-    committed = committed_checkpoints(rd.checkpoints) if rd.checkpoints.is_dir() else []
+    committed = committed_checkpoints(rd.checkpoints)
     return RunStatus(
         run.run_id,
         str(run.config_data.get("model", {}).get("name", "?")),

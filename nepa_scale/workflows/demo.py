@@ -19,6 +19,7 @@ from nepa_scale.launch import launcher
 from nepa_scale.launch.design import training_steps
 from nepa_scale.launch.executors import scheduler
 from nepa_scale.launch.plan import plan_table
+from nepa_scale.launch.status import status_table, sweep_status
 from nepa_scale.launch.sweep import PlannedRun, Sweep, load_sweep
 from nepa_scale.rundir import RunDir
 from nepa_scale.scaling.fits import Estimate, human
@@ -156,11 +157,9 @@ def run_demo(
         preempt_at = PreemptOnce(sweep, target.run_id, max(1, int(PREEMPT_FRACTION * steps)), out)
     launcher.launch(sweep, watch=preempt_at)
     rows = (
-        launcher.sweep_status(sweep)
-        if scheduler(kind).runs_here
-        else launcher.wait(sweep, watch=preempt_at, out=out)
+        sweep_status(sweep) if scheduler(kind).runs_here else launcher.wait(sweep, watch=preempt_at, out=out)
     )
-    print(launcher.status_table(rows), file=out)
+    print(status_table(rows), file=out)
     if any(r.state != "completed" for r in rows):
         print("demo: not every run completed; see the errors above (re-run to continue them)", file=out)
         return 1
