@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nepa_scale.config import RunConfig, config_from_dict, drop_retired
+from nepa_scale.config import RunConfig, config_from_dict
+from nepa_scale.config.files import drop_retired
 from nepa_scale.errors import ConfigError, RunRecordError, UsageError
 
 MARKER = "COMMITTED"  # written last into a checkpoint directory: from then on it counts

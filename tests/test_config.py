@@ -7,7 +7,8 @@ import copy
 
 import pytest
 
-from nepa_scale.config import ConfigError, RunConfig, config_from_dict, dump_yaml, set_dotted
+from nepa_scale.config import ConfigError, RunConfig, config_from_dict, dump_yaml
+from nepa_scale.config.files import set_dotted
 from nepa_scale.launch.profiles import ClusterProfile
 
 BASE = {"budget": {"global_batch": 32, "images": 320}}

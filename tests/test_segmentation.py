@@ -16,7 +16,7 @@ import yaml
 from helpers import REPO, cli, env, final_weights, losses, metrics, run_and_signal, run_train
 from PIL import Image
 
-from nepa_scale.config import parse_override
+from nepa_scale.config.files import parse_override
 from nepa_scale.data.segmentation import (
     IGNORE_INDEX,
     Ade20kPairs,
@@ -200,7 +200,8 @@ def test_segment_config_errors_name_the_key():
 
 
 def test_every_shipped_config_validates_and_the_segmentation_recipes_say_what_docs_cite():
-    from nepa_scale.config import config_from_dict, read_yaml_mapping
+    from nepa_scale.config import config_from_dict
+    from nepa_scale.config.files import read_yaml_mapping
 
     configs = {
         path.stem: config_from_dict(read_yaml_mapping(path)) for path in (REPO / "configs").glob("*.yaml")

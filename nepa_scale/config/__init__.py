@@ -1,24 +1,18 @@
-"""Run configuration: typed sections, YAML loading, ``key=value`` overrides.
-
-Each field declares its type, range and allowed values (the types: ``schema``); a rule between
-fields is a model validator beside its section, one across sections sits on ``RunConfig``. An error
-is one line naming the key, the value and what it may be: ``optim.lr: must be > 0, got -1``.
-"""
+"""Run configuration: each field with its type, range and choices (``schema``), a rule between fields
+as a model validator beside its section (across sections: on ``RunConfig``). An error is one line
+naming the key, the value and what it may be: ``optim.lr: must be > 0, got -1``."""
 
 from __future__ import annotations
 
 import importlib.util
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 
-from nepa_scale.config.files import RETIRED_KEYS, apply_overrides, read_yaml_mapping
-from nepa_scale.config.files import drop_retired as drop_retired
-from nepa_scale.config.files import parse_override as parse_override
-from nepa_scale.config.files import set_dotted as set_dotted
+from nepa_scale.config.files import RETIRED_KEYS, apply_overrides, drop_retired, get_dotted, read_yaml_mapping
 from nepa_scale.config.schema import (
     BelowOne,
     Bool,
@@ -30,6 +24,7 @@ from nepa_scale.config.schema import (
     Refusal,
     Section,
     Str,
+    choice,
     integer,
     validated,
 )
@@ -38,20 +33,12 @@ from nepa_scale.flops import CONVENTIONS
 from nepa_scale.models.arch import BACKENDS, NepaArch, checkpointed_blocks
 from nepa_scale.models.zoo import get_arch, list_models
 
-Task = Literal["pretrain", "finetune", "segment"]
-CompileScope = Literal["none", "blocks", "model"]
-# torch.compile modes that leave CUDA graphs out (ZeRO's hooks run between the blocks).
-CompileMode = Literal["default", "max-autotune-no-cudagraphs"]
-Schedule = Literal["cosine", "wsd", "constant", "poly"]
-CooldownShape = Literal["linear", "1-sqrt"]
-DataKind = Literal["digits", "imagefolder", "synthetic", "ade20k", "digit_canvas"]
-WorkerStart = Literal["fork", "spawn", "forkserver"]
-SegmentEvalMode = Literal["slide", "whole"]  # sliding-window or whole-image inference
-Precision = Literal["auto", "fp32", "bf16"]  # auto: bf16 on GPU, fp32 on CPU
-TASKS, COMPILE_SCOPES, COMPILE_MODES = get_args(Task), get_args(CompileScope), get_args(CompileMode)
-SCHEDULES, COOLDOWN_SHAPES, WORKER_STARTS = get_args(Schedule), get_args(CooldownShape), get_args(WorkerStart)
-SEGMENT_EVAL_MODES, PRECISIONS = get_args(SegmentEvalMode), get_args(Precision)
-DATA_KINDS, SEGMENT_KINDS = get_args(DataKind), ("ade20k", "digit_canvas")  # segment: (image, label map)
+# Choices the CLI offers too (its options are built from these).
+COMPILE_SCOPES = ("none", "blocks", "model")
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 on GPU, fp32 on CPU
+SEGMENT_EVAL_MODES = ("slide", "whole")  # sliding-window or whole-image inference
+SEGMENT_KINDS = ("ade20k", "digit_canvas")  # the datasets of task: segment, (image, label map) pairs
+DATA_KINDS = ("digits", "imagefolder", "synthetic", *SEGMENT_KINDS)
 WHOLE_SPLIT = {"note": "(or null: the whole split)"}
 
 
@@ -65,14 +52,14 @@ def _blocks(value: Any) -> Any:
 
 class ModelConfig(Section):
     name: Str = "nepa_tiny"
-    attention: Literal[BACKENDS] = Field("auto", json_schema_extra={"noun": "backend"})
+    attention: Literal[BACKENDS] = choice("auto", "backend")
     # Activation checkpointing: false | true (every block) | N (the first N blocks) | auto (the fewest
     # blocks for the memory model's peak to fit 90% of the device's memory; nepa_scale/memory.py).
     grad_checkpointing: Annotated[bool | int | Literal["auto"], BeforeValidator(_blocks)] = False
-    # none | blocks (torch.compile each block: the same kernels, compiled once) | model
-    compile: CompileScope = Field("none", json_schema_extra={"noun": "scope"})
-    # default | max-autotune-no-cudagraphs (autotuned matmul kernels)
-    compile_mode: CompileMode = Field("default", json_schema_extra={"noun": "mode"})
+    # blocks: torch.compile each block (the same kernels, compiled once); model: the whole model
+    compile: Literal[COMPILE_SCOPES] = choice("none", "scope")
+    # autotuned matmul kernels without CUDA graphs (ZeRO's hooks run between the blocks)
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = choice("default", "mode")
     # float8 linear layers in the blocks (torchao's dynamic scaling; pip install 'nepa-scale[float8]'):
     # FLOPs and MFU stay counted as bf16 (MFU is then bf16-equivalent). Needs a GPU with float8
     # tensor cores (H100, H200) to gain; it runs, slowly, anywhere.
@@ -109,8 +96,7 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    # digits | imagefolder | synthetic | ade20k | digit_canvas (the last two: task segment)
-    kind: DataKind = Field("digits", json_schema_extra={"noun": "dataset"})
+    kind: Literal[DATA_KINDS] = choice("digits", "dataset")
     # imagefolder: directory holding train/ and val/ (ImageNet layout); ade20k: ADEChallengeData2016
     root: Str | None = None
     train_split: Str = "train"
@@ -122,7 +108,9 @@ class DataConfig(Section):
     num_workers: Int = Field(0, ge=0)
     # How loader workers start: fork (Linux's default), spawn or forkserver (what CUDA processes and
     # torch.compile's workers need); None: the platform's default.
-    worker_start: WorkerStart | None = Field(None, json_schema_extra={"note": "(or null)"})
+    worker_start: Literal["fork", "spawn", "forkserver"] | None = Field(
+        None, json_schema_extra={"note": "(or null)"}
+    )
     synthetic_size: Int = 4096
     # cpu: PIL in the loader workers | device: JPEGs decoded on the GPU (imagefolder pretraining)
     decode: Literal["cpu", "device"] = "cpu"
@@ -156,9 +144,9 @@ class OptimConfig(Section):
     # cosine: decay to min_lr over the whole run (the paper's) | wsd: warmup-stable-decay, constant
     # until the last cooldown_fraction of the run, then cooldown_shape down to min_lr | constant |
     # poly: linear decay (power 1) to min_lr after warmup (mmsegmentation's segmentation schedule)
-    schedule: Schedule = Field("cosine", json_schema_extra={"noun": "schedule"})
+    schedule: Literal["cosine", "wsd", "constant", "poly"] = choice("cosine", "schedule")
     cooldown_fraction: Fraction = 0.2
-    cooldown_shape: CooldownShape = "1-sqrt"  # linear | 1-sqrt (Hägele et al. 2024)
+    cooldown_shape: Literal["linear", "1-sqrt"] = "1-sqrt"  # linear | 1-sqrt (Hägele et al. 2024)
 
     def peak_lr(self, global_batch: int) -> float:
         return self.lr if self.lr is not None else self.base_lr * global_batch / 256
@@ -170,7 +158,7 @@ class BudgetConfig(Section):
     images: Int | None = Field(None, gt=0)  # exactly one of images / epochs / flops sets the run length
     epochs: Float | None = Field(None, gt=0)
     flops: Float | None = Field(None, gt=0)
-    flop_convention: Literal[CONVENTIONS] = Field("6N+attn", json_schema_extra={"noun": "convention"})
+    flop_convention: Literal[CONVENTIONS] = choice("6N+attn", "convention")
 
     def total_steps(self, steps_per_epoch: int, flops_per_image: float) -> int:
         """Optimizer steps for this budget (the planner and the trainer use this one rule)."""
@@ -191,7 +179,7 @@ class BudgetConfig(Section):
 
 class DeepSpeedConfig(Section):
     zero_stage: Annotated[Literal[0, 1, 2, 3], BeforeValidator(integer)] = 0
-    precision: Precision = "auto"
+    precision: Literal[PRECISIONS] = "auto"
     offload_optimizer: Bool = False
     offload_params: Bool = False
     # bf16: skip steps whose gradients are not finite. Off: the check stalls the host every step
@@ -261,7 +249,7 @@ class SegmentConfig(Section):
     cat_max_ratio: Fraction = 0.75
     hflip: Probability = 0.5
     photometric: Bool = True
-    eval_mode: SegmentEvalMode = "slide"  # windows of crop px, eval_stride apart | whole (padded)
+    eval_mode: Literal[SEGMENT_EVAL_MODES] = "slide"  # windows of crop px, eval_stride apart | whole (padded)
     eval_stride: Int | None = Field(None, gt=0)  # default: 2/3 of the crop (mmseg: 341 for 512)
     eval_limit: Int | None = Field(None, gt=0)  # evaluate during training on N val images (None: all)
 
@@ -343,7 +331,7 @@ class RunConfig(Section):
     # A section left out is read as an empty one: its defaults, checked (a budget has no default length).
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
-    task: Task = "pretrain"  # pretrain | finetune | segment
+    task: Literal["pretrain", "finetune", "segment"] = "pretrain"
     model: ModelConfig = Field(default_factory=dict)
     data: DataConfig = Field(default_factory=dict)
     optim: OptimConfig = Field(default_factory=dict)
@@ -368,13 +356,9 @@ class RunConfig(Section):
     def _retired_keys(cls, data: Any) -> Any:
         """An old run's config.yaml holds them at null: dropped; one set to a value names its successor."""
         for dotted, replacement in RETIRED_KEYS.items():
-            section, key = dotted.split(".")
-            values = data.get(section) if isinstance(data, dict) else None
-            if isinstance(values, dict) and values.get(key) is not None:
+            if isinstance(data, dict) and get_dotted(data, dotted) is not None:
                 raise Refusal(dotted, f"no longer a setting ({replacement})")
-            if isinstance(values, dict) and key in values:
-                data = {**data, section: {k: v for k, v in values.items() if k != key}}
-        return data
+        return drop_retired(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _sections_agree(self) -> RunConfig:

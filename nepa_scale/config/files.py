@@ -3,7 +3,7 @@ configs, sweeps, attach entries and cluster profiles alike; the keys old run con
 
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ def pop_dotted(data: dict[str, Any], dotted: str) -> None:
 
 def drop_retired(data: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``data`` without the retired keys (a recorded config written by older code)."""
-    data = json.loads(json.dumps(data))
+    data = copy.deepcopy(data)
     for dotted in RETIRED_KEYS:
         pop_dotted(data, dotted)
     return data

@@ -1,15 +1,13 @@
 """Typed settings: strict value types, sections that refuse unknown keys, and one-line errors.
 
-Run configs and cluster profiles are pydantic models built from these. A field declares its type,
-range (``Field(gt=...)``) and allowed values (``Literal``); ``json_schema_extra`` may say how its
-errors read (``noun``: "unknown scope 'x'", ``note``: "> 0 elements"). A rule between fields is a
-model validator that raises ``Refusal`` naming the key. ``validated`` turns the first error into
-the project's one-line ``ConfigError``: the dotted key, the value and what it may be.
+A field declares its type, range (``Field(gt=...)``) and choices (``Literal``); ``json_schema_extra``
+may name its values (``noun``) or add a ``note``. A rule between fields is a model validator raising
+``Refusal``. ``validated`` words the first error as a ``ConfigError``: dotted key, value, what it may be.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, TypeVar, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 from pydantic.fields import FieldInfo
@@ -43,8 +41,13 @@ Probability, BelowOne = Annotated[Float, Field(ge=0, le=1)], Annotated[Float, Fi
 Fraction, Positive = Annotated[Float, Field(gt=0, le=1)], Annotated[Float, Field(gt=0)]
 
 
+def choice(default: Any, noun: str) -> Any:
+    """A ``Literal`` field's default, its refusal worded "unknown {noun} 'x' (choose from ...)"."""
+    return Field(default, json_schema_extra={"noun": noun})
+
+
 class Refusal(ValueError):
-    """A validator's verdict: ``key`` (dotted, from the model that raises it; "" for the model
+    """A validator's verdict: ``key`` (dotted, below the model that raises it; "" for the model
     itself) cannot be used, for ``reason``."""
 
     def __init__(self, key: str, reason: str):
@@ -99,15 +102,13 @@ def _one_line(error: ErrorDetails, model: type[BaseModel]) -> str:
     elif kind in ("too_short", "too_long", "tuple_type"):
         text = f"expected a list of {len(get_args(field.annotation))} values, got {value!r}"
     elif kind == "extra_forbidden":
-        parent = _field_at(model, loc[:-1])
-        text = (
-            f"unknown key (known: {', '.join(sorted((parent.annotation if parent else model).model_fields))})"
-        )
-    elif kind == "literal_error" and "noun" in says:
-        text = f"unknown {says['noun']} {value!r} (choose from {', '.join(_choices(field.annotation))})"
-    elif kind == "literal_error":
-        *some, last = _choices(field.annotation)
-        text = f"must be {', '.join(some)} or {last}{note}, got {value!r}"
+        known = (parent.annotation if (parent := _field_at(model, loc[:-1])) else model).model_fields
+        text = f"unknown key (known: {', '.join(sorted(known))})"
+    elif kind == "literal_error":  # pydantic's "'a', 'b' or 'c'", without the quotes
+        choices = error["ctx"]["expected"].replace("'", "")
+        text = f"must be {choices}{note}, got {value!r}"
+        if "noun" in says:
+            text = f"unknown {says['noun']} {value!r} (choose from {choices.replace(' or ', ', ')})"
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         bounds = {k: getattr(m, k) for m in field.metadata for k in BOUNDS if hasattr(m, k)} or error["ctx"]
         low, high = bounds.get("gt", bounds.get("ge")), bounds.get("lt", bounds.get("le"))
@@ -135,10 +136,3 @@ def _field_at(model: type[BaseModel], loc: tuple) -> FieldInfo | None:
             return None
         hint = field.annotation if field is not None else None
     return field
-
-
-def _choices(hint: Any) -> list[str]:
-    """The values a Literal (inside an Annotated or an optional) allows."""
-    if get_origin(hint) is Literal:
-        return [str(choice) for choice in get_args(hint)]
-    return [choice for arg in get_args(hint) for choice in _choices(arg)]

@@ -39,16 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nepa_scale.config import (
-    ConfigError,
-    RunConfig,
-    SegmentConfig,
-    config_from_dict,
-    parse_override,
-    read_yaml_mapping,
-    set_dotted,
-)
-from nepa_scale.config.files import get_dotted, pop_dotted
+from nepa_scale.config import ConfigError, RunConfig, SegmentConfig, config_from_dict
+from nepa_scale.config.files import get_dotted, parse_override, pop_dotted, read_yaml_mapping, set_dotted
 from nepa_scale.data import check_input_paths
 from nepa_scale.engine.settings import check_world
 from nepa_scale.launch.design import check_flops_budget, plan_branches

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import yaml
 
-from nepa_scale.config import config_from_dict, read_yaml_mapping, set_dotted
+from nepa_scale.config import config_from_dict
+from nepa_scale.config.files import read_yaml_mapping, set_dotted
 from nepa_scale.engine.export import export_run, stale_export
 from nepa_scale.errors import ConfigError
 from nepa_scale.launch.sweep import Sweep, load_sweep

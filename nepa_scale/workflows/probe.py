@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from nepa_scale.config import apply_overrides, config_from_dict
+from nepa_scale.config import config_from_dict
+from nepa_scale.config.files import apply_overrides
 from nepa_scale.data import build_dataset
 from nepa_scale.engine.checkpoint_store import EMA_FILE
 from nepa_scale.engine.export import fp32_state_dict, newest_verified

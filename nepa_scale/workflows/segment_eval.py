@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from nepa_scale.config import config_from_dict, parse_override, set_dotted
+from nepa_scale.config import config_from_dict
+from nepa_scale.config.files import parse_override, set_dotted
 from nepa_scale.data.segmentation import segmentation_dataset
 from nepa_scale.engine.export import fp32_state_dict, newest_verified
 from nepa_scale.engine.tasks import SegmentTask

@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from nepa_scale.config import read_yaml_mapping
+from nepa_scale.config.files import read_yaml_mapping
 from nepa_scale.engine.export import export_run, stale_export
 from nepa_scale.errors import ConfigError
 from nepa_scale.launch import launcher
