@@ -378,6 +378,28 @@ class RunDir:
                     continue  # a line cut by a kill mid-write
         return records
 
+    def last_metric(self, kind: str, block: int = 1 << 16) -> dict[str, Any] | None:
+        """The last ``kind`` record of metrics.jsonl, read from the file's end: what a poll of a
+        long run needs (its log grows by a line every log interval; ``read_metrics`` parses it all)."""
+        if not self.metrics.is_file():
+            return None
+        with self.metrics.open("rb") as handle:
+            end, tail = handle.seek(0, os.SEEK_END), b""
+            while end > 0:
+                start = max(0, end - block)
+                handle.seek(start)
+                tail = handle.read(end - start) + tail
+                lines, end = tail.split(b"\n"), start
+                tail = lines.pop(0) if start > 0 else b""  # may be cut at the block's start: read on
+                for line in reversed(lines):
+                    try:
+                        record = json.loads(line) if line.strip() else None
+                    except ValueError:  # a line cut by a kill mid-write
+                        continue
+                    if isinstance(record, dict) and record.get("kind") == kind:
+                        return record
+        return None
+
     def append_metrics(self, record: dict[str, Any]) -> None:
         with self.metrics.open("a") as handle:
             handle.write(json.dumps(record) + "\n")

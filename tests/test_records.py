@@ -76,6 +76,25 @@ def test_a_completed_run_is_recognised_only_with_the_same_length_and_its_final_c
     assert completed_with(run, config) is None
 
 
+@pytest.mark.parametrize("block", [7, 64, 1 << 16])
+def test_the_last_train_line_is_read_from_the_end_of_the_log(tmp_path, block):
+    """What a poll shows of a long run, without parsing its whole log: the same record as the full
+    read, across block boundaries, past eval lines, a line cut mid-write and a blank line."""
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    assert run.last_metric("train", block) is None  # no log yet
+    for step in range(1, 40):
+        run.append_metrics({"kind": "train", "step": step, "loss": 1 / step, "note": "x" * (step % 5)})
+        if step % 10 == 0:
+            run.append_metrics({"kind": "eval", "step": step, "val_loss": 0.5})
+    with run.metrics.open("a") as handle:
+        handle.write('\n{"kind": "eval", "step": 40}\n{"kind": "train", "st')  # killed mid-write
+    expected = [m for m in run.read_metrics() if m.get("kind") == "train"][-1]
+    assert run.last_metric("train", block) == expected and expected["step"] == 39
+    assert run.last_metric("eval", block) == {"kind": "eval", "step": 40}
+    assert run.last_metric("finetune", block) is None
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_records_and_markers_respect_the_umask(tmp_path, umask):
     """mkstemp alone makes 0600 files that colleagues on a shared file system cannot read."""

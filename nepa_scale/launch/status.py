@@ -111,8 +111,8 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
         record = rd.record()
     except RunRecordError as exc:  # one unreadable run.json must not hide the sweep's other runs
         record = RunRecord(status="failed", error=str(exc))
-    train = [m for m in rd.read_metrics() if m.get("kind") == "train"]
-    step = train[-1]["step"] if train else None
+    last = rd.last_metric("train")
+    step = last["step"] if last else None
     total = record.total_steps
     state, error = _state(run, record, launch, job_state)
     committed = committed_checkpoints(rd.checkpoints)
@@ -122,7 +122,7 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
         state,
         step / total if step is not None and total else (1.0 if state == "completed" else None),
         step,
-        train[-1]["loss"] if train else None,
+        last["loss"] if last else None,
         len(record.restarts),
         record.timeouts,
         str(launch.get("job_id", "")),

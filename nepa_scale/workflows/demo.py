@@ -51,14 +51,12 @@ class PreemptOnce:
     def __call__(self, active: set[str]) -> None:
         if self.sent or self.run_id not in active:
             return
-        train = [
-            m for m in RunDir(self.sweep.run(self.run_id).run_dir).read_metrics() if m.get("kind") == "train"
-        ]
-        if train and train[-1]["step"] >= self.step:
+        last = RunDir(self.sweep.run(self.run_id).run_dir).last_metric("train")
+        if last and last["step"] >= self.step:
             launcher.preempt(self.sweep, self.run_id)
             self.sent = True
             print(
-                f"[{time.strftime('%H:%M:%S')}] preempting {self.run_id} at step {train[-1]['step']} (SIGUSR2, as a "
+                f"[{time.strftime('%H:%M:%S')}] preempting {self.run_id} at step {last['step']} (SIGUSR2, as a "
                 "cluster would): it saves a checkpoint, exits for requeue and resumes from it",
                 file=self.out,
                 flush=True,
