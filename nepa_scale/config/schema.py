@@ -1,8 +1,8 @@
 """Typed settings: strict value types, sections that refuse unknown keys, and one-line errors.
 
-A field declares its type, range (``Field(gt=...)``) and choices (``Literal``); ``json_schema_extra``
-may name its values (``noun``) or add a ``note``. A rule between fields is a model validator raising
-``Refusal``. ``validated`` words the first error as a ``ConfigError``: dotted key, value, what it may be.
+A field declares its type, range (``Field(gt=...)``) and choices (``Literal``; ``choice`` names them in
+the refusal); ``json_schema_extra={"note": ...}`` adds to its error. A rule between fields is a model
+validator raising ``Refusal``. ``validated`` words the first error as a one-line ``ConfigError``.
 """
 
 from __future__ import annotations
