@@ -243,6 +243,29 @@ def test_12_a_full_disk_is_one_line_and_recorded(mounted):
     assert not list((run_dir / "checkpoints").glob("*/COMMITTED"))
 
 
+def test_12b_a_failure_run_json_cannot_record_still_surfaces_itself(mounted, caplog):
+    """A training error whose run.json write then fails (a folder gone read-only) is what the run
+    raises, with the write's error in the log: not a PermissionError hiding the cause."""
+    import torch  # the world's device; only this test of the file needs it
+
+    from nepa_scale.config import load_config
+    from nepa_scale.engine.distributed import World
+    from nepa_scale.engine.fingerprint import resume_digest
+    from nepa_scale.engine.outcomes import failure
+    from nepa_scale.rundir import RunDir
+
+    disk = mounted("size=1m")
+    run = RunDir(disk / "run")
+    config = load_config(DIGITS_CONFIG, [f"output_dir={run.root}"])
+    run.created(config, resume_digest(config))
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    error = RuntimeError("the loss went NaN at step 5")
+    world = World(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    assert failure(error, run, world, config, 0, 5, 0) is error
+    assert f"could not record the failure in {run.run_json}" in caplog.text
+    assert run.record().status == "created"
+
+
 def test_13_probe_and_segment_eval_name_the_kind_of_run(stopped, tmp_path):
     finetune = tmp_path / "finetune"
     source = copy_of(stopped, tmp_path, "source")

@@ -107,14 +107,12 @@ def failure(
         attempt = f"attempt{len(run.record().restarts)}_from_step{start_step}"
         steps_done = 0 if step is None else step - start_step
         return peer_lost(run, config, exc, world.rank, attempt, step, steps_done)
-    if world.is_main:
-        run.failed(f"{type(exc).__name__}: {exc}", step=getattr(exc, "step", None) or step)
-    return exc
+    return _record_failure(run, world, exc, getattr(exc, "step", None) or step)
 
 
-def _record_failure(run: RunDir, world: World, exc: Exception, step: int | None) -> Exception:
-    """Record ``exc`` as the run's failure where that is still possible (a full disk may refuse
-    run.json too: then the log says it) and return it."""
+def _record_failure(run: RunDir, world: World, exc: BaseException, step: int | None) -> BaseException:
+    """Record ``exc`` as the run's failure where that is still possible (a full disk or a read-only
+    folder may refuse run.json: then the log says it, and ``exc``, not the write's error, surfaces)."""
     if world.is_main:
         try:
             run.failed(f"{type(exc).__name__}: {exc}", step=step)
