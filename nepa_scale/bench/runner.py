@@ -18,7 +18,8 @@ import torch
 
 from nepa_scale.bench.case import ENGINES, RESULT_PREFIX, BenchCase, case_config, data_label
 from nepa_scale.bench.device import environment, matmul_peak_tflops
-from nepa_scale.engine.metrics import KNOWN_PEAK_TFLOPS
+from nepa_scale.engine.metrics import device_peak_tflops
+from nepa_scale.engine.settings import resolve_precision
 from nepa_scale.errors import ConfigError
 
 
@@ -165,10 +166,10 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"nepa-scale bench: error: {exc}", file=sys.stderr)
         return 2
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = args.precision if args.precision != "auto" else ("bf16" if device_type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision, device_type)
     env = environment()
     peak = matmul_peak_tflops(device_type, precision)
-    spec = next((v for k, v in KNOWN_PEAK_TFLOPS.items() if k in env["device"]), None)
+    spec = device_peak_tflops(torch.device(device_type), None)
     print(
         f"device: {env['device']} ({env['cpu_count']} CPUs), torch {env['torch']}, deepspeed {env['deepspeed']}; "
         f"measured {precision} matmul peak {peak:.2f} TFLOP/s" + (f" (spec {spec:.0f})" if spec else ""),

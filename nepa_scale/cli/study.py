@@ -22,7 +22,7 @@ def _settings(args: argparse.Namespace):
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         downstream=args.downstream or [],
-        frontier_from=getattr(args, "frontier_from", None),
+        frontier_from=args.frontier_from,
     )
 
 

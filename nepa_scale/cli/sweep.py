@@ -10,21 +10,20 @@ import logging
 from nepa_scale.cli.errors import fail
 
 
-def _load(args: argparse.Namespace, against: bool = False):
-    """The sweep file's runs (or, ``against``, those of the file to compare with, where it says)."""
+def _load(args: argparse.Namespace):
+    """The sweep file's runs."""
     from nepa_scale.launch.sweep import load_sweep  # heavy: torch (the runs' plans)
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if against:
-        return load_sweep(args.against, executor=args.executor, overrides=args.set)
     return load_sweep(args.sweep, executor=args.executor, output_root=args.output_root, overrides=args.set)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from nepa_scale.launch.plan import plan_run, plan_table  # heavy: torch
+    from nepa_scale.launch.sweep import load_sweep  # heavy, likewise
 
     sweep = _load(args)
-    against = _load(args, against=True) if args.against else None
+    against = load_sweep(args.against, executor=args.executor, overrides=args.set) if args.against else None
     print(f"sweep {sweep.name}: {len(sweep.runs)} runs -> {sweep.output_root}")
     plans = [plan_run(run) for run in sweep.runs]
     print(plan_table(sweep, against, comm=args.comm, plans=plans))
@@ -52,15 +51,20 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if not args.wait or args.dry_run:
         return 1 if invalid else 0
     launcher.wait(sweep)
-    return cmd_status(args)
+    return _print_status(sweep, args.sweep)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    return _print_status(_load(args), args.sweep)
+
+
+def _print_status(sweep, sweep_file: str) -> int:
+    """The status table, what stopped and how to resume it; exit 1 if a run failed."""
     from nepa_scale.launch.status import not_done_lines, status_table, sweep_status  # heavy: torch, submitit
 
-    rows = sweep_status(_load(args))
+    rows = sweep_status(sweep)
     print(status_table(rows))
-    for line in not_done_lines(rows, args.sweep):
+    for line in not_done_lines(rows, sweep_file):
         print(line)
     return 1 if any(r.state == "failed" for r in rows) else 0
 

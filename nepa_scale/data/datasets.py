@@ -19,7 +19,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from PIL import Image as PILImage
 from timm.data import auto_augment, create_transform
 from torch.utils.data import Dataset
 from torchvision.transforms import RandomHorizontalFlip as HFlip
@@ -53,7 +52,7 @@ def _posterize_zero_bits_compat() -> None:
 
     def posterize(img, bits_to_keep, **kwargs):
         if bits_to_keep <= 0:
-            return PILImage.new(img.mode, img.size)
+            return Image.new(img.mode, img.size)
         return original(img, bits_to_keep, **kwargs)
 
     posterize.zero_bits_compat = True

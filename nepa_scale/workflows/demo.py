@@ -71,11 +71,11 @@ def preempt_target(runs: list[PlannedRun]) -> PlannedRun | None:
     return max(candidates, key=lambda r: (r.config.budget.images or 0, r.run_id))
 
 
-def print_fits(report: Report, n_bootstrap: int, out) -> None:
+def print_fits(report: Report, out) -> None:
     """The fits, the prediction check, the noise floor and the candidate quantities, in short."""
     fits = report.fits
     print(
-        f"\nfits of {report.conventions['fitted quantity']} ({n_bootstrap} bootstrap resamples, 95% "
+        f"\nfits of {report.conventions['fitted quantity']} ({report.settings.n_bootstrap} bootstrap resamples, 95% "
         "intervals; a parameter the data do not pin down is shown as not identified, with the reason)",
         file=out,
     )
@@ -165,7 +165,7 @@ def run_demo(
     transfer = run_transfer(sweep, transfer_sweep, executor, out=out) if transfer_sweep else None
     transferred = time.time() - started
     report = build_report(sweep.output_root, None, StudySettings(n_bootstrap=n_bootstrap))
-    print_fits(report, n_bootstrap, out)
+    print_fits(report, out)
     if transfer is not None:
         print("\ntransfer (the largest model against the same model untrained)", file=out)
         for line in transfer.lines():
