@@ -31,7 +31,7 @@ from nepa_scale.config.schema import (
 from nepa_scale.errors import ConfigError as ConfigError
 from nepa_scale.flops import CONVENTIONS
 from nepa_scale.models.arch import BACKENDS, NepaArch, checkpointed_blocks
-from nepa_scale.models.zoo import get_arch, list_models
+from nepa_scale.models.zoo import get_arch
 
 # Choices the CLI offers too (its options are built from these).
 COMPILE_SCOPES = ("none", "blocks", "model")
@@ -76,8 +76,10 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _fits_the_architecture(self) -> ModelConfig:
-        if self.name not in list_models():
-            raise Refusal("name", f"unknown model '{self.name}' (choose from {', '.join(list_models())})")
+        try:  # the zoo's own refusal names the models it has
+            get_arch(self.name)
+        except ValueError as exc:
+            raise Refusal("name", str(exc)) from None
         if self.compile_mode != "default" and not self.compiled:
             why = f"{self.compile_mode} needs model.compile blocks or model (it is none)"
             raise Refusal("compile_mode", why)

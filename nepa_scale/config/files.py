@@ -14,6 +14,7 @@ from nepa_scale.errors import ConfigError
 # Keys this project no longer reads: one at null (an old run's config.yaml) is dropped, one set to a
 # value is refused with its replacement named (RunConfig); drop_retired takes them out of a record.
 RETIRED_KEYS = {"logging.probe_limit": "use logging.probe_train_per_class and logging.probe_val_per_class"}
+_ABSENT = object()  # get_dotted's default where a key at null must count as present
 
 
 def get_dotted(data: dict[str, Any], dotted: str, default: Any = None) -> Any:
@@ -46,7 +47,10 @@ def pop_dotted(data: dict[str, Any], dotted: str) -> None:
 
 
 def drop_retired(data: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``data`` without the retired keys (a recorded config written by older code)."""
+    """``data`` without the retired keys (a recorded config written by older code): a copy where
+    one is there, ``data`` itself where none is (every config read, so no copy for nothing)."""
+    if all(get_dotted(data, dotted, _ABSENT) is _ABSENT for dotted in RETIRED_KEYS):
+        return data
     data = copy.deepcopy(data)
     for dotted in RETIRED_KEYS:
         pop_dotted(data, dotted)
