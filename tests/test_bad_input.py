@@ -261,7 +261,7 @@ def test_12b_a_failure_run_json_cannot_record_still_surfaces_itself(mounted, cap
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     error = RuntimeError("the loss went NaN at step 5")
     world = World(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
-    assert failure(error, run, world, config, 0, 5, 0) is error
+    assert failure(error, run, world, config, lambda: 0, 5, 0) is error
     assert f"could not record the failure in {run.run_json}" in caplog.text
     assert run.record().status == "created"
 

@@ -9,6 +9,7 @@ import logging
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from nepa_scale.config import RunConfig
@@ -91,13 +92,14 @@ def failure(
     run: RunDir,
     world: World,
     config: RunConfig,
-    checkpoint_bytes: int,
+    checkpoint_bytes: Callable[[], int],
     step: int | None,
     start_step: int,
 ) -> BaseException:
     """What ``exc``, raised at ``step`` (None: while the engine was built), means for the run,
     recorded: a full disk (one line naming the folder), another rank lost (an interruption, resumed
-    from the last committed checkpoint), or a failure."""
+    from the last committed checkpoint), or a failure. ``checkpoint_bytes`` is asked only when ``exc``
+    may be a full disk."""
     full = disk_full(exc, run.root, checkpoint_bytes)
     if full is not None:
         if world.is_main:  # the half-written checkpoint goes now (the next start would remove it):
@@ -164,21 +166,23 @@ def peer_lost(
     return PeerLost(message, resume_step, recorded)
 
 
-def disk_full(exc: BaseException, root, needed: int) -> StorageError | None:
+def disk_full(exc: BaseException, root, bytes_needed: Callable[[], int]) -> StorageError | None:
     """A StorageError naming the run's directory when ``exc`` came from its device running out of
     room: an OSError with ENOSPC or EDQUOT anywhere in its chain, or an I/O error (torch.save's
-    says only "file write failed" or "unexpected pos") while less than ``needed`` bytes are free."""
+    says only "file write failed" or "unexpected pos") while less than ``bytes_needed()`` are free."""
     chain, seen = [], exc
     while seen is not None and len(chain) < 8:
         chain.append(seen)
         seen = seen.__cause__ or seen.__context__
     full = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
+    if not full and not any(isinstance(e, OSError | RuntimeError) for e in chain):
+        return None  # not an I/O error: no need to look at the disk
     try:
         free = shutil.disk_usage(root).free
     except OSError:
         return None
-    io = any(isinstance(e, OSError | RuntimeError) for e in chain)
-    if not full and not (io and free < needed):
+    needed = bytes_needed()
+    if not full and free >= needed:
         return None
     return StorageError(
         f"no space left on the device of {root}: {free / 1e6:.1f} MB free, a checkpoint of this run needs "

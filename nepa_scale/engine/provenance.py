@@ -75,8 +75,9 @@ def record_start(
             "copied_metric_lines": copied,
         }
     elif plan is not None:
-        check_probe_subsets_unchanged(run.record().probe_subsets, probe_subsets, config.data)
-        dropped = run.truncate_metrics(start_step, len(run.record().restarts))
+        record = run.record()
+        check_probe_subsets_unchanged(record.probe_subsets, probe_subsets, config.data)
+        dropped = run.truncate_metrics(start_step, len(record.restarts))
         restart = Restart(
             from_step=start_step,
             world_size=facts["world_size"],

@@ -141,7 +141,7 @@ class Trainer:
             task_class.val_dataset(config, self.arch),
         )
         self.task: Task = task_class(
-            TaskContext(config, self.arch, self.world, self.run, self.settings, self.evaluator)
+            TaskContext(config, self.arch, self.world, self.settings, self.evaluator)
         )
         # The probe's fixed images, drawn and checked now: data a probe cannot use (one class) fails
         # before the engine starts, not at the first probe.
@@ -357,7 +357,7 @@ class Trainer:
 
     def _raise_for(self, exc: BaseException, step: int | None, start_step: int) -> None:
         """Raise what ``exc`` means for the run (``outcomes.failure``), with ``exc`` as its cause."""
-        bytes_needed = self.checkpointer.checkpoint_bytes()
+        bytes_needed = self.checkpointer.checkpoint_bytes
         meaning = failure(exc, self.run, self.world, self.config, bytes_needed, step, start_step)
         if meaning is exc:
             raise exc

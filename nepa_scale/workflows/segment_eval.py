@@ -3,7 +3,6 @@ on its val split, single scale, in fp32 (a bf16 run evaluated itself in bf16 dur
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -13,9 +12,10 @@ from nepa_scale.config.files import parse_override, set_dotted
 from nepa_scale.data.segmentation import segmentation_dataset
 from nepa_scale.engine.export import fp32_state_dict, newest_verified
 from nepa_scale.engine.tasks import SegmentTask
+from nepa_scale.engine.tasks.segment import SEGMENT_EVAL_FILE
 from nepa_scale.errors import ConfigError
 from nepa_scale.eval.segmentation import score_images, summary
-from nepa_scale.rundir import RunDir
+from nepa_scale.rundir import RunDir, write_json_atomic
 
 
 def evaluate_run(
@@ -63,6 +63,6 @@ def evaluate_run(
         "precision": "fp32",
         **summary(confusion),
     }
-    out = run.root / "segment_eval.json"
-    out.write_text(json.dumps(record, indent=1))
+    out = run.root / SEGMENT_EVAL_FILE
+    write_json_atomic(out, record)
     return record, out

@@ -1,8 +1,8 @@
 """The interface every task implements, and what the tasks share.
 
 The trainer owns everything the tasks share (DeepSpeed engine, data order, checkpoints, resume,
-preemption, metrics). A task gets a narrow ``TaskContext`` (config, arch, world, run directory,
-step settings, evaluator), never the trainer, and decides the model, the optimizer groups, the
+preemption, metrics). A task gets a narrow ``TaskContext`` (config, arch, world, step settings,
+evaluator), never the trainer, and decides the model, the optimizer groups, the
 training and evaluation data, the loss of one micro-batch, and what "evaluate" means. It writes
 nothing: ``evaluate`` returns an ``Evaluation``, whose metrics the metrics writer logs, whose score
 the checkpointer keeps the best EMA weights by, and whose detailed record the writer keeps.
@@ -19,6 +19,7 @@ import torch
 from timm.optim import param_groups_layer_decay
 
 from nepa_scale.config import RunConfig
+from nepa_scale.data import build_dataset
 from nepa_scale.engine.distributed import World
 from nepa_scale.engine.evaluator import Evaluator
 from nepa_scale.engine.export import stale_export
@@ -28,7 +29,6 @@ from nepa_scale.flops import train_flops_per_image
 from nepa_scale.models import NEPA
 from nepa_scale.models.arch import NepaArch
 from nepa_scale.models.official import load_weights
-from nepa_scale.rundir import RunDir
 
 if TYPE_CHECKING:  # type hints only
     from nepa_scale.engine.ema import Ema
@@ -41,7 +41,6 @@ class TaskContext:
     config: RunConfig
     arch: NepaArch  # the task's architecture (resolve_arch)
     world: World
-    run: RunDir
     settings: StepSettings
     evaluator: Evaluator
 
@@ -148,3 +147,8 @@ def load_pretrained(backbone: NEPA, pretrained: str | None, ema: bool, key: str)
 def backbone_flops(config: RunConfig, arch: NepaArch) -> float:
     """Training FLOPs per image under the run's convention (nepa_scale/flops.py)."""
     return train_flops_per_image(arch, config.budget.flop_convention)
+
+
+def image_val_dataset(config: RunConfig, arch: NepaArch):
+    """The val split with evaluation transforms: what pretraining and fine-tuning evaluate on."""
+    return build_dataset(config.data, "val", arch.image_size, train=False)

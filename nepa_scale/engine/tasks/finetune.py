@@ -15,6 +15,7 @@ from nepa_scale.engine.tasks.base import (
     Evaluation,
     TaskContext,
     backbone_flops,
+    image_val_dataset,
     layer_decay_groups,
     load_pretrained,
 )
@@ -55,9 +56,7 @@ class FinetuneTask:
         ``finetune.num_classes`` says), the fine-tuning attention and drop-path."""
         ft = config.finetune
         arch = config.model.arch()
-        num_classes = ft.num_classes or len(
-            build_dataset(config.data, "val", arch.image_size, train=False).classes
-        )
+        num_classes = ft.num_classes or len(image_val_dataset(config, arch).classes)
         return arch.replace(num_classes=num_classes, causal=ft.causal, drop_path=ft.drop_path)
 
     flops_per_image = staticmethod(backbone_flops)
@@ -92,9 +91,7 @@ class FinetuneTask:
         )
         return few_labels(dataset, ft.label_fraction)
 
-    @staticmethod
-    def val_dataset(config: RunConfig, arch: NepaArch):
-        return build_dataset(config.data, "val", arch.image_size, train=False)
+    val_dataset = staticmethod(image_val_dataset)
 
     def micro_step(
         self, engine, images: torch.Tensor, labels: torch.Tensor

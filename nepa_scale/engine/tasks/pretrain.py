@@ -10,7 +10,13 @@ import torch
 
 from nepa_scale.config import RunConfig
 from nepa_scale.data import build_dataset
-from nepa_scale.engine.tasks.base import Evaluation, TaskContext, backbone_flops, decay_groups
+from nepa_scale.engine.tasks.base import (
+    Evaluation,
+    TaskContext,
+    backbone_flops,
+    decay_groups,
+    image_val_dataset,
+)
 from nepa_scale.eval.diagnostics import effective_rank_from_gram, gap_closed, gram, trivial_prediction_losses
 from nepa_scale.models import NEPA
 from nepa_scale.models.arch import NepaArch
@@ -57,9 +63,7 @@ class PretrainTask:
         data = config.data
         return build_dataset(data, "train", arch.image_size, train=True, decode=data.decode)
 
-    @staticmethod
-    def val_dataset(config: RunConfig, arch: NepaArch):
-        return build_dataset(config.data, "val", arch.image_size, train=False)
+    val_dataset = staticmethod(image_val_dataset)
 
     def micro_step(
         self, engine, images: torch.Tensor, labels: torch.Tensor
