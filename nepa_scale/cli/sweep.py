@@ -8,6 +8,7 @@ import argparse
 import logging
 
 from nepa_scale.cli.errors import fail
+from nepa_scale.launch.targets import parse_target_option
 
 
 def _load(args: argparse.Namespace):
@@ -34,6 +35,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from nepa_scale.launch import launcher  # heavy: torch, submitit
     from nepa_scale.launch.status import not_done_lines, sweep_status  # heavy, likewise
 
+    if args.advise:
+        return _advise_loop(args)
+    if args.budget_gpu_hours is not None or args.until_interval is not None:
+        return fail("--budget-gpu-hours and --until-interval go with --advise (the closed loop)", code=2)
     sweep = _load(args)
     pending = launcher.launch(sweep, retry_failed=args.retry_failed, dry_run=args.dry_run)
     verb = "would submit" if args.dry_run else "submitted"
@@ -52,6 +57,47 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return 1 if invalid else 0
     launcher.wait(sweep)
     return _print_status(sweep, args.sweep)
+
+
+def _advice_settings(args: argparse.Namespace):
+    from nepa_scale.scaling.study import StudySettings  # heavy: pandas, matplotlib
+
+    specs = [parse_target_option(t) for t in args.target] if args.target else None
+    return StudySettings(quantity=args.quantity, n_bootstrap=args.bootstrap, seed=args.seed), specs
+
+
+def _advise_loop(args: argparse.Namespace) -> int:
+    from nepa_scale.workflows.advise import advise_loop, check_budget, submit_loop  # heavy: torch, scipy
+
+    if args.budget_gpu_hours is None or args.until_interval is None:
+        return fail("--advise needs --budget-gpu-hours and --until-interval", code=2)
+    check_budget(args.budget_gpu_hours)
+    settings, specs = _advice_settings(args)
+    if args.submit:
+        job = submit_loop(
+            args.sweep,
+            args.budget_gpu_hours,
+            args.until_interval,
+            settings,
+            args.rounds,
+            specs,
+            args.executor,
+            args.output_root,
+            args.set,
+        )
+        print(f"submitted the advice loop as job {job}: it requeues itself and goes on where it was")
+        return 0
+    return advise_loop(_load(args), args.budget_gpu_hours, args.until_interval, settings, args.rounds, specs)
+
+
+def cmd_advise(args: argparse.Namespace) -> int:
+    """The runs that narrow the targets' intervals most per GPU-hour, as a sweep file."""
+    from nepa_scale.workflows.advise import check_budget, run_advice  # heavy: torch, scipy
+
+    check_budget(args.budget_gpu_hours)
+    settings, specs = _advice_settings(args)
+    run_advice(_load(args), args.budget_gpu_hours, settings, specs)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -133,6 +179,27 @@ def _submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true", help="wait until every run has ended")
 
 
+def _advice_options(p: argparse.ArgumentParser, loop: bool) -> None:
+    p.add_argument(
+        "--budget-gpu-hours",
+        type=float,
+        required=not loop,
+        default=None,
+        help="GPU-hours (the planner's, on the sweep's profile) the advice may spend"
+        + (" in all rounds" if loop else ""),
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="MODEL:KIND=VALUE",
+        help="what to predict instead of the file's target:, e.g. nepa_h14:epochs=800 (KIND: images, epochs, flops)",
+    )
+    p.add_argument("--quantity", default="auto", help="fitted column (as `nepa-scale report`)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the law")
+    p.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
+
+
 def add_commands(sub, executors: tuple[str, ...]) -> None:
     sweep = sub.add_parser("sweep", help="plan, launch, follow and cancel a sweep (sweeps/*.yaml)")
     actions = sweep.add_subparsers(dest="action", required=True)
@@ -151,7 +218,33 @@ def add_commands(sub, executors: tuple[str, ...]) -> None:
         "launch", parents=common, help="submit the runs not done (a re-run continues)"
     )
     _submit_options(launch)
+    launch.add_argument(
+        "--advise",
+        action="store_true",
+        help="closed loop: launch, wait, refit and launch the advisor's runs until --until-interval or the budget",
+    )
+    _advice_options(launch, loop=True)
+    launch.add_argument(
+        "--until-interval",
+        type=float,
+        default=None,
+        help="stop once every target's 95%% interval is narrower than this share of its prediction (e.g. 0.2)",
+    )
+    launch.add_argument("--rounds", type=int, default=3, help="rounds of advice the budget is shared over")
+    launch.add_argument(
+        "--submit",
+        action="store_true",
+        help="run the loop itself as a small CPU job of the profile's scheduler",
+    )
     launch.set_defaults(func=cmd_launch)
+
+    advise = actions.add_parser(
+        "advise",
+        parents=common,
+        help="the runs that narrow the target's interval most per GPU-hour (a sweep file)",
+    )
+    _advice_options(advise, loop=False)
+    advise.set_defaults(func=cmd_advise)
 
     status = actions.add_parser("status", parents=common, help="each run's state, progress and job")
     status.set_defaults(func=cmd_status)

@@ -12,6 +12,7 @@
           models: {model.overrides.dim: [32, 64]}        #     steps, within 1%); models: a zip
       - union: [[{zip: ...}, {seeds: 3}], [{zip: ...}]]  #   union: the runs of each list, together
     attach: {segment: {sweep: x.yaml}} # downstream fine-tunes of the runs (nepa_scale/workflows/attach.py)
+    target: {model: nepa_h14, epochs: 800}  # what the study predicts (launch/targets.py); a list for several
     profile: local                     # slurm/profiles/NAME.yaml or a path
     resources: {time_min: 30}          # profile overrides for every run
     output_root: runs/demo             # run directories: <output_root>/<run id>
@@ -45,8 +46,20 @@ from nepa_scale.data import check_input_paths
 from nepa_scale.engine.settings import check_world
 from nepa_scale.launch.design import check_flops_budget, plan_branches
 from nepa_scale.launch.profiles import ClusterProfile, load_profile
+from nepa_scale.launch.targets import TargetSpec, parse_targets
 
-SWEEP_KEYS = {"name", "description", "base", "set", "axes", "profile", "resources", "output_root", "attach"}
+SWEEP_KEYS = {
+    "name",
+    "description",
+    "base",
+    "set",
+    "axes",
+    "profile",
+    "resources",
+    "output_root",
+    "attach",
+    "target",
+}
 RESOURCE_PREFIX = "resources."
 BLOCK_KINDS = ("grid", "zip", "seeds", "isoflop", "union")
 ATTACH_KEYS = {"sweep", "budgets", "per_model"}  # an attach: entry (nepa_scale/workflows/attach.py)
@@ -112,6 +125,11 @@ class Sweep:
     runs: list[PlannedRun]
     warnings: tuple[str, ...] = ()  # said once by plan and launch (e.g. data.root not there)
     attach: dict[str, dict] = dataclasses.field(default_factory=dict)  # downstream studies (attach.py)
+    targets: tuple[TargetSpec, ...] = ()  # what the study is for (targets.py)
+    # The file as read, with its paths made absolute, and the runs' common config (base + set): what
+    # the advisor writes its sweep files from, so that the runs it proposes are planned as these are.
+    spec: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    recipe: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def run(self, run_id: str) -> PlannedRun:
         for run in self.runs:
@@ -264,7 +282,35 @@ def load_sweep(
     """Expand a sweep file into its runs. ``executor`` overrides the profile's (slurm | local);
     ``overrides`` (``key=value``, e.g. ``data.root=/data/imagenet``) extend the sweep's ``set``."""
     path = Path(path)
-    spec = read_yaml_mapping(path, "sweep")
+    return expand_sweep(read_yaml_mapping(path, "sweep"), path, executor, output_root, overrides)
+
+
+def absolute_spec(spec: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The sweep file's mapping with its paths (base, a profile given as a file, attach sweeps)
+    absolute, so that a copy written elsewhere (the advisor's files) means the same sweep."""
+    out = copy.deepcopy(spec)
+    if isinstance(out.get("base"), str):
+        out["base"] = str((where / out["base"]).resolve())
+    profile = out.get("profile")
+    if isinstance(profile, str) and (where / profile).is_file():
+        out["profile"] = str((where / profile).resolve())
+    bench = (out.get("resources") or {}).get("bench_results")
+    if isinstance(bench, list):
+        out["resources"]["bench_results"] = [str((where / str(b)).resolve()) for b in bench]
+    for entry in (out.get("attach") or {}).values():
+        if isinstance(entry, dict) and isinstance(entry.get("sweep"), str):
+            entry["sweep"] = str((where / entry["sweep"]).resolve())
+    return out
+
+
+def expand_sweep(
+    spec: dict[str, Any],
+    path: Path,
+    executor: str | None = None,
+    output_root: str | Path | None = None,
+    overrides: list[str] | None = None,
+) -> Sweep:
+    """The runs of a sweep file's mapping ``spec``, read from ``path`` (relative paths start there)."""
     unknown = sorted(set(spec) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown key '{unknown[0]}' (known: {', '.join(sorted(SWEEP_KEYS))})")
@@ -272,6 +318,10 @@ def load_sweep(
     base = _base_config(spec, path.parent)
     common = _flatten(spec.get("set") or {})
     common.update(parse_override(item, "--set") for item in overrides or [])
+    recipe = copy.deepcopy(base)
+    for key, value in common.items():
+        if not key.startswith(RESOURCE_PREFIX):
+            set_dotted(recipe, key, value)
     axes = spec.get("axes") or []
     if not isinstance(axes, list):
         raise ConfigError(f"{path}: axes: expected a list of blocks ({', '.join(BLOCK_KINDS)})")
@@ -281,6 +331,7 @@ def load_sweep(
     if executor is not None:
         sweep_resources["executor"] = executor
     root = Path(output_root or spec.get("output_root") or f"runs/{name}").absolute()
+    targets = parse_targets(spec.get("target"), path)
 
     runs: list[PlannedRun] = []
     seen: dict[str, dict[str, Any]] = {}
@@ -319,7 +370,14 @@ def load_sweep(
         runs.append(PlannedRun(run_id, values, data, config, profile, error))
     warnings = tuple(f"{m} (costs are planned anyway; launch needs it)" for m in sorted(missing_paths))
     attach = check_attach(spec.get("attach"), path)
-    return Sweep(name, path, root, profile_name, _with_branches(runs), warnings, attach)
+    full = absolute_spec(spec, path.parent) | {"name": name}
+    if overrides:
+        full["set"] = {**(full.get("set") or {}), **dict(parse_override(o, "--set") for o in overrides)}
+    if executor is not None:
+        full["resources"] = {**(full.get("resources") or {}), "executor": executor}
+    return Sweep(
+        name, path, root, profile_name, _with_branches(runs), warnings, attach, targets, full, recipe
+    )
 
 
 def check_attach(spec: Any, where: Path) -> dict[str, dict]:

@@ -23,7 +23,6 @@ from nepa_scale.scaling.fits import (
     fit_chinchilla,
     fit_isoflop,
     fit_power_law,
-    holdout,
     human,
     pareto_frontier,
     seed_spread,
@@ -39,6 +38,7 @@ from nepa_scale.scaling.quantities import (
     short_label,
 )
 from nepa_scale.scaling.study import AnalysisResult, Study
+from nepa_scale.scaling.target import Target, predict_targets
 
 # Before learning starts a quantity sits on a plateau near its initial value, which no power law in
 # compute describes. The frontier fit starts where the frontier has covered this fraction of its
@@ -231,32 +231,33 @@ def loss_vs_params(study: Study, chinchilla_fit) -> AnalysisResult | None:
 
 
 def prediction(study: Study) -> AnalysisResult | None:
-    """Fit L(N, D) without the largest model, predict it at every D with the bootstrap interval, and
-    measure the error against the seed spread (standard errors of the seed mean)."""
+    """Fit the law without the largest model and predict it at every D, exactly as a target is
+    predicted (target.py: least squares on log q, bootstrap, one run's seed noise), and measure the
+    error against the seed spread (standard errors of the seed mean)."""
     s, final = study.settings, study.final
     if not s.holdout_largest:
         return None
-    seeds = final["seed"] if "seed" in final else None
-    ho = holdout(
-        final["N"],
-        final["D"],
-        final["quantity"],
-        final["run_id"],
-        largest=s.holdout_largest,
-        replicates=seeds,
-        n_bootstrap=s.n_bootstrap,
-        seed=s.seed,
+    sizes = np.unique(final["N"][np.isfinite(final["N"])])
+    if len(sizes) <= s.holdout_largest + 1:
+        raise FitError(
+            f"hold-out of {s.holdout_largest} size(s) needs at least {s.holdout_largest + 2} model sizes, got {len(sizes)}"
+        )
+    held = sizes[-s.holdout_largest :]
+    test = final[np.isin(final["N"], held)]
+    cells = [(float(n), float(d), cell) for (n, d), cell in test.groupby(["N", "D"])]
+    targets = [Target(f"N = {human(n)}, D = {human(d)}", n, d) for n, d, _ in cells]
+    held_out = predict_targets(
+        final[~np.isin(final["N"], held)], targets, n_bootstrap=s.n_bootstrap, seed=s.seed, trivial=None
     )
     spread = seed_noise(study)
     rows = []
-    for (n, d), cell in final[np.isin(final["N"], ho.held_out_sizes)].groupby(["N", "D"]):
+    for (n, d, cell), p in zip(cells, held_out.predictions, strict=True):
         observed = cell["quantity"].to_numpy(float)
-        predicted = float(ho.fit.predict(np.array([n]), np.array([d]))[0])
-        low, high = (float(x[0]) for x in ho.fit.band(np.array([n]), np.array([d])))
-        log_error = math.log(predicted / observed.mean())
+        log_error = math.log(p.value / observed.mean())
         se = spread.std_log / math.sqrt(len(observed)) if spread else math.nan
         rows += [
-            {"N": n, "D": d, "observed": v, "predicted": predicted, "low": low, "high": high}
+            {"N": n, "D": d, "observed": v, "predicted": p.value, "low": p.low, "high": p.high}
+            | {"fit_low": p.fit_low, "fit_high": p.fit_high}
             for v in observed
         ]
         rows[-1] |= {"log error": log_error, "z": log_error / se if se > 0 else math.nan}
@@ -264,36 +265,73 @@ def prediction(study: Study) -> AnalysisResult | None:
     per_d = points.dropna(subset=["log error"])
     mean_abs = float(per_d["log error"].abs().mean())
     inside = float(((points["observed"] >= points["low"]) & (points["observed"] <= points["high"])).mean())
+    reasons = list(dict.fromkeys(r for p in held_out.predictions for r in p.reasons))
     entry = {
-        "held out N": [float(n) for n in ho.held_out_sizes],
-        "fit without it": "identified"
-        if ho.fit.identified
-        else f"not identified: {_unidentified(ho.fit.params)}",
+        "held out N": [float(n) for n in held],
+        "fit without it": "usable" if not reasons else "not usable: " + "; ".join(reasons),
+        "method": f"{held_out.fit.law.formula} by least squares on log q, {len(held_out.fit.samples)} bootstrap "
+        f"draws, plus one run's seed noise ({held_out.noise_source}): as the study's targets are predicted",
         "per D": [
             {
                 "D": float(r["D"]),
                 "observed mean": float(points[points["D"] == r["D"]]["observed"].mean()),
                 "predicted": Estimate(r["predicted"], r["low"], r["high"]).to_dict(),
+                "law alone": [float(r["fit_low"]), float(r["fit_high"])],
                 "log error": float(r["log error"]),
                 "z (seed SE)": float(r["z"]),
             }
             for _, r in per_d.iterrows()
         ],
         "mean |log error|": mean_abs,
+        "max |z|": float(per_d["z"].abs().max()),
         "seed std of log": spread.std_log if spread else None,
         "observed inside the 95% interval": inside,
-        "mean |relative error|": ho.mean_abs_rel_error,
+        "mean |relative error|": float(np.mean(np.abs(points["predicted"] / points["observed"] - 1))),
     }
     noise = f"the seed spread (std of log {spread.std_log:.3g})" if spread else "no seed spread (one seed)"
     entry["verdict"] = (
-        f"mean |log error| {mean_abs:.3g} against {noise}; {100 * inside:.0f}% of the observed points inside "
-        "the prediction's 95% interval"
+        f"mean |log error| {mean_abs:.3g} against {noise}, at most {entry['max |z|']:.2g} seed standard errors; "
+        f"{100 * inside:.0f}% of the observed points inside the prediction's 95% interval"
     )
     figs = study.figure(
         figures.prediction_check(points, study.quantity_short, study.d_label, study.n_label),
         "prediction_check",
     )
-    return AnalysisResult(entry, ho, figs)
+    return AnalysisResult(entry, held_out, figs)
+
+
+def targets(study: Study) -> AnalysisResult | None:
+    """The study's targets predicted with their 95% predictive intervals (target.py)."""
+    s = study.settings
+    if not s.targets:
+        return None
+    goal = [t.counted(s.n_kind, s.d_kind) for t in s.targets]
+    predicted = predict_targets(
+        study.final, goal, n_bootstrap=s.n_bootstrap, seed=s.seed, trivial=trivial_error(study)
+    )
+    entry = {
+        "law": f"{predicted.fit.law.formula}, fitted by least squares on log q to {predicted.fit.n_points} "
+        f"final points ({predicted.fit.n_runs} runs), {len(predicted.fit.samples)} bootstrap draws",
+        "seed noise": predicted.noise_source,
+        "predictions": [p.to_dict() for p in predicted.predictions],
+        "identified": all(p.usable for p in predicted.predictions),
+    }
+    if not entry["identified"]:
+        entry["reason"] = "; ".join(
+            f"{p.target.label}: {'; '.join(p.reasons)}" for p in predicted.predictions if p.reasons
+        )
+    fig = figures.target_prediction(
+        study.final, predicted, study.quantity_short, study.n_label, study.d_label
+    )
+    return AnalysisResult(entry, predicted, study.figure(fig, "targets"))
+
+
+def trivial_error(study: Study) -> float | None:
+    """The error of guessing (1 - 1/classes) when the fitted quantity is a probe's error rate."""
+    if study.quantity not in ("probe_linear_error", "probe_knn_error") or "probe_classes" not in study.final:
+        return None
+    classes = study.final["probe_classes"].dropna()
+    return 1 - 1 / float(classes.max()) if len(classes) else None
 
 
 def _unidentified(params: dict[str, Estimate]) -> str:

@@ -70,6 +70,7 @@ def _run_summary(run: RunDir) -> dict:
         trunk=Path(config.branch.parent).name if config.branch.parent else run.root.name,
         branch_step=config.branch.step or 0,
         probe_subsets=_probe_subsets(record.probe_subsets),
+        probe_classes=(record.probe_subsets or {}).get("train", {}).get("classes"),
         params=counts["total"],
         params_no_embed=counts["without_patch_embed"],
         tokens_per_image=arch.num_tokens,

@@ -241,9 +241,19 @@ def prediction_check(points: pd.DataFrame, quantity_label: str, d_label: str, n_
             points["low"],
             points["high"],
             color="r",
-            alpha=0.15,
-            label="95% bootstrap interval",
+            alpha=0.12,
+            label="95% predictive interval (law + one run's seed noise)",
             gid="band",
+        )
+    if "fit_low" in points and np.isfinite(points["fit_low"]).all():
+        ax.fill_between(
+            points["D"],
+            points["fit_low"],
+            points["fit_high"],
+            color="r",
+            alpha=0.25,
+            label="95% interval of the law alone",
+            gid="law_band",
         )
     ax.set(
         xscale="log",
@@ -253,6 +263,52 @@ def prediction_check(points: pd.DataFrame, quantity_label: str, d_label: str, n_
         title=f"Prediction check: the largest model (N = {_count(points['N'].iloc[0])}, {n_label}) held out",
     )
     ax.legend(fontsize=8)
+    return fig
+
+
+def target_prediction(
+    final: pd.DataFrame, predicted, quantity_label: str, n_label: str, d_label: str
+) -> plt.Figure:
+    """Each target's prediction against N at its D, with the 95% predictive band, beside the study's
+    final points at its longest D and the law there (observed points at other D are not comparable)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fit, noise = predicted.fit, predicted.noise_std
+    longest = final[final["D"] == final["D"].max()]
+    ax.scatter(
+        longest["N"],
+        longest["quantity"],
+        color="k",
+        s=16,
+        zorder=3,
+        label=f"observed at D = {_count(final['D'].max())}",
+    )
+    low_n = float(final["N"].min())
+    for p in predicted.predictions:
+        n = np.geomspace(low_n, max(p.target.n, float(final["N"].max())), 60)
+        for d, style in ((float(final["D"].max()), "k--"), (p.target.d, "r-")):
+            x = np.stack([n, np.full_like(n, d)], axis=1)
+            ax.plot(n, np.exp(fit.log_predict(x)), style, lw=1, label=f"law at D = {_count(d)}")
+        x = np.stack([n, np.full_like(n, p.target.d)], axis=1)
+        draws = fit.log_draws(x) + noise * np.random.default_rng(0).standard_normal((len(fit.samples), 1))
+        low, high = np.exp(np.percentile(draws, [2.5, 97.5], axis=0))
+        ax.fill_between(n, low, high, color="r", alpha=0.12, label="95% predictive interval")
+        ax.errorbar(
+            [p.target.n],
+            [p.value],
+            yerr=[[p.value - p.low], [p.high - p.value]],
+            fmt="r*",
+            ms=10,
+            capsize=4,
+            label=f"{p.target.label}" + ("" if p.usable else " (not usable)"),
+        )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel=f"N ({n_label})",
+        ylabel=quantity_label,
+        title="The study's targets",
+    )
+    ax.legend(fontsize=7)
     return fig
 
 

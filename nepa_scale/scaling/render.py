@@ -49,6 +49,7 @@ QUANTITY_COLUMNS = {
 }
 # Each analysis's heading, and the formula it fits where it fits one (the summary says the same).
 FIT_TITLES = {
+    "targets": "The study's targets: predicted, with 95% predictive intervals",
     "frontier": "Compute frontier L(C) = E + A C^-alpha",
     "chinchilla": "L(N, D) = E + A/N^alpha + B/D^beta",
     "isoflop": "IsoFLOP: N_opt(C) and D_opt(C)",
@@ -78,8 +79,11 @@ FIGURE_CAPTIONS = {
     "either side (the noise floor). A pattern beyond it is what the law misses.",
     "loss_vs_params": "Each run's final point against N, one line per D (bars: the seeds' range); "
     "dashed: L(N, D) with its 95% bootstrap band.",
-    "prediction_check": "L(N, D) fitted without the largest model, predicted for it with the 95% "
-    "bootstrap interval, against its observed seeds.",
+    "prediction_check": "L(N, D) fitted without the largest model and predicted for it as a target is "
+    "predicted: light band, the 95% predictive interval (the law's bootstrap and one run's seed noise); "
+    "dark band, the law alone; against its observed seeds.",
+    "targets": "Each target's prediction against N at the target's D, with the 95% predictive interval "
+    "(the law's bootstrap and one run's seed noise); black, the study's final points at its longest D.",
     "diagnostics": "The label-free diagnostics against compute: described, never fitted across widths.",
     "isoflop": "Each compute budget's runs against N, with the parabola in log N and its minimum.",
     "n_opt": "The compute-optimal N at each budget with its interval, and the fitted N_opt(C).",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from nepa_scale.scaling.fits import MAX_INTERVAL_RATIO, Estimate, FitError, huma
 from nepa_scale.scaling.quantities import label, resolve_quantity
 from nepa_scale.scaling.render import FIT_TITLES, as_estimate, describe, write_html, write_markdown
 from nepa_scale.scaling.study import D_KINDS, N_KINDS, Report, Study, StudySettings
+from nepa_scale.scaling.target import read_study_record
 from nepa_scale.scaling.transfer_record import TransferRecord
 
 
@@ -58,10 +60,12 @@ def read_fits(path: str | Path) -> dict:
     return data
 
 
-def load_study(sweep_dir: Path, out: Path, s: StudySettings) -> tuple[pd.DataFrame, Study, list[str]]:
-    """Collect the runs, resolve the fitted quantity: the table, the study, and the warnings so far."""
+def load_study(sweep_dir: Path, out: Path | None, s: StudySettings) -> tuple[pd.DataFrame, Study, list[str]]:
+    """Collect the runs, resolve the fitted quantity: the table (written to ``out``, if given), the
+    study, and the warnings so far."""
     table = collect(sweep_dir, budgets=s.budgets, window=s.window, convention=s.convention)
-    write_table(table, out)
+    if out is not None:
+        write_table(table, out)
     warnings = [
         f"run {row['run_id']} is {row['status']}"
         + (f": {row['error']}" if isinstance(row.get("error"), str) else "")
@@ -96,7 +100,7 @@ def load_study(sweep_dir: Path, out: Path, s: StudySettings) -> tuple[pd.DataFra
         done[done["eval_point"] == "final"],
         collect_curves(sweep_dir, window=s.window, convention=s.convention),
         collect_evaluations(sweep_dir, convention=s.convention),
-        out / "figures",
+        out / "figures" if out is not None else Path(sweep_dir) / "report" / "figures",
     )
     return table, study, warnings
 
@@ -104,6 +108,7 @@ def load_study(sweep_dir: Path, out: Path, s: StudySettings) -> tuple[pd.DataFra
 def _analyses(study: Study) -> dict[str, AnalysisResult]:
     """Every analysis, in the order the report shows them (only those that apply)."""
     results: dict[str, AnalysisResult | None] = {
+        "targets": run_step(analyses.targets, study),
         "frontier": run_step(analyses.frontier, study),
         "chinchilla": run_step(analyses.chinchilla, study),
     }
@@ -122,7 +127,8 @@ def summary_lines(study: Study, results: dict[str, AnalysisResult]) -> list[str]
     """What the study shows, before any warning or figure: the fitted quantity and the axes, what
     each law identifies (and what it does not), the noise floor, the prediction check."""
     s = study.settings
-    lines = [
+    lines = target_lines(study, results.get("targets"))
+    lines += [
         f"Fitted quantity: {study.quantity_label} ({study.quantity}), the final point of each of "
         f"{len(study.final)} completed runs. N = {study.n_label}, D = {study.d_label}, C = training FLOPs "
         f"({s.convention}). In brackets: 95% bootstrap intervals ({s.n_bootstrap} resamples)."
@@ -142,6 +148,17 @@ def summary_lines(study: Study, results: dict[str, AnalysisResult]) -> list[str]
             f"Prediction check (N = {held} held out, predicted at every D): {check.entry['verdict']}."
         )
     return lines
+
+
+def target_lines(study: Study, result: AnalysisResult | None) -> list[str]:
+    """The summary's first lines: each target's predicted quantity, its 95% predictive interval,
+    its cost, and whether it can be relied on (and why not)."""
+    if result is None:
+        return []
+    if result.fit is None:
+        return [f"Targets: no prediction ({result.entry['reason']})."]
+    lines = [f"Target: {p.line(study.quantity_short)}." for p in result.fit.predictions]
+    return lines + [f"(The targets' law: {result.entry['law']}; seed noise: {result.entry['seed noise']}.)"]
 
 
 def identified_in_words(entry: dict) -> str:
@@ -166,6 +183,8 @@ def build_report(
         raise ValueError(f"n_kind must be one of {list(N_KINDS)} and d_kind one of {list(D_KINDS)}")
     sweep_dir = Path(sweep_dir)
     out = Path(out_dir) if out_dir else sweep_dir / "report"
+    if s.targets is None:
+        s = replace(s, targets=read_study_record(sweep_dir).get("targets", []))
     table, study, warnings = load_study(sweep_dir, out, s)
     results = _analyses(study)
     first = [  # what is not identified leads, in the order of the analyses
@@ -214,4 +233,20 @@ def conventions(s: StudySettings, quantity: str) -> dict[str, str]:
     }
 
 
-__all__ = ["Report", "StudySettings", "build_report", "describe", "fit_table", "load_study", "read_fits"]
+def study_points(sweep_dir: str | Path, s: StudySettings) -> tuple[Study, float | None, list[str]]:
+    """The study the advisor fits (its completed runs' final points), the trivial error of its
+    quantity, and the warnings of reading it; nothing is written."""
+    _, study, warnings = load_study(Path(sweep_dir), None, s)
+    return study, analyses.trivial_error(study), warnings
+
+
+__all__ = [
+    "Report",
+    "StudySettings",
+    "build_report",
+    "describe",
+    "fit_table",
+    "load_study",
+    "read_fits",
+    "study_points",
+]

@@ -30,6 +30,8 @@ class StudySettings:
     downstream: list[str] = field(default_factory=list)
     # FLOPs where the frontier fit starts; None: the end of the initial plateau (analyses.PLATEAU_DROP)
     frontier_from: float | None = None
+    # What the study predicts (target.Target); None: the targets recorded in the study's study.json
+    targets: list | None = None
 
 
 @dataclass
@@ -58,7 +60,8 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         out = {
-            "settings": self.settings.__dict__ | {"quantity": self.quantity},
+            "settings": self.settings.__dict__
+            | {"quantity": self.quantity, "targets": [t.to_dict() for t in self.settings.targets or []]},
             "summary": self.summary,
             "fits": self.fits,
             "warnings": self.warnings,
