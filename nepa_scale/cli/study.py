@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nepa_scale.errors import UsageError
 from nepa_scale.flops import CONVENTIONS
+from nepa_scale.launch.targets import parse_target_option
 from nepa_scale.scaling import D_KINDS, N_KINDS
 
 
@@ -38,10 +40,29 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _targets(args: argparse.Namespace):
+    """``--target`` resolved with the study's sweep file (``--sweep``, else the one study.json names)."""
+    from nepa_scale.launch.advice import resolve_targets  # heavy: torch (the planner)
+    from nepa_scale.launch.sweep import load_sweep  # heavy, likewise
+    from nepa_scale.scaling.target import STUDY_RECORD, read_study_record  # heavy: pandas
+
+    sweep_file = args.sweep or read_study_record(Path(args.sweep_dir)).get("sweep")
+    if not sweep_file:
+        raise UsageError(
+            f"--target: {Path(args.sweep_dir) / STUDY_RECORD} does not name the study's sweep file (written by "
+            "`nepa-scale sweep launch`): pass --sweep FILE"
+        )
+    sweep = load_sweep(sweep_file, output_root=args.sweep_dir)
+    return resolve_targets(sweep, [parse_target_option(t) for t in args.target], record=False)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from nepa_scale.scaling.report import build_report, describe  # heavy: pandas, scipy, matplotlib
 
-    report = build_report(args.sweep_dir, args.out, _settings(args))
+    settings = _settings(args)
+    if args.target:
+        settings.targets = _targets(args)
+    report = build_report(args.sweep_dir, args.out, settings)
     for line in report.summary:
         print(line)
     for name, fit in report.fits.items():
@@ -98,6 +119,18 @@ def add_commands(sub, executors: tuple[str, ...]) -> None:
         p = sub.add_parser(name, help=text)
         _add_study_options(p)
         p.set_defaults(func=func)
+        if name == "report":
+            p.add_argument(
+                "--target",
+                action="append",
+                default=[],
+                metavar="MODEL:KIND=VALUE",
+                help="predict this instead of the sweep file's target: (e.g. nepa_h14:epochs=800; KIND: images, "
+                "epochs, flops), with the study's recipe and profile",
+            )
+            p.add_argument(
+                "--sweep", default=None, help="the study's sweep file (default: the one study.json names)"
+            )
 
     demo = sub.add_parser("demo", help="end-to-end mini scaling study on this machine (sweeps/demo.yaml)")
     demo.add_argument("--executor", choices=executors, default=None, help="default: local processes")

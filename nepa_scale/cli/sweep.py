@@ -40,6 +40,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.budget_gpu_hours is not None or args.until_interval is not None:
         return fail("--budget-gpu-hours and --until-interval go with --advise (the closed loop)", code=2)
     sweep = _load(args)
+    if sweep.targets and not args.dry_run:
+        from nepa_scale.launch.advice import resolve_targets  # heavy: torch (the planner)
+
+        for target in resolve_targets(sweep):  # recorded in study.json: the report opens with them
+            cost = f"{target.gpu_hours:,.4g} GPU-hours" if target.gpu_hours is not None else target.note
+            print(f"target {target.label}: N = {target.params:,.0f}, D = {target.images:,.0f} images, {cost}")
     pending = launcher.launch(sweep, retry_failed=args.retry_failed, dry_run=args.dry_run)
     verb = "would submit" if args.dry_run else "submitted"
     print(

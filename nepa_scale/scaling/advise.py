@@ -110,7 +110,7 @@ def advise(
     if study is None:
         study = predict_targets(points, targets, law=law, n_bootstrap=n_bootstrap, seed=seed, trivial=trivial)
     fit, noise = study.fit, study.noise_std**2
-    x = np.vstack([[[t.n, t.d] for t in targets], pool[list(law.inputs)].to_numpy(float)])
+    x = np.vstack([[t.coordinates(law) for t in targets], pool[list(law.inputs)].to_numpy(float)])
     draws = fit.log_draws(x)
     draws = draws[np.all(np.isfinite(draws), axis=1)]
     if len(draws) < 10:

@@ -44,6 +44,7 @@ class Target:
     tokens_per_image: int | None = None  # [CLS] + patches: D in patches is images x (tokens - 1)
     gpu_hours: float | None = None
     note: str = ""  # e.g. why the cost is unknown
+    extra: dict[str, float] = field(default_factory=dict)  # a law's other inputs (e.g. unique tokens U)
 
     @property
     def n(self) -> float:
@@ -52,6 +53,17 @@ class Target:
     @property
     def d(self) -> float:
         return self.images
+
+    def inputs(self) -> dict[str, float]:
+        """Where a law is evaluated for this target: N, D and any other input it names."""
+        return {"N": self.params, "D": self.images, **self.extra}
+
+    def coordinates(self, law: Law) -> list[float]:
+        at = self.inputs()
+        missing = [name for name in law.inputs if name not in at]
+        if missing:
+            raise FitError(f"target {self.label}: the law {law.name} needs {', '.join(missing)}")
+        return [at[name] for name in law.inputs]
 
     def counted(self, n_kind: str, d_kind: str) -> Target:
         """The same target with N and D as the study counts them (study.py: n_kind, d_kind)."""
@@ -62,7 +74,7 @@ class Target:
         return replace(self, params=float(n), images=float(d))
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None and v != ""}
+        return {k: v for k, v in asdict(self).items() if v is not None and v != "" and v != {}}
 
     @classmethod
     def from_dict(cls, data: dict) -> Target:
@@ -177,14 +189,14 @@ def predictive_draws(fit: LawFit, noise_std: float, dof: int, x: np.ndarray) -> 
 def why_not_usable(fit: LawFit, target: Target, high: float, trivial: float | None) -> list[str]:
     """The reasons a prediction at ``target`` cannot be relied on (empty: usable)."""
     reasons = []
-    at = {"N": target.n, "D": target.d}
+    at = target.inputs()
     for name in fit.law.exponents:
         along = fit.law.exponent_inputs.get(name)
         if along is None or at[along] <= fit.inputs_seen[along].max():
             continue  # no extrapolation along this input
         below = fit.inputs_seen[along]
         if len(below) < MIN_DISTINCT:
-            noun = {"N": "model sizes", "D": "data budgets"}[along]
+            noun = {"N": "model sizes", "D": "data budgets"}.get(along, f"values of {along}")
             reasons.append(
                 f"{len(below)} {noun} below the target: the {along} exponent {name} is not pinned "
                 f"(a saturating power law along {along} needs {MIN_DISTINCT})"
@@ -222,7 +234,7 @@ def predict_targets(
         seed=seed,
     )
     noise, dof, source = seed_noise_std(points, fit)
-    x = np.array([[t.n, t.d] for t in targets], dtype=float).reshape(len(targets), 2)
+    x = np.array([t.coordinates(law) for t in targets], dtype=float).reshape(len(targets), len(law.inputs))
     predictions = []
     if targets:
         draws = predictive_draws(fit, noise, dof, x)
