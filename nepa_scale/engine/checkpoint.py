@@ -152,9 +152,8 @@ class Checkpointer:
             try:
                 verify(candidate)
             except CheckpointError as exc:
-                if isinstance(exc, UnsafePickle) or self.config.checkpoint.on_corrupt != "previous":
-                    raise
-                if len(committed) == 1:
+                fallback = self.config.checkpoint.on_corrupt == "previous" and len(committed) > 1
+                if isinstance(exc, UnsafePickle) or not fallback:  # a crafted file is never skipped
                     raise
                 log.error(
                     "%s; falling back to the previous committed checkpoint (checkpoint.on_corrupt=previous)",
@@ -276,9 +275,8 @@ class Checkpointer:
                 )
             commit(target, {"source": source.tag})
         barrier()
-        verify(
-            Committed(target, source.step, read_marker(target) or {})
-        )  # a conversion found there is read too
+        # A conversion found there (made by an earlier attempt) is verified like any checkpoint.
+        verify(Committed(target, source.step, read_marker(target) or {}))
         return target
 
     def load(self, engine, plan: ResumePlan, ema: Ema | None) -> tuple[int, dict[str, Any]]:

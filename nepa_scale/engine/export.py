@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nepa_scale.engine import checkpoint_store as store
@@ -71,11 +71,12 @@ EXPORTED = "model.safetensors"
 
 
 def exported_step(path: str | Path) -> int | None:
-    """The step an export holds (its metadata), None for a file without it or not there."""
+    """The step an export holds (its metadata), None for a file without it, not there or not a
+    safetensors file."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             return int((handle.metadata() or {}).get("step"))
-    except (OSError, TypeError, ValueError, RuntimeError):
+    except (OSError, TypeError, ValueError, RuntimeError, SafetensorError):  # not a safetensors file
         return None
 
 
