@@ -90,13 +90,16 @@ def check(file: Path, allowed: set[str] | frozenset[str] = frozenset()) -> None:
         raise UnsafePickle.naming(file, sorted(set(unsafe)))
 
 
+def _allowing(classes: list[tuple[Any, str]]) -> safe_globals:
+    """torch's allow-list context for those of ``classes`` not allowed already: leaving one removes
+    its entries, even those allowed before it (by an enclosing one, or for good)."""
+    return safe_globals([entry for entry in classes if entry not in get_safe_globals()])
+
+
 def load(file: Path | str, classes: list[tuple[Any, str]] = (), map_location: Any = "cpu") -> Any:
     """``torch.load`` of a file from a run directory: weights only, with ``classes`` allowed."""
-    # Only those not allowed already: leaving a nested ``safe_globals`` removes its entries, even
-    # those an enclosing one (``weights_only_loads``) had added.
-    added = [entry for entry in classes if entry not in get_safe_globals()]
     try:
-        with safe_globals(added):
+        with _allowing(classes):
             return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UnsafePickle.naming(file, exc) from None
@@ -111,7 +114,7 @@ def weights_only_loads(where: Path | str) -> Iterator[None]:
     saved = {name: os.environ.pop(name, None) for name in (FORCE, FORCE_NOT)}
     os.environ[FORCE] = "1"
     try:
-        with safe_globals(deepspeed_classes()):
+        with _allowing(deepspeed_classes()):
             yield
     except pickle.UnpicklingError as exc:
         raise UnsafePickle.naming(f"a file under {where}", exc) from None
