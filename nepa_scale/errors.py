@@ -5,6 +5,8 @@ Everything else (a device out of memory, a bug) is not a ``NepaError`` and keeps
 
 from __future__ import annotations
 
+import re
+
 
 class NepaError(Exception):
     """Base class of every error the user can act on from its message alone."""
@@ -25,6 +27,25 @@ class DataError(NepaError):
 
 class CheckpointError(NepaError):
     """A committed checkpoint that cannot be used; the message names the file."""
+
+
+class UnsafePickle(CheckpointError):
+    """A torch file that would call or build something no checkpoint holds when unpickled (a file
+    from elsewhere may run code that way): refused before it is unpickled; the message names it."""
+
+    @classmethod
+    def naming(cls, file: object, named: list[str] | BaseException) -> UnsafePickle:
+        """The refusal of ``file``: what it names (a list), or torch's weights-only refusal of it,
+        whose message takes several lines and advises loading the file unsafely if trusted."""
+        if isinstance(named, BaseException):
+            found = re.search(r"GLOBAL ([\w.]+)", str(named))
+            named = [found.group(1)] if found else []
+        what = f"it names {', '.join(named)}" if named else "it holds more than tensors and plain values"
+        return cls(
+            f"refusing to unpickle {file}: {what} (a torch file from a run directory or a weight file "
+            "may hold only tensors, plain values and the few classes DeepSpeed's checkpoints hold: "
+            "unpickling anything else could run code)"
+        )
 
 
 class ResumeRefused(NepaError):

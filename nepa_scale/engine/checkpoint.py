@@ -5,7 +5,9 @@ manifest, retention, the per-rank RNG files). Only committed checkpoints count. 
 committed one is verified against its manifest and loaded; directories without the marker are
 half-written leftovers of a kill and are removed. A committed checkpoint that fails verification
 or loading is an error naming the file, or, with ``on_corrupt: previous``, a logged fallback to the
-previous committed one: never a silent fresh start.
+previous committed one: never a silent fresh start. Nothing in a checkpoint is unpickled beyond
+tensors, plain values and DeepSpeed's few classes (``safe_load``): a file naming anything else is
+refused, naming it, with no fallback (it was made, not damaged).
 
 The ``Checkpointer`` owns the resume-compatibility rule (``resume_changes``): what a change of
 config between a checkpoint and the run resuming from it does. Refused, with the key named: the
@@ -34,6 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from nepa_scale.config import RunConfig
+from nepa_scale.engine import safe_load
 from nepa_scale.engine.checkpoint_store import (
     EMA_FILE,
     UNIVERSAL_SUFFIX,
@@ -44,7 +47,6 @@ from nepa_scale.engine.checkpoint_store import (
     read_marker,
     remove_uncommitted,
     retention,
-    rng_file,
     save_rng,
     set_rng_state,
     verify,
@@ -52,7 +54,7 @@ from nepa_scale.engine.checkpoint_store import (
 from nepa_scale.engine.distributed import World, barrier
 from nepa_scale.engine.fingerprint import fingerprint_diff, resume_digest, resume_fingerprint
 from nepa_scale.engine.settings import StepSettings
-from nepa_scale.errors import CheckpointError, ResumeRefused
+from nepa_scale.errors import CheckpointError, NepaError, ResumeRefused, UnsafePickle
 from nepa_scale.models.zoo import count_params
 from nepa_scale.rundir import MARKER, RunDir, follow_umask, images_seen, tag_for, write_json_atomic
 
@@ -122,6 +124,7 @@ class ResumePlan:
     load_universal: bool
     changes: list[str]
     branch: bool = False  # the trunk's branch point, not one of this run's own checkpoints
+    rank_state: dict[str, Any] | None = None  # this rank's RNG streams and saved state; None: none saved
 
 
 class Checkpointer:
@@ -149,7 +152,8 @@ class Checkpointer:
             try:
                 verify(candidate)
             except CheckpointError as exc:
-                if self.config.checkpoint.on_corrupt != "previous" or len(committed) == 1:
+                fallback = self.config.checkpoint.on_corrupt == "previous" and len(committed) > 1
+                if isinstance(exc, UnsafePickle) or not fallback:  # a crafted file is never skipped
                     raise
                 log.error(
                     "%s; falling back to the previous committed checkpoint (checkpoint.on_corrupt=previous)",
@@ -214,12 +218,15 @@ class Checkpointer:
         return [f"history lost: {lost} (checkpoint.allow_lost_history)"]
 
     def _plan(self, candidate: Committed, changes: list[str], branch: bool = False) -> ResumePlan:
+        """Where to load from; this rank's RNG file is read here, so a bad one is refused before
+        the engine is built."""
         universal = (
             self.config.deepspeed.zero_stage > 0
             and candidate.meta.get("world_size", self.world.world_size) != self.world.world_size
         )
         load_dir = self._to_universal(candidate) if universal else candidate.path
-        return ResumePlan(candidate, load_dir, universal, changes, branch)
+        rank_state = load_rng(candidate.path, self.world.rank)
+        return ResumePlan(candidate, load_dir, universal, changes, branch, rank_state)
 
     def _plan_branch(self) -> ResumePlan:
         """A cooldown branch's first start: the trunk's committed checkpoint at the branch step."""
@@ -254,32 +261,39 @@ class Checkpointer:
                 self.world.world_size,
                 source.path,
             )
-            ds_to_universal(
-                argparse.Namespace(  # ds_to_universal's command-line arguments
-                    input_folder=str(source.path),
-                    output_folder=str(target),
-                    num_extract_workers=1,
-                    num_merge_workers=1,
-                    keep_temp_folder=False,
-                    strict=True,
-                    inject_missing_state=True,
+            with safe_load.weights_only_loads(source.path):  # ds_to_universal reads with pickle's full power
+                ds_to_universal(
+                    argparse.Namespace(  # ds_to_universal's command-line arguments
+                        input_folder=str(source.path),
+                        output_folder=str(target),
+                        num_extract_workers=1,
+                        num_merge_workers=1,
+                        keep_temp_folder=False,
+                        strict=True,
+                        inject_missing_state=True,
+                    )
                 )
-            )
             commit(target, {"source": source.tag})
         barrier()
+        # A conversion found there (made by an earlier attempt) is verified like any checkpoint.
+        verify(Committed(target, source.step, read_marker(target) or {}))
         return target
 
     def load(self, engine, plan: ResumePlan, ema: Ema | None) -> tuple[int, dict[str, Any]]:
         """Weights, optimizer, lr schedule, this rank's RNG streams and EMA; returns the step and
         this rank's other saved state (``save``'s ``rank_state``; empty without an RNG file)."""
         source = plan.source
+        safe_load.install(engine)
         try:
-            path, _ = engine.load_checkpoint(
-                str(plan.load_dir.parent),
-                tag=plan.load_dir.name,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=True,
-            )
+            with safe_load.weights_only_loads(plan.load_dir):  # the universal loader bypasses the engine's
+                path, _ = engine.load_checkpoint(
+                    str(plan.load_dir.parent),
+                    tag=plan.load_dir.name,
+                    load_optimizer_states=True,
+                    load_lr_scheduler_states=True,
+                )
+        except NepaError:
+            raise
         except Exception as exc:
             raise CheckpointError(
                 f"cannot load committed checkpoint {source.path}: {type(exc).__name__}: {exc}"
@@ -292,8 +306,8 @@ class Checkpointer:
             engine.lr_scheduler.last_epoch = step - 1
             engine.lr_scheduler.step()
         rank_state: dict[str, Any] = {}
-        if rng_file(source.path, self.world.rank).is_file():
-            rank_state = load_rng(source.path, self.world.rank)
+        if plan.rank_state is not None:
+            rank_state = plan.rank_state
             set_rng_state(rank_state)
         else:
             log.warning(
@@ -306,7 +320,7 @@ class Checkpointer:
             ema_file = source.path / EMA_FILE
             if not ema_file.is_file():
                 raise CheckpointError(f"checkpoint.ema_decay is set but {ema_file} is missing")
-            ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=True))
+            ema.load_state_dict(safe_load.load(ema_file))
         log.info("resumed from %s (step %d)", source.path, step)
         return step, rank_state
 

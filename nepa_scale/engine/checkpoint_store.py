@@ -2,13 +2,16 @@
 it, the half-written leftovers of a kill, retention, and one RNG file per rank.
 
 A checkpoint is ``checkpoints/step_XXXXXXXX/``: DeepSpeed's own files (every rank writes its shards),
-one ``rng_rankNNNNN.pt`` per rank, and ``COMMITTED``, written last by rank 0 after a barrier, holding
-a manifest (every file with its size). Only committed checkpoints count. The checkpointer
-(``checkpoint.py``) decides what to do with them.
+one ``rng_rankNNNNN.json`` per rank (``.pt``, a pickle, in checkpoints written before), the EMA
+weights, and ``COMMITTED``, written last by rank 0 after a barrier, holding a manifest (every file
+with its size). Only committed checkpoints count, and only once they verify: every file of the
+manifest there with its size, and no torch file naming code to run (``safe_load``). The
+checkpointer (``checkpoint.py``) decides what to do with them.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import random
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nepa_scale.engine import safe_load
 from nepa_scale.errors import CheckpointError
 from nepa_scale.rundir import MARKER, PREFIX, write_json_atomic
 
@@ -27,6 +31,7 @@ log = logging.getLogger("nepa_scale.engine.checkpoint")
 
 UNIVERSAL_SUFFIX = "_universal"  # DeepSpeed's universal copy of a checkpoint, for a new world size
 EMA_FILE = "ema.pt"  # the EMA weights, beside DeepSpeed's files
+RNG_PREFIX = "rng_rank"  # + the rank: one file of RNG streams per rank
 
 
 def step_of(path: Path) -> int | None:
@@ -98,7 +103,8 @@ def commit(path: Path, meta: dict[str, Any]) -> None:
 
 
 def verify(checkpoint: Committed) -> None:
-    """Every file of the manifest exists with its recorded size."""
+    """Every file of the manifest exists with its recorded size, and no torch file in the checkpoint
+    (listed or not: DeepSpeed finds some by name) names anything but what checkpoints hold."""
     for rel, size in checkpoint.meta.get("files", {}).items():
         file = checkpoint.path / rel
         if not file.is_file():
@@ -108,6 +114,10 @@ def verify(checkpoint: Committed) -> None:
             raise CheckpointError(
                 f"checkpoint file truncated or changed: {file} ({actual} bytes, committed {size})"
             )
+    legacy_rng = safe_load.allowed_names(safe_load.legacy_rng_classes())
+    for file in sorted(checkpoint.path.rglob("*.pt")):
+        rng = file.name.startswith(RNG_PREFIX)
+        safe_load.check(file, legacy_rng if rng else set(safe_load.DEEPSPEED_CLASSES))
 
 
 def retention(root: Path, keep_last: int, keep_every: int, keep_steps: list[int] | None = None) -> list[Path]:
@@ -146,19 +156,82 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def rng_file(path: Path, rank: int) -> Path:
-    return path / f"rng_rank{rank:05d}.pt"
+def rng_file(path: Path, rank: int, legacy: bool = False) -> Path:
+    """This rank's RNG file: JSON; ``legacy``: the torch pickle of checkpoints written before."""
+    return path / f"{RNG_PREFIX}{rank:05d}.{'pt' if legacy else 'json'}"
+
+
+def _bytes(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8).clone()
+
+
+def rng_to_json(state: dict[str, Any]) -> dict[str, Any]:
+    """``rng_state()`` as JSON (integers, and torch's byte states in base64): exact, and nothing
+    in it is code."""
+    version, internal, gauss_next = state["python"]
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    out = {
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {
+            "bit_generator": name,
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": _bytes(state["torch"]),
+    }
+    if "cuda" in state:
+        out["cuda"] = _bytes(state["cuda"])
+    return out
+
+
+def rng_from_json(data: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``rng_to_json``: what ``set_rng_state`` takes."""
+    py, nb = data["python"], data["numpy"]
+    state = {
+        "python": (py["version"], tuple(py["internal"]), py["gauss_next"]),
+        "numpy": (
+            nb["bit_generator"],
+            np.array(nb["keys"], dtype=np.uint32),
+            nb["pos"],
+            nb["has_gauss"],
+            nb["cached_gaussian"],
+        ),
+        "torch": _tensor(data["torch"]),
+    }
+    if "cuda" in data:
+        state["cuda"] = _tensor(data["cuda"])
+    return state
 
 
 def save_rng(path: Path, rank: int, extra: dict[str, Any] | None = None) -> None:
-    """This rank's RNG streams, plus any other rank-local state (``extra``), in one file."""
-    torch.save({**rng_state(), **(extra or {})}, rng_file(path, rank))
+    """This rank's RNG streams, plus any other rank-local state (``extra``: plain values), in one
+    JSON file."""
+    write_json_atomic(rng_file(path, rank), {"rng": rng_to_json(rng_state()), "rank_state": extra or {}})
 
 
-def load_rng(path: Path, rank: int) -> dict[str, Any]:
+def load_rng(path: Path, rank: int) -> dict[str, Any] | None:
+    """This rank's RNG streams and other saved state (``save_rng``), from its JSON file or, in a
+    checkpoint written before, its torch file (read weights-only: numpy's state array allowed);
+    None when the checkpoint has neither (a different world size)."""
     file = rng_file(path, rank)
+    if file.is_file():
+        try:
+            data = json.loads(file.read_text())
+            return {**rng_from_json(data["rng"]), **data["rank_state"]}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"cannot read {file}: {type(exc).__name__}: {exc}") from None
+    legacy = rng_file(path, rank, legacy=True)
+    if not legacy.is_file():
+        return None
     try:
-        # RNG states hold numpy arrays and python tuples, which weights_only refuses.
-        return torch.load(file, map_location="cpu", weights_only=False)
+        return safe_load.load(legacy, safe_load.legacy_rng_classes())
+    except CheckpointError:
+        raise
     except Exception as exc:
-        raise CheckpointError(f"cannot read {file}: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"cannot read {legacy}: {type(exc).__name__}: {exc}") from None

@@ -8,10 +8,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nepa_scale.engine import checkpoint_store as store
+from nepa_scale.engine import safe_load
 from nepa_scale.errors import CheckpointError, UsageError
 from nepa_scale.models.official import official_config, save_official
 from nepa_scale.rundir import RunDir, follow_umask
@@ -31,7 +32,9 @@ def fp32_state_dict(checkpoint: store.Committed) -> dict[str, torch.Tensor]:
     if stage < 3:
         states_file = checkpoint.path / "mp_rank_00_model_states.pt"
         try:
-            states = torch.load(states_file, map_location="cpu", weights_only=False)
+            states = safe_load.load(states_file, safe_load.deepspeed_classes())
+        except CheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"cannot read {states_file}: {type(exc).__name__}: {exc}") from None
         module = {k: v.float() for k, v in states["module"].items()}
@@ -41,7 +44,10 @@ def fp32_state_dict(checkpoint: store.Committed) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
+        with safe_load.weights_only_loads(checkpoint.path):  # zero_to_fp32 reads with pickle's full power
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.path.parent), tag=checkpoint.tag)
+    except CheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(
             f"cannot consolidate the ZeRO-{stage} shards of {checkpoint.path}: {type(exc).__name__}: {exc}"
@@ -65,11 +71,12 @@ EXPORTED = "model.safetensors"
 
 
 def exported_step(path: str | Path) -> int | None:
-    """The step an export holds (its metadata), None for a file without it or not there."""
+    """The step an export holds (its metadata), None for a file without it, not there or not a
+    safetensors file."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             return int((handle.metadata() or {}).get("step"))
-    except (OSError, TypeError, ValueError, RuntimeError):
+    except (OSError, TypeError, ValueError, RuntimeError, SafetensorError):  # not a safetensors file
         return None
 
 
@@ -122,10 +129,7 @@ def _write_export(latest: store.Committed, config, arch, out: Path) -> dict[str,
     (written["official"].parent / "config.json").write_text(json.dumps(official_config(arch), indent=2))
     ema_file = latest.path / store.EMA_FILE
     if ema_file.is_file():
-        ema = {
-            k: v.float().contiguous()
-            for k, v in torch.load(ema_file, map_location="cpu", weights_only=True).items()
-        }
+        ema = {k: v.float().contiguous() for k, v in safe_load.load(ema_file).items()}
         written["ema"] = out / "model_ema.safetensors"
         save_file(ema, str(written["ema"]), metadata={**meta, "ema_decay": str(config.checkpoint.ema_decay)})
         written["ema_official"] = out / "official" / "model_ema.safetensors"

@@ -9,13 +9,15 @@ a pure renaming plus a concatenation/split, so a round trip is exact. Files are 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nepa_scale.errors import LayoutError
+from nepa_scale.errors import CheckpointError, LayoutError, UnsafePickle
 from nepa_scale.models.vit import NEPA, NepaArch
 
 PREFIX = "vit_nepa."
@@ -111,13 +113,22 @@ def is_official(state_dict: dict[str, torch.Tensor]) -> bool:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a local weight file: safetensors, or a torch pickle (weights only)."""
+    """Read a local weight file: safetensors, or a torch pickle (weights only: a file that names
+    anything but tensors and plain values is refused, since unpickling it could run code)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weight file not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise CheckpointError(f"cannot read {path}: not a safetensors file ({exc})") from None
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafePickle.naming(path, exc) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     for wrapper in ("module", "model", "state_dict"):
         if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
             loaded = loaded[wrapper]

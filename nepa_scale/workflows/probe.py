@@ -12,6 +12,7 @@ import torch
 from nepa_scale.config import config_from_dict
 from nepa_scale.config.files import apply_overrides
 from nepa_scale.data import build_dataset
+from nepa_scale.engine import safe_load
 from nepa_scale.engine.checkpoint_store import EMA_FILE
 from nepa_scale.engine.export import fp32_state_dict, newest_verified
 from nepa_scale.errors import CheckpointError, UsageError
@@ -68,7 +69,7 @@ def probe_run(
     elif weights == "ema":
         if not (latest.path / EMA_FILE).is_file():
             raise CheckpointError(f"{latest.path}: no {EMA_FILE} (the run kept no EMA)")
-        state = torch.load(latest.path / EMA_FILE, map_location="cpu", weights_only=True)
+        state = safe_load.load(latest.path / EMA_FILE)
     else:
         state = fp32_state_dict(latest)
     arch = config.model.arch()

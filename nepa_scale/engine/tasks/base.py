@@ -22,7 +22,7 @@ from nepa_scale.config import RunConfig
 from nepa_scale.data import build_dataset
 from nepa_scale.engine.distributed import World
 from nepa_scale.engine.evaluator import Evaluator
-from nepa_scale.engine.export import stale_export
+from nepa_scale.engine.export import EXPORTED, stale_export
 from nepa_scale.engine.settings import StepSettings
 from nepa_scale.errors import ConfigError
 from nepa_scale.flops import train_flops_per_image
@@ -134,7 +134,13 @@ def load_pretrained(backbone: NEPA, pretrained: str | None, ema: bool, key: str)
         stale = stale_export(path)
         if stale is not None:  # weights of another step than the run's newest: refused, never taken silently
             held, newest = stale
-            what = "no export" if held is None else f"the export of step {held}"
+            exported = path / "export" / EXPORTED
+            if held is not None:
+                what = f"the export of step {held}"
+            elif exported.exists():
+                what = f"no readable export ({exported} is not a safetensors file with its step)"
+            else:
+                what = "no export"
             raise ConfigError(
                 f"{key}: {path} has {what}, but its newest "
                 f"checkpoint is step {newest}: run `nepa-scale export {path}` first"
