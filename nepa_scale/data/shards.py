@@ -81,9 +81,12 @@ def open_shard(path: Path):
     index_file = Path(f"{path}.index")
     check_shard_index(index_file)
     try:
-        return TarFileReader(str(path), index_file=str(index_file), verbose=False)
+        reader = TarFileReader(str(path), index_file=str(index_file), verbose=False)
     except OSError as exc:
         raise DataError(f"data: cannot open shard {path}: {exc}") from None
+    # Samples are read in a random order: read-ahead would fetch bytes no sample asked for.
+    os.posix_fadvise(reader.tar_file.fileobj.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+    return reader
 
 
 class ShardDataset(ImageFolderDataset):
