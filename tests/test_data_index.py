@@ -102,6 +102,59 @@ def test_prepare_data_resumes_a_lost_shard_and_refuses_other_settings(photos, sh
         prepare_data(photos, out, short_side=32, samples_per_shard=8)
 
 
+def test_the_list_has_the_files_and_order_the_folder_listing_had(tmp_path):
+    """The stored list is what ImageFolderDataset listed before it existed: class folders sorted
+    (links followed), files sorted, image suffixes in any case, nothing else."""
+    from nepa_scale.data.index import IMAGE_EXTENSIONS, list_folder
+
+    root = tmp_path / "train"
+    for name in ("b", "a", "C", "a.jpg"):
+        (root / name).mkdir(parents=True)
+    for relative in ("a/z.JPEG", "a/y.png", "a/.hidden.jpg", "a/notes.txt", "a/noext", "b/x.Jpg", "b/w.tiff"):
+        (root / relative).write_bytes(b"x")
+    (root / "a" / "sub.jpeg").mkdir()  # listed as before (and skipped when read)
+    (root / "link").symlink_to(root / "b")
+    (root / "top.jpg").write_bytes(b"x")  # not in a class folder
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())  # the listing before the index
+    before = [
+        (str(path), label)
+        for label, name in enumerate(classes)
+        for path in sorted((root / name).iterdir())
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+    ]
+    index = list_folder(root)
+    assert list(index.classes) == classes == ["C", "a", "a.jpg", "b", "link"]
+    assert [(index.path(i), int(label)) for i, label in enumerate(index.labels)] == before
+    assert all(size == 1 for (path, _), size in zip(before, index.sizes, strict=True) if Path(path).is_file())
+
+
+def test_sweep_plan_warns_once_when_many_runs_read_an_unpacked_folder(tmp_path):
+    import yaml
+
+    from nepa_scale.launch.sweep import load_sweep
+
+    def sweep(kind: str):
+        spec = {
+            "name": "study",
+            "base": str(REPO / "configs" / "digits_tiny.yaml"),
+            "set": {"data.kind": kind, "data.root": str(tmp_path / "data")},
+            "axes": [{"grid": {"seed": [0, 1, 2, 3]}}],
+            "profile": "cpu",
+            "output_root": str(tmp_path / "runs"),
+        }
+        path = tmp_path / f"{kind}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        return load_sweep(path)
+
+    warnings = [w for w in sweep("imagefolder").warnings if "file by file" in w]
+    assert warnings == [
+        f"4 runs read the image folder {tmp_path / 'data'} file by file (data.kind=imagefolder): on a shared "
+        f"file system pack it once (nepa-scale prepare-data {tmp_path / 'data'} DST) and train from the shards "
+        "(data.kind=shards data.root=DST; docs/recipe.md)"
+    ]
+    assert not [w for w in sweep("shards").warnings if "file by file" in w]
+
+
 RANK_SCRIPT = """
 import json, sys, torch.distributed as dist
 import nepa_scale.data.index as index

@@ -315,8 +315,11 @@ def shared_index(root: str | Path, index_dir: str | Path | None = None) -> Folde
         try:
             index = _remembered(cached_or_listed(root, index_dir, rank))
             message = [("index", str(index.stored_at) if index.stored_at else None, index.digest())]
-        except DataError as exc:
-            dist.broadcast_object_list([("error", str(exc), None)], src=0)
+        except Exception as exc:  # said to the other ranks too, which would otherwise wait for a list
+            why = (
+                str(exc) if isinstance(exc, DataError) else f"data: listing {root} failed on rank 0: {exc!r}"
+            )
+            dist.broadcast_object_list([("error", why, None)], src=0)
             raise
     dist.broadcast_object_list(message, src=0)
     if rank == 0:
