@@ -26,6 +26,7 @@ import io
 import os
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from nepa_scale.errors import DataError
 SAMPLES_FILE = "samples.npz"
 SHARD_LIST = "shards.json"
 MANIFEST = "nepa_shards.json"
-OPEN_SHARDS = 512  # per loader worker; fewer file descriptors than the usual limit of 1,024
+OPEN_SHARDS = 512  # per process; fewer file descriptors than the usual limit of 1,024
 _SAFE_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "_reconstruct"),
@@ -72,8 +73,14 @@ def check_shard_index(path: Path) -> None:
         ) from None
 
 
-def open_shard(path: Path):
-    """wids' reader of one shard, through its stored index (checked first)."""
+class OpenShard(NamedTuple):
+    fd: int  # read with os.pread: no file position, so forked loader workers share it safely
+    images: np.ndarray  # (samples, 2): each sample's image member's offset and size in the tar
+
+
+def open_shard(path: Path, first: int, count: int) -> OpenShard:
+    """One shard through wids' stored index (checked first), its members checked to be samples
+    ``first`` to ``first + count - 1``."""
     try:
         from wids.wids_tar import TarFileReader  # optional: only data.kind=shards reads shards
     except ImportError:
@@ -81,18 +88,35 @@ def open_shard(path: Path):
     index_file = Path(f"{path}.index")
     check_shard_index(index_file)
     try:
-        reader = TarFileReader(str(path), index_file=str(index_file), verbose=False)
+        with open(path, "rb", buffering=0) as handle:  # one open (tarfile by name tries each compression)
+            reader = TarFileReader(handle, index_file=str(index_file), verbose=False)
+            fd = os.dup(handle.fileno())
     except OSError as exc:
         raise DataError(f"data: cannot open shard {path}: {exc}") from None
+    names = reader.fnames[0 : 2 * count : 2]
+    wrong = next(
+        (p for p, name in enumerate(names) if not name.startswith(sample_key(first + p) + ".")), None
+    )
+    if len(names) != count or wrong is not None:
+        os.close(fd)
+        where = (
+            f"{names[wrong]} where sample {first + wrong} belongs"
+            if wrong is not None
+            else f"{len(names)} samples"
+        )
+        raise DataError(f"data: {path} holds {where}: run prepare-data again")
     # Samples are read in a random order: read-ahead would fetch bytes no sample asked for.
-    os.posix_fadvise(reader.tar_file.fileobj.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-    return reader
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    return OpenShard(fd, np.asarray(reader.index, dtype=np.int64)[0 : 2 * count : 2].copy())
 
 
 class ShardDataset(ImageFolderDataset):
     """A split packed by ``prepare-data``: the same samples, labels and order as the folder it came
-    from, so the same seed draws the same images with the same augmentation. Shards open on first
-    use in each process (a loader worker gets its own file positions) and stay open."""
+    from, so the same seed draws the same images with the same augmentation.
+
+    The first read in a process opens every shard (up to ``OPEN_SHARDS``; more are opened as needed
+    and the least recently used closed): loader workers forked from it inherit the open files, so an
+    epoch opens nothing; a worker started with spawn or forkserver opens its own."""
 
     def __init__(self, root: str | Path, transform, decode_on_device: bool = False):
         root = Path(root)
@@ -106,32 +130,46 @@ class ShardDataset(ImageFolderDataset):
         self.unreadable = index.extra["unreadable"]
         self.reasons = {int(i): why for i, why in index.meta["reasons"].items()}
         self.per_shard = int(index.meta["samples_per_shard"])
-        self._readers: dict[int, object] = {}
-        self._pid = os.getpid()
+        self.shard_count = -(-len(index) // self.per_shard)
+        self._shards: dict[int, OpenShard] = {}
 
-    def _reader(self, shard: int):
-        if self._pid != os.getpid():  # a forked worker: its own open files, not its parent's
-            self._readers, self._pid = {}, os.getpid()
-        reader = self._readers.pop(shard, None)
-        if reader is None:
-            if len(self._readers) >= OPEN_SHARDS:
-                oldest = next(iter(self._readers))
-                self._readers.pop(oldest).close()
-            reader = open_shard(self.root / shard_name(shard))
-        self._readers[shard] = reader  # most recently used last
-        return reader
+    def __getstate__(self) -> dict:  # a spawned worker opens its own files
+        return {**self.__dict__, "_shards": {}}
+
+    def __del__(self) -> None:
+        for shard in getattr(self, "_shards", {}).values():
+            try:
+                os.close(shard.fd)
+            except OSError:
+                pass
+
+    def _open(self, number: int) -> OpenShard:
+        first = number * self.per_shard
+        return open_shard(self.root / shard_name(number), first, min(self.per_shard, len(self) - first))
+
+    def _shard(self, number: int) -> OpenShard:
+        shard = self._shards.pop(number, None)
+        if shard is None:
+            if not self._shards and self.shard_count <= OPEN_SHARDS:
+                self._shards = {n: self._open(n) for n in range(self.shard_count) if n != number}
+            elif len(self._shards) >= OPEN_SHARDS:
+                os.close(self._shards.pop(next(iter(self._shards))).fd)
+            shard = self._open(number)
+        self._shards[number] = shard  # most recently used last
+        return shard
 
     def read_bytes(self, index: int) -> bytes:
         if self.unreadable[index]:
             raise DataError(f"{self.index.path(index)}: {self.reasons.get(index, 'unreadable')}")
-        shard, position = divmod(index, self.per_shard)
-        name, data = self._reader(shard).get_file(2 * position)
-        if not name.startswith(sample_key(index) + "."):
+        number, position = divmod(index, self.per_shard)
+        shard = self._shard(number)
+        offset, size = shard.images[position]
+        data = os.pread(shard.fd, int(size), int(offset))
+        if len(data) != size:
             raise DataError(
-                f"data: {self.root / shard_name(shard)} holds {name} where sample {index} belongs: "
-                "run prepare-data again"
+                f"data: {self.root / shard_name(number)} is shorter than its index: run prepare-data again"
             )
-        return data.getvalue()
+        return data
 
     def source(self, index: int):
         return io.BytesIO(self.read_bytes(index))  # a shard that cannot be read fails loudly
