@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 from nepa_scale.config import DataConfig
-from nepa_scale.data import ResumableBatchSampler, batch_loader, build_dataset
+from nepa_scale.data import ResumableBatchSampler, batch_loader, build_dataset, check_training_data
 from nepa_scale.data.index import FolderIndex, index_locations, list_folder
 
 FS_CALLS = (
@@ -56,6 +57,10 @@ n = len(samples)""",
     "index: later start, rank 0 (load + check)": "n = len(cached_or_listed(root, sys.argv[2]))",
     "index: later start, other ranks (load)": "n = len(read_index(index_locations(root, sys.argv[2])[0], root))",
     "shards: sample table (every rank)": "n = len(ShardDataset(sys.argv[3], None))",
+    "shards: sample table + every shard's index (every rank)": """
+dataset = ShardDataset(sys.argv[3], None)
+dataset._shard(0)
+n = len(dataset)""",
 }
 PRELUDE = """
 import sys, time
@@ -81,24 +86,28 @@ def strace_counts(code: str, args: list[str]) -> dict[str, int]:
 def startup(args) -> None:
     root = Path(args.root)
     index_dir = Path(tempfile.mkdtemp(prefix="nepa-index-"))
-    shards = index_dir / "shards"
-    index = list_folder(root)
-    shards.mkdir()
-    meta = {"samples_per_shard": 5000, "reasons": {}}
-    unreadable = {"unreadable": torch.zeros(len(index), dtype=torch.bool).numpy()}
-    FolderIndex(
-        shards,
-        index.classes,
-        index.names,
-        index.offsets,
-        index.labels,
-        index.sizes,
-        index.stamps,
-        unreadable,
-        meta,
-    ).save(shards / "samples.npz")
+    shards = Path(args.shards) / root.name if args.shards else index_dir / "shards"
+    if not args.shards:  # the sample table alone (no shards to open)
+        index = list_folder(root)
+        shards.mkdir()
+        meta = {"samples_per_shard": 5000, "reasons": {}}
+        unreadable = {"unreadable": torch.zeros(len(index), dtype=torch.bool).numpy()}
+        table = FolderIndex(
+            shards,
+            index.classes,
+            index.names,
+            index.offsets,
+            index.labels,
+            index.sizes,
+            index.stamps,
+            unreadable,
+            meta,
+        )
+        table.save(shards / "samples.npz")
     results, base = {}, None
     for name, body in STARTS.items():
+        if "every shard" in name and not args.shards:
+            continue
         if name.startswith("index: first"):
             for path in index_locations(root, index_dir):
                 path.unlink(missing_ok=True)
@@ -179,6 +188,12 @@ def rate(args) -> None:
     print(json.dumps({"load": os.getloadavg(), "img_per_s": out}))
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and of its children that ended (the loader's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def epoch(args) -> None:
     """One epoch of the train split in the sampler's order through a DataLoader with worker processes."""
     torch.set_num_threads(1)
@@ -194,11 +209,12 @@ def epoch(args) -> None:
             )
         )
         return
+    check_training_data(dataset, 32)  # as the trainer does: the parent reads first (shards: opens them)
     sampler = ResumableBatchSampler(len(dataset), 32, 32, seed=args.seed)
-    start, images = time.perf_counter(), 0
+    cpu, start, images = cpu_seconds(), time.perf_counter(), 0
     for batch in batch_loader(dataset, sampler, args.workers, args.seed, pin_memory=False):
         images += len(batch.labels)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     host = os.uname().nodename
     print(
         json.dumps(
@@ -208,6 +224,7 @@ def epoch(args) -> None:
                 "images": images,
                 "seconds": seconds,
                 "img_per_s": images / seconds,
+                "img_per_cpu_s": images / cpu,
                 "load": os.getloadavg(),
             }
         )
@@ -224,6 +241,9 @@ def main() -> None:
     start = sub.add_parser("startup")
     start.add_argument("root")
     start.add_argument("--repeat", type=int, default=3)
+    start.add_argument(
+        "--shards", default=None, help="prepare-data's shards of the tree (else a table alone)"
+    )
     ph = sub.add_parser("photos")
     ph.add_argument("dir")
     ph.add_argument("--images", type=int, default=2048)

@@ -18,6 +18,7 @@ import collections
 import errno
 import json
 import os
+import resource
 import threading
 import time
 
@@ -80,8 +81,10 @@ class LatencyFS(Operations):
         os.close(fh)
 
     def destroy(self, path):
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        counts = {**self.counts, "server_cpu_s": usage.ru_utime + usage.ru_stime}
         with open(self.counts_path, "w") as handle:
-            json.dump(dict(self.counts), handle)
+            json.dump(counts, handle)
 
 
 def main() -> None:
