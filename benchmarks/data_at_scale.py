@@ -90,7 +90,7 @@ def startup(args) -> None:
     if not args.shards:  # the sample table alone (no shards to open)
         index = list_folder(root)
         shards.mkdir()
-        meta = {"samples_per_shard": 5000, "reasons": {}}
+        meta = {"samples_per_shard": 5000}
         unreadable = {"unreadable": torch.zeros(len(index), dtype=torch.bool).numpy()}
         table = FolderIndex(
             shards,

@@ -65,7 +65,7 @@ class FolderIndex:
     sizes: np.ndarray  # int64, bytes (-1: could not be read)
     stamps: dict  # modification times (ns): {"root": t, "classes": [t, ...]}, for the staleness check
     extra: dict = dataclasses.field(default_factory=dict)  # more arrays (shards: which are unreadable)
-    meta: dict = dataclasses.field(default_factory=dict)  # more facts (shards: layout, reasons)
+    meta: dict = dataclasses.field(default_factory=dict)  # more facts (shards: their layout)
     stored_at: Path | None = None
 
     def __len__(self) -> int:

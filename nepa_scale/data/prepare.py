@@ -153,7 +153,7 @@ def _pack_split(source: FolderIndex, out: Path, settings: dict, workers: int, su
         shard["filesize"] = (out / shard["url"]).stat().st_size
     listing = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": out.name, "shardlist": shards}
     (out / SHARD_LIST).write_text(json.dumps(listing, indent=1))
-    meta = {"samples_per_shard": per_shard, "reasons": {str(i): why for i, why in reasons.items()}}
+    meta = {"samples_per_shard": per_shard}  # the reasons are in the shards, in each .skipped member
     table = dataclasses.replace(source, sizes=sizes, extra={"unreadable": flags}, meta=meta)
     table.save(out / SAMPLES_FILE)
     summary.samples += total
@@ -203,7 +203,7 @@ def prepare_data(
         _pack_split(listed[split], dst / split, settings, workers, summary)
     summary.seconds = time.perf_counter() - start
     record = dataclasses.asdict(summary)
-    record["unreadable"] = len(summary.unreadable)
+    record["unreadable"] = [f"{path}: {reason}" for path, reason in summary.unreadable]
     manifest["runs"] = [*manifest.get("runs", []), record]
     (dst / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return summary

@@ -128,7 +128,6 @@ class ShardDataset(ImageFolderDataset):
         index = read_index(table, root)
         super().__init__(root, transform, decode_on_device, index=index)
         self.unreadable = index.extra["unreadable"]
-        self.reasons = {int(i): why for i, why in index.meta["reasons"].items()}
         self.per_shard = int(index.meta["samples_per_shard"])
         self.shard_count = -(-len(index) // self.per_shard)
         self._shards: dict[int, OpenShard] = {}
@@ -158,9 +157,8 @@ class ShardDataset(ImageFolderDataset):
         self._shards[number] = shard  # most recently used last
         return shard
 
-    def read_bytes(self, index: int) -> bytes:
-        if self.unreadable[index]:
-            raise DataError(f"{self.index.path(index)}: {self.reasons.get(index, 'unreadable')}")
+    def _member(self, index: int) -> bytes:
+        """Sample ``index``'s first member: its image, or why it could not be packed."""
         number, position = divmod(index, self.per_shard)
         shard = self._shard(number)
         offset, size = shard.images[position]
@@ -171,11 +169,16 @@ class ShardDataset(ImageFolderDataset):
             )
         return data
 
+    def read_bytes(self, index: int) -> bytes:
+        if self.unreadable[index]:
+            raise DataError(f"{self.index.path(index)}: {self._member(index).decode()}")
+        return self._member(index)
+
     def source(self, index: int):
         return io.BytesIO(self.read_bytes(index))  # a shard that cannot be read fails loudly
 
     def load(self, index: int):
         if self.unreadable[index]:
-            reason = f"unreadable when packed: {self.reasons.get(index, 'unknown')}"
+            reason = f"unreadable when packed: {self._member(index).decode()}"
             return Skipped(self.index.path(index), reason), int(self.labels[index])
         return super().load(index)
