@@ -354,6 +354,7 @@ COMMANDS = [
     ["collect", "{path}", "--out", "{out}"],
     ["report", "{path}", "--bootstrap", "0", "--out", "{out}"],
     ["resize-data", "{path}", "{out}", "--short-side", "8"],
+    ["prepare-data", "{path}", "{out}"],
     ["sweep", "plan", "{path}"],
     ["sweep", "launch", "{path}"],
     ["sweep", "status", "{path}"],

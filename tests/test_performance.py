@@ -447,7 +447,9 @@ def test_resized_copy_keeps_every_file_and_only_shrinks_the_pixels(tmp_path):
     with Image.open(dst / "train" / "n01" / "cmyk.jpg") as img:
         assert (img.format, img.mode, img.size) == ("JPEG", "RGB", (384, 256))
 
-    ours, theirs = ImageFolderDataset(dst / "train", None), ImageFolderDataset(src / "train", None)
+    # the lists stored elsewhere: the source stays as it was (by default they go beside the data)
+    ours = ImageFolderDataset(dst / "train", None, index_dir=tmp_path / "index")
+    theirs = ImageFolderDataset(src / "train", None, index_dir=tmp_path / "index")
     assert [(Path(p).name, label) for p, label in ours.samples] == [
         (Path(p).name, label) for p, label in theirs.samples
     ]

@@ -199,7 +199,7 @@ def test_planning_without_the_data_plans_costs_and_warns_once(capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert out.count("warning: data.root: directory not found: /nowhere/train") == 1
+    assert out.count("warning: data.root: no shards at /nowhere/train (no samples.npz)") == 1
     assert "INVALID" not in out and "16 runs (0 invalid)" in out
 
 
@@ -219,7 +219,8 @@ def test_the_branched_imagenet_study_saves_gpu_hours():
 def test_the_imagenet_sweeps_spend_under_two_percent_of_each_run_on_evaluation(tmp_path):
     """The shipped ImageNet studies probe online at every evaluation point; `sweep plan` prices it
     (forward passes over the probe subsets and the held-out batches) against each run's own
-    training, here on an ImageNet-shaped folder of 1,000 classes."""
+    training, here on an ImageNet-shaped folder of 1,000 classes (read as a folder: the studies'
+    shards would need their samples' list to count the probe's images)."""
     from nepa_scale.launch.plan import plan_run
 
     root = tmp_path / "imagenet"
@@ -227,12 +228,13 @@ def test_the_imagenet_sweeps_spend_under_two_percent_of_each_run_on_evaluation(t
         for i in range(1000):
             (root / split / f"n{i:08d}").mkdir(parents=True)
     for name in ("scaling_imagenet.yaml", "scaling_imagenet_wsd.yaml"):
-        sweep = load_sweep(REPO / "sweeps" / name, overrides=[f"data.root={root}"])
+        sweep = load_sweep(REPO / "sweeps" / name, overrides=[f"data.root={root}", "data.kind=imagefolder"])
         assert all(run.config.logging.probe_every for run in sweep.runs)
         plans = [plan_run(run) for run in sweep.runs]
         shares = [p.eval_share for p in plans]
         assert all(share is not None and 0 < share < 0.02 for share in shares), (name, max(shares))
         # A trunk evaluates every 2000 steps; its 10-epoch branch only at its own end.
         assert max(shares) > 0.001
-    table = plan_table(load_sweep(REPO / "sweeps" / "scaling_imagenet.yaml", overrides=[f"data.root={root}"]))
+    folder = [f"data.root={root}", "data.kind=imagefolder"]
+    table = plan_table(load_sweep(REPO / "sweeps" / "scaling_imagenet.yaml", overrides=folder))
     assert "eval%" in table and "the probe's feature extraction" in table

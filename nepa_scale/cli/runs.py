@@ -117,8 +117,39 @@ def cmd_resize_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_data(args: argparse.Namespace) -> int:
+    """An image folder packed into shards read by random access (data.kind=shards), resized on the way
+    when --short-side is given."""
+    from nepa_scale.data.prepare import prepare_data  # heavy: torch (through data/)
+
+    try:
+        s = prepare_data(
+            args.source,
+            args.destination,
+            args.short_side,
+            args.quality,
+            args.samples_per_shard,
+            args.workers,
+            tuple(args.splits),
+        )
+    except ValueError as exc:  # the source, the destination, the settings
+        return fail(str(exc))
+    ratio = s.bytes_out / s.bytes_in if s.bytes_in else 1.0
+    print(
+        f"{args.destination}: {s.samples} samples in {s.shards} shards ({s.already_done} packed before), "
+        f"{s.resized} resized, {len(s.unreadable)} unreadable (skipped); {s.bytes_out / 1e6:.1f} MB from "
+        f"{s.bytes_in / 1e6:.1f} MB read ({100 * ratio:.0f}%) in {s.seconds:.1f} s; train with "
+        f"data.kind=shards data.root={args.destination}"
+    )
+    for path, reason in s.unreadable[:10]:
+        print(f"unreadable (skipped): {path}: {reason}")
+    if len(s.unreadable) > 10:
+        print(f"... and {len(s.unreadable) - 10} more (nepa_shards.json in the destination lists them all)")
+    return 0
+
+
 def add_commands(sub) -> None:
-    """train, export, probe, segment-eval, models, bench, resize-data."""
+    """train, export, probe, segment-eval, models, bench, resize-data, prepare-data."""
     train = sub.add_parser(
         "train", help="one run (pretrain, finetune or segment): nepa-scale train CONFIG.yaml [key=value ...]"
     )
@@ -187,3 +218,18 @@ def add_commands(sub) -> None:
     resize.add_argument("--quality", type=int, default=90, help="JPEG quality of resized JPEGs")
     resize.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
     resize.set_defaults(func=cmd_resize_data)
+
+    prepare = sub.add_parser(
+        "prepare-data",
+        help="pack an image folder into shards read by random access (data.kind=shards): for a cluster",
+    )
+    prepare.add_argument("source", help="an ImageNet-style folder, e.g. imagenet/ (train/ and val/ inside)")
+    prepare.add_argument("destination", help="a new folder; an interrupted packing resumes")
+    prepare.add_argument(
+        "--short-side", type=int, default=None, help="resize as resize-data does, e.g. 256 (default: keep)"
+    )
+    prepare.add_argument("--quality", type=int, default=90, help="JPEG quality of resized JPEGs")
+    prepare.add_argument("--samples-per-shard", type=int, default=5000, help="samples in each tar shard")
+    prepare.add_argument("--splits", nargs="+", default=["train", "val"], help="the split folders to pack")
+    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
+    prepare.set_defaults(func=cmd_prepare_data)

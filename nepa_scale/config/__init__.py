@@ -38,7 +38,8 @@ COMPILE_SCOPES = ("none", "blocks", "model")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 on GPU, fp32 on CPU
 SEGMENT_EVAL_MODES = ("slide", "whole")  # sliding-window or whole-image inference
 SEGMENT_KINDS = ("ade20k", "digit_canvas")  # the datasets of task: segment, (image, label map) pairs
-DATA_KINDS = ("digits", "imagefolder", "synthetic", *SEGMENT_KINDS)
+DATA_KINDS = ("digits", "imagefolder", "shards", "synthetic", *SEGMENT_KINDS)
+IMAGE_KINDS = ("imagefolder", "shards")  # ImageNet-style image folders, as they are or packed
 WHOLE_SPLIT = {"note": "(or null: the whole split)"}
 
 
@@ -99,8 +100,12 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     kind: Literal[DATA_KINDS] = choice("digits", "dataset")
-    # imagefolder: directory holding train/ and val/ (ImageNet layout); ade20k: ADEChallengeData2016
+    # imagefolder: directory holding train/ and val/ (ImageNet layout); shards: what `nepa-scale
+    # prepare-data` made of one (train/ and val/ of tar shards); ade20k: ADEChallengeData2016
     root: Str | None = None
+    # imagefolder: where each split's file list is stored (built once, reused by every rank and run;
+    # docs/recipe.md); None: beside the data when writable, else ~/.cache/nepa-scale/index
+    index_dir: Str | None = Field(None, json_schema_extra={"note": "(or null)"})
     train_split: Str = "train"
     val_split: Str = "val"
     crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0)
@@ -114,17 +119,19 @@ class DataConfig(Section):
         None, json_schema_extra={"note": "(or null)"}
     )
     synthetic_size: Int = 4096
-    # cpu: PIL in the loader workers | device: JPEGs decoded on the GPU (imagefolder pretraining)
+    # cpu: PIL in the loader workers | device: JPEGs decoded on the GPU (imagefolder or shards pretraining)
     decode: Literal["cpu", "device"] = "cpu"
 
     @model_validator(mode="after")
     def _usable(self) -> DataConfig:
-        if self.kind in ("imagefolder", "ade20k") and self.root is None:
+        if self.kind in (*IMAGE_KINDS, "ade20k") and self.root is None:
             raise Refusal("root", f"required for data.kind={self.kind}")
+        if self.kind == "shards" and importlib.util.find_spec("wids") is None:
+            raise Refusal("kind", "shards needs wids (pip install 'nepa-scale[shards]')")
         if self.crop_scale[0] > self.crop_scale[1]:
             raise Refusal("crop_scale", f"need 0 < min <= max <= 1, got {self.crop_scale}")
-        if self.decode == "device" and self.kind != "imagefolder":
-            raise Refusal("decode", f"device needs data.kind=imagefolder, got '{self.kind}'")
+        if self.decode == "device" and self.kind not in IMAGE_KINDS:
+            raise Refusal("decode", f"device needs data.kind=imagefolder or shards, got '{self.kind}'")
         if self.decode == "device" and self.interpolation not in ("bicubic", "bilinear"):
             why = f"data.decode=device resizes bicubic or bilinear, got '{self.interpolation}'"
             raise Refusal("interpolation", why)

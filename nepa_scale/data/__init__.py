@@ -65,6 +65,11 @@ def check_input_paths(config: RunConfig) -> None:
     data = config.data
     if data.kind == "imagefolder" and not (Path(data.root) / data.train_split).is_dir():
         raise ConfigError(f"data.root: directory not found: {Path(data.root) / data.train_split}")
+    if data.kind == "shards" and not (Path(data.root) / data.train_split / "samples.npz").is_file():
+        where = Path(data.root) / data.train_split
+        raise ConfigError(
+            f"data.root: no shards at {where} (no samples.npz): make them with nepa-scale prepare-data"
+        )
     starts_from = {"finetune": config.finetune, "segment": config.segment}.get(config.task)
     if (
         starts_from is not None

@@ -23,9 +23,9 @@ from timm.data import auto_augment, create_transform
 from torch.utils.data import Dataset
 from torchvision.transforms import RandomHorizontalFlip as HFlip
 
+from nepa_scale.data.index import IMAGE_EXTENSIONS, FolderIndex, shared_index
 from nepa_scale.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 NEPA_MEAN = NEPA_STD = (0.5, 0.5, 0.5)  # the same for every channel (to_model_input relies on it)
 
 
@@ -161,56 +161,72 @@ class SeededDataset(Dataset):
 
 
 class ImageFolderDataset(SeededDataset):
-    """``root/<class>/*.JPEG`` (point ``root`` at ImageNet's ``train`` or ``val``).
+    """``root/<class>/*.JPEG`` (point ``root`` at ImageNet's ``train`` or ``val``), listed once and
+    reused (``index.shared_index``; ``index_dir``: where the list is stored, default beside the data).
 
     ``decode_on_device``: training samples that are complete RGB JPEGs come back as ``EncodedJpeg``
     (bytes + the drawn crop and flip) for ``device_decode.decode_on_device``; any other file takes
     the CPU path here, which decodes it with PIL or skips it."""
 
-    def __init__(self, root: str | Path, transform, decode_on_device: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        transform,
+        decode_on_device: bool = False,
+        index_dir: str | Path | None = None,
+        index: FolderIndex | None = None,
+    ):
         super().__init__(transform)
         self.decode_on_device = decode_on_device
         if decode_on_device:  # the transform's crop and flip, whose draws a worker makes without decoding
             self.crop = transform.transforms[0]
             self.flip = next((op for op in transform.transforms if isinstance(op, HFlip)), None)
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(f"data: directory not found: {self.root}")
-        self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.samples = [
-            (str(path), label)
-            for label, name in enumerate(self.classes)
-            for path in sorted((self.root / name).iterdir())
-            if path.suffix.lower() in IMAGE_EXTENSIONS
-        ]
-        if not self.samples:
+        if index is None:
+            if not self.root.is_dir():
+                raise DataError(f"data: directory not found: {self.root}")
+            index = shared_index(self.root, index_dir)
+        self.index = index
+        self.classes = list(index.classes)
+        self.labels = index.labels
+        if not len(index):
             raise DataError(f"data: no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}/<class>/")
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.index)
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """(path, label) of every image, in the dataset's order."""
+        return [(self.index.path(i), int(label)) for i, label in enumerate(self.labels)]
 
     def empty_classes(self) -> list[str]:
         """Class folders without an image file."""
-        counts = dict.fromkeys(range(len(self.classes)), 0)
-        for _, label in self.samples:
-            counts[label] += 1
-        return [self.classes[label] for label, n in counts.items() if n == 0]
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return [name for name, n in zip(self.classes, counts, strict=True) if n == 0]
+
+    def source(self, index: int):
+        """What PIL opens for sample ``index``: its path (a reading error is the sample's own)."""
+        return self.index.path(index)
+
+    def read_bytes(self, index: int) -> bytes:
+        return Path(self.index.path(index)).read_bytes()
 
     def load(self, index: int):
-        path, label = self.samples[index]
+        label, source = int(self.labels[index]), self.source(index)
         try:
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 return img.convert("RGB"), label
         except Exception as exc:  # truncated, corrupt, not an image: skipped and reported, never fatal
-            return Skipped(path, f"{type(exc).__name__}: {exc}"), label
+            return Skipped(self.index.path(index), f"{type(exc).__name__}: {exc}"), label
 
     def __getitem__(self, item: tuple[int, int] | int):
         if not self.decode_on_device:
             return super().__getitem__(item)
         index, sample_seed = item if isinstance(item, tuple) else (item, item)
-        path, label = self.samples[index]
+        label = int(self.labels[index])
         try:
-            data = Path(path).read_bytes()
+            data = self.read_bytes(index)
             with Image.open(io.BytesIO(data)) as img:  # the header only: size, format, mode
                 complete = data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) >= 0  # end-of-image marker
                 if img.format != "JPEG" or img.mode != "RGB" or not complete:
@@ -221,7 +237,7 @@ class ImageFolderDataset(SeededDataset):
         except Exception:  # unreadable header: the CPU path reports it
             return super().__getitem__(item)
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return EncodedJpeg(encoded, tuple(int(v) for v in box), flipped, path), label
+        return EncodedJpeg(encoded, tuple(int(v) for v in box), flipped, self.index.path(index)), label
 
 
 def load_digits_file() -> tuple[np.ndarray, np.ndarray]:

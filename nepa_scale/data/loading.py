@@ -21,7 +21,9 @@ from nepa_scale.data.datasets import (
     build_transform,
     collate,
 )
+from nepa_scale.data.index import read_index_meta, shared_index
 from nepa_scale.data.sampler import ResumableBatchSampler
+from nepa_scale.data.shards import SAMPLES_FILE, ShardDataset
 from nepa_scale.errors import DataError
 
 SAMPLE_CHECK = 16  # files decoded before a run starts, to catch a folder of unreadable images early
@@ -55,8 +57,41 @@ def build_dataset(
         size = config.synthetic_size if split == "train" else max(config.synthetic_size // 8, 1)
         return SyntheticDataset(size, image_size)
     folder = config.train_split if split == "train" else config.val_split
-    return ImageFolderDataset(
-        Path(config.root) / folder, transform, decode_on_device=train and decode == "device"
+    on_device = train and decode == "device"
+    if config.kind == "shards":
+        dataset = ShardDataset(Path(config.root) / folder, transform, decode_on_device=on_device)
+    else:
+        dataset = ImageFolderDataset(Path(config.root) / folder, transform, on_device, config.index_dir)
+    if split != "train":
+        classes = split_classes(config, config.train_split)
+        check_same_classes(classes, dataset.classes, config.root, config.train_split, folder)
+    return dataset
+
+
+def split_classes(config: DataConfig, folder: str) -> list[str]:
+    """The class names of a split of an image folder or its shards, without reading its samples."""
+    root = Path(config.root) / folder
+    if config.kind == "shards":
+        return list(read_index_meta(root / SAMPLES_FILE)["classes"])
+    return list(shared_index(root, config.index_dir).classes)
+
+
+def check_same_classes(train: list[str], other: list[str], root, train_split: str, split: str) -> None:
+    """Labels are numbered by class folder within each split, so splits whose class folders differ
+    would give one class's images another's label: refused, naming what differs."""
+    if list(train) == list(other):
+        return
+    lacks, extra = sorted(set(train) - set(other)), sorted(set(other) - set(train))
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    differences = ([f"{split} lacks {some(lacks)}"] if lacks else []) + (
+        [f"{split} has {some(extra)}, which {train_split} has not"] if extra else []
+    )
+    raise DataError(
+        f"data: {root}: the class folders of {split}/ and {train_split}/ differ ({'; '.join(differences)}): "
+        "labels are numbered by class folder, so they would not match; give both splits the same class folders"
     )
 
 
@@ -64,8 +99,7 @@ def few_labels(dataset: DigitsDataset | ImageFolderDataset, fraction: float) -> 
     """``fraction`` of each class of a training split (``finetune.label_fraction``); all of it at 1."""
     if fraction >= 1:
         return dataset
-    labels = dataset.labels if isinstance(dataset, DigitsDataset) else [label for _, label in dataset.samples]
-    return LabelSubset(dataset, labels, fraction)
+    return LabelSubset(dataset, list(dataset.labels), fraction)
 
 
 def worker_context(start: str | None, num_workers: int):

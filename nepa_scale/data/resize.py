@@ -15,6 +15,7 @@ records the source, the settings and each run's counts; a rerun with other setti
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from nepa_scale.data.datasets import IMAGE_EXTENSIONS
+from nepa_scale.data.index import IMAGE_EXTENSIONS, INDEX_FOLDER
 
 MANIFEST = "nepa_resize.json"
 
@@ -41,26 +42,37 @@ class ResizeSummary:
     seconds: float = 0.0
 
 
+def shrink(img: Image.Image, short_side: int, quality: int) -> bytes | None:
+    """``img`` encoded again in its format with its shorter side at ``short_side`` pixels (bicubic);
+    None when it is small enough already. resize-data and prepare-data share it: the same bytes."""
+    image_format, (width, height) = img.format, img.size
+    if min(width, height) <= short_side:
+        return None
+    scale = short_side / min(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # the loader converts to RGB; for RGB and L converting after the resize is the same
+    source = img if img.mode in ("RGB", "L") else img.convert("RGB")
+    small = source.resize(size, Image.BICUBIC)
+    options = {"quality": quality} if image_format == "JPEG" else {}
+    out = io.BytesIO()
+    small.save(out, format=image_format, **options)
+    return out.getvalue()
+
+
 def resize_file(src: Path, dst: Path, short_side: int, quality: int) -> str:
     """Write ``dst`` from ``src``: 'resized', 'copied' or 'unreadable' (copied)."""
     part = dst.with_name(f".{dst.name}.part")
-    outcome = "copied"
+    outcome, small = "copied", None
     if src.suffix.lower() in IMAGE_EXTENSIONS:
         try:
             with Image.open(src) as img:
-                image_format, (width, height) = img.format, img.size
-                if min(width, height) > short_side:
-                    scale = short_side / min(width, height)
-                    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-                    # the loader converts to RGB; for RGB and L converting after the resize is the same
-                    source = img if img.mode in ("RGB", "L") else img.convert("RGB")
-                    small = source.resize(size, Image.BICUBIC)
-                    options = {"quality": quality} if image_format == "JPEG" else {}
-                    small.save(part, format=image_format, **options)
-                    outcome = "resized"
+                small = shrink(img, short_side, quality)
         except Exception:  # truncated, corrupt, or not writable in its format: copied as it is
             outcome = "unreadable"
-    if outcome != "resized":
+    if small is not None:
+        part.write_bytes(small)
+        outcome = "resized"
+    else:
         shutil.copyfile(src, part)
     os.replace(part, dst)
     return outcome
@@ -72,7 +84,9 @@ def _resize_one(job: tuple[str, str, int, int]) -> tuple[str, str, int, int]:
     return src, outcome, os.path.getsize(src), os.path.getsize(dst)
 
 
-def check_destination(src: Path, dst: Path, settings: dict) -> dict:
+def check_destination(
+    src: Path, dst: Path, settings: dict, manifest_name: str = MANIFEST, made: str = "resized"
+) -> dict:
     """Refuse a destination that overlaps the source, belongs to someone else or was started with
     other settings; returns the copy's manifest so far (empty for a new copy)."""
     if not src.is_dir():
@@ -80,10 +94,12 @@ def check_destination(src: Path, dst: Path, settings: dict) -> dict:
     source, target = src.resolve(), dst.resolve()
     if target == source or source in target.parents or target in source.parents:
         raise ValueError(f"destination {dst} overlaps the source {src}: choose a separate folder")
-    path = dst / MANIFEST
+    path = dst / manifest_name
     if not path.exists():
         if dst.is_dir() and any(dst.iterdir()):
-            raise ValueError(f"destination {dst} is not empty and has no {MANIFEST}: choose a new folder")
+            raise ValueError(
+                f"destination {dst} is not empty and has no {manifest_name}: choose a new folder"
+            )
         return {}
     try:
         manifest = json.loads(path.read_text())
@@ -91,15 +107,18 @@ def check_destination(src: Path, dst: Path, settings: dict) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{path}: unreadable ({exc}); remove it or choose a new destination") from None
     if recorded != settings:
-        raise ValueError(f"{dst} was resized with {recorded}, not {settings}: choose a new destination")
+        raise ValueError(f"{dst} was {made} with {recorded}, not {settings}: choose a new destination")
     return manifest
 
 
-def resized_copy_settings(root: str | Path, train_split: str = "train") -> dict | None:
-    """The manifest of a resized copy at a dataset root (or its train split), for the run's record."""
+def resized_copy_settings(
+    root: str | Path, train_split: str = "train", manifest_name: str = MANIFEST
+) -> dict | None:
+    """The manifest of a resized copy (or of prepare-data's shards, ``nepa_shards.json``) at a dataset
+    root (or its train split), for the run's record."""
     for folder in (Path(root), Path(root) / train_split):
         try:
-            manifest = json.loads((folder / MANIFEST).read_text())
+            manifest = json.loads((folder / manifest_name).read_text())
             return {"copy": str(folder), "source": manifest["source"], **manifest["settings"]}
         except (OSError, ValueError, KeyError, TypeError):
             continue
@@ -122,7 +141,7 @@ def resize_dataset(
     manifest.update(source=str(src.resolve()), settings=settings)
     manifest_path.write_text(json.dumps(manifest, indent=1))  # before any image: a resumed copy checks it
     summary, start, jobs = ResizeSummary(), time.perf_counter(), []
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+    for path in sorted(p for p in src.rglob("*") if p.is_file() and INDEX_FOLDER not in p.parts):
         target = dst / path.relative_to(src)
         if target.exists():
             summary.already_done += 1

@@ -92,6 +92,8 @@ def completed_with(run: RunDir, config: RunConfig) -> RunRecord | None:
     except NepaError:
         return None
     current = config.to_dict()
+    for data in (recorded["data"], current["data"]):
+        data.pop("index_dir", None)  # where a folder's list is stored changes no sample
     same = (
         record.resume_digest == resume_digest(config)
         and all(recorded[key] == current[key] for key in ("budget", "data"))

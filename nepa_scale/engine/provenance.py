@@ -11,7 +11,9 @@ import torch
 
 import nepa_scale
 from nepa_scale.config import RunConfig, dump_yaml
+from nepa_scale.data.resize import MANIFEST as RESIZE_MANIFEST
 from nepa_scale.data.resize import resized_copy_settings
+from nepa_scale.data.shards import MANIFEST as SHARDS_MANIFEST
 from nepa_scale.engine.checkpoint import ResumePlan
 from nepa_scale.engine.evaluator import check_probe_subsets_unchanged
 from nepa_scale.engine.fingerprint import resume_digest
@@ -89,7 +91,8 @@ def record_start(
     else:
         run.truncate_metrics(0, 0)
     fresh = {} if restart is not None else {"branch": branch}  # a resume keeps the record's
-    resized = config.data.kind == "imagefolder"
+    data = config.data
+    copy = {"imagefolder": RESIZE_MANIFEST, "shards": SHARDS_MANIFEST}.get(data.kind)
     run.started(
         restart,
         **fresh,
@@ -98,7 +101,7 @@ def record_start(
         versions=package_versions(),
         git_revision=git_revision(),
         code=package_dir(),
-        data_resized=resized_copy_settings(config.data.root, config.data.train_split) if resized else None,
+        data_resized=resized_copy_settings(data.root, data.train_split, copy) if copy else None,
         probe_subsets=probe_subsets,
         **facts,
     )

@@ -61,11 +61,13 @@ def _probe_images(
     from nepa_scale.eval.probes import probe_subset  # heavy: torch, likewise
 
     data = validated(DataConfig, json.loads(data_json), "data.")
-    if data.kind == "imagefolder":
+    if data.kind in ("imagefolder", "shards"):
         folder = Path(data.root) / (data.train_split if split == "train" else data.val_split)
-        if not folder.is_dir():
+        if not (folder.is_dir() if data.kind == "imagefolder" else (folder / "samples.npz").is_file()):
             return None
-        if per_class is not None:  # an upper bound: classes smaller than per_class give fewer
+        if (
+            per_class is not None and data.kind == "imagefolder"
+        ):  # an upper bound: classes smaller than per_class give fewer
             return per_class * sum(1 for entry in folder.iterdir() if entry.is_dir())
     return len(
         probe_subset(build_dataset(data, split, image_size, train=False), split, per_class, seed).indices

@@ -65,7 +65,8 @@ BLOCK_KINDS = ("grid", "zip", "seeds", "isoflop", "union")
 ATTACH_KEYS = {"sweep", "budgets", "per_model"}  # an attach: entry (nepa_scale/workflows/attach.py)
 # Not what a run computes: where it lives, how a branch gets its start (left out of the digest),
 # where its data is mounted (hashed as unset, so runs without a data.root kept their ids).
-UNHASHED = ("output_dir", "branch", "checkpoint.keep_steps")
+UNHASHED = ("output_dir", "branch", "checkpoint.keep_steps", "data.index_dir")
+UNPACKED_RUNS = 4  # a study of this many runs reading an image folder file by file is told to pack it
 BLANKED = ("data.root",)
 # Settings added after run ids were first recorded enter the digest only when set, so that adding
 # a setting to nepa-scale never renames the runs of a study already under way.
@@ -369,6 +370,7 @@ def expand_sweep(
             config.output_dir = data["output_dir"]
         runs.append(PlannedRun(run_id, values, data, config, profile, error))
     warnings = tuple(f"{m} (costs are planned anyway; launch needs it)" for m in sorted(missing_paths))
+    warnings += unpacked_folder_warning(runs)
     attach = check_attach(spec.get("attach"), path)
     full = absolute_spec(spec, path.parent) | {"name": name}
     if overrides:
@@ -377,6 +379,20 @@ def expand_sweep(
         full["resources"] = {**(full.get("resources") or {}), "executor": executor}
     return Sweep(
         name, path, root, profile_name, _with_branches(runs), warnings, attach, targets, full, recipe
+    )
+
+
+def unpacked_folder_warning(runs: list[PlannedRun]) -> tuple[str, ...]:
+    """One line when many runs would each open every file of an image folder every epoch: what a
+    shared file system's administrators ask users not to do, and what prepare-data's shards avoid."""
+    roots = [r.config.data.root for r in runs if r.config is not None and r.config.data.kind == "imagefolder"]
+    if len(roots) < UNPACKED_RUNS:
+        return ()
+    root = max(set(roots), key=roots.count)
+    return (
+        f"{len(roots)} runs read the image folder {root} file by file (data.kind=imagefolder): on a shared "
+        f"file system pack it once (nepa-scale prepare-data {root} DST) and train from "
+        "the shards (data.kind=shards data.root=DST; docs/recipe.md)",
     )
 
 
