@@ -3,13 +3,23 @@ the criterion's choices, and the sweep files it writes."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from helpers import DIGITS_CONFIG, env
 from scipy.optimize import least_squares
 
 from nepa_scale.errors import ConfigError, FitError
+from nepa_scale.launch.sweep import load_sweep
 from nepa_scale.launch.targets import parse_target_option, parse_targets
+from nepa_scale.rundir import RunDir
 from nepa_scale.scaling.advise import advise, set_cost
 from nepa_scale.scaling.laws import CHINCHILLA, bootstrap_weights, fit_law, levenberg_marquardt
 from nepa_scale.scaling.target import Target, predict_targets
@@ -211,3 +221,99 @@ def test_bad_advice_tables_are_refused_before_any_fit():
     ):
         with pytest.raises(FitError, match=message):
             advise(*args)
+
+
+# ----------------------------------------------------------------------------- the closed loop, for real
+
+
+def tiny_study(root: Path) -> Path:
+    """Three widths x two budgets of a one-block NEPA on the digits (WSD: a trunk and a branch per
+    width, checkpoints kept for later branches), whose target is a wider model trained longer."""
+    spec = {
+        "name": "tiny",
+        "base": str(DIGITS_CONFIG),
+        "set": {
+            "model.overrides.depth": 1,
+            "model.attention": "sdpa",
+            "budget.global_batch": 32,
+            "optim.schedule": "wsd",
+            "optim.warmup_steps": 2,
+            "optim.cooldown_fraction": 0.25,
+            "logging.progress": "never",
+            "logging.log_every": 4,
+            "logging.eval_every": 0,
+            "logging.eval_batches": 1,
+            "checkpoint.every": 4,
+            "checkpoint.keep_every": 4,
+            "deepspeed.zero_stage": 0,
+        },
+        "axes": [
+            {"zip": {"model.overrides.dim": [8, 16, 32], "model.overrides.num_heads": [1, 1, 2]}},
+            {"grid": {"budget.images": [256, 512]}},
+        ],
+        "profile": "cpu",
+        "resources": {"array_parallelism": 2},
+        "output_root": str(root / "runs"),
+        "target": {
+            "model": "nepa_tiny",
+            "overrides": {"dim": 64, "num_heads": 4, "depth": 1},
+            "images": 2048,
+        },
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return root / "sweep.yaml"
+
+
+def loop_cmd(sweep_file: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "nepa_scale.cli", "sweep", "launch", str(sweep_file), "--executor", "local",
+        "--advise", "--budget-gpu-hours", "1.2e-6", "--until-interval", "0.001", "--rounds", "2",
+        "--quantity", "val_cosine_distance", "--bootstrap", "60",
+    ]  # fmt: skip
+
+
+def study_state(root: Path) -> dict:
+    """Each advice file's runs, and every run's final held-out loss and number of submissions."""
+    state = {"advice": {}, "runs": {}}
+    for path in sorted((root / "runs" / "advice").glob("*.yaml")):
+        state["advice"][path.name] = sorted(run.run_id for run in load_sweep(path).runs)
+    for run_json in sorted((root / "runs").glob("*/run.json")):
+        run = RunDir(run_json.parent)
+        evals = [m for m in run.read_metrics() if m.get("kind") == "eval"]
+        launches = json.loads(run.launch_json.read_text())["jobs"]
+        state["runs"][run.root.name] = (run.record().status, evals[-1]["val_loss"], len(launches))
+    return state
+
+
+def test_the_closed_loop_killed_between_rounds_goes_on_where_it_was(tmp_path):
+    """Two loops over the same tiny study: one left alone, one killed (SIGKILL, its jobs left running,
+    as when the node running it goes) once its first advice file is written, then started again.
+    Both end with the same advice files, the same runs and the same losses, and no run was
+    submitted twice; the advice files are sweep files whose runs carry the study's ids."""
+    calm, killed = tiny_study(tmp_path / "calm"), tiny_study(tmp_path / "killed")
+    done = subprocess.run(loop_cmd(calm), env=env(), capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "stop: 2 rounds of advice done" in done.stdout
+    first = subprocess.Popen(
+        loop_cmd(killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    advice = tmp_path / "killed" / "runs" / "advice" / "advice-01.yaml"
+    deadline = time.time() + 1800
+    while not advice.is_file() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert advice.is_file(), "the loop never wrote its first advice"
+    first.kill()
+    first.wait()
+    again = subprocess.run(loop_cmd(killed), env=env(), capture_output=True, text=True, timeout=1800)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    calm_state, killed_state = study_state(tmp_path / "calm"), study_state(tmp_path / "killed")
+    assert calm_state == killed_state
+    assert len(calm_state["advice"]) == 2 and all(calm_state["advice"].values())
+    assert all(
+        status == "completed" and submitted == 1 for status, _, submitted in calm_state["runs"].values()
+    )
+    base = {run.run_id for run in load_sweep(calm).runs}
+    advised = {run_id for ids in calm_state["advice"].values() for run_id in ids}
+    assert base <= set(calm_state["runs"]) and advised <= set(calm_state["runs"])
+    assert len(calm_state["runs"]) == len(base | advised)  # a run advised again is the same run, not a copy

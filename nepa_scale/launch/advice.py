@@ -248,13 +248,19 @@ def candidate_values(sweep: Sweep, runs: list[PlannedRun], targets: list[Target]
 
 
 def candidate_pool(
-    sweep: Sweep, targets: list[Target], n_kind: str = "params", d_kind: str = "images"
+    sweep: Sweep,
+    targets: list[Target],
+    n_kind: str = "params",
+    d_kind: str = "images",
+    planned_are_candidates: bool = False,
 ) -> pd.DataFrame:
     """Every candidate run with its N, D (as the study counts them), cost, branch cost and group
-    (scaling/advise.py: what the criterion reads), its kind and its axis values."""
+    (scaling/advise.py: what the criterion reads), its kind and its axis values. The study's runs
+    are not candidates, except, with ``planned_are_candidates``, those with no run directory yet
+    (benchmarks/advise_simulated.py: a study planned but not run)."""
     runs = study_runs(sweep)
-    known = {r.run_id for r in runs}
     disk = _existing(runs)
+    known = {r.run_id for r in runs if r.run_id in disk or not planned_are_candidates}
     trunks: dict[str, PlannedRun] = {}  # (model, seed) -> its longest completed WSD run
     for run in runs:
         if (

@@ -57,22 +57,45 @@ class Advice:
         return p.value * (p.low / p.value) ** ratio, p.value * (p.high / p.value) ** ratio
 
 
+class Costs:
+    """What candidates cost together: in each group (one trunk key: the same model and seed) the
+    longest run trains in full and the others branch off it, paying only their cooldown; candidates
+    without a group pay their own cost. ``marginal`` prices every candidate against a chosen set at
+    once (the greedy loop asks it for every candidate at every step)."""
+
+    def __init__(self, pool: pd.DataFrame):
+        self.cost = pool["cost"].to_numpy(float)
+        self.branch = pool["branch_cost"].to_numpy(float) if "branch_cost" in pool else self.cost
+        self.d = pool["D"].to_numpy(float)
+        groups = (
+            pool["group"].fillna("").astype(str).to_numpy() if "group" in pool else np.full(len(pool), "")
+        )
+        codes = {g: k for k, g in enumerate(sorted(set(groups) - {""}))}
+        self.group = np.array([codes.get(g, -1) for g in groups])
+        self.trunk = np.full(len(codes), -1)  # each group's longest chosen member
+
+    def marginal(self) -> np.ndarray:
+        """What each candidate would add to the chosen set's cost."""
+        trunk = np.where(self.group >= 0, self.trunk[self.group], -1)
+        out = self.cost.copy()
+        has = trunk >= 0
+        t = trunk[has]
+        longer = self.d[has] > self.d[t]
+        out[has] = np.where(longer, self.cost[has] - self.cost[t] + self.branch[t], self.branch[has])
+        return out
+
+    def choose(self, i: int) -> None:
+        g = self.group[i]
+        if g >= 0 and (self.trunk[g] < 0 or self.d[i] > self.d[self.trunk[g]]):
+            self.trunk[g] = i
+
+
 def set_cost(pool: pd.DataFrame, members: list[int]) -> float:
-    """What a set of candidates costs together: in each group (one trunk key: same model and seed)
-    the longest run trains in full and the others branch off it, paying only their cooldown;
-    candidates without a group pay their own cost."""
-    total = 0.0
-    grouped: dict[str, list[int]] = {}
-    for i in members:
-        group = pool["group"].iat[i] if "group" in pool else None
-        if isinstance(group, str) and group:
-            grouped.setdefault(group, []).append(i)
-        else:
-            total += float(pool["cost"].iat[i])
-    for rows in grouped.values():
-        trunk = max(rows, key=lambda i: (pool["D"].iat[i], -i))
-        total += float(pool["cost"].iat[trunk])
-        total += sum(float(pool["branch_cost"].iat[i]) for i in rows if i != trunk)
+    """What the candidates ``members`` (positions in ``pool``) cost together (``Costs``)."""
+    costs, total = Costs(pool), 0.0
+    for i in sorted(members, key=lambda i: (costs.d[i], -i), reverse=True):  # longest first: trunks
+        total += costs.marginal()[i]
+        costs.choose(i)
     return total
 
 
@@ -102,6 +125,7 @@ def advise(
     seed: int = 0,
     trivial: float | None = None,
     study: TargetStudy | None = None,
+    cost_power: float = 1.0,
 ) -> Advice:
     """Choose from ``pool`` the runs that lower the targets' summed predictive variance of log q
     most per unit of cost, within ``budget`` (the pool's cost unit: GPU-hours)."""
@@ -126,29 +150,26 @@ def advise(
     chosen: list[int] = []
     rows: list[dict] = []
     spent = 0.0
+    costs = Costs(pool)
+    taken = np.zeros(len(pool), dtype=bool)
     while True:
         cand = np.arange(n_targets, len(x))
         gains = (cov[:n_targets, cand] ** 2).sum(axis=0) / (np.diag(cov)[cand] + noise)
-        best, best_score, best_cost = -1, 0.0, 0.0
-        for k, j in enumerate(cand):
-            i = j - n_targets
-            if i in chosen or gains[k] <= 0:
-                continue
-            marginal = set_cost(pool, [*chosen, i]) - spent
-            if marginal > budget - spent + 1e-12 * budget:
-                continue
-            score = gains[k] / max(marginal, 1e-12 * budget)
-            if score > best_score:
-                best, best_score, best_cost = i, score, marginal
-        if best < 0:
+        marginal = costs.marginal()
+        fits = ~taken & (gains > 0) & (marginal <= budget - spent + 1e-12 * budget)
+        if not fits.any():
             break
+        score = np.where(fits, gains / np.maximum(marginal, 1e-12 * budget) ** cost_power, -np.inf)
+        best = int(np.argmax(score))
         j = best + n_targets
         cov = cov - np.outer(cov[:, j], cov[j, :]) / (cov[j, j] + noise)
         chosen.append(best)
-        spent += best_cost
+        taken[best] = True
+        spent += float(marginal[best])
+        costs.choose(best)
         rows.append(
             pool.iloc[best].to_dict()
-            | {"marginal_cost": best_cost, "spent": spent}
+            | {"marginal_cost": float(marginal[best]), "spent": spent}
             | {f"std after: {t.label}": math.sqrt(max(cov[i, i], 0.0) + noise) for i, t in enumerate(targets)}
         )
     after_std = [math.sqrt(max(cov[i, i], 0.0) + noise) for i in range(n_targets)]

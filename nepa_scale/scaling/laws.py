@@ -158,15 +158,15 @@ def levenberg_marquardt(
         with np.errstate(all="ignore"):
             r = law.log_predict(th, x) - log_q[None]
             jac = law.jac(th, x)
-        wj = jac * w[:, :, None]
-        a = np.einsum("bnp,bnq->bpq", wj, jac)
-        g = np.einsum("bnp,bn->bp", wj, r)
+        wj_t = (jac * w[:, :, None]).transpose(0, 2, 1)
+        a = wj_t @ jac  # batched J^T W J (matmul: BLAS, several times einsum's speed here)
+        g = (wj_t @ r[:, :, None])[..., 0]
         # Parameters at a bound that the gradient pushes further out stay there this step (an active
         # set): clipping their step instead would stall the others.
         held = ((th <= lo) & (g > 0)) | ((th >= hi) & (g < 0))
         g = np.where(held, 0.0, g)
         a = np.where(held[:, :, None] | held[:, None, :], 0.0, a) + eye * held[:, :, None]
-        diag = np.einsum("bpp->bp", a)
+        diag = np.diagonal(a, axis1=1, axis2=2)
         floor = 1e-9 * diag.max(axis=1, keepdims=True) + 1e-12
         damped = a + damping[rows, None, None] * eye * (diag + floor)[:, None, :]
         ok = np.all(np.isfinite(damped), axis=(1, 2)) & np.all(np.isfinite(g), axis=1)
