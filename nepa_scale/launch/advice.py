@@ -52,7 +52,12 @@ MODEL_KEYS = ("model.name", "model.overrides")  # axis keys that make a run's mo
 
 
 def advice_files(sweep: Sweep) -> list[Path]:
-    return sorted((sweep.output_root / ADVICE_DIR).glob("*.yaml"))
+    """The study's advice files, oldest first, less a last one never launched (some run of it has no
+    run directory yet): that one is a proposal, and the next advice replaces it."""
+    files = sorted((sweep.output_root / ADVICE_DIR).glob("advice-*.yaml"))
+    if files and not all((run.run_dir / "run.json").is_file() for run in load_sweep(files[-1]).runs):
+        files.pop()
+    return files
 
 
 def study_runs(sweep: Sweep) -> list[PlannedRun]:
