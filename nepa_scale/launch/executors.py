@@ -63,6 +63,13 @@ def _setup(profile: ClusterProfile, code_dir: Path) -> list[str]:
     ]
 
 
+def requeueable(sbatch_extra: dict) -> dict:
+    """sbatch's extra flags with ``--requeue``, whatever the site's JobRequeue: a job whose node fails
+    (NODE_FAIL) goes back in the queue by SLURM's own doing, and resumes from its last committed
+    checkpoint (unless the profile says ``no_requeue``)."""
+    return dict(sbatch_extra) if "no_requeue" in sbatch_extra else {"requeue": True, **sbatch_extra}
+
+
 class Scheduler:
     """What the launcher asks of a scheduler."""
 
@@ -119,7 +126,7 @@ class SlurmScheduler(Scheduler):
             "signal_delay_s": profile.signal_delay_s,
             "setup": _setup(profile, code_dir),
             "array_parallelism": profile.array_parallelism,
-            "additional_parameters": dict(profile.sbatch_extra),
+            "additional_parameters": requeueable(profile.sbatch_extra),
         }
         if profile.gpus_per_node:
             params["gpus_per_node"] = profile.gpus_per_node
