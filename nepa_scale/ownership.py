@@ -5,14 +5,15 @@ time, on one machine and across the nodes of a shared file system. The owner hol
 ``<directory>/.owner.json``, created exclusively (a hard link of a finished temporary file, so the
 lock never exists half-written, and ``link`` is exclusive on NFS too). It holds the owner's facts
 as JSON (``Owner``): what it is (``role``: train, launch, ...), host, pid, the process's start
-time (``/proc``: a reused pid is another process), the boot it runs in, the SLURM job, array task
-and restart count when under SLURM, when it took the lock, and a token of its own.
+time (``/proc``: a reused pid is another process), the boot and pid namespace it runs in, the
+SLURM job, array task and restart count when under SLURM, when it took the lock, and a token of
+its own.
 
 A second process is refused (``RunBusy``, one line naming the owner) unless the owner is
 provably gone:
 
-- same host and boot: its pid has ended, or now belongs to another process (start time differs);
-  a machine rebooted since (another boot id) runs none of its old processes;
+- same host, boot and pid namespace: its pid has ended, or now belongs to another process (start
+  time differs); a machine rebooted since (another boot id) runs none of its old processes;
 - the same SLURM job, a later incarnation (its restart count is higher): a requeued job, after a
   preemption or a node failure, takes over its own earlier lock, wherever it runs now;
 - a SLURM job that SLURM no longer lists (``squeue``: neither pending, running nor requeued).
@@ -39,7 +40,7 @@ import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from nepa_scale.errors import RunBusy
+from nepa_scale.errors import RunBusy, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Owner:
     slurm_job: str | None = None  # as squeue names it: JOBID, or ARRAYJOB_TASK for an array task
     slurm_job_id: str | None = None  # SLURM_JOB_ID (unique per array task, kept over requeues)
     slurm_restart: int = 0  # SLURM_RESTART_COUNT: which incarnation of the job
+    pid_namespace: str | None = None  # /proc/self/ns/pid: pids mean the same only within one (containers)
 
     @classmethod
     def from_dict(cls, data: dict) -> Owner:
@@ -105,6 +107,13 @@ def boot_id() -> str | None:
         return None
 
 
+def pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def this_process(role: str) -> Owner:
     """This process's facts, as the owner of a lock taken now."""
     env = os.environ
@@ -116,6 +125,7 @@ def this_process(role: str) -> Owner:
         pid=os.getpid(),
         process_start=process_start(os.getpid()),
         boot_id=boot_id(),
+        pid_namespace=pid_namespace(),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         created_unix=time.time(),
         token=uuid.uuid4().hex,
@@ -187,14 +197,15 @@ def why_gone(owner: Owner, me: Owner) -> str | None:
         and me.slurm_restart > owner.slurm_restart
     ):
         return f"SLURM job {owner.slurm_job} was requeued (this is its restart {me.slurm_restart})"
-    if owner.host == me.host and owner.boot_id and owner.boot_id == me.boot_id:
+    same_pids = owner.pid_namespace == me.pid_namespace
+    if owner.host == me.host and owner.boot_id and owner.boot_id == me.boot_id and same_pids:
         start = process_start(owner.pid)
         if start is None:
             return f"pid {owner.pid} has ended"
         if owner.process_start is not None and start != owner.process_start:
             return f"pid {owner.pid} is another process now"
         return None
-    if owner.host == me.host and owner.boot_id and me.boot_id:
+    if owner.host == me.host and owner.boot_id and me.boot_id and owner.boot_id != me.boot_id:
         return f"host {owner.host} has restarted since"
     if owner.slurm_job and slurm_job_live(owner.slurm_job) is False:
         return f"SLURM job {owner.slurm_job} no longer runs"
@@ -202,8 +213,9 @@ def why_gone(owner: Owner, me: Owner) -> str | None:
 
 
 def checkable(owner: Owner, me: Owner) -> bool:
-    """Whether this process can tell when ``owner`` is gone (same host, or a job SLURM answers for)."""
-    return owner.host == me.host or (bool(owner.slurm_job) and slurm_job_live(owner.slurm_job) is not None)
+    """Whether this process can tell when ``owner`` is gone (its pids, or a job SLURM answers for)."""
+    same_pids = owner.host == me.host and owner.pid_namespace == me.pid_namespace
+    return same_pids or (bool(owner.slurm_job) and slurm_job_live(owner.slurm_job) is not None)
 
 
 def busy_message(directory: Path, owner: Owner, me: Owner) -> str:
@@ -300,10 +312,13 @@ def acquire(directory: str | Path, role: str, patience_s: float | None = None) -
     """Take ``directory``'s lock as ``role``; ``RunBusy`` (one line naming the owner) while another
     process holds it. An owner in ``BRIEF_ROLES`` is waited for up to its time, or ``patience_s``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     me = this_process(role)
-    staging = _staged(path, me)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = _staged(path, me)
+    except OSError as exc:  # a plain file in the way, a read-only or full file system
+        raise UsageError(f"{directory}: cannot be written ({exc.strerror}: {exc.filename})") from None
     deadline = None
     try:
         while True:

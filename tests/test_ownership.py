@@ -19,9 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from helpers import DIGITS_CONFIG, REPO, SMALL, cli, env, launch, metrics, run_train
 
+from nepa_scale.errors import RunBusy
 from nepa_scale.ownership import LOCK_FILE, acquire, read_owner, this_process, why_gone
 
 DEADLINE_S = 300
@@ -85,6 +87,7 @@ def test_a_second_train_is_refused_in_one_line_and_a_killed_owners_lock_is_taken
 CONTENDERS = r"""
 import dataclasses, json, os, sys
 from pathlib import Path
+from nepa_scale.errors import RunBusy
 from nepa_scale.errors import RunBusy
 from nepa_scale.ownership import LOCK_FILE, acquire, read_owner, this_process
 
@@ -155,7 +158,8 @@ def test_concurrent_successors_of_a_dead_owner_leave_exactly_one_owner(tmp_path)
 
 
 def test_an_owner_is_gone_only_when_provably_so(tmp_path):
-    """Same host: a live pid is respected, one that ended or that another process reuses is not.
+    """Same host: a live pid is respected, one that ended or that another process reuses is not (a
+    pid of another pid namespace cannot be checked: respected).
     Another host: its SLURM job decides (asked of the real cluster); without one it is respected
     and the message names the file to remove. A requeued job takes over its own earlier lock."""
     subprocess.run(["bash", str(REPO / "slurm/local/start.sh")], check=True, capture_output=True)
@@ -164,18 +168,18 @@ def test_an_owner_is_gone_only_when_provably_so(tmp_path):
     assert why_gone(dataclasses.replace(me, pid=ended_pid()), me).endswith("has ended")
     reused = dataclasses.replace(me, process_start=me.process_start - 1)
     assert why_gone(reused, me) == f"pid {me.pid} is another process now"
+    other_pids = dataclasses.replace(me, pid=ended_pid(), pid_namespace="pid:[1]")  # another container's
+    assert why_gone(other_pids, me) is None
     incarnation = dataclasses.replace(me, slurm_job="7_1", slurm_job_id="9", slurm_restart=1)
     assert "was requeued" in why_gone(dataclasses.replace(incarnation, slurm_restart=0), incarnation)
 
     elsewhere = dataclasses.replace(me, host="another-host", token="elsewhere")
     write_lock(tmp_path / "a", elsewhere)
-    try:
+    with pytest.raises(RunBusy) as refused:
         acquire(tmp_path / "a", "train")
-        raise AssertionError("an owner on another host outside SLURM was not respected")
-    except Exception as exc:  # noqa: BLE001 - the refusal is checked below
-        assert str(exc).endswith(
-            f"it cannot be checked from here: remove {tmp_path / 'a' / LOCK_FILE} once it is gone"
-        )
+    assert str(refused.value).endswith(
+        f"it cannot be checked from here: remove {tmp_path / 'a' / LOCK_FILE} once it is gone"
+    )
     held = subprocess.run(
         ["sbatch", "--parsable", "--hold", "-p", "debug", "--wrap", "true"],
         capture_output=True,
@@ -184,11 +188,9 @@ def test_an_owner_is_gone_only_when_provably_so(tmp_path):
     ).stdout.strip()
     try:
         write_lock(tmp_path / "b", dataclasses.replace(elsewhere, slurm_job=held, slurm_job_id=held))
-        try:
+        with pytest.raises(RunBusy) as refused:
             acquire(tmp_path / "b", "train")
-            raise AssertionError("an owner whose job is queued was not respected")
-        except Exception as exc:  # noqa: BLE001 - the refusal is checked below
-            assert f"SLURM job {held}, since" in str(exc) and "wait for it to end" in str(exc), exc
+        assert f"SLURM job {held}, since" in str(refused.value) and "wait for it to end" in str(refused.value)
     finally:
         subprocess.run(["scancel", held], check=True)
     wait_for(lambda: why_gone(read_owner(tmp_path / "b"), me) is not None, "the cancelled job to end", 60)
