@@ -124,7 +124,7 @@ def test_a_dead_nodes_job_is_requeued_by_slurm_and_resumes_bitwise(tmp_path):
     )
     nodes = job_nodes(run_dir)
     # Rank 0's node (the batch host, and the lock's owner), unless another job shares it.
-    victim = next(node for node in nodes if jobs_on(node) == [job])
+    victim = wait_for(lambda: next((n for n in nodes if jobs_on(n) == [job]), None), "a node of its own")
     owner = json.loads((run_dir / ".owner.json").read_text())
     try:
         assert power_off(victim) >= 3  # slurmd, the batch step and the task at least

@@ -438,9 +438,8 @@ def train(
     on_commit: Callable[[int], None] | None = None,
     owner: Claim | None = None,
 ) -> TrainResult:
-    """Train (or resume) the run as the owner of its directory: rank 0 takes the run's lock
-    (``nepa_scale/ownership.py``) before anything is written there, unless the caller took it
-    (``owner``), and gives it up however the attempt ends; a refusal stops every rank."""
+    """Train (or resume) the run as its directory's owner: rank 0 takes the lock before anything is
+    written there (unless the caller did: ``owner``) and gives it up however it ends."""
     rank, _, world_size = world_from_env()
     owner = owner or claim(config.output_dir, "train", rank)
     try:
