@@ -3,9 +3,11 @@
 Whether a run needs submitting is decided from its run directory and the scheduler's view of its
 last job (``status.py``), so ``launch`` is idempotent: completed and in-flight runs are skipped,
 preempted, interrupted, stopped or cancelled ones continue from their checkpoints, failed ones only
-with ``retry_failed``. Runs that share their resources go in together (on SLURM as one job array,
-at most the profile's ``array_parallelism`` running at once); each is a run like any other, with
-its own requeues, preemptions, status and cancel. The schedulers: ``executors.py``; what a
+with ``retry_failed``. That decision is made again for each run right before it is submitted, while
+the launcher holds the run's lock (``nepa_scale/ownership.py``): another launch of the same sweep
+may have submitted it meanwhile, or a process may be training it. Runs that share their resources
+go in together (on SLURM as one job array, at most the profile's ``array_parallelism`` running at
+once); each is a run like any other, with its own requeues, preemptions, status and cancel. The schedulers: ``executors.py``; what a
 submission writes: ``submission.py``; cooldown branches: ``branches.py``.
 """
 
