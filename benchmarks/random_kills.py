@@ -17,8 +17,8 @@ of one of three kinds, labelled:
 Every run must then complete by itself (the survivor records the run interrupted and requeues it),
 log every step exactly once, and end with the twin's losses and final weights, bit for bit. Prints
 one line per kill, then a Markdown table (kill, node, at step, resumed from, bitwise equal?);
-``--out`` keeps them as JSON. Needs root and the cluster (slurm/local/start.sh); about a minute
-per kill on 2 cores.
+``--out`` keeps them as JSON. Needs root and the cluster (slurm/local/start.sh); about two minutes
+per kill on 2 cores (20 kills: 37 minutes at a load average of about 9); results in slurm/README.md.
 """
 
 from __future__ import annotations
