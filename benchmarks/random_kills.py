@@ -1,21 +1,33 @@
-"""Kill one node's task of a 2-node run at random moments, on the local multi-node SLURM cluster.
+"""Kill one node's task of a 2-node run at random moments of its training, on the local cluster.
 
-    python benchmarks/random_kills.py [--kills 10] [--seed 0] [--out random_kills.json]
+    python benchmarks/random_kills.py [--kills 20] [--startup 3] [--saves 2] [--seed 0] [--out FILE]
 
 One uninterrupted twin, then ``--kills`` runs of the same config (2 nodes x 1 task, ZeRO-2 over
-gloo, 150 steps, a checkpoint every 5) in fresh output directories; each gets a SIGKILL on the task
-of a random node (node1: rank 0, node2: rank 1) at a random moment of its first attempt, start-up
-included: uniformly within the time the twin's job ran. Every run must then complete by itself (the survivor records the run interrupted and
-requeues it), log every step exactly once, and end with the twin's losses and final weights, bit
-for bit. Prints one line per kill and the summary; ``--out`` keeps them as JSON. Needs root and the
-cluster (slurm/local/start.sh); about a minute per kill on 2 cores.
+gloo, 150 steps, a checkpoint every 5) in fresh output directories. Each gets a SIGKILL on the
+Python task of one of its two nodes (drawn: rank 0's or rank 1's) in its first attempt, at a moment
+of one of three kinds, labelled:
+
+- ``training``: at a step drawn uniformly from the run's steps (from the first logged step to the
+  one before the last), killed as soon as the run has logged it;
+- ``start-up`` (``--startup`` of them): a moment drawn uniformly within the twin's start-up (from
+  its job step's start to its first logged step), checked to come before the run's first step;
+- ``checkpoint save`` (``--saves``): while a checkpoint is being written (a step directory
+  without COMMITTED), after a step drawn like a training kill.
+
+Every run must then complete by itself (the survivor records the run interrupted and requeues it),
+log every step exactly once, and end with the twin's losses and final weights, bit for bit. Prints
+one line per kill, then a Markdown table (kill, node, at step, resumed from, bitwise equal?);
+``--out`` keeps them as JSON. Needs root and the cluster (slurm/local/start.sh); about two minutes
+per kill on 2 cores (20 kills: 37 minutes at a load average of about 9); results in slurm/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,13 +45,13 @@ from nepa_scale.engine.checkpoint_store import committed_checkpoints  # noqa: E4
 from nepa_scale.engine.export import fp32_state_dict  # noqa: E402
 from nepa_scale.launch.status import RunStatus, status_table, sweep_status  # noqa: E402
 from nepa_scale.launch.sweep import load_sweep  # noqa: E402
-from nepa_scale.rundir import RunDir  # noqa: E402
+from nepa_scale.rundir import MARKER, RunDir  # noqa: E402
 
 SETTINGS = {
     "model.overrides": {"dim": 48, "depth": 2, "num_heads": 2},
     "model.attention": "sdpa",
     "budget.global_batch": 32,
-    "budget.images": 4800,  # 150 steps
+    "budget.images": 32 * STEPS,
     "deepspeed.zero_stage": 2,
     "optim.lr": 2e-3,
     "logging.log_every": 1,
@@ -47,6 +59,7 @@ SETTINGS = {
     "checkpoint.every": 5,
     "distributed.timeout_s": 30,
 }
+POLL_S = 0.002
 
 
 def write_sweep(folder: Path, name: str) -> Path:
@@ -71,7 +84,7 @@ def launch(path: Path):
     return load_sweep(path)
 
 
-def wait(sweep, timeout: float = 600, poll: float = 1.0, settle: float = 60.0) -> RunStatus:
+def wait(sweep, timeout: float = 900, poll: float = 1.0, settle: float = 60.0) -> RunStatus:
     """The run's row once it completed, failed or was cancelled, or once it has sat in another
     stopped state for ``settle`` seconds with no job continuing it (the scheduler's view of a job
     being requeued can lag for a moment)."""
@@ -90,37 +103,103 @@ def wait(sweep, timeout: float = 600, poll: float = 1.0, settle: float = 60.0) -
     raise TimeoutError(status_table(sweep_status(sweep)))
 
 
-def job_running(sweep) -> bool:
+def job_id(sweep) -> str | None:
     launch_json = sweep.runs[0].run_dir / "launch.json"
-    if not launch_json.is_file():
-        return False
-    job = json.loads(launch_json.read_text())["job_id"]
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout
-    return out.strip() == "RUNNING"
+    return json.loads(launch_json.read_text())["job_id"] if launch_json.is_file() else None
 
 
-def kill_task(node: int) -> int:
-    """SIGKILL the run's task on ``node``: its Python process (not srun, whose command line names
-    the task too: on node1 it is the job's batch step, and a dead srun ends the whole job)."""
-    pids = subprocess.run(
-        ["ip", "netns", "pids", f"nepa-node{node}"], capture_output=True, text=True
+def step_started(sweep) -> bool:
+    """The run's job has started its job step (srun launched the tasks)."""
+    job = job_id(sweep)
+    out = subprocess.run(["squeue", "-h", "-s", "-j", str(job), "-o", "%i"], capture_output=True, text=True)
+    return job is not None and f"{job}.0" in out.stdout.split()
+
+
+def job_nodes(sweep) -> list[str]:
+    """The job's nodes in rank order (one task per node)."""
+    nodelist = subprocess.run(
+        ["squeue", "-h", "-j", job_id(sweep), "-o", "%N"], capture_output=True, text=True
+    ).stdout.strip()
+    return subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True
     ).stdout.split()
-    killed = 0
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [m["step"] for m in RunDir(run_dir).read_metrics() if m.get("kind") == "train"]
+
+
+def last_logged(run_dir: Path) -> int:
+    last = RunDir(run_dir).last_metric("train")
+    return last["step"] if last else 0
+
+
+def saving(run_dir: Path) -> str | None:
+    """A checkpoint being written now: a step directory without COMMITTED."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    return next((p.name for p in folder.glob("step_*") if p.is_dir() and not (p / MARKER).exists()), None)
+
+
+def task_pid(node: str) -> int | None:
+    """The run's Python task on ``node`` (not srun, whose command line names the task too: on the
+    first node it is the job's batch step, and a dead srun ends the whole job)."""
+    pids = subprocess.run(
+        ["ip", "netns", "pids", f"nepa-{node}"], capture_output=True, text=True
+    ).stdout.split()
     for pid in pids:
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_text(errors="replace").split("\0")
         except OSError:
             continue
         if "submitit.core._submit" in argv and "python" in Path(argv[0]).name:
-            subprocess.run(["kill", "-9", pid], check=False)
-            killed += 1
-    return killed
+            return int(pid)
+    return None
+
+
+def wait_for(condition, timeout: float = 600, poll: float = POLL_S):
+    """``condition()``'s value once true; a condition that asks SLURM polls every 50 ms, not 2."""
+    deadline = time.time() + timeout
+    while not (value := condition()):
+        if time.time() > deadline:
+            raise TimeoutError("the run never reached the kill moment")
+        time.sleep(poll)
+    return value
+
+
+def kill_at(sweep, kind: str, rng: random.Random, startup_s: float) -> dict:
+    """Wait for a moment of ``kind`` (drawn with ``rng``) and SIGKILL a drawn rank's task; what it hit.
+    The task is found first, so that the kill follows the moment within a poll (2 ms)."""
+    run_dir = sweep.runs[0].run_dir
+    rank, delay, target = rng.choice([0, 1]), rng.uniform(0, startup_s), rng.randint(1, STEPS - 1)
+    wait_for(lambda: step_started(sweep), poll=0.05)
+    started = time.time()
+    node = job_nodes(sweep)[rank]
+    pid = wait_for(lambda: task_pid(node), poll=0.05)
+    if kind == "start-up":
+        time.sleep(max(0.0, started + delay - time.time()))
+    else:
+        wait_for(lambda: last_logged(run_dir) >= target)
+        if kind == "checkpoint save":
+            wait_for(lambda: saving(run_dir) is not None or last_logged(run_dir) >= STEPS)
+    os.kill(pid, signal.SIGKILL)
+    # A checkpoint without COMMITTED now stays so: rank 0 commits only once every rank has saved.
+    at_step, half_written = last_logged(run_dir), saving(run_dir)
+    label = kind
+    if kind == "start-up" and at_step > 0:
+        label = "training (meant for start-up)"
+    if kind == "checkpoint save" and half_written is None:
+        label = "training (the save was over)"
+    if kind == "training" and at_step >= STEPS:
+        label = "after the last step"
+    return {"kill": label, "node": node, "rank": rank, "at_step": at_step, "saving": half_written}
 
 
 def outcome(run_dir: Path, twin: Path) -> dict:
     run = RunDir(run_dir)
     record = run.record()
-    steps = [m["step"] for m in run.read_metrics() if m.get("kind") == "train"]
+    steps = logged_steps(run_dir)
     losses = {m["step"]: m["loss"] for m in run.read_metrics() if m.get("kind") == "train"}
     twin_losses = {m["step"]: m["loss"] for m in RunDir(twin).read_metrics() if m.get("kind") == "train"}
     ours = committed_checkpoints(run.checkpoints)
@@ -137,54 +216,70 @@ def outcome(run_dir: Path, twin: Path) -> dict:
     }
 
 
+def bitwise(result: dict) -> bool:
+    return (
+        result["status"] == "completed"
+        and result["steps_once"]
+        and result["losses_equal"]
+        and result["weights_equal"]
+    )
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| # | kill | node (rank) | at step | resumed from | bitwise equal? |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        resumed = ", ".join(str(s) for s in r["resumed_from"])
+        if not resumed:  # no restart recorded: from the start after a loss before the first commit
+            resumed = "0 (the start)" if r["interruptions"] else "- (nothing to redo)"
+        at = f"{r['at_step']}" + (f" ({r['saving']} half-written)" if r["saving"] else "")
+        equal = "yes" if bitwise(r) else f"no ({r['status']})"
+        lines.append(
+            f"| {r['index']} | {r['kill']} | {r['node']} ({r['rank']}) | {at} | {resumed} | {equal} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--startup", type=int, default=3, help="kills during start-up")
+    parser.add_argument("--saves", type=int, default=2, help="kills during a checkpoint save")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--window", type=float, default=35.0, help="seconds after the job starts to draw from"
-    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     subprocess.run(["bash", str(REPO / "slurm" / "local" / "start.sh")], check=True, capture_output=True)
     rng = random.Random(args.seed)
+    kinds = ["start-up"] * args.startup + ["checkpoint save"] * args.saves
+    kinds += ["training"] * (args.kills - len(kinds))
+    rng.shuffle(kinds)
     folder = Path(tempfile.mkdtemp(prefix="random_kills_"))
     twin = launch(write_sweep(folder, "twin"))
-    while not job_running(twin):
-        time.sleep(0.05)
+    wait_for(lambda: step_started(twin), poll=0.05)
     started = time.time()
+    wait_for(lambda: last_logged(twin.runs[0].run_dir) > 0)
+    startup_s = time.time() - started
     row = wait(twin, poll=0.2)
     assert row.state == "completed", row.error
-    window = time.time() - started  # the job's running time: start-up, training, saving, exit
-    print(f"twin's job ran {window:.1f} s: {twin.runs[0].run_dir}", flush=True)
+    print(f"twin: start-up {startup_s:.1f} s, then {STEPS} steps: {twin.runs[0].run_dir}", flush=True)
     results = []
-    for i in range(args.kills):
+    for i, kind in enumerate(kinds):
         sweep = launch(write_sweep(folder, f"kill{i}"))
-        while not job_running(sweep):
-            time.sleep(0.05)
-        delay, node = rng.uniform(0, window), rng.choice([1, 2])
-        time.sleep(delay)
-        killed = kill_task(node)
-        logged = [m["step"] for m in RunDir(sweep.runs[0].run_dir).read_metrics() if m.get("kind") == "train"]
-        row = wait(sweep)
-        result = {
-            "kill": i,
-            "node": node,
-            "rank": node - 1,
-            "seconds_after_start": round(delay, 1),
-            "step_at_kill": logged[-1] if logged else 0,
-            "tasks_killed": killed,
-            **outcome(sweep.runs[0].run_dir, twin.runs[0].run_dir),
-        }
+        hit = kill_at(sweep, kind, rng, startup_s)
+        wait(sweep)
+        result = {"index": i, **hit, **outcome(sweep.runs[0].run_dir, twin.runs[0].run_dir)}
         results.append(result)
         print(json.dumps(result), flush=True)
-    good = sum(
-        r["status"] == "completed" and r["steps_once"] and r["weights_equal"] and r["losses_equal"]
-        for r in results
+    good = sum(bitwise(r) for r in results)
+    mid = sum(r["kill"].startswith(("training", "checkpoint save")) for r in results)
+    print(
+        f"{good} of {len(results)} runs completed, every step logged once, bitwise equal to the twin; {mid} killed mid-training"
     )
-    print(f"{good} of {len(results)} runs completed, every step logged once, bitwise equal to the twin")
+    print(table(results))
     if args.out:
         Path(args.out).write_text(json.dumps({"settings": SETTINGS, "results": results}, indent=2))
 

@@ -93,3 +93,8 @@ class PeerLost(NepaError):
     def __init__(self, message: str, committed_step: int, recorded: bool):
         super().__init__(message)
         self.committed_step, self.recorded = committed_step, recorded
+
+
+class RunBusy(NepaError):
+    """Another live process owns the directory (a run's, or a study's): the message names it
+    (``nepa_scale/ownership.py``)."""

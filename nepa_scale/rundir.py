@@ -8,6 +8,7 @@
     <run>/logs/             metrics of work redone after a restart (``metrics_discarded_restart*.jsonl``)
     <run>/launch.json       written by the launcher: executor, last job id, submitit folder, code
                             snapshot, resources, every submission (nepa_scale/launch/launcher.py)
+    <run>/.owner.json       the lock of the one process writing the run now (nepa_scale/ownership.py)
 
 This module is the only code that reads or writes run.json. Engine and launcher change it through
 named transitions (``RunDir.created``, ``started``, ``preempted``, ``completed``, ``failed``,

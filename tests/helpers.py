@@ -147,6 +147,20 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def job_nodes(run_dir: Path) -> list[str]:
+    """The nodes of the run's running SLURM job (its last submission), in rank order (one task per
+    node: rank i runs on the i-th node of the job's node list)."""
+    job = json.loads((Path(run_dir) / "launch.json").read_text())["job_id"]
+    nodelist = subprocess.run(
+        ["squeue", "-h", "-j", job, "-o", "%N"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if not nodelist:
+        return []
+    return subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    ).stdout.split()
+
+
 def final_weights(run_dir: Path) -> dict:
     from nepa_scale.engine.checkpoint_store import committed_checkpoints
     from nepa_scale.engine.export import fp32_state_dict

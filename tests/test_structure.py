@@ -60,7 +60,14 @@ def test_no_import_cycle_in_the_package():
 LAYERS = [
     ["nepa_scale.errors", "nepa_scale.flops", "nepa_scale.objective", "nepa_scale.models"],
     ["nepa_scale.config"],
-    ["nepa_scale.rundir", "nepa_scale.data", "nepa_scale.eval", "nepa_scale.memory", "nepa_scale.comm"],
+    [
+        "nepa_scale.rundir",
+        "nepa_scale.ownership",
+        "nepa_scale.data",
+        "nepa_scale.eval",
+        "nepa_scale.memory",
+        "nepa_scale.comm",
+    ],
     ["nepa_scale.engine", "nepa_scale.scaling"],
     ["nepa_scale.launch"],
     ["nepa_scale.workflows", "nepa_scale.bench"],

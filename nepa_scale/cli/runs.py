@@ -15,7 +15,15 @@ from nepa_scale.engine.fingerprint import already_complete
 from nepa_scale.engine.settings import check_world
 from nepa_scale.flops import CONVENTIONS, train_flops_per_image
 from nepa_scale.models.zoo import count_params, get_arch, list_models
+from nepa_scale.ownership import claim
 from nepa_scale.rundir import RunDir
+
+
+def rank_from_env() -> int:
+    """This process's rank as torchrun or srun set it (0 for a single process), before any engine."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("SLURM_PROCID", "0"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -23,13 +31,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_input_paths(config)
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     check_world(config, world_size)
-    complete = already_complete(RunDir(config.output_dir), config)
-    if complete is not None:  # said at once: without importing and starting the engine
-        print(f"nepa-scale: {complete}", file=sys.stderr)
-        return 0
-    from nepa_scale.engine.trainer import train  # heavy (torch, DeepSpeed): only for a run to train
+    # The run's lock first (rank 0), before anything is read as the run's state or written: a second
+    # writer on this output_dir is refused at once, without importing and starting the engine.
+    owner = claim(config.output_dir, "train", rank_from_env())
+    if owner.refusal is not None and world_size == 1:
+        raise owner.refusal
+    try:
+        complete = already_complete(RunDir(config.output_dir), config)
+        if complete is not None:  # said at once: without importing and starting the engine
+            print(f"nepa-scale: {complete}", file=sys.stderr)
+            return 0
+        from nepa_scale.engine.trainer import train  # heavy (torch, DeepSpeed): only for a run to train
 
-    return train(config).exit_code
+        return train(config, owner=owner).exit_code
+    finally:
+        owner.release()
 
 
 def cmd_export(args: argparse.Namespace) -> int:

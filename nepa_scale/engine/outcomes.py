@@ -12,11 +12,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+import torch.distributed as dist
+
 from nepa_scale.config import RunConfig
 from nepa_scale.engine.checkpoint_store import committed_checkpoints, remove_uncommitted
 from nepa_scale.engine.distributed import World, barrier, init_world, is_peer_loss, world_from_env
 from nepa_scale.engine.preemption import PreemptionFlag
-from nepa_scale.errors import PeerLost, StorageError
+from nepa_scale.errors import PeerLost, RunBusy, StorageError
 from nepa_scale.rundir import REQUEUE_EXIT_CODE, STOPPED_EXIT_CODE, Interruption, RunDir, now
 
 log = logging.getLogger("nepa_scale.train")
@@ -48,6 +51,20 @@ def join_world(config: RunConfig) -> World:
             attempt = f"start{len(record.restarts)}_{len(record.interruptions)}"
             raise peer_lost(run, config, exc, rank, attempt, None, 0) from exc
         raise
+
+
+def owner_agreed(world: World, group, refusal: RunBusy | None, output_dir: str) -> None:
+    """Every rank learns whether rank 0 holds the run's lock (a collective on the CPU ``group``),
+    and all stop, writing nothing, when it was refused: rank 0 with the refusal naming the owner."""
+    refused = refusal is not None
+    if world.world_size > 1:
+        flag = torch.tensor([1.0 if refused else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        refused = bool(flag.item() > 0)
+    if refusal is not None:
+        raise refusal
+    if refused:
+        raise RunBusy(f"{output_dir}: in use by another process (rank 0 was refused the run's lock)")
 
 
 def stopped(

@@ -41,6 +41,7 @@ from nepa_scale.engine.distributed import (
     control_group,
     deepspeed_config,
     is_peer_loss,
+    world_from_env,
 )
 from nepa_scale.engine.ema import Ema
 from nepa_scale.engine.evaluator import Evaluator
@@ -55,15 +56,16 @@ from nepa_scale.engine.metrics import (
     device_peak_tflops,
     train_record,
 )
-from nepa_scale.engine.outcomes import TrainResult, failure, join_world, stopped
+from nepa_scale.engine.outcomes import TrainResult, failure, join_world, owner_agreed, stopped
 from nepa_scale.engine.preemption import PreemptionFlag
 from nepa_scale.engine.provenance import record_start
 from nepa_scale.engine.schedule import build_optimizer, check_schedule, cooldown_start
 from nepa_scale.engine.settings import resolve_step_settings
 from nepa_scale.engine.tasks import TASKS, Task, TaskContext
-from nepa_scale.errors import ConfigError, DataError
+from nepa_scale.errors import ConfigError, DataError, RunBusy
 from nepa_scale.memory import device_memory_gb
 from nepa_scale.models import NEPA, resolve_backend
+from nepa_scale.ownership import Claim, claim
 from nepa_scale.rundir import RunDir
 
 log = logging.getLogger("nepa_scale.train")
@@ -82,14 +84,16 @@ class Trainer:
         config: RunConfig,
         preempt: PreemptionFlag | None = None,
         on_commit: Callable[[int], None] | None = None,
+        refusal: RunBusy | None = None,
     ):
         """``preempt``: a flag installed by the caller before start-up (the launcher does, so that a
         signal during start-up is not lost); by default ``train`` installs its own. ``on_commit``:
         called on rank 0 with the step of each committed checkpoint (the launcher submits a WSD
-        trunk's branches from it)."""
+        trunk's branches from it). ``refusal``: rank 0 was refused the run's lock (``train``)."""
         self.config, self.preempt, self.on_commit = config, preempt, on_commit
         self.world = join_world(config)
         self.control_group = control_group(self.world)
+        owner_agreed(self.world, self.control_group, refusal, config.output_dir)
         setup_logging(self.world)
         self.run = RunDir(config.output_dir)
         task_class = TASKS[config.task]
@@ -432,5 +436,15 @@ def train(
     config: RunConfig,
     preempt: PreemptionFlag | None = None,
     on_commit: Callable[[int], None] | None = None,
+    owner: Claim | None = None,
 ) -> TrainResult:
-    return Trainer(config, preempt, on_commit).fit()
+    """Train (or resume) the run as its directory's owner: rank 0 takes the lock before anything is
+    written there (unless the caller did: ``owner``) and gives it up however it ends."""
+    rank, _, world_size = world_from_env()
+    owner = owner or claim(config.output_dir, "train", rank)
+    try:
+        if owner.refusal is not None and world_size == 1:
+            raise owner.refusal
+        return Trainer(config, preempt, on_commit, owner.refusal).fit()
+    finally:
+        owner.release()

@@ -6,7 +6,7 @@ checkpoint commits (``submit_ready_branches``, from the engine's on-commit hook,
 trunk's job is the one process that knows that moment, and ``sweep launch`` returns once it has
 submitted, so nothing else is watching. A launch also submits any branch whose point is already
 committed (a trunk that finished, or one killed between a commit and the submission). The run's
-submit lock keeps the two from submitting the same branch twice. Under the local executor the
+lock (``nepa_scale/ownership.py``) keeps the two from submitting the same branch twice. Under the local executor the
 launching process watches anyway, and starts a branch when a slot is free and its point is
 committed.
 """
@@ -18,11 +18,13 @@ import json
 import os
 from pathlib import Path
 
+from nepa_scale.errors import RunBusy
 from nepa_scale.launch.executors import scheduler
 from nepa_scale.launch.job import RunJob
 from nepa_scale.launch.profiles import ClusterProfile
-from nepa_scale.launch.submission import claim, release, submit_group
+from nepa_scale.launch.submission import submit_group
 from nepa_scale.launch.sweep import PlannedRun, Sweep
+from nepa_scale.ownership import acquire
 from nepa_scale.rundir import RunDir, write_json_atomic
 
 BRANCHES_FILE = "branches.json"  # in a trunk's run directory: its branches and how to submit them
@@ -83,9 +85,13 @@ def submit_ready_branches(trunk_dir: str | Path) -> list[str]:
     for branch in spec["branches"]:
         run_dir = Path(branch["run_dir"])
         committed = RunDir(trunk_dir).has_committed(branch["step"])
-        if not committed or RunDir(run_dir).launch_json.is_file() or not claim(run_dir):
+        if not committed or RunDir(run_dir).launch_json.is_file():
             continue
         try:
+            ownership = acquire(run_dir, "launch")
+        except RunBusy:  # a launch is submitting it, or its job runs already
+            continue
+        with ownership:
             if not RunDir(run_dir).launch_json.is_file():  # a launch may have been quicker
                 resources = ClusterProfile.model_construct(**branch["resources"])  # checked at launch
                 with _outside_this_job():
@@ -97,8 +103,6 @@ def submit_ready_branches(trunk_dir: str | Path) -> list[str]:
                         run_job,
                     )
                 submitted.append(branch["run_id"])
-        finally:
-            release(run_dir)
     return submitted
 
 

@@ -22,14 +22,12 @@ import submitit
 
 from nepa_scale.errors import SweepError
 from nepa_scale.launch.profiles import ClusterProfile
+from nepa_scale.ownership import SLURM_LIVE_STATES, slurm_states
 from nepa_scale.rundir import RunDir
 
 log = logging.getLogger("nepa_scale.launch")
 
-LIVE_SLURM_STATES = {
-    "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-    "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED",
-}  # fmt: skip
+LIVE_SLURM_STATES = SLURM_LIVE_STATES  # a job SLURM still runs or will run again
 FAILED_SLURM_STATES = {
     "FAILED",
     "TIMEOUT",
@@ -63,6 +61,13 @@ def _setup(profile: ClusterProfile, code_dir: Path) -> list[str]:
         f"export PYTHONPATH={shlex.quote(str(code_dir))}${{PYTHONPATH:+:$PYTHONPATH}} PYTHONSAFEPATH=1",
         *profile.setup,
     ]
+
+
+def requeueable(sbatch_extra: dict) -> dict:
+    """sbatch's extra flags with ``--requeue``, whatever the site's JobRequeue: a job whose node fails
+    (NODE_FAIL) goes back in the queue by SLURM's own doing, and resumes from its last committed
+    checkpoint (unless the profile says ``no_requeue``)."""
+    return dict(sbatch_extra) if "no_requeue" in sbatch_extra else {"requeue": True, **sbatch_extra}
 
 
 class Scheduler:
@@ -121,7 +126,7 @@ class SlurmScheduler(Scheduler):
             "signal_delay_s": profile.signal_delay_s,
             "setup": _setup(profile, code_dir),
             "array_parallelism": profile.array_parallelism,
-            "additional_parameters": dict(profile.sbatch_extra),
+            "additional_parameters": requeueable(profile.sbatch_extra),
         }
         if profile.gpus_per_node:
             params["gpus_per_node"] = profile.gpus_per_node
@@ -146,28 +151,7 @@ class SlurmScheduler(Scheduler):
 
     def states(self, job_ids: list[str]) -> dict[str, str]:
         """squeue for live jobs, then sacct (accounting) for the rest."""
-        states: dict[str, str] = {}
-        if not job_ids:
-            return states
-        ids = ",".join(job_ids)
-        # -r: one line per array task, also for tasks still pending inside their array's record.
-        live = subprocess.run(
-            ["squeue", "-h", "-r", "-j", ids, "-o", "%i %T"], capture_output=True, text=True
-        )
-        for line in live.stdout.splitlines():
-            job, state = line.split()
-            states[job] = state
-        missing = [j for j in job_ids if j not in states]
-        if missing:
-            done = subprocess.run(
-                ["sacct", "-X", "-n", "-P", "-j", ",".join(missing), "-o", "JobID,State"],
-                capture_output=True,
-                text=True,
-            )
-            for line in done.stdout.splitlines():
-                job, state = line.split("|")[:2]
-                states.setdefault(job, state.split()[0])  # "CANCELLED by 0" -> CANCELLED
-        return states
+        return slurm_states(job_ids)
 
     def notify(self, job_id: str, run: RunDir, timeout_s: float = 120.0) -> None:
         """``scancel --signal=USR2``, stopped once the run has recorded the interruption.

@@ -45,7 +45,7 @@ import submitit
 
 from nepa_scale.config import load_config
 from nepa_scale.data import check_input_paths
-from nepa_scale.errors import PeerLost
+from nepa_scale.errors import PeerLost, RunBusy
 from nepa_scale.launch.executors import scheduler
 from nepa_scale.rundir import REQUEUE_EXIT_CODE, Interruption, RunDir, now
 
@@ -124,6 +124,8 @@ class RunJob(submitit.helpers.Checkpointable):
             if exc.recorded:
                 self._after_peer_loss(env, run)
             raise SystemExit(REQUEUE_EXIT_CODE) from None
+        except RunBusy:  # another process owns the run (named in the log): its record is not ours
+            raise
         except BaseException as exc:
             if env.global_rank == 0 and run.record().status not in ("failed", "interrupted"):
                 run.failed(f"{type(exc).__name__}: {exc}")

@@ -134,10 +134,15 @@ def run_status(run: PlannedRun, job_state: str) -> RunStatus:
     )
 
 
-def sweep_status(sweep: Sweep) -> list[RunStatus]:
-    launches = {run.run_id: read_launch(RunDir(run.run_dir)) for run in sweep.runs}
+def runs_status(runs: list[PlannedRun]) -> list[RunStatus]:
+    """Where each run stands now (one question to the scheduler for all of them)."""
+    launches = {run.run_id: read_launch(RunDir(run.run_dir)) for run in runs}
     states = job_states(launches)
-    return [run_status(run, states[run.run_id]) for run in sweep.runs]
+    return [run_status(run, states[run.run_id]) for run in runs]
+
+
+def sweep_status(sweep: Sweep) -> list[RunStatus]:
+    return runs_status(sweep.runs)
 
 
 def not_done_lines(rows: list[RunStatus], sweep_file: str | Path) -> list[str]:

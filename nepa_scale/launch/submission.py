@@ -1,9 +1,10 @@
-"""What submitting a run leaves behind, and the lock that keeps two submitters apart.
+"""What submitting a run leaves behind.
 
 Each run directory gets ``config.yaml`` (what the job trains) and ``launch.json`` (executor, job
 ids, submitit folder, code snapshot, resources, every submission) at submission; the engine owns
 ``run.json``. Jobs run a snapshot of the code taken at submission (``snapshot_code``), so that
-queued and requeued jobs run the code they were submitted with.
+queued and requeued jobs run the code they were submitted with. Whoever submits holds the run's
+lock meanwhile (``nepa_scale/ownership.py``; the launcher and a trunk's job take it).
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from nepa_scale.launch.sweep import PlannedRun
 from nepa_scale.rundir import RunDir, write_json_atomic
 
 log = logging.getLogger("nepa_scale.launch")
-
-SUBMIT_LOCK = ".submitting"  # beside run.json while a run is checked and submitted
 
 
 def snapshot_code(root: Path) -> Path:
@@ -94,24 +93,6 @@ def record_submission(
             "jobs": [*previous.get("jobs", []), entry],
         },
     )
-
-
-def claim(run_dir: Path) -> bool:
-    """Take the run's submit lock, so that a launch and a trunk's job never both submit the same
-    branch (an exclusively created file; one older than five minutes was left by a killed submitter)."""
-    lock = run_dir / SUBMIT_LOCK
-    try:
-        lock.touch(exist_ok=False)
-        return True
-    except FileExistsError:
-        if time.time() - lock.stat().st_mtime > 300:
-            lock.touch()
-            return True
-        return False
-
-
-def release(run_dir: Path) -> None:
-    (run_dir / SUBMIT_LOCK).unlink(missing_ok=True)
 
 
 def submit_group(

@@ -17,7 +17,8 @@ MARKER="# written by nepa-scale slurm/local/configure.sh"
 DB_NAME=slurm_acct_db
 DB_USER=slurm
 DB_PASSWORD=${NEPA_SLURM_DB_PASSWORD:-nepa-local}
-NODES=${NEPA_SLURM_NODES:-2}              # namespace nodes besides localhost (0: none)
+NODES=${NEPA_SLURM_NODES:-3}              # namespace nodes besides localhost (0: none); 3: a 2-node
+                                         # job whose node dies restarts on the other two
 NET=10.77.0                              # the bridge's /24; nothing routes in or out of it
 BRIDGE=nepa-br0
 CONTROLLER_ADDR=$NET.1                   # the bridge's address: how the nodes reach slurmctld
@@ -41,6 +42,15 @@ wait_for() {
     [ $SECONDS -lt $deadline ] || die "$what did not come up within ${seconds}s (logs: $NEPA_SLURM_STATE/log)"
     sleep 0.2
   done
+}
+
+# stop_pidfile PIDFILE: end the process it names (SIGTERM, then SIGKILL after 5 s); wait until gone.
+stop_pidfile() {
+  if pid_alive "$1"; then
+    local pid; pid=$(cat "$1"); kill "$pid"
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
 }
 
 # owned_or_absent FILE: refuse to touch a config this project did not write.

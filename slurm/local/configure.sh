@@ -63,7 +63,10 @@ SlurmdSpoolDir=$state/spool/%n
 StateSaveLocation=$state/ctld
 ReturnToService=2
 SlurmctldTimeout=30
-SlurmdTimeout=30
+# A node whose slurmd stops answering is DOWN after this (its jobs end NODE_FAIL and, requeueable,
+# start again elsewhere); the controller pings every third of it. 15 s, not 30: a node failure test
+# waits for it. Still above MessageTimeout (10 s), the longest a loaded machine's ping may take.
+SlurmdTimeout=15
 InactiveLimit=0
 MinJobAge=300
 KillWait=5

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Start the local cluster: munge, MariaDB + slurmdbd (accounting), slurmctld, slurmd for
-# node localhost, and NEPA_SLURM_NODES (default 2) nodes in network namespaces of their
+# node localhost, and NEPA_SLURM_NODES (default 3) nodes in network namespaces of their
 # own, one slurmd each (common.sh: the layout). Installs and configures first when needed;
-# daemons already running are left alone, so running it twice is harmless. Prints nothing
-# but log lines; ready when it exits (every node idle).
+# daemons already running are left alone, so running it twice is harmless, unless they run
+# another configuration than configure.sh wrote (another node count, other timeouts): then
+# slurmctld and the slurmds start again with it (running jobs live on). Prints nothing but
+# log lines; ready when it exits (every node idle).
 source "$(dirname "$0")/common.sh"
 need_root
 here=$(dirname "$0")
@@ -33,6 +35,18 @@ if [ "$NODES" -gt 0 ]; then
   done
 fi
 
+# Daemons started with another slurm.conf (this file records the one they run) start again: stop them
+# here (`scontrol shutdown` ends slurmctld and every slurmd; job steps live on, and the daemons take
+# them up again), and they start below.
+running_conf="$state/run/slurm.conf.running"
+if pid_alive "$state/run/slurmctld.pid" && ! cmp -s "$SLURM_ETC/slurm.conf" "$running_conf"; then
+  log "slurm.conf changed: restarting slurmctld and the slurmds with it"
+  scontrol shutdown >/dev/null 2>&1 || true
+  for pidfile in "$state/run/slurmctld.pid" "$state"/run/slurmd-*.pid "$state/run/slurmd.pid"; do
+    [ -e "$pidfile" ] && stop_pidfile "$pidfile"
+  done
+fi
+
 # munge: authenticates every daemon and client.
 mkdir -p /run/munge && chown munge:munge /run/munge
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
@@ -55,6 +69,7 @@ fi
 sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER_NAME" || sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null
 
 if ! pid_alive "$state/run/slurmctld.pid"; then
+  cp "$SLURM_ETC/slurm.conf" "$running_conf"
   /usr/sbin/slurmctld
   wait_for slurmctld 30 scontrol ping
 fi

@@ -5,13 +5,6 @@
 source "$(dirname "$0")/common.sh"
 need_root
 state=$NEPA_SLURM_STATE
-stop_pidfile() {
-  if pid_alive "$1"; then
-    local pid; pid=$(cat "$1"); kill "$pid"
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-}
 if pid_alive "$state/run/slurmctld.pid"; then scontrol shutdown >/dev/null 2>&1 || true; fi
 for pidfile in "$state"/run/slurmd-*.pid "$state/run/slurmd.pid"; do
   [ -e "$pidfile" ] && stop_pidfile "$pidfile"
