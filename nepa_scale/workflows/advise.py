@@ -33,6 +33,7 @@ from nepa_scale.launch.plan import plan_run
 from nepa_scale.launch.submission import snapshot_code
 from nepa_scale.launch.sweep import Sweep, load_sweep
 from nepa_scale.launch.targets import TargetSpec, target_spec
+from nepa_scale.ownership import acquire
 from nepa_scale.scaling.advise import Advice, advise
 from nepa_scale.scaling.estimates import human
 from nepa_scale.scaling.report import study_points
@@ -186,6 +187,19 @@ def advise_loop(
     targets = resolve_targets(sweep, specs)
     if not targets:
         raise ConfigError(f"{sweep.path}: no target: add a target: section or pass --target MODEL:images=N")
+    with acquire(sweep.output_root, "advise loop"):  # one loop per study (a second is refused, naming it)
+        return _rounds(sweep, targets, budget, until, settings, rounds, out)
+
+
+def _rounds(
+    sweep: Sweep,
+    targets: list[Target],
+    budget: float,
+    until: float,
+    settings: StudySettings,
+    rounds: int,
+    out,
+) -> int:
     while True:
         bring_home(sweep, out)
         done = len(advice_files(sweep))
@@ -212,6 +226,9 @@ def advise_loop(
                 file=out,
             )
             return 0
+        advised = load_sweep(r.path)  # launched now: until then it is a proposal (advice_files)
+        launcher.launch(advised)
+        launcher.wait(advised, out=out)
 
 
 class AdviceLoopJob(submitit.helpers.Checkpointable):
