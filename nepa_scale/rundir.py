@@ -85,6 +85,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
     _replace_atomically(path, lambda handle: json.dump(data, handle, indent=2, default=str))
 
 
+def check_output_folder(path: str | Path, what: str) -> None:
+    """``path`` is a folder or can become one: a UsageError naming ``what`` (the key or option that
+    set it) when it, or a folder it would be made in, is a file; said before any work is done."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                inside = "" if folder == path else f" (so {path} cannot be made inside it)"
+                raise UsageError(f"{what}: {folder} is a file, not a folder{inside}")
+            return
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -222,6 +234,15 @@ def _typed(cls, data: Any):
         return data
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in dict(data).items() if k in names})
+
+
+@dataclass(frozen=True)
+class MetricsLog:
+    """metrics.jsonl as read: its records, and the (1-based) numbers of lines that are not JSON
+    objects, a last line still being written excepted."""
+
+    records: list[dict[str, Any]]
+    unreadable: list[int]
 
 
 # ----------------------------------------------------------------------------- the directory
@@ -366,17 +387,40 @@ class RunDir:
 
     # -- metrics
     def read_metrics(self) -> list[dict[str, Any]]:
+        return self.read_metrics_log().records
+
+    def read_metrics_log(self) -> MetricsLog:
+        """metrics.jsonl's records, and the numbers of the lines that are not JSON objects. A last line
+        without its newline is a line being written (or cut by a kill mid-write): left out, not
+        counted; any other such line is damage a reader of the run should be told about."""
+        records, unreadable = [], []
+        for number, _, record in self._metrics_lines():
+            if record is not None:
+                records.append(record)
+            elif number > 0:
+                unreadable.append(number)
+        return MetricsLog(records, unreadable)
+
+    def _metrics_lines(self) -> list[tuple[int, str, dict[str, Any] | None]]:
+        """(line number, line, its record or None) of each non-empty line of metrics.jsonl; a last
+        line still being written (no newline yet) has number 0."""
         if not self.metrics.is_file():
             return []
-        records = []
-        for line in self.metrics.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill mid-write
-        return records
+        lines = self.metrics.read_text(errors="replace").split("\n")
+        cut = lines[-1] != ""  # text after the last newline: a line being written
+        if not cut:
+            lines.pop()
+        out = []
+        for index, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            number = 0 if cut and index == len(lines) - 1 else index + 1
+            out.append((number, line, record if isinstance(record, dict) else None))
+        return out
 
     def last_metric(self, kind: str, block: int = 1 << 16) -> dict[str, Any] | None:
         """The last ``kind`` record of metrics.jsonl, read from the file's end: what a poll of a
@@ -414,15 +458,20 @@ class RunDir:
         return len(lines)
 
     def truncate_metrics(self, after_step: int, restart: int) -> int:
-        """Drop records beyond ``after_step`` (work that will be redone); keep them under logs/."""
-        records = self.read_metrics()
-        keep = [r for r in records if r.get("step", 0) <= after_step]
-        dropped = [r for r in records if r.get("step", 0) > after_step]
+        """Drop records beyond ``after_step`` (work that will be redone; kept under logs/) and a last
+        line cut mid-write (the next record would be glued to it). A line that is not JSON stays
+        where it is: the analysis names it."""
+        lines = self._metrics_lines()
+        dropped = [r for number, _, r in lines if r is not None and r.get("step", 0) > after_step]
+        keep = [
+            line
+            for number, line, r in lines
+            if (r is None and number) or (r is not None and r.get("step", 0) <= after_step)
+        ]
         if dropped:
             self.logs.mkdir(parents=True, exist_ok=True)
             with (self.logs / f"metrics_discarded_restart{restart}.jsonl").open("a") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in dropped)
-            _replace_atomically(
-                self.metrics, lambda handle: handle.writelines(json.dumps(r) + "\n" for r in keep)
-            )
+        if dropped or any(number == 0 for number, _, _ in lines):
+            _replace_atomically(self.metrics, lambda handle: handle.writelines(line + "\n" for line in keep))
         return len(dropped)

@@ -26,6 +26,8 @@ from pathlib import Path
 from PIL import Image
 
 from nepa_scale.data.datasets import IMAGE_EXTENSIONS
+from nepa_scale.errors import UsageError
+from nepa_scale.rundir import check_output_folder
 
 MANIFEST = "nepa_resize.json"
 
@@ -80,6 +82,10 @@ def check_destination(src: Path, dst: Path, settings: dict) -> dict:
     source, target = src.resolve(), dst.resolve()
     if target == source or source in target.parents or target in source.parents:
         raise ValueError(f"destination {dst} overlaps the source {src}: choose a separate folder")
+    try:
+        check_output_folder(dst, "destination")
+    except UsageError as exc:  # the copy's own checks are ValueErrors (the CLI prints them as one line)
+        raise ValueError(str(exc)) from None
     path = dst / MANIFEST
     if not path.exists():
         if dst.is_dir() and any(dst.iterdir()):

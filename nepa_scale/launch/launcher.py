@@ -33,7 +33,7 @@ from nepa_scale.launch.status import (
 )
 from nepa_scale.launch.submission import claim, prepare, read_launch, release, snapshot_code, submit_group
 from nepa_scale.launch.sweep import PlannedRun, Sweep
-from nepa_scale.rundir import RunDir
+from nepa_scale.rundir import RunDir, check_output_folder
 
 # Called with the ids of the runs in flight at every poll of a waiting launch (the demo preempts
 # one of them from such a hook).
@@ -97,6 +97,7 @@ def launch(
     waiting = [run for run, row in zip(sweep.runs, rows, strict=True) if row.state == "waiting"]
     if dry_run:
         return pending
+    check_output_folder(sweep.output_root, "output_root")
     for run in pending + waiting:
         check_input_paths(run.config)  # the data must be there now (plan only warned)
     for run in sweep.runs:
