@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,7 @@ def data_description(data: DataConfig, image_size: int) -> str:
     elif data.root is None:
         what = data.kind
     else:
-        what = f"{data.kind} {data.root} ({data.train_split}, {data.val_split})"
+        what = f"{data.kind} {os.path.normpath(data.root)} ({data.train_split}, {data.val_split})"
     return f"{what} at {image_size} px"
 
 
