@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nepa_scale.config import RunConfig, config_from_dict
 from nepa_scale.config.files import drop_retired
@@ -83,18 +83,6 @@ def follow_umask(*paths: Path) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to a temporary file in the same directory, fsync, then rename over the target."""
     _replace_atomically(path, lambda handle: json.dump(data, handle, indent=2, default=str))
-
-
-def check_output_folder(path: str | Path, what: str) -> None:
-    """``path`` is a folder or can become one: a UsageError naming ``what`` (the key or option that
-    set it) when it, or a folder it would be made in, is a file; said before any work is done."""
-    path = Path(path)
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                inside = "" if folder == path else f" (so {path} cannot be made inside it)"
-                raise UsageError(f"{what}: {folder} is a file, not a folder{inside}")
-            return
 
 
 def now() -> str:
@@ -236,13 +224,21 @@ def _typed(cls, data: Any):
     return cls(**{k: v for k, v in dict(data).items() if k in names})
 
 
-@dataclass(frozen=True)
-class MetricsLog:
+class MetricsLog(NamedTuple):
     """metrics.jsonl as read: its records, and the (1-based) numbers of lines that are not JSON
     objects, a last line still being written excepted."""
 
     records: list[dict[str, Any]]
     unreadable: list[int]
+
+
+def _parsed(line: str | bytes) -> dict[str, Any] | None:
+    """A metrics line's record; None for a line that is not a JSON object (cut or damaged)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 # ----------------------------------------------------------------------------- the directory
@@ -404,23 +400,13 @@ class RunDir:
     def _metrics_lines(self) -> list[tuple[int, str, dict[str, Any] | None]]:
         """(line number, line, its record or None) of each non-empty line of metrics.jsonl; a last
         line still being written (no newline yet) has number 0."""
-        if not self.metrics.is_file():
-            return []
-        lines = self.metrics.read_text(errors="replace").split("\n")
-        cut = lines[-1] != ""  # text after the last newline: a line being written
-        if not cut:
-            lines.pop()
-        out = []
-        for index, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            number = 0 if cut and index == len(lines) - 1 else index + 1
-            out.append((number, line, record if isinstance(record, dict) else None))
-        return out
+        text = self.metrics.read_text(errors="replace") if self.metrics.is_file() else ""
+        lines = text.split("\n")  # the last: "" after a newline, else a line being written
+        return [
+            (0 if number == len(lines) else number, line, _parsed(line))
+            for number, line in enumerate(lines, start=1)
+            if line.strip()
+        ]
 
     def last_metric(self, kind: str, block: int = 1 << 16) -> dict[str, Any] | None:
         """The last ``kind`` record of metrics.jsonl, read from the file's end: what a poll of a
@@ -436,11 +422,8 @@ class RunDir:
                 lines, end = tail.split(b"\n"), start
                 tail = lines.pop(0) if start > 0 else b""  # may be cut at the block's start: read on
                 for line in reversed(lines):
-                    try:
-                        record = json.loads(line) if line.strip() else None
-                    except ValueError:  # a line cut by a kill mid-write
-                        continue
-                    if isinstance(record, dict) and record.get("kind") == kind:
+                    record = _parsed(line) if line.strip() else None  # None: a line cut mid-write
+                    if record is not None and record.get("kind") == kind:
                         return record
         return None
 

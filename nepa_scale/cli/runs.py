@@ -10,12 +10,13 @@ import sys
 from nepa_scale.bench.options import add_arguments as add_bench_arguments
 from nepa_scale.cli.errors import fail
 from nepa_scale.config import SEGMENT_EVAL_MODES, load_config
+from nepa_scale.config.files import check_output_folder
 from nepa_scale.data import check_input_paths
 from nepa_scale.engine.fingerprint import already_complete
 from nepa_scale.engine.settings import check_loggers, check_world
 from nepa_scale.flops import CONVENTIONS, train_flops_per_image
 from nepa_scale.models.zoo import count_params, get_arch, list_models
-from nepa_scale.rundir import RunDir, check_output_folder
+from nepa_scale.rundir import RunDir
 
 
 def cmd_train(args: argparse.Namespace) -> int:

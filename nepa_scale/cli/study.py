@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nepa_scale.config.files import check_output_folder
 from nepa_scale.errors import FitError
 from nepa_scale.flops import CONVENTIONS
-from nepa_scale.rundir import check_output_folder
 from nepa_scale.scaling import D_KINDS, N_KINDS
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from nepa_scale.config.files import check_output_folder
 from nepa_scale.data.datasets import IMAGE_EXTENSIONS
 from nepa_scale.errors import UsageError
-from nepa_scale.rundir import check_output_folder
 
 MANIFEST = "nepa_resize.json"
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import submitit
 
+from nepa_scale.config.files import check_output_folder
 from nepa_scale.data import check_input_paths
 from nepa_scale.errors import SweepError
 from nepa_scale.launch.branches import branch_point_committed, record_branches, run_job
@@ -33,7 +34,7 @@ from nepa_scale.launch.status import (
 )
 from nepa_scale.launch.submission import claim, prepare, read_launch, release, snapshot_code, submit_group
 from nepa_scale.launch.sweep import PlannedRun, Sweep
-from nepa_scale.rundir import RunDir, check_output_folder
+from nepa_scale.rundir import RunDir
 
 # Called with the ids of the runs in flight at every poll of a waiting launch (the demo preempts
 # one of them from such a hook).

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from nepa_scale.rundir import check_output_folder
+from nepa_scale.config.files import check_output_folder
 from nepa_scale.scaling import analyses
 from nepa_scale.scaling.analyses import AnalysisResult, run_step
 from nepa_scale.scaling.collect import (
