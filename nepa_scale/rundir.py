@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from nepa_scale.config import RunConfig, config_from_dict
 from nepa_scale.config.files import drop_retired
@@ -225,6 +225,23 @@ def _typed(cls, data: Any):
     return cls(**{k: v for k, v in dict(data).items() if k in names})
 
 
+class MetricsLog(NamedTuple):
+    """metrics.jsonl as read: its records, and the (1-based) numbers of lines that are not JSON
+    objects, a last line still being written excepted."""
+
+    records: list[dict[str, Any]]
+    unreadable: list[int]
+
+
+def _parsed(line: str | bytes) -> dict[str, Any] | None:
+    """A metrics line's record; None for a line that is not a JSON object (cut or damaged)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 # ----------------------------------------------------------------------------- the directory
 
 
@@ -367,17 +384,30 @@ class RunDir:
 
     # -- metrics
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics.is_file():
-            return []
-        records = []
-        for line in self.metrics.read_text().splitlines():
-            line = line.strip()
-            if line:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill mid-write
-        return records
+        return self.read_metrics_log().records
+
+    def read_metrics_log(self) -> MetricsLog:
+        """metrics.jsonl's records, and the numbers of the lines that are not JSON objects. A last line
+        without its newline is a line being written (or cut by a kill mid-write): left out, not
+        counted; any other such line is damage a reader of the run should be told about."""
+        records, unreadable = [], []
+        for number, _, record in self._metrics_lines():
+            if record is not None:
+                records.append(record)
+            elif number > 0:
+                unreadable.append(number)
+        return MetricsLog(records, unreadable)
+
+    def _metrics_lines(self) -> list[tuple[int, str, dict[str, Any] | None]]:
+        """(line number, line, its record or None) of each non-empty line of metrics.jsonl; a last
+        line still being written (no newline yet) has number 0."""
+        text = self.metrics.read_text(errors="replace") if self.metrics.is_file() else ""
+        lines = text.split("\n")  # the last: "" after a newline, else a line being written
+        return [
+            (0 if number == len(lines) else number, line, _parsed(line))
+            for number, line in enumerate(lines, start=1)
+            if line.strip()
+        ]
 
     def last_metric(self, kind: str, block: int = 1 << 16) -> dict[str, Any] | None:
         """The last ``kind`` record of metrics.jsonl, read from the file's end: what a poll of a
@@ -393,11 +423,8 @@ class RunDir:
                 lines, end = tail.split(b"\n"), start
                 tail = lines.pop(0) if start > 0 else b""  # may be cut at the block's start: read on
                 for line in reversed(lines):
-                    try:
-                        record = json.loads(line) if line.strip() else None
-                    except ValueError:  # a line cut by a kill mid-write
-                        continue
-                    if isinstance(record, dict) and record.get("kind") == kind:
+                    record = _parsed(line) if line.strip() else None  # None: a line cut mid-write
+                    if record is not None and record.get("kind") == kind:
                         return record
         return None
 
@@ -415,15 +442,20 @@ class RunDir:
         return len(lines)
 
     def truncate_metrics(self, after_step: int, restart: int) -> int:
-        """Drop records beyond ``after_step`` (work that will be redone); keep them under logs/."""
-        records = self.read_metrics()
-        keep = [r for r in records if r.get("step", 0) <= after_step]
-        dropped = [r for r in records if r.get("step", 0) > after_step]
+        """Drop records beyond ``after_step`` (work that will be redone; kept under logs/) and a last
+        line cut mid-write (the next record would be glued to it). A line that is not JSON stays
+        where it is: the analysis names it."""
+        lines = self._metrics_lines()
+        dropped = [r for number, _, r in lines if r is not None and r.get("step", 0) > after_step]
+        keep = [
+            line
+            for number, line, r in lines
+            if (r is None and number) or (r is not None and r.get("step", 0) <= after_step)
+        ]
         if dropped:
             self.logs.mkdir(parents=True, exist_ok=True)
             with (self.logs / f"metrics_discarded_restart{restart}.jsonl").open("a") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in dropped)
-            _replace_atomically(
-                self.metrics, lambda handle: handle.writelines(json.dumps(r) + "\n" for r in keep)
-            )
+        if dropped or any(number == 0 for number, _, _ in lines):
+            _replace_atomically(self.metrics, lambda handle: handle.writelines(line + "\n" for line in keep))
         return len(dropped)

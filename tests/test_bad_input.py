@@ -7,6 +7,8 @@ The numbers in the test names are the items of the issue that asked for them.
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +16,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from helpers import DIGITS_CONFIG, REPO, cli, metrics, photo_folder, run_and_signal, run_train
@@ -234,7 +237,9 @@ def test_11_export_to_a_read_only_folder_is_one_line(stopped, mounted):
 
 
 def test_12_a_full_disk_is_one_line_and_recorded(mounted):
-    disk = mounted("size=600k")  # run.json and the log fit; a checkpoint (about 1 MB) does not
+    """Round 4: at 200 kB the checkpoint's first file (about 240 kB) fills the disk, and the failed
+    save left it open: its blocks stayed taken after it was removed, and run.json stayed running."""
+    disk = mounted("size=200k")  # run.json and the log fit; a checkpoint (about 0.7 MB) does not
     run_dir = disk / "run"
     error = one_line(run_train(run_dir, *RUN))
     assert error.startswith(f"no space left on the device of {run_dir}:") and "needs about" in error, error
@@ -264,6 +269,36 @@ def test_12b_a_failure_run_json_cannot_record_still_surfaces_itself(mounted, cap
     assert failure(error, run, world, config, lambda: 0, 5, 0) is error
     assert f"could not record the failure in {run.run_json}" in caplog.text
     assert run.record().status == "created"
+
+
+def test_12c_a_full_disk_that_cannot_take_run_json_says_so(mounted):
+    """No room even for run.json (the disk filled by something else): the one line says that
+    run.json's status is stale, and nothing on the disk is removed to make room."""
+    import torch  # the world's device; only this test of the file needs it
+
+    from nepa_scale.config import load_config
+    from nepa_scale.engine.distributed import World
+    from nepa_scale.engine.fingerprint import resume_digest
+    from nepa_scale.engine.outcomes import failure
+    from nepa_scale.errors import StorageError
+    from nepa_scale.rundir import RunDir
+
+    disk = mounted("size=64k")
+    run = RunDir(disk / "run")
+    config = load_config(DIGITS_CONFIG, [f"output_dir={run.root}"])
+    run.created(config, resume_digest(config))
+    with (disk / "ballast").open("wb", buffering=0) as ballast:  # someone else's file, filling the disk
+        with pytest.raises(OSError):
+            while True:
+                ballast.write(b"x" * 4096)
+    world = World(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend="gloo")
+    error = OSError(errno.ENOSPC, "No space left on device")
+    meaning = failure(error, run, world, config, lambda: 10**6, 5, 0)
+    assert isinstance(meaning, StorageError) and str(meaning).endswith(
+        "(run.json could not be rewritten for want of room either: the status it shows is stale until "
+        "the run starts again)"
+    )
+    assert run.record().status == "created" and (disk / "ballast").stat().st_size > 0
 
 
 def test_13_probe_and_segment_eval_name_the_kind_of_run(stopped, tmp_path):
@@ -331,6 +366,233 @@ def test_16_report_names_the_run_without_a_number(stopped, tmp_path):
     assert any(
         w.startswith("run b: its cosine_distance is nan (not a positive number)") for w in report.warnings
     )
+
+
+# ----------------------------------------------------------------------------- round 4
+
+REPORT = ["report", "{study}", "--bootstrap", "0"]
+
+
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        # An unset shell variable: the run went into the current folder.
+        (
+            ["train", "{config}", "output_dir="],
+            2,
+            "output_dir: must name the run's folder, got '' (an unset variable?)",
+        ),
+        # "config file not found" for a folder that is there.
+        (["train", "{tmp}"], 2, "config file {tmp} is a directory: name the YAML file in it"),
+        # Tracebacks from numpy, timm and mkdir (the last after the engine was built).
+        (["train", "{config}", "seed=-1"], 2, "seed: must be in [0, 4294967295], got -1"),
+        (
+            ["train", "{config}", "data.interpolation=bicubc"],
+            2,
+            "data.interpolation: unknown interpolation 'bicubc' (choose from bicubic, bilinear, nearest, box, "
+            "hamming, lanczos)",
+        ),
+        (
+            ["train", "{config}", "output_dir={file}/run"],
+            2,
+            "output_dir: {file} is a file, not a folder (so {file}/run cannot be made inside it)",
+        ),
+        # Refused only when the first metric was written, with run.json left running.
+        (
+            ["train", "{config}", "logging.tensorboard=yes"],
+            2,
+            "logging.tensorboard: needs the tensorboard package (pip install tensorboard)",
+        ),
+        # A chance-level kNN; a probe on all but one image per class.
+        (["probe", "{run}", "--k", "0"], 2, "probe --k: must be > 0, got 0"),
+        (["probe", "{run}", "--train-per-class", "-1"], 2, "probe --train-per-class: must be > 0, got -1"),
+        # A ValueError and a FileExistsError.
+        ([*REPORT, "--window", "0"], 2, "--window: the log lines averaged for the loss, at least 1, got 0"),
+        ([*REPORT, "--out", "{file}"], 2, "--out: {file} is a file, not a folder"),
+    ],
+)
+def test_r4_bad_input_is_one_line_before_any_work(
+    stopped, tmp_path, monkeypatch, capsys, argv, code, message
+):
+    """In one process (the CLI's own main), from an empty folder: one line, and nothing written
+    anywhere (the run the probe is pointed at included)."""
+    from nepa_scale.cli import main
+
+    if "tensorboard" in message and importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    where = tmp_path / "cwd"
+    where.mkdir()
+    monkeypatch.chdir(where)
+    (tmp_path / "afile").write_text("notes\n")
+    fill = {"{config}": str(DIGITS_CONFIG), "{tmp}": str(tmp_path), "{file}": str(tmp_path / "afile")}
+    fill |= {"{run}": str(stopped), "{study}": str(stopped.parent)}
+    argv = [fill.get(part, part) for part in argv]
+    argv = [part.replace("{file}", fill["{file}"]) for part in argv]
+    before = files_of(stopped.parent)
+    assert main(argv) == code
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nepa-scale: error:")]
+    expected = message.replace("{tmp}", fill["{tmp}"]).replace("{file}", fill["{file}"])
+    assert errors == [f"nepa-scale: error: {expected}"]
+    assert not any(where.iterdir()) and files_of(stopped.parent) == before
+
+
+def test_r4_help_speaks_to_users():
+    from nepa_scale.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "Scaling studies of NEPA vision pretraining" in text and "cli/" not in text
+
+
+def r4_sweep(tmp_path: Path, name: str, spec: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"profile": "cpu", "output_root": str(tmp_path / name), **spec}))
+    return path
+
+
+def test_r4_a_warmup_longer_than_the_run_is_invalid_in_plan_launch_and_attach(tmp_path, capsys):
+    """Bug: plan showed it valid, launch (and attach, for a fine-tune) submitted it, the job failed
+    at once and the command exited 0."""
+    from nepa_scale.cli import main
+
+    why = (
+        "optim.warmup_steps: 50 steps of warmup, but the run has 20 steps: the lr would never reach its peak"
+    )
+    long_warmup = {"optim.warmup_steps": 50, "budget.images": 640, "budget.global_batch": 32}
+    study = r4_sweep(
+        tmp_path,
+        "study",
+        {"base": str(DIGITS_CONFIG), "set": long_warmup, "attach": {"ft": {"sweep": "ft.yaml"}}},
+    )
+    assert main(["sweep", "plan", str(study)]) == 1
+    assert f"INVALID: {why}" in capsys.readouterr().out
+    assert main(["sweep", "launch", str(study)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("submitted 0 of 1 runs") and f"its config is invalid ({why}" in out, out
+    # A completed pretraining run (its record, as test_8 writes it), and a fine-tune recipe whose warmup
+    # is longer than its 10 steps.
+    from nepa_scale.launch.sweep import load_sweep
+    from nepa_scale.rundir import RunDir, RunRecord
+
+    pretrained = r4_sweep(
+        tmp_path, "pretrained", {"base": str(DIGITS_CONFIG), "attach": {"ft": {"sweep": "ft.yaml"}}}
+    )
+    (run,) = load_sweep(pretrained).runs
+    RunDir(run.run_dir).write_record(RunRecord(status="completed", config=run.config_data))
+    r4_sweep(tmp_path, "ft", {"base": str(FINETUNE_CONFIG), "set": {**long_warmup, "budget.epochs": None}})
+    assert main(["sweep", "attach", str(pretrained)]) == 1
+    out = capsys.readouterr().out
+    assert "attach.ft: submitted 0 of 1 runs" in out and "optim.warmup_steps: 50 steps of warmup" in out, out
+    assert f"1 run(s) of attach.ft ({tmp_path / 'ft.yaml'}) are invalid" in out
+
+
+def test_r4_the_docs_isoflop_block_loads_as_written(tmp_path):
+    """Bug: PyYAML reads 1.0e12 (no sign in the exponent) as a string, and the sweep refused the
+    docs' own example."""
+    from nepa_scale.launch.sweep import load_sweep
+
+    text = (REPO / "docs" / "study_design.md").read_text().split("## IsoFLOP grids", 1)[1]
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert "compute: [1.0e12, 3.0e12, 1.0e13]" in block
+    path = tmp_path / "isoflop.yaml"
+    path.write_text(f"base: {DIGITS_CONFIG}\nprofile: cpu\noutput_root: {tmp_path / 'iso'}\n{block}")
+    runs = load_sweep(path).runs
+    assert [run.error for run in runs] == [None] * 9
+    assert sorted({run.config.budget.flops for run in runs}) == [1e12, 3e12, 1e13]
+
+
+def test_r4_a_refused_resume_loads_and_writes_nothing(stopped, tmp_path):
+    """Bug: a changed probe subset was refused after the checkpoint was loaded, and config.yaml had
+    been rewritten with the refused value by then."""
+    run_dir = copy_of(stopped, tmp_path, "probed")
+    info = json.loads((run_dir / "run.json").read_text())
+    subset = {"images": 50, "classes": 10, "digest": "0" * 16}
+    info["probe_subsets"] = {
+        "seed": 0,
+        "train_per_class": 5,
+        "val_per_class": 5,
+        "train": subset,
+        "val": subset,
+    }
+    (run_dir / "run.json").write_text(json.dumps(info))  # the record of a run that probed 5 + 5 per class
+    before, config_yaml = files_of(run_dir), (run_dir / "config.yaml").read_bytes()
+    probes = ["logging.probe_every=20", "logging.probe_train_per_class=5", "logging.probe_val_per_class=4"]
+    result = run_train(run_dir, *RUN, *probes)
+    assert one_line(result, code=2).startswith(
+        "logging.probe_val_per_class: the run probed with 5 before (run.json probe_subsets), now 4"
+    )
+    assert "resumed from" not in result.stderr  # refused before the checkpoint was loaded
+    assert files_of(run_dir) == before and (run_dir / "config.yaml").read_bytes() == config_yaml
+
+
+def edit_record(run_dir: Path, **config: dict) -> None:
+    """Set sections of a run's recorded config (what it trained with), e.g. data={"kind": ...}."""
+    info = json.loads((run_dir / "run.json").read_text())
+    for section, values in config.items():
+        info["config"][section].update(values)
+    (run_dir / "run.json").write_text(json.dumps(info))
+
+
+def test_r4_the_report_names_the_runs_it_leaves_out_and_the_lines_it_skips(tmp_path):
+    """Bug: a study plus runs on other data and runs without probes was fitted all together, on the
+    NEPA loss for everyone (because a few runs had no probe error), without a word; a corrupt line in
+    the middle of a run's metrics.jsonl was skipped silently."""
+    from test_scaling import law, make_run
+
+    from nepa_scale.scaling.report import StudySettings, build_report
+
+    study = tmp_path / "study"
+    for dim in (48, 96, 192):  # the study: 3 widths x 2 budgets, probed online
+        for steps in (100, 200):
+            make_run(study, f"d{dim}_s{steps}", dim, steps, probe=lambda n, i, s, t: law(n, i))
+            edit_record(study / f"d{dim}_s{steps}", logging={"probe_every": 100})
+    for dim in (48, 96, 192):  # the same model on other data (the held-out loss only)
+        make_run(study, f"other_d{dim}", dim, 200)
+        edit_record(study / f"other_d{dim}", data={"kind": "synthetic"})
+    make_run(study, "unprobed", 96, 200)  # the study's data, no online probes
+    lines = (study / "d96_s200" / "metrics.jsonl").read_text().splitlines()
+    lines[5] = lines[5][:20]  # a line cut in the middle of the file: damage
+    (study / "d96_s200" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    with (study / "d48_s200" / "metrics.jsonl").open("a") as handle:
+        handle.write('{"kind": "train", "st')  # a last line being written: normal
+    report = build_report(study, tmp_path / "r", StudySettings(n_bootstrap=0, window=1))
+    assert report.quantity == "probe_linear_error" and len(report.fit("chinchilla").params) == 5
+    assert report.fits["chinchilla"]["points"] == 6  # the study's runs only
+    assert (
+        "3 run(s) on synthetic (4096 images) at 16 px, not on the study's digits at 16 px (7 completed "
+        "runs): not comparable, left out of the fits: other_d192, other_d48, other_d96"
+    ) in report.warnings
+    assert (
+        "1 of 7 runs have no probe_linear_error (they ran without online probes, logging.probe_every: 0): "
+        "left out of the fits: unprobed"
+    ) in report.warnings
+    damaged = [w for w in report.warnings if "not JSON" in w]
+    assert damaged == [
+        f"run d96_s200: {study / 'd96_s200' / 'metrics.jsonl'} line 6 is not JSON: skipped, so the table and "
+        "the fits lack what it held (restore it from a copy, or compare the fits without this run)"
+    ]
+    table = pd.read_parquet(tmp_path / "r" / "table.parquet").drop_duplicates("run_id").set_index("run_id")
+    assert table["left_out"].notna().sum() == 4 and table.loc["unprobed", "left_out"].startswith("no ")
+
+
+def test_r4_runs_split_evenly_between_data_sets_are_refused():
+    from nepa_scale.errors import FitError
+    from nepa_scale.scaling.comparable import incomparable_runs
+
+    table = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c", "d"],
+            "status": ["completed"] * 4,
+            "task": ["pretrain"] * 4,
+            "data": ["digits at 16 px"] * 2 + ["synthetic (4096 images) at 16 px"] * 2,
+        }
+    )
+    with pytest.raises(
+        FitError, match="split evenly between 2 tasks or data sets .*report each study's folder"
+    ):
+        incomparable_runs(table)
+    assert incomparable_runs(table.iloc[:3])[0] == {
+        "c": "on synthetic (4096 images) at 16 px, not on the study's digits at 16 px (2 completed runs)"
+    }
 
 
 # ----------------------------------------------------------------------------- every subcommand

@@ -19,9 +19,16 @@ from nepa_scale.errors import NepaError, PeerLost, UsageError
 from nepa_scale.launch.profiles import EXECUTORS
 from nepa_scale.rundir import REQUEUE_EXIT_CODE
 
+# What `nepa-scale --help` opens with: for the people who run studies, not for this package's developers.
+DESCRIPTION = (
+    "Scaling studies of NEPA vision pretraining: train, evaluate and export runs, plan and launch sweeps "
+    "(on SLURM or this machine), and fit scaling laws to a study's runs. "
+    "`nepa-scale COMMAND --help` gives each command's options."
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nepa-scale", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="nepa-scale", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     runs.add_commands(sub)
     study.add_commands(sub, EXECUTORS)

@@ -10,9 +10,10 @@ import sys
 from nepa_scale.bench.options import add_arguments as add_bench_arguments
 from nepa_scale.cli.errors import fail
 from nepa_scale.config import SEGMENT_EVAL_MODES, load_config
+from nepa_scale.config.files import check_output_folder
 from nepa_scale.data import check_input_paths
 from nepa_scale.engine.fingerprint import already_complete
-from nepa_scale.engine.settings import check_world
+from nepa_scale.engine.settings import check_loggers, check_world
 from nepa_scale.flops import CONVENTIONS, train_flops_per_image
 from nepa_scale.models.zoo import count_params, get_arch, list_models
 from nepa_scale.ownership import claim
@@ -29,6 +30,8 @@ def rank_from_env() -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     check_input_paths(config)
+    check_output_folder(config.output_dir, "output_dir")
+    check_loggers(config.logging)
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     check_world(config, world_size)
     # The run's lock first (rank 0), before anything is read as the run's state or written: a second

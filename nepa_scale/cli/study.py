@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nepa_scale.errors import UsageError
+from nepa_scale.config.files import check_output_folder
+from nepa_scale.errors import FitError, UsageError
 from nepa_scale.flops import CONVENTIONS
 from nepa_scale.launch.targets import parse_target_option
 from nepa_scale.scaling import D_KINDS, N_KINDS
@@ -29,14 +30,24 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from nepa_scale.scaling.collect import collect, write_table  # heavy: pandas
+    from nepa_scale.scaling.collect import collect, unreadable_line_warnings, write_table  # heavy: pandas
+    from nepa_scale.scaling.comparable import incomparable_runs  # heavy, likewise
 
+    out = args.out or Path(args.sweep_dir) / "report"
+    check_output_folder(out, "--out")
     table = collect(args.sweep_dir, budgets=args.budgets, window=args.window, convention=args.convention)
-    paths = write_table(table, args.out or Path(args.sweep_dir) / "report")
+    paths = write_table(table, out)
     counts = table.drop_duplicates("run_id")["status"].value_counts().to_dict()
     print(
         f"{len(table)} rows from {table['run_id'].nunique()} runs ({counts}) -> {paths['parquet']}, {paths['csv']}"
     )
+    warnings = unreadable_line_warnings(table)
+    try:
+        warnings += incomparable_runs(table)[1]
+    except FitError as exc:  # runs split evenly between data sets: what report would refuse
+        warnings.append(str(exc))
+    for warning in warnings:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -93,9 +104,9 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantity",
         default="auto",
-        help="fitted column (default auto: the online linear-probe error when every run has it, else the "
-        "kNN error, else the held-out NEPA loss with a warning; ft_error / seg_error: the attached "
-        "fine-tunes; or any positive column)",
+        help="fitted column (default auto: the online linear-probe error when most runs have it, else the "
+        "kNN error, else the held-out NEPA loss with a warning; the runs without it are named and left "
+        "out; ft_error / seg_error: the attached fine-tunes; or any positive column)",
     )
     p.add_argument(
         "--frontier-from",

@@ -33,7 +33,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from nepa_scale.launch import launcher  # heavy: torch, submitit
-    from nepa_scale.launch.status import not_done_lines, sweep_status  # heavy, likewise
 
     if args.advise:
         return _advise_loop(args)
@@ -52,13 +51,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         f"{verb} {len(pending)} of {len(sweep.runs)} runs"
         + (": " + ", ".join(r.run_id for r in pending) if pending else "")
     )
-    submitted = {r.run_id for r in pending}
-    left = [r for r in sweep_status(sweep) if r.run_id not in submitted]
-    for line in not_done_lines(left, args.sweep):
-        print(f"not submitted: {line}")
-    invalid = sum(r.invalid for r in left)
-    if invalid:  # a sweep file with a bad row is not a launch that went well
-        print(f"{invalid} run(s) of {args.sweep} are invalid (`nepa-scale sweep plan` names the key)")
+    invalid = _not_submitted(sweep, pending, args.sweep)
     if not args.wait or args.dry_run:
         return 1 if invalid else 0
     launcher.wait(sweep)
@@ -106,6 +99,23 @@ def cmd_advise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _not_submitted(sweep, pending: list, sweep_file, written_in=None) -> int:
+    """Each run a launch left out and why (its state, how to resume it: launching ``sweep_file``);
+    the number of invalid runs, whose settings ``written_in`` holds (default: ``sweep_file``)."""
+    from nepa_scale.launch.status import not_done_lines, sweep_status  # heavy: torch, submitit
+
+    submitted = {r.run_id for r in pending}
+    left = [r for r in sweep_status(sweep) if r.run_id not in submitted]
+    for line in not_done_lines(left, sweep_file):
+        print(f"not submitted: {line}")
+    invalid = sum(r.invalid for r in left)
+    if invalid:  # a sweep file with a bad row is not a launch that went well
+        print(
+            f"{invalid} run(s) of {written_in or sweep_file} are invalid (`nepa-scale sweep plan` names the key)"
+        )
+    return invalid
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     return _print_status(_load(args), args.sweep)
 
@@ -146,6 +156,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
     names = [args.name] if args.name else list(sweep.attach)
     if not names:
         return fail(f"sweep {sweep.name}: the file has no attach: section ({sweep.path})")
+    code = 0
     for name in names:
         downstream = attached_sweep(sweep, name, executor=args.executor)
         for warning in downstream.warnings:
@@ -157,9 +168,13 @@ def cmd_attach(args: argparse.Namespace) -> int:
         print(
             f"attach.{name}: {verb} {len(pending)} of {len(downstream.runs)} runs -> {downstream.output_root}"
         )
+        recipe = f"attach.{name} ({sweep.path.parent / sweep.attach[name]['sweep']})"
+        if _not_submitted(downstream, pending, downstream.path, recipe):
+            code = 1
         if args.wait and not args.dry_run:
             launcher.wait(downstream)
-    return 0
+            code = max(code, _print_status(downstream, downstream.path))
+    return code
 
 
 def _sweep_file_options(executors: tuple[str, ...]) -> argparse.ArgumentParser:

@@ -40,6 +40,8 @@ SEGMENT_EVAL_MODES = ("slide", "whole")  # sliding-window or whole-image inferen
 SEGMENT_KINDS = ("ade20k", "digit_canvas")  # the datasets of task: segment, (image, label map) pairs
 DATA_KINDS = ("digits", "imagefolder", "shards", "synthetic", *SEGMENT_KINDS)
 IMAGE_KINDS = ("imagefolder", "shards")  # ImageNet-style image folders, as they are or packed
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")  # timm's resize filters
+SEED_RANGE = Field(ge=0, le=2**32 - 1)  # numpy's seeds (np.random.seed, default_rng) take no other
 WHOLE_SPLIT = {"note": "(or null: the whole split)"}
 
 
@@ -110,7 +112,7 @@ class DataConfig(Section):
     val_split: Str = "val"
     crop_scale: tuple[Fraction, Fraction] = (0.08, 1.0)
     hflip: Probability = 0.5
-    interpolation: Str = "bicubic"
+    interpolation: Literal[INTERPOLATIONS] = choice("bicubic", "interpolation")
     eval_crop_pct: Fraction = 0.875  # evaluation: resize to size / crop_pct, centre crop
     num_workers: Int = Field(0, ge=0)
     # How loader workers start: fork (Linux's default), spawn or forkserver (what CUDA processes and
@@ -290,7 +292,7 @@ class LoggingConfig(Section):
     # the run's seed, so every run of a study probes the same images; None: the whole split).
     probe_train_per_class: Int | None = Field(None, gt=0, json_schema_extra=WHOLE_SPLIT)
     probe_val_per_class: Int | None = Field(None, gt=0, json_schema_extra=WHOLE_SPLIT)
-    probe_subset_seed: Int = 0
+    probe_subset_seed: Annotated[Int, SEED_RANGE] = 0
     probe_causal: Bool = True  # probe features with causal (as pretrained) or bidirectional attention
     probe_ema: Bool = False  # probe the EMA weights (needs checkpoint.ema_decay)
 
@@ -354,7 +356,7 @@ class RunConfig(Section):
     branch: BranchConfig = Field(default_factory=dict)
     distributed: DistributedConfig = Field(default_factory=dict)
     output_dir: Str = "runs/default"
-    seed: Int = 0
+    seed: Annotated[Int, SEED_RANGE] = 0
 
     def to_dict(self) -> dict[str, Any]:
         """As JSON values (lists, not tuples): what config.yaml and run.json record."""
@@ -373,6 +375,10 @@ class RunConfig(Section):
     def _sections_agree(self) -> RunConfig:
         """The rules between sections, in the order a reader meets the sections."""
         kind, ft, lg, optim = self.data.kind, self.finetune, self.logging, self.optim
+        if not self.output_dir.strip():  # `output_dir=$RUN` with RUN unset: the current folder
+            raise Refusal(
+                "output_dir", f"must name the run's folder, got {self.output_dir!r} (an unset variable?)"
+            )
         peak = optim.peak_lr(self.budget.global_batch)
         if (self.task == "segment") != (kind in SEGMENT_KINDS):
             why = f"{kind} is not a dataset for task {self.task} (segmentation: {', '.join(SEGMENT_KINDS)})"

@@ -1,5 +1,6 @@
 """Settings files: YAML reading, dotted keys (``a.b.c``) and ``key=value`` overrides, for run
-configs, sweeps, attach entries and cluster profiles alike; the keys old run configs may hold."""
+configs, sweeps, attach entries and cluster profiles alike; the keys old run configs may hold; and
+the check that a folder a setting or option names can be made there."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from nepa_scale.errors import ConfigError
+from nepa_scale.errors import ConfigError, UsageError
 
 # Keys this project no longer reads: one at null (an old run's config.yaml) is dropped, one set to a
 # value is refused with its replacement named (RunConfig); drop_retired takes them out of a record.
@@ -75,6 +76,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
     """A YAML file whose top level is a mapping, or a one-line ConfigError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} file {path} is a directory: name the YAML file in it")
     if not path.is_file():
         raise ConfigError(f"{what} file not found: {path}")
     try:
@@ -87,3 +90,15 @@ def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+def check_output_folder(path: str | Path, what: str) -> None:
+    """``path`` is a folder or can become one: a UsageError naming ``what`` (the key or option that
+    set it) when it, or a folder it would be made in, is a file; said before any work is done."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                inside = "" if folder == path else f" (so {path} cannot be made inside it)"
+                raise UsageError(f"{what}: {folder} is a file, not a folder{inside}")
+            return

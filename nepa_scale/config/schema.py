@@ -16,8 +16,10 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from nepa_scale.errors import ConfigError
 
 
-def _number(value: Any) -> Any:
-    """YAML 1.1 reads ``2e-3`` (no dot) as a string: take it as the number it spells."""
+def yaml_number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads a float only with a dot and a signed exponent: ``2e-3``, ``1e12`` and
+    ``1.0e12`` are strings, ``1.0e+12`` is a number. Take such a string as the number it spells;
+    anything else stays as it is, for the caller's own refusal."""
     try:
         return float(value) if isinstance(value, str) else value
     except ValueError:
@@ -35,7 +37,9 @@ def integer(value: Any) -> Any:
 
 # Strict where coercion would hide a mistake: "yes" and 1 are not booleans, "abc" is not a number.
 Bool, Str = Annotated[bool, Strict()], Annotated[str, Strict()]
-Float = Annotated[float, Strict(), Field(allow_inf_nan=False), BeforeValidator(_number)]  # an int is one too
+Float = Annotated[
+    float, Strict(), Field(allow_inf_nan=False), BeforeValidator(yaml_number)
+]  # an int is one too
 Int = Annotated[int, BeforeValidator(integer)]
 Probability, BelowOne = Annotated[Float, Field(ge=0, le=1)], Annotated[Float, Field(ge=0, lt=1)]
 Fraction, Positive = Annotated[Float, Field(gt=0, le=1)], Annotated[Float, Field(gt=0)]

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from nepa_scale.config.files import check_output_folder
 from nepa_scale.data.index import IMAGE_EXTENSIONS, INDEX_FOLDER
+from nepa_scale.errors import UsageError
 
 MANIFEST = "nepa_resize.json"
 
@@ -94,6 +96,10 @@ def check_destination(
     source, target = src.resolve(), dst.resolve()
     if target == source or source in target.parents or target in source.parents:
         raise ValueError(f"destination {dst} overlaps the source {src}: choose a separate folder")
+    try:
+        check_output_folder(dst, "destination")
+    except UsageError as exc:  # the copy's own checks are ValueErrors (the CLI prints them as one line)
+        raise ValueError(str(exc)) from None
     path = dst / manifest_name
     if not path.exists():
         if dst.is_dir() and any(dst.iterdir()):

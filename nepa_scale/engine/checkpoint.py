@@ -52,6 +52,7 @@ from nepa_scale.engine.checkpoint_store import (
     verify,
 )
 from nepa_scale.engine.distributed import World, barrier
+from nepa_scale.engine.evaluator import check_probe_subsets_unchanged
 from nepa_scale.engine.fingerprint import fingerprint_diff, resume_digest, resume_fingerprint
 from nepa_scale.engine.settings import StepSettings
 from nepa_scale.errors import CheckpointError, NepaError, ResumeRefused, UnsafePickle
@@ -137,10 +138,12 @@ class Checkpointer:
         self.settings, self.total_steps = settings, total_steps
         self.root = run.checkpoints
 
-    def plan_resume(self) -> ResumePlan | None:
+    def plan_resume(self, probe_subsets: dict | None = None) -> ResumePlan | None:
         """The newest committed checkpoint that verifies (or, with ``on_corrupt: previous``, the
-        newest before it that does), checked against the resume rule; for a cooldown branch without
-        checkpoints of its own, its trunk's branch point; None for a fresh start."""
+        newest before it that does), checked against the resume rule and the probe's images
+        (``probe_subsets``: what this start would probe, against run.json's record); for a cooldown
+        branch without checkpoints of its own, its trunk's branch point; None for a fresh start.
+        A refusal comes before anything is loaded or written."""
         if self.world.is_main:
             remove_uncommitted(self.root)
         barrier()
@@ -173,6 +176,7 @@ class Checkpointer:
                 raise ResumeRefused(
                     f"config changed in a way that breaks resume from {candidate.path}: " + "; ".join(refused)
                 )
+            check_probe_subsets_unchanged(self.run.record().probe_subsets, probe_subsets, self.config.data)
             changes += self.check_history(candidate.step)
             for change in changes:
                 log.warning("resuming from %s with a change: %s", candidate.path, change)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from nepa_scale.config import LoggingConfig
 from nepa_scale.engine.distributed import World
-from nepa_scale.errors import ConfigError
+from nepa_scale.engine.settings import check_loggers
 from nepa_scale.rundir import RunDir, images_seen, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -181,22 +181,15 @@ class MetricsWriter:
         self.wandb = None
         if not is_main:
             return
+        check_loggers(logging_config)  # the trainer checked it before the engine; a caller may not have
         if logging_config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard
-            except ImportError:
-                raise ConfigError(
-                    "logging.tensorboard: needs the tensorboard package (pip install tensorboard)"
-                ) from None
+            from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard
+
             self.tb = SummaryWriter(log_dir=str(run.root / "tensorboard"))
         wandb_project = logging_config.wandb_project
         if wandb_project:
-            try:
-                import wandb  # optional: wandb
-            except ImportError:
-                raise ConfigError(
-                    "logging.wandb_project: needs the wandb package (pip install wandb)"
-                ) from None
+            import wandb  # optional: wandb
+
             self.wandb = wandb.init(
                 project=wandb_project, name=run.root.name, dir=str(run.root), config=config, resume="allow"
             )

@@ -5,10 +5,12 @@ by a full disk, or failed."""
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import shutil
 import signal
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -119,6 +121,7 @@ def failure(
     may be a full disk."""
     full = disk_full(exc, run.root, checkpoint_bytes)
     if full is not None:
+        close_unwound_files(exc)  # the failed save's file, still open, would keep its room taken
         if world.is_main:  # the half-written checkpoint goes now (the next start would remove it):
             remove_uncommitted(run.checkpoints)  # its room is what run.json needs to say why
         return _record_failure(run, world, full, step)
@@ -129,6 +132,19 @@ def failure(
     return _record_failure(run, world, exc, getattr(exc, "step", None) or step)
 
 
+def close_unwound_files(exc: BaseException) -> None:
+    """Drop the locals of the frames ``exc`` (and the errors it came from) unwound through, and
+    collect them: a save that failed mid-write leaves its file open there (torch.save's writer), and
+    a deleted file's blocks are freed only when it is closed."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        traceback.clear_frames(seen.__traceback__)  # frames still running are left as they are
+        seen = seen.__cause__ or seen.__context__
+    gc.collect()
+
+
 def _record_failure(run: RunDir, world: World, exc: BaseException, step: int | None) -> BaseException:
     """Record ``exc`` as the run's failure where that is still possible (a full disk or a read-only
     folder may refuse run.json: then the log says it, and ``exc``, not the write's error, surfaces)."""
@@ -137,6 +153,11 @@ def _record_failure(run: RunDir, world: World, exc: BaseException, step: int | N
             run.failed(f"{type(exc).__name__}: {exc}", step=step)
         except OSError as write_error:
             log.error("could not record the failure in %s: %s", run.run_json, write_error)
+            if isinstance(exc, StorageError):  # the one line the user reads says it, not only the log
+                return StorageError(
+                    f"{exc} (run.json could not be rewritten for want of room either: the status it "
+                    "shows is stale until the run starts again)"
+                )
     return exc
 
 

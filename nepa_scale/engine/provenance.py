@@ -15,7 +15,6 @@ from nepa_scale.data.resize import MANIFEST as RESIZE_MANIFEST
 from nepa_scale.data.resize import resized_copy_settings
 from nepa_scale.data.shards import MANIFEST as SHARDS_MANIFEST
 from nepa_scale.engine.checkpoint import ResumePlan
-from nepa_scale.engine.evaluator import check_probe_subsets_unchanged
 from nepa_scale.engine.fingerprint import resume_digest
 from nepa_scale.rundir import Restart, RunDir, now
 
@@ -77,8 +76,7 @@ def record_start(
             "copied_metric_lines": copied,
         }
     elif plan is not None:
-        record = run.record()
-        check_probe_subsets_unchanged(record.probe_subsets, probe_subsets, config.data)
+        record = run.record()  # the probe's images were checked against it when the resume was planned
         dropped = run.truncate_metrics(start_step, len(record.restarts))
         restart = Restart(
             from_step=start_step,

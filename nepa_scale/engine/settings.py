@@ -1,4 +1,5 @@
-"""The step settings of a run, resolved in one place for the trainer, ``sweep plan`` and ``bench``.
+"""The step settings of a run, resolved in one place for the trainer, ``sweep plan`` and ``bench``;
+and the checks a run passes before anything heavy starts (the world size, the optional loggers).
 
 Precision, micro-batch, gradient-accumulation steps, activation-checkpointed blocks and the
 predicted peak memory per device follow from the config, the world size and the device; the
@@ -7,10 +8,11 @@ planner asks before any device exists (the profile says what the device will be)
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nepa_scale.config import RunConfig
+from nepa_scale.config import LoggingConfig, RunConfig
 from nepa_scale.errors import ConfigError
 from nepa_scale.models.arch import NepaArch, checkpointed_blocks
 from nepa_scale.models.zoo import count_params
@@ -43,6 +45,18 @@ def check_world(config: RunConfig, world_size: int) -> int:
             f"budget.global_batch: {b.global_batch} is not divisible by world size {world_size} x micro_batch {micro}"
         )
     return micro
+
+
+# The optional loggers: the setting, the module it needs, what to install.
+LOGGERS = (("tensorboard", "tensorboard", "tensorboard"), ("wandb_project", "wandb", "wandb"))
+
+
+def check_loggers(logging_config: LoggingConfig) -> None:
+    """The packages of the loggers asked for are installed: a ConfigError naming the setting, said
+    before the engine starts (not when the first metric is written, with the run recorded running)."""
+    for key, module, package in LOGGERS:
+        if getattr(logging_config, key) and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"logging.{key}: needs the {package} package (pip install {package})")
 
 
 def resolve_precision(setting: str, device_type: str) -> str:

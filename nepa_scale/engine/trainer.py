@@ -60,7 +60,7 @@ from nepa_scale.engine.outcomes import TrainResult, failure, join_world, owner_a
 from nepa_scale.engine.preemption import PreemptionFlag
 from nepa_scale.engine.provenance import record_start
 from nepa_scale.engine.schedule import build_optimizer, check_schedule, cooldown_start
-from nepa_scale.engine.settings import resolve_step_settings
+from nepa_scale.engine.settings import check_loggers, resolve_step_settings
 from nepa_scale.engine.tasks import TASKS, Task, TaskContext
 from nepa_scale.errors import ConfigError, DataError, RunBusy
 from nepa_scale.memory import device_memory_gb
@@ -91,6 +91,7 @@ class Trainer:
         called on rank 0 with the step of each committed checkpoint (the launcher submits a WSD
         trunk's branches from it). ``refusal``: rank 0 was refused the run's lock (``train``)."""
         self.config, self.preempt, self.on_commit = config, preempt, on_commit
+        check_loggers(config.logging)
         self.world = join_world(config)
         self.control_group = control_group(self.world)
         owner_agreed(self.world, self.control_group, refusal, config.output_dir)
@@ -202,7 +203,9 @@ class Trainer:
         """Model, optimizer and DeepSpeed engine, resumed from the newest committed checkpoint unless
         ``resume`` is False (the benchmark); returns (engine, ema, start step)."""
         c = self.config
-        plan = self.checkpointer.plan_resume() if resume else None  # a refusal needs no model
+        plan = (
+            self.checkpointer.plan_resume(self.probe_subsets) if resume else None
+        )  # a refusal needs no model
         model = self.build_model()
         ema = Ema(model, c.checkpoint.ema_decay, c.checkpoint.ema_warmup) if c.checkpoint.ema_decay else None
         optimizer, scheduler = self.build_optimizer(model)

@@ -23,7 +23,7 @@ from pathlib import Path
 from nepa_scale.config import DataConfig, RunConfig, validated
 from nepa_scale.engine.schedule import check_schedule, cooldown_start
 from nepa_scale.engine.tasks import SegmentTask, planned_arch_and_flops
-from nepa_scale.errors import ConfigError, NepaError
+from nepa_scale.errors import ConfigError, DataError, NepaError
 from nepa_scale.rundir import images_seen
 
 LENGTH_KEYS = ("images", "epochs", "flops")  # budget.* keys that set a run's length, nothing else
@@ -128,6 +128,17 @@ def check_flops_budget(config: RunConfig) -> None:
             f"for this model, {100 * off:+.1f}% off the budget (more than {100 * ISOFLOP_TOLERANCE:g}%): "
             "lower budget.global_batch or raise the budget"
         )
+
+
+def check_run_schedule(config: RunConfig) -> None:
+    """The run's warmup ends before the run does (and a WSD run's before its cooldown), by the
+    trainer's own rule, so that ``plan`` marks such a run invalid rather than ``launch`` submitting
+    a job that fails at once. An epochs budget whose data is not reachable here is left to the run."""
+    try:
+        steps = training_steps(config)
+    except (DataError, OSError):  # plan warns about the missing data; launch refuses it
+        return
+    check_schedule(config.optim, steps)
 
 
 def trunk_key(config_data: dict) -> str:

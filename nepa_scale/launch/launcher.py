@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import submitit
 
+from nepa_scale.config.files import check_output_folder
 from nepa_scale.data import check_input_paths
 from nepa_scale.errors import RunBusy, SweepError
 from nepa_scale.launch.branches import branch_point_committed, record_branches, run_job
@@ -126,6 +127,7 @@ def launch(
     waiting = [run for run, row in zip(sweep.runs, rows, strict=True) if row.state == "waiting"]
     if dry_run:
         return pending
+    check_output_folder(sweep.output_root, "output_root")
     for run in pending + waiting:
         check_input_paths(run.config)  # the data must be there now (plan only warned)
     for run, ownership in own([run for run in sweep.runs if run.error or run in waiting]):

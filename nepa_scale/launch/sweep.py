@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +43,10 @@ from typing import Any
 
 from nepa_scale.config import ConfigError, RunConfig, SegmentConfig, config_from_dict
 from nepa_scale.config.files import get_dotted, parse_override, pop_dotted, read_yaml_mapping, set_dotted
+from nepa_scale.config.schema import yaml_number
 from nepa_scale.data import check_input_paths
-from nepa_scale.engine.settings import check_world
-from nepa_scale.launch.design import check_flops_budget, plan_branches
+from nepa_scale.engine.settings import check_loggers, check_world
+from nepa_scale.launch.design import check_flops_budget, check_run_schedule, plan_branches
 from nepa_scale.launch.profiles import ClusterProfile, load_profile
 from nepa_scale.launch.targets import TargetSpec, parse_targets
 
@@ -177,8 +179,10 @@ def _axis_block(block: Any, where: str) -> list[dict[str, Any]]:
     if kind == "isoflop":
         if not isinstance(body, dict) or set(body) != {"compute", "models"}:
             raise ConfigError(f"{where}: expected {{compute: [FLOPs], models: {{key: [values]}}}}")
-        compute = _values(body["compute"], f"{where}.compute")
-        if not all(isinstance(c, int | float) and not isinstance(c, bool) and c > 0 for c in compute):
+        compute = [yaml_number(c) for c in _values(body["compute"], f"{where}.compute")]  # 1.0e12 as 1e12
+        if not all(
+            isinstance(c, int | float) and not isinstance(c, bool) and 0 < c < math.inf for c in compute
+        ):
             raise ConfigError(f"{where}.compute: training FLOPs per run, positive numbers, got {compute!r}")
         models = _axis_block({"zip": body["models"]}, f"{where}.models")
         lengths = {"budget.images": None, "budget.epochs": None}  # the budget alone sets the length
@@ -351,7 +355,9 @@ def expand_sweep(
             config = config_from_dict(data)  # costs do not depend on where the data is (checked below)
             check_world(config, profile.world_size)
             check_flops_budget(config)
-            data = config.to_dict()
+            data = config.to_dict()  # the id: a run these later checks refuse keeps the one it had
+            check_run_schedule(config)
+            check_loggers(config.logging)
         except ConfigError as exc:
             error = str(exc)
         if config is not None:

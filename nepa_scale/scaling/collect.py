@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from nepa_scale.config import DataConfig, LoggingConfig
 from nepa_scale.errors import NepaError, UsageError
 from nepa_scale.flops import CONVENTIONS, train_flops_per_image
 from nepa_scale.models.zoo import count_params
@@ -38,6 +40,12 @@ log = logging.getLogger(__name__)
 DEFAULT_WINDOW = 5  # log lines averaged for the loss at a budget
 # Evaluation-line keys the table carries: held-out loss and diagnostics, probes, effective ranks.
 EVAL_PREFIXES = ("val_", "probe_", "rankme_", "erank_", "knn_", "linear_")
+
+
+def check_window(window: int) -> None:
+    """``--window``: a mean needs at least one log line (said before any run is read)."""
+    if window < 1:
+        raise UsageError(f"--window: the log lines averaged for the loss, at least 1, got {window}")
 
 
 def run_dirs(sweep_dir: Path) -> list[Path]:
@@ -62,6 +70,9 @@ def _run_summary(run: RunDir) -> dict:
     arch = config.model.arch()
     counts = count_params(arch)
     row.update(
+        task=config.task,
+        data=data_description(config.data, arch.image_size),
+        probe=probe_setup(config.logging),
         model=config.model.name,
         seed=config.seed,
         schedule=config.optim.schedule,
@@ -82,6 +93,26 @@ def _run_summary(run: RunDir) -> dict:
         **{f"flops_per_image_{c}": train_flops_per_image(arch, c) for c in CONVENTIONS},
     )
     return row
+
+
+def data_description(data: DataConfig, image_size: int) -> str:
+    """What a run trained and was evaluated on, in one string (equal strings: the same data): the
+    dataset, where it lives and which splits, and the image size."""
+    if data.kind == "synthetic":
+        what = f"synthetic ({data.synthetic_size} images)"
+    elif data.root is None:
+        what = data.kind
+    else:
+        what = f"{data.kind} {os.path.normpath(data.root)} ({data.train_split}, {data.val_split})"
+    return f"{what} at {image_size} px"
+
+
+def probe_setup(lg: LoggingConfig) -> str | None:
+    """How a run's online probes measured (equal strings: comparable probe errors); None without them."""
+    if not lg.probe_every:
+        return None
+    weights = "EMA" if lg.probe_ema else "online"
+    return f"k = {lg.probe_k}, {'causal' if lg.probe_causal else 'bidirectional'}, {weights} weights"
 
 
 def _probe_subsets(recorded: dict | None) -> str | None:
@@ -130,11 +161,14 @@ def collect(
 ) -> pd.DataFrame:
     """The tidy table. ``budgets`` are training FLOPs under ``convention`` (pre-registered evaluation
     points); every run also gets a ``final`` row at its last logged step."""
+    check_window(window)
     rows = []
     for path in run_dirs(Path(sweep_dir)):
         run = RunDir(path)
         summary = _run_summary(run)
-        metrics = pd.DataFrame(run.read_metrics())
+        log = run.read_metrics_log()
+        summary["metrics_unreadable"] = ", ".join(map(str, log.unreadable)) or None
+        metrics = pd.DataFrame(log.records)
         if summary["status"] == "invalid" or metrics.empty:
             rows.append({**summary, "eval_point": "final", "images_seen": 0, "loss": math.nan})
             continue
@@ -220,6 +254,23 @@ def attached_scores(sweep_dir: Path, task: str) -> dict[str, list[float]]:
             if evals:
                 scores.setdefault(str(Path(source).resolve()), []).append(float(evals[-1][key]))
     return scores
+
+
+def unreadable_line_warnings(table: pd.DataFrame) -> list[str]:
+    """One warning per run whose metrics.jsonl has lines that are not JSON (a last line being
+    written excepted): the table and the fits go on without them, and say so."""
+    if "metrics_unreadable" not in table:
+        return []
+    runs = table.dropna(subset=["metrics_unreadable"]).drop_duplicates("run_id")
+    warnings = []
+    for _, row in runs.iterrows():
+        lines = row["metrics_unreadable"]
+        which = f"lines {lines} are" if "," in lines else f"line {lines} is"
+        warnings.append(
+            f"run {row['run_id']}: {Path(row['run_dir']) / 'metrics.jsonl'} {which} not JSON: skipped, so the "
+            "table and the fits lack what it held (restore it from a copy, or compare the fits without this run)"
+        )
+    return warnings
 
 
 def write_table(table: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:

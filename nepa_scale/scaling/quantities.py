@@ -3,8 +3,8 @@
 NEPA's targets are each model's own patch embeddings (with a stop-gradient), so two models' NEPA
 losses measure two different tasks: a model whose targets contract scores a lower loss without being
 better. A study therefore fits a downstream error (``resolve_quantity``: the linear-probe error
-measured online, else the kNN error, else, with a warning, the held-out loss), and reads the loss
-and the label-free diagnostics as diagnostics.
+measured online, else the kNN error, else, with a warning, the held-out loss: the first that most
+runs measured), and reads the loss and the label-free diagnostics as diagnostics.
 
 ``quantity_table`` measures every candidate the same way (Madaan et al. 2024): the seed-to-seed
 spread at equal (N, D) (the noise floor), the width effect in standard errors of that spread, and
@@ -98,7 +98,7 @@ QUANTITIES = {
         "target spread (held-out)",
     ),
 }
-# What ``--quantity auto`` fits, in order of preference: the first every completed run measured.
+# What ``--quantity auto`` fits, in order of preference: the first most completed runs measured.
 AUTO_ORDER = ("probe_linear_error", "probe_knn_error", "val_cosine_distance", "cosine_distance")
 LOSS_WARNING = (
     "the fitted quantity is a NEPA loss: its targets are each model's own embeddings, so two models' "
@@ -121,13 +121,15 @@ def lower_is_better(column: str) -> bool:
 
 
 def resolve_quantity(final: pd.DataFrame, requested: str) -> tuple[str, list[str]]:
-    """``auto`` -> the first of AUTO_ORDER that every completed run's final point has; a NEPA loss
-    comes with the warning why it is not comparable across models. Returns (column, warnings)."""
+    """``auto`` -> the first of AUTO_ORDER that most (more than half) of the completed runs' final
+    points have: a few runs without probes are left out of the fits by name (comparable.py), never
+    the reason every run's quantity becomes another. A NEPA loss comes with the warning why it is not
+    comparable across models. Returns (column, warnings)."""
     if requested != "auto":
         warnings = [LOSS_WARNING] if QUANTITIES.get(requested, Quantity("", True, "")).kind == "loss" else []
         return requested, warnings
     for column in AUTO_ORDER:
-        if column in final and len(final) and final[column].notna().all():
+        if column in final and 2 * final[column].notna().sum() > len(final):
             return column, [LOSS_WARNING] if QUANTITIES[column].kind == "loss" else []
     return "cosine_distance", [LOSS_WARNING]
 

@@ -17,14 +17,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from nepa_scale.config.files import check_output_folder
 from nepa_scale.scaling import analyses
 from nepa_scale.scaling.analyses import AnalysisResult, run_step
 from nepa_scale.scaling.collect import (
     collect,
     collect_curves,
     collect_evaluations,
+    unreadable_line_warnings,
     write_table,
 )
+from nepa_scale.scaling.comparable import incomparable_runs, preferred_but_rare, runs_without
 from nepa_scale.scaling.fits import MAX_INTERVAL_RATIO, Estimate, FitError, human
 from nepa_scale.scaling.quantities import label, resolve_quantity
 from nepa_scale.scaling.render import FIT_TITLES, as_estimate, describe, write_html, write_markdown
@@ -61,21 +64,27 @@ def read_fits(path: str | Path) -> dict:
 
 
 def load_study(sweep_dir: Path, out: Path | None, s: StudySettings) -> tuple[pd.DataFrame, Study, list[str]]:
-    """Collect the runs, resolve the fitted quantity: the table (written to ``out``, if given), the
-    study, and the warnings so far."""
+    """Collect the runs, set aside those no fit may take (comparable.py: each named), resolve the
+    fitted quantity: the table (its ``left_out`` column says why a run is not in the fits; written to
+    ``out``, if given), the study, and the warnings so far."""
     table = collect(sweep_dir, budgets=s.budgets, window=s.window, convention=s.convention)
-    if out is not None:
-        write_table(table, out)
     warnings = [
         f"run {row['run_id']} is {row['status']}"
         + (f": {row['error']}" if isinstance(row.get("error"), str) else "")
         + " (kept in the table, left out of the fits)"
         for _, row in table[table["status"] != "completed"].drop_duplicates("run_id").iterrows()
     ]
-    completed = table[table["status"] == "completed"]
-    quantity, why = resolve_quantity(completed[completed["eval_point"] == "final"], s.quantity)
+    warnings += unreadable_line_warnings(table)
+    left_out, why = incomparable_runs(table)
     warnings += why
-    done = fit_table(completed, s, quantity)
+    completed = table[(table["status"] == "completed") & ~table["run_id"].isin(left_out)]
+    final = completed[completed["eval_point"] == "final"]
+    quantity, why = resolve_quantity(final, s.quantity)
+    warnings += why + (preferred_but_rare(final, quantity) if s.quantity == "auto" else [])
+    without, why = runs_without(final, quantity)
+    warnings += why
+    left_out |= dict.fromkeys(without, f"no comparable {quantity}")
+    done = fit_table(completed[~completed["run_id"].isin(without)], s, quantity)
     final = done[done["eval_point"] == "final"]
     unusable = final[~np.isfinite(final["quantity"].astype(float)) | (final["quantity"] <= 0)]
     warnings += [
@@ -93,13 +102,18 @@ def load_study(sweep_dir: Path, out: Path | None, s: StudySettings) -> tuple[pd.
             "--budgets rows are mid-run points: they are in the table and the loss curves, never in the "
             "(N, D) or IsoFLOP fits (those take each run's final point; design IsoFLOP runs or WSD branches)"
         )
+    table["left_out"] = table["run_id"].map(left_out)
+    if out is not None:
+        write_table(table, out)
+    curves = collect_curves(sweep_dir, window=s.window, convention=s.convention)
+    evaluations = collect_evaluations(sweep_dir, convention=s.convention)
     study = Study(
         s,
         quantity,
         done,
-        done[done["eval_point"] == "final"],
-        collect_curves(sweep_dir, window=s.window, convention=s.convention),
-        collect_evaluations(sweep_dir, convention=s.convention),
+        final,
+        curves[~curves["run_id"].isin(left_out)] if len(curves) else curves,
+        evaluations[~evaluations["run_id"].isin(left_out)] if len(evaluations) else evaluations,
         out / "figures" if out is not None else Path(sweep_dir) / "report" / "figures",
     )
     return table, study, warnings
@@ -185,6 +199,7 @@ def build_report(
     out = Path(out_dir) if out_dir else sweep_dir / "report"
     if s.targets is None:
         s = replace(s, targets=read_study_record(sweep_dir).get("targets", []))
+    check_output_folder(out, "--out" if out_dir else "report folder")
     table, study, warnings = load_study(sweep_dir, out, s)
     results = _analyses(study)
     first = [  # what is not identified leads, in the order of the analyses

@@ -3,21 +3,24 @@ returns (``AnalysisResult``), and the whole ``Report`` that report.py builds and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from nepa_scale.errors import UsageError
 from nepa_scale.scaling import D_KINDS, N_KINDS, figures
-from nepa_scale.scaling.collect import DEFAULT_WINDOW
+from nepa_scale.scaling.collect import DEFAULT_WINDOW, check_window
 from nepa_scale.scaling.quantities import label, short_label
 
 
 @dataclass
 class StudySettings:
-    # auto: the linear-probe error when every completed run measured it online, else the kNN error,
-    # else (with a warning) the held-out NEPA loss; or any positive column of the table
+    # auto: the linear-probe error when most completed runs measured it online (the others are named
+    # and left out), else the kNN error, else (with a warning) the held-out NEPA loss; or any
+    # positive column of the table
     quantity: str = "auto"
     n_kind: str = "params"
     d_kind: str = "images"
@@ -32,6 +35,18 @@ class StudySettings:
     frontier_from: float | None = None
     # What the study predicts (target.Target); None: the targets recorded in the study's study.json
     targets: list | None = None
+
+    def __post_init__(self) -> None:
+        """Settings no report can use: one line naming the option, before any run is read."""
+        check_window(self.window)
+        if self.n_bootstrap < 0:
+            raise UsageError(
+                f"--bootstrap: the resamples of the intervals, 0 or more, got {self.n_bootstrap}"
+            )
+        for option, values in (("--budgets", self.budgets or []), ("--frontier-from", [self.frontier_from])):
+            bad = [v for v in values if v is not None and not 0 < v < math.inf]
+            if bad:
+                raise UsageError(f"{option}: training FLOPs, positive numbers, got {bad[0]:g}")
 
 
 @dataclass

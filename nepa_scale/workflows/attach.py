@@ -144,6 +144,8 @@ def export_sources(downstream: Sweep) -> list[Path]:
 
     exported = []
     for run in downstream.runs:
+        if run.error:  # an invalid run is not launched: nothing to export for it
+            continue
         source = (
             run.config.segment.pretrained if run.config.task == "segment" else run.config.finetune.pretrained
         )

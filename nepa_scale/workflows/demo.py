@@ -132,6 +132,7 @@ def run_demo(
     out=sys.stdout,
 ) -> int:
     started = time.time()
+    settings = StudySettings(n_bootstrap=n_bootstrap)  # a bad --bootstrap is said now, not after training
     sweep = load_sweep(sweep_file, executor=executor, output_root=output_root)
     kind = sweep.runs[0].resources.executor
     if not scheduler(kind).runs_here:  # the local SLURM cluster
@@ -164,7 +165,7 @@ def run_demo(
     trained = time.time() - started
     transfer = run_transfer(sweep, transfer_sweep, executor, out=out) if transfer_sweep else None
     transferred = time.time() - started
-    report = build_report(sweep.output_root, None, StudySettings(n_bootstrap=n_bootstrap))
+    report = build_report(sweep.output_root, None, settings)
     print_fits(report, out)
     if transfer is not None:
         print("\ntransfer (the largest model against the same model untrained)", file=out)

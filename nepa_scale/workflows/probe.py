@@ -39,6 +39,7 @@ def probe_run(
     checkpoint and subsets (and no data overrides) is returned as it is."""
     if weights not in ("online", "ema", "random_init"):
         raise ValueError(f"weights: choose online, ema or random_init, got '{weights}'")
+    check_probe_flags(k=k, train_per_class=train_per_class, val_per_class=val_per_class)
     run = RunDir(run_dir)
     recorded_config = run.config()
     if recorded_config.task != "pretrain":  # its weights are a classifier or a segmenter, not a NEPA
@@ -97,3 +98,12 @@ def probe_run(
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     return record, out
+
+
+def check_probe_flags(**flags: int | None) -> None:
+    """The counts ``nepa-scale probe`` takes are positive (None: the run's setting): a kNN of k = 0
+    votes for nothing and scores chance; -1 images per class would take all but one. Checked before
+    any checkpoint is read, with the option named as the user typed it."""
+    for name, value in flags.items():
+        if value is not None and value <= 0:
+            raise UsageError(f"probe --{name.replace('_', '-')}: must be > 0, got {value}")
