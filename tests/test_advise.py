@@ -287,26 +287,29 @@ def study_state(root: Path) -> dict:
 
 
 def test_the_closed_loop_killed_between_rounds_goes_on_where_it_was(tmp_path):
-    """Two loops over the same tiny study: one left alone, one killed (SIGKILL, its jobs left running,
-    as when the node running it goes) once its first advice file is written, then started again.
+    """Two loops over the same tiny study, side by side: one left alone, one killed (SIGKILL, its jobs
+    left running, as when the node running it goes) once its first advice file is written, then
+    started again.
     Both end with the same advice files, the same runs and the same losses, and no run was
     submitted twice; the advice files are sweep files whose runs carry the study's ids."""
     calm, killed = tiny_study(tmp_path / "calm"), tiny_study(tmp_path / "killed")
-    done = subprocess.run(loop_cmd(calm), env=env(), capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "stop: 2 rounds of advice done" in done.stdout
+    left_alone = subprocess.Popen(
+        loop_cmd(calm), env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     first = subprocess.Popen(
         loop_cmd(killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     advice = tmp_path / "killed" / "runs" / "advice" / "advice-01.yaml"
-    deadline = time.time() + 1800
-    while not advice.is_file() and first.poll() is None and time.time() < deadline:
+    while not advice.is_file() and first.poll() is None:
         time.sleep(0.2)
     assert advice.is_file(), "the loop never wrote its first advice"
     first.kill()
     first.wait()
     again = subprocess.run(loop_cmd(killed), env=env(), capture_output=True, text=True, timeout=1800)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    out, _ = left_alone.communicate(timeout=1800)
+    assert left_alone.returncode == 0, out[-3000:]
+    assert "stop: 2 rounds of advice done" in out
     calm_state, killed_state = study_state(tmp_path / "calm"), study_state(tmp_path / "killed")
     assert calm_state == killed_state
     assert len(calm_state["advice"]) == 2 and all(calm_state["advice"].values())
