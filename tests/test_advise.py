@@ -320,3 +320,25 @@ def test_the_closed_loop_killed_between_rounds_goes_on_where_it_was(tmp_path):
     advised = {run_id for ids in calm_state["advice"].values() for run_id in ids}
     assert base <= set(calm_state["runs"]) and advised <= set(calm_state["runs"])
     assert len(calm_state["runs"]) == len(base | advised)  # a run advised again is the same run, not a copy
+
+
+def test_sweep_advise_refuses_bad_input_in_one_line_before_any_work(tmp_path, capsys):
+    """A target not in the zoo, a budget of 0, a study with no completed run: one line each, exit
+    2 or 1, and nothing written (no advice file, no run directory)."""
+    from nepa_scale.cli import main
+
+    good = tiny_study(tmp_path / "s")
+    spec = yaml.safe_load(good.read_text())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec | {"target": {"model": "nepa_xxl", "images": 2048}}))
+    cases = [
+        ([str(bad), "--budget-gpu-hours", "1"], 2, "target.model: unknown model 'nepa_xxl'"),
+        ([str(good), "--budget-gpu-hours", "0"], 2, "--budget-gpu-hours: expected a positive number of GPU-hours"),
+        ([str(good), "--budget-gpu-hours", "1"], 1, "the study has no completed run to fit: launch it first"),
+    ]
+    for args, code, message in cases:
+        assert main(["sweep", "advise", *args]) == code, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    runs = tmp_path / "s" / "runs"
+    assert not (runs / "advice").exists() and not list(runs.glob("*/run.json"))

@@ -27,13 +27,21 @@ import submitit
 
 from nepa_scale.errors import ConfigError, FitError
 from nepa_scale.launch import launcher
-from nepa_scale.launch.advice import advice_files, advice_spec, candidate_pool, resolve_targets, write_advice
+from nepa_scale.launch.advice import (
+    advice_files,
+    advice_spec,
+    candidate_pool,
+    resolve_targets,
+    study_runs,
+    write_advice,
+)
 from nepa_scale.launch.executors import scheduler
 from nepa_scale.launch.plan import plan_run
 from nepa_scale.launch.submission import snapshot_code
 from nepa_scale.launch.sweep import Sweep, load_sweep
 from nepa_scale.launch.targets import TargetSpec, target_spec
 from nepa_scale.ownership import acquire
+from nepa_scale.rundir import RunDir
 from nepa_scale.scaling.advise import Advice, advise
 from nepa_scale.scaling.estimates import human
 from nepa_scale.scaling.report import study_points
@@ -142,6 +150,11 @@ def advice_lines(r: Round) -> list[str]:
     return lines
 
 
+def _completed(run_dir: Path) -> bool:
+    rd = RunDir(run_dir)
+    return rd.run_json.is_file() and rd.record().status == "completed"
+
+
 def run_advice(
     sweep: Sweep,
     budget: float,
@@ -151,10 +164,11 @@ def run_advice(
 ) -> Round:
     """``sweep advise``: one round, printed."""
     check_budget(budget)
-    targets = resolve_targets(sweep, specs)
-    if not targets:
+    if not (specs if specs is not None else sweep.targets):
         raise ConfigError(f"{sweep.path}: no target: add a target: section or pass --target MODEL:images=N")
-    r = advise_round(sweep, targets, budget, settings)
+    if not any(_completed(run.run_dir) for run in study_runs(sweep)):
+        raise FitError(f"{sweep.output_root}: the study has no completed run to fit: launch it first")
+    r = advise_round(sweep, resolve_targets(sweep, specs), budget, settings)
     for line in advice_lines(r):
         print(line, file=out, flush=True)
     return r

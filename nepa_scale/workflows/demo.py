@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from nepa_scale.launch import launcher
+from nepa_scale.launch.advice import resolve_targets
 from nepa_scale.launch.design import training_steps
 from nepa_scale.launch.executors import scheduler
 from nepa_scale.launch.plan import plan_table
@@ -25,12 +26,14 @@ from nepa_scale.rundir import RunDir
 from nepa_scale.scaling.fits import Estimate, human
 from nepa_scale.scaling.report import StudySettings, build_report, describe
 from nepa_scale.scaling.study import Report
+from nepa_scale.workflows.advise import advice_lines, advise_round
 from nepa_scale.workflows.transfer import run_transfer
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_SWEEP = REPO / "sweeps" / "demo.yaml"
 TRANSFER_SWEEP = REPO / "sweeps" / "demo_transfer.yaml"
 PREEMPT_FRACTION = 0.4  # the preempted run gets its notice this far into its budget
+ADVICE_HOURS = 0.05  # the demo ends with what the advisor would run with this many more device-hours
 
 
 def ensure_local_slurm(out) -> None:
@@ -165,11 +168,19 @@ def run_demo(
     trained = time.time() - started
     transfer = run_transfer(sweep, transfer_sweep, executor, out=out) if transfer_sweep else None
     transferred = time.time() - started
+    targets = resolve_targets(sweep) if sweep.targets else []  # study.json: the report opens with them
     report = build_report(sweep.output_root, None, settings)
     print_fits(report, out)
     if transfer is not None:
         print("\ntransfer (the largest model against the same model untrained)", file=out)
         for line in transfer.lines():
+            print(f"  {line}", file=out)
+    if targets:
+        print(
+            f"\nnext: the advisor's proposal for {ADVICE_HOURS:g} more device-hours (docs/advisor.md)",
+            file=out,
+        )
+        for line in advice_lines(advise_round(sweep, targets, ADVICE_HOURS, settings)):
             print(f"  {line}", file=out)
     print(
         f"\nreport: {report.paths['html']}\nfigures: {report.paths['html'].parent / 'figures'}\n"
