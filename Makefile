@@ -29,7 +29,7 @@ slurm-down:
 	bash slurm/local/stop.sh
 
 test: lint slurm-up
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf runs .pytest_cache

@@ -54,6 +54,10 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
     # The fitted quantity is the linear-probe error measured online, at every run's own points.
     assert "fits of linear-probe error" in out and "probe_linear_error" in out
     assert "candidate quantities" in out and "prediction check" in out
+    # The sweep's target: the demo ends with the advisor's proposal, a sweep file `sweep launch` takes.
+    proposal = out[out.index("next: the advisor's proposal") :]
+    assert "now: " in proposal and ("advice: " in proposal or "no candidate run fits" in proposal)
+    assert "advice: " not in proposal or (out_root / "advice" / "advice-01.yaml").is_file()
     for run in out_root.glob("*/run.json"):
         evals = [json.loads(line) for line in (run.parent / "metrics.jsonl").read_text().splitlines()]
         final = [e for e in evals if e["kind"] == "eval"][-1]
