@@ -261,7 +261,7 @@ def warm_law(law: Law, warm: np.ndarray) -> Law:
 
 
 def one_repeat(job: tuple) -> dict:
-    task_name, law_name, data, repeat, n_bootstrap, rounds, cost_power = job
+    task_name, law_name, data, repeat, n_bootstrap, rounds, cost_power, trim = job
     task = TASKS[task_name]
     law = next(lw for lw in task.laws if lw.name == law_name)
     pool, region = load(Path(data), task)
@@ -275,13 +275,22 @@ def one_repeat(job: tuple) -> dict:
     warm: list[np.ndarray] = []
     out = {"task": task_name, "law": law_name, "repeat": repeat}
 
+    kept = list(bought)  # the runs the law is fitted to: all bought, less those ``trim`` drops
+
     def observed() -> pd.DataFrame:
-        rows = pool.iloc[bought]
+        rows = pool.iloc[kept]
         return rows[inputs].assign(quantity=rows["loss"].to_numpy(), run_id=rows["candidate"].to_numpy())
 
     def fit_now() -> np.ndarray:
-        x = pool.iloc[bought][inputs].to_numpy(float)
-        theta = point_fit(law, x, np.log(pool.iloc[bought]["loss"].to_numpy()), warm[-1:])
+        x, log_q = pool.iloc[bought][inputs].to_numpy(float), np.log(pool.iloc[bought]["loss"].to_numpy())
+        theta = point_fit(law, x, log_q, warm[-1:])
+        kept[:] = bought
+        if trim:
+            residual = np.abs(log_q - law.log_predict(theta[None], x)[0])
+            inside = residual <= trim * 1.4826 * np.median(residual)
+            if (~inside).any() and inside.sum() > len(law.params) + 1:
+                kept[:] = [i for i, keep in zip(bought, inside, strict=True) if keep]
+                theta = point_fit(law, x[inside], log_q[inside], [theta])
         warm.append(theta)
         return theta
 
@@ -368,7 +377,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--bootstrap", type=int, default=200, help="resamples per advisor round")
     parser.add_argument("--rounds", type=int, default=3, help="advisor rounds per checkpoint")
-    parser.add_argument("--cost-power", type=float, default=1.0, help="advise's cost_power")
+    parser.add_argument(
+        "--cost-power",
+        type=float,
+        default=0.5,
+        help="advise's cost_power: gain / cost^p (1: per unit of cost, advise's default; 0.5 here)",
+    )
+    parser.add_argument(
+        "--trim",
+        type=float,
+        default=0.0,
+        help="fit without runs whose |log residual| exceeds this many robust stds (0: keep all)",
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--csv", type=Path, default=None, help="also write every repeat's row here")
     args = parser.parse_args(argv)
@@ -380,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             alls[(name, law.name)] = all_data(TASKS[name], law, str(args.data))
             jobs += [
-                (name, law.name, str(args.data), r, args.bootstrap, args.rounds, args.cost_power)
+                (name, law.name, str(args.data), r, args.bootstrap, args.rounds, args.cost_power, args.trim)
                 for r in range(args.repeats)
             ]
     run: Callable = map
@@ -397,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results, alls))
     print(
         f"\n{args.repeats} repeats, {args.bootstrap} resamples, {args.rounds} rounds per checkpoint, "
-        f"cost_power {args.cost_power:g}: {time.time() - start:.0f} s"
+        f"cost_power {args.cost_power:g}, trim {args.trim:g}: {time.time() - start:.0f} s"
     )
 
 
