@@ -14,7 +14,8 @@ the runs that most lower the targets' summed predictive variance of log loss per
 from the bootstrap ensemble of ``predict_targets``. A repeat:
 
 1. a seed design: 2.5 x (the law's parameter count) runs drawn at random (the repeat's seed) among
-   the 3 x as many cheapest runs of the pool (well under 0.1% of its cost on both tasks);
+   the 3 x as many cheapest runs of the pool, redrawn until every input takes two values at least
+   (well under 0.1% of the pool's cost on both tasks);
 2. for each checkpoint c in 1%, 5%, 10%: ``--rounds`` rounds, each fitting the law with
    ``--bootstrap`` resamples and spending its share of what is left below c of the pool's cost;
 3. at c: the law fitted (least squares on log loss, warm-started from the last fit) to the runs
@@ -271,7 +272,10 @@ def one_repeat(job: tuple) -> dict:
     rng = np.random.default_rng(repeat)
     n_seed = math.ceil(2.5 * len(law.params))
     cheapest = np.argsort(pool["cost"].to_numpy())[: 3 * n_seed]
-    bought = [int(i) for i in rng.choice(cheapest, n_seed, replace=False)]
+    while True:  # a law needs two distinct values of each input (the cheapest runs may share a U)
+        bought = [int(i) for i in rng.choice(cheapest, n_seed, replace=False)]
+        if all(pool[name].iloc[bought].nunique() >= 2 for name in inputs):
+            break
     warm: list[np.ndarray] = []
     out = {"task": task_name, "law": law_name, "repeat": repeat}
 
