@@ -262,7 +262,7 @@ def warm_law(law: Law, warm: np.ndarray) -> Law:
 
 
 def one_repeat(job: tuple) -> dict:
-    task_name, law_name, data, repeat, n_bootstrap, rounds, cost_power, trim = job
+    task_name, law_name, data, repeat, n_bootstrap, rounds, cost_power, trim, method = job
     task = TASKS[task_name]
     law = next(lw for lw in task.laws if lw.name == law_name)
     pool, region = load(Path(data), task)
@@ -277,7 +277,7 @@ def one_repeat(job: tuple) -> dict:
         if all(pool[name].iloc[bought].nunique() >= 2 for name in inputs):
             break
     warm: list[np.ndarray] = []
-    out = {"task": task_name, "law": law_name, "repeat": repeat}
+    out = {"task": task_name, "law": law_name, "method": method, "repeat": repeat}
 
     kept = list(bought)  # the runs the law is fitted to: all bought, less those ``trim`` drops
 
@@ -300,7 +300,13 @@ def one_repeat(job: tuple) -> dict:
 
     for k, c in enumerate(CHECKPOINTS):
         limit = c * total
-        for r in range(rounds):
+        while method == "random":  # the control: a random affordable run at a time, as the paper's Random
+            left = limit - float(pool["cost"].iloc[bought].sum())
+            affordable = [i for i in pool.index if i not in bought and pool.at[i, "cost"] <= left]
+            if not affordable:
+                break
+            bought.append(int(rng.choice(affordable)))
+        for r in range(rounds if method == "advisor" else 0):
             left = limit - float(pool["cost"].iloc[bought].sum())
             if left <= 0:
                 break
@@ -363,9 +369,9 @@ def table(results: pd.DataFrame, alls: dict[tuple[str, str], float]) -> str:
         lines.append(f"\n{task_name}: target-region R^2 at 1% / 5% / 10% of the pool's cost (mean +- std)")
         for method, values in paper.items():
             lines.append(f"  {'paper ' + method:<34}" + "".join(f"{v:>15.2f}" for v in values))
-        for law_name, rows in mine.groupby("law", sort=False):
+        for (law_name, method), rows in mine.groupby(["law", "method"], sort=False):
             cells = "".join(f"{rows[c].mean():>8.2f} +- {rows[c].std(ddof=0):.2f}" for c in CHECKPOINTS)
-            lines.append(f"  {'advisor, ' + law_name + f' ({len(rows)} repeats)':<34}{cells}")
+            lines.append(f"  {method + ', ' + law_name + f' ({len(rows)} repeats)':<34}{cells}")
             spent = " / ".join(f"{rows[f'spent {c}'].mean():.3%}" for c in CHECKPOINTS)
             runs = " / ".join(f"{rows[f'runs {c}'].mean():.0f}" for c in CHECKPOINTS)
             lines.append(f"  {'   spent, runs bought':<34}{spent:>45}   ({runs} runs)")
@@ -393,6 +399,12 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         help="fit without runs whose |log residual| exceeds this many robust stds (0: keep all)",
     )
+    parser.add_argument(
+        "--method",
+        choices=("advisor", "random"),
+        default="advisor",
+        help="random: the control, same seed design",
+    )
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--csv", type=Path, default=None, help="also write every repeat's row here")
     args = parser.parse_args(argv)
@@ -404,7 +416,17 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             alls[(name, law.name)] = all_data(TASKS[name], law, str(args.data))
             jobs += [
-                (name, law.name, str(args.data), r, args.bootstrap, args.rounds, args.cost_power, args.trim)
+                (
+                    name,
+                    law.name,
+                    str(args.data),
+                    r,
+                    args.bootstrap,
+                    args.rounds,
+                    args.cost_power,
+                    args.trim,
+                    args.method,
+                )
                 for r in range(args.repeats)
             ]
     run: Callable = map
