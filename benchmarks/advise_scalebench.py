@@ -32,6 +32,9 @@ reparameterised (log coefficients, N in units of 1e9) so that Levenberg-Marquard
   and the simpler ``dc_geomean``: L = A / N^alpha + B / D'^beta + E, D' = U^gamma D^(1 - gamma).
   ScaleBench's Table 2 averages 10 law forms on this task; we run these two (see docs).
 
+``--method random`` is the control: the same seed design and fit, then one random affordable run
+at a time (the paper's Random, from our seed design).
+
 The data is read from a directory the user gives (``--data``), e.g. ``benchmark/dataset`` of a
 clone of github.com/PlanarG/active-sl; nothing is downloaded. Reading parquet needs pyarrow.
 
