@@ -8,7 +8,7 @@ its spending reaches 1%, 5% and 10% of the whole pool's cost, fits the task's la
 the score is the R^2 of that fit's predictions of the target region's losses (clipped to [-1, 1]).
 Each setting is repeated 10 times.
 
-Our method is ``nepa_scale.scaling.advise.advise`` unchanged: the target region's points are its
+Our method is ``nepa_scale.scaling.advise.advise`` as the library has it: the target region's points are its
 targets, the unbought pool runs its candidates (cost: 6 N D), and every round it picks, greedily,
 the runs that most lower the targets' summed predictive variance of log loss per unit of cost,
 from the bootstrap ensemble of ``predict_targets``. A repeat:
