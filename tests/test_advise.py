@@ -192,6 +192,12 @@ def test_a_group_pays_one_trunk_and_the_cooldowns_of_its_branches():
     assert set_cost(pool, [0, 1, 2, 3]) == pytest.approx(4.0 + 0.2 + 0.4 + 3.0)
 
 
+def test_a_pool_without_groups_pays_each_candidate_its_own_cost():
+    """The group and branch_cost columns are optional (ScaleBench's pools have neither)."""
+    pool = pd.DataFrame({"N": [1, 2, 3], "D": [10, 20, 40], "cost": [1.0, 2.0, 4.0]})
+    assert set_cost(pool, [0, 2]) == pytest.approx(5.0)
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [

@@ -76,7 +76,9 @@ class Costs:
 
     def marginal(self) -> np.ndarray:
         """What each candidate would add to the chosen set's cost."""
-        trunk = np.where(self.group >= 0, self.trunk[self.group], -1)
+        trunk = np.full(len(self.group), -1)  # indexed only where there is a group: a pool may have none
+        grouped = self.group >= 0
+        trunk[grouped] = self.trunk[self.group[grouped]]
         out = self.cost.copy()
         has = trunk >= 0
         t = trunk[has]
