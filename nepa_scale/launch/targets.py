@@ -39,7 +39,9 @@ class TargetSpec:
     @property
     def name(self) -> str:
         unit = {"images": "images", "epochs": "epochs", "flops": "FLOPs"}[self.kind]
-        return self.label or f"{self.model} @ {self.value:,.4g} {unit}"
+        changed = ",".join(f"{k}={v}" for k, v in self.overrides.items())  # two targets may share a model
+        model = f"{self.model}({changed})" if changed else self.model
+        return self.label or f"{model} @ {self.value:,.4g} {unit}"
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"model": self.model, self.kind: self.value}
