@@ -293,6 +293,10 @@ class LoggingConfig(Section):
     probe_train_per_class: Int | None = Field(None, gt=0, json_schema_extra=WHOLE_SPLIT)
     probe_val_per_class: Int | None = Field(None, gt=0, json_schema_extra=WHOLE_SPLIT)
     probe_subset_seed: Annotated[Int, SEED_RANGE] = 0
+    # Score the probes by stratified k-fold cross-validation over both subsets pooled, folds drawn
+    # with probe_subset_seed (None: train on the train subset, score the val subset). Every labelled
+    # image then counts: a finer, steadier error for small val splits (nepa_scale/eval/probes.py).
+    probe_folds: Int | None = Field(None, ge=2, json_schema_extra={"note": "(or null: score the val subset)"})
     probe_causal: Bool = True  # probe features with causal (as pretrained) or bidirectional attention
     probe_ema: Bool = False  # probe the EMA weights (needs checkpoint.ema_decay)
 
