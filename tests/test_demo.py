@@ -90,6 +90,9 @@ def test_demo_trains_survives_a_preemption_and_writes_the_report(tmp_path):
         assert (report / "figures" / f"{figure}.png").stat().st_size > 10_000
     runs = [json.loads(p.read_text()) for p in out_root.glob("*/run.json")]
     assert len(runs) == 6 and all(r["status"] == "completed" for r in runs)
+    # The probe is cross-validated over all the digits, on the same folds in every run of the study.
+    folds = {json.dumps(r["probe_subsets"]["folds"], sort_keys=True) for r in runs}
+    assert len(folds) == 1 and json.loads(folds.pop())["k"] == spec["set"]["logging.probe_folds"]
     assert sum(len(r.get("restarts", [])) for r in runs) == 1
 
     # A second call trains nothing and only rebuilds the report.

@@ -632,11 +632,20 @@ def test_run_ids_are_stable_and_local_to_the_changed_run(tmp_path):
 
 def test_the_demo_keeps_the_run_ids_earlier_versions_gave_it(tmp_path):
     """A setting or section added to the run config, or one retired, must not rename the runs of a
-    study under way (LATER_SETTINGS, RETIRED_SETTINGS): the demo as it was before the online probes
-    (recorded before segmentation's section existed) keeps its ids; today's demo, which probes at
-    every evaluation point, has its own."""
+    study under way (LATER_SETTINGS, RETIRED_SETTINGS): the three-width demo as it was before the
+    online probes (recorded before segmentation's section existed), and as it was before the probe's
+    cross-validation (logging.probe_folds), keep their ids; today's ladder has its own."""
     spec = yaml.safe_load((REPO / "sweeps" / "demo.yaml").read_text())
     spec["base"] = str(REPO / "configs" / "digits_tiny.yaml")
+    del spec["set"]["logging.probe_folds"]  # the three-width demo of 2026-12-06
+    spec["set"].update({"logging.eval_every": 150, "logging.probe_every": 150})
+    spec["axes"] = [
+        {"zip": {"model.overrides.dim": [16, 32, 64], "model.overrides.num_heads": [1, 2, 4]}},
+        {"grid": {"budget.images": [19200, 38400, 76800, 153600]}},
+        {"seeds": 2},
+    ]
+    three_widths = tmp_path / "demo_three_widths.yaml"
+    three_widths.write_text(yaml.safe_dump(spec))
     del spec["set"]["logging.probe_every"]
     spec["set"]["logging.eval_every"] = 0
     before = tmp_path / "demo_before_probes.yaml"
@@ -646,10 +655,15 @@ def test_the_demo_keeps_the_run_ids_earlier_versions_gave_it(tmp_path):
         "dim16_num_heads1_images19.2k_seed1-d06b2aac",
         "dim16_num_heads1_images38.4k_seed0-fdbbdfa1",
     ]
-    assert [r.run_id for r in load_sweep(REPO / "sweeps" / "demo.yaml").runs[:3]] == [
+    assert [r.run_id for r in load_sweep(three_widths).runs[:3]] == [
         "dim16_num_heads1_images19.2k_seed0-7ccf1e8f",
         "dim16_num_heads1_images19.2k_seed1-1557a853",
         "dim16_num_heads1_images38.4k_seed0-d47de722",
+    ]
+    assert [r.run_id for r in load_sweep(REPO / "sweeps" / "demo.yaml").runs[:3]] == [
+        "dim16_num_heads1_images12.8k_seed0-b447b0d1",
+        "dim16_num_heads1_images12.8k_seed1-c3a1b22a",
+        "dim16_num_heads1_images25.6k_seed0-5982b77e",
     ]
 
 

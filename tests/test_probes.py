@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, env, free_port, metrics, photo_folder, run_train
+from helpers import REPO, env, free_port, metrics, photo_folder, run_and_signal, run_train
 
 from nepa_scale.data import DigitsDataset, build_transform
 from nepa_scale.data.datasets import AugmentSpec
@@ -28,10 +28,12 @@ from nepa_scale.eval.diagnostics import (
 from nepa_scale.eval.probes import (
     KNN_TEMPERATURE,
     class_balanced_subset,
+    cross_validated_probe,
     extract_features,
     knn_predict,
     linear_probe,
     probe_features,
+    stratified_folds,
 )
 from nepa_scale.models import NEPA
 from nepa_scale.models.zoo import get_arch
@@ -247,3 +249,113 @@ def test_a_probe_on_one_class_fails_before_the_engine_starts(tmp_path):
         "probe needs at least two classes (turn logging.probe_every off for unlabelled data)"
     ]
     assert not (tmp_path / "run" / "run.json").exists()  # before the engine: nothing started
+
+
+# ----------------------------------------------------------------------------- k-fold probe
+
+
+@pytest.mark.parametrize("weight_decay", [1e-3])
+def test_the_k_fold_probe_equals_scikit_learn_cross_val_score_on_the_same_folds(digit_features, weight_decay):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, train_y, val_x, val_y = digit_features
+    x, y = torch.cat([train_x, val_x]), torch.cat([train_y, val_y])  # the pool: train and val subsets
+    folds = stratified_folds(y.numpy(), 5, seed=0)
+    ours = cross_validated_probe(x, y, torch.from_numpy(folds), weight_decays=(weight_decay,))
+    splits = [(np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in range(5)]
+    fold_size = len(y) * 4 / 5  # scikit-learn's C is per image of a fold's training part
+    reference = make_pipeline(
+        StandardScaler(), LogisticRegression(C=1 / (weight_decay * fold_size), max_iter=5000)
+    )
+    scores = cross_val_score(reference, x.numpy(), y.numpy(), cv=splits)
+    theirs = np.average(scores, weights=[len(test) for _, test in splits])  # every image once
+    assert abs(ours.linear_acc - theirs) <= 0.01, (ours.linear_acc, theirs)
+    assert ours.folds == 5 and ours.n_test == len(y) and ours.linear_wd == weight_decay
+    assert cross_validated_probe(x, y, torch.from_numpy(folds), weight_decays=(weight_decay,)) == ours
+
+
+def test_stratified_folds_are_balanced_and_fixed_by_the_seed_alone():
+    labels = np.array(DigitsDataset("train", 16, None).labels + DigitsDataset("val", 16, None).labels)
+    folds = stratified_folds(labels, 5, seed=0)
+    sizes = np.bincount(folds)
+    assert len(sizes) == 5 and sizes.max() - sizes.min() <= 1
+    for label in np.unique(labels):  # every class in every fold, in proportion
+        per_fold = np.bincount(folds[labels == label], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1
+    assert (stratified_folds(labels, 5, seed=0) == folds).all()
+    assert (stratified_folds(labels, 5, seed=1) != folds).any()
+
+
+FOLDS = [
+    "logging.eval_every=10",
+    "logging.probe_every=10",
+    "logging.probe_train_per_class=12",
+    "logging.probe_val_per_class=6",
+    "logging.probe_folds=4",
+    "checkpoint.every=10",
+]
+
+
+@pytest.mark.slow
+def test_every_run_of_a_study_and_every_resume_probe_the_same_folds(tmp_path):
+    records = {}
+    for seed in (0, 1):  # two runs of a study: other seeds, the same probe images and folds
+        run_dir = tmp_path / f"seed{seed}"
+        result = run_train(run_dir, "budget.images=640", f"seed={seed}", *FOLDS)
+        assert result.returncode == 0, result.stderr[-3000:]
+        records[seed] = json.loads((run_dir / "run.json").read_text())["probe_subsets"]
+        evals = metrics(run_dir, "eval")
+        assert [m["step"] for m in evals] == [0, 10, 20]
+        for m in evals:  # cross-validated over the 120 + 60 pooled images: a grain of 1/180
+            assert m["probe_folds"] == 4 and m["probe_val_images"] == 180
+            assert 0 < m["probe_linear_error"] < 0.9
+            assert m["probe_linear_error"] * 180 == pytest.approx(
+                round(m["probe_linear_error"] * 180), abs=1e-6
+            )
+    assert (
+        records[0] == records[1]
+        and records[0]["folds"]["k"] == 4
+        and len(records[0]["folds"]["digest"]) == 16
+    )
+    run_dir = tmp_path / "resumed"  # cut after its first checkpoint, resumed: the folds it recorded
+    cut = run_and_signal(run_dir, "budget.images=960", *FOLDS, at_step=12)
+    assert cut.returncode == 75, cut.stderr[-3000:]
+    changed = run_train(run_dir, "budget.images=960", *FOLDS, "logging.probe_folds=3")
+    lines = [line for line in changed.stderr.splitlines() if line.startswith("nepa-scale: error:")]
+    assert changed.returncode != 0 and len(lines) == 1 and "Traceback" not in changed.stderr, changed.stderr[
+        -3000:
+    ]
+    assert lines[0].startswith("nepa-scale: error: logging.probe_folds: the run probed with 4 before")
+    resumed = run_train(run_dir, "budget.images=960", *FOLDS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["restarts"] and info["probe_subsets"] == records[0]
+
+
+@pytest.mark.parametrize(
+    "folds,error",
+    [
+        ("1", "logging.probe_folds: must be >= 2 (or null: score the val subset), got 1"),
+        (
+            "7",
+            "logging.probe_folds: 7 folds need at least 7 probe images of every class, but class 0 has 6 "
+            "(train and val subsets together): use fewer folds or more images per class",
+        ),
+    ],
+)
+def test_bad_probe_folds_are_refused_in_one_line_naming_the_key(tmp_path, folds, error):
+    result = run_train(
+        tmp_path / "run",
+        "budget.images=64",
+        "logging.probe_every=1",
+        "logging.probe_train_per_class=4",
+        "logging.probe_val_per_class=2",
+        f"logging.probe_folds={folds}",
+    )
+    lines = [line for line in result.stderr.splitlines() if line.startswith("nepa-scale: error:")]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines == [f"nepa-scale: error: {error}"]
+    assert not (tmp_path / "run" / "run.json").exists()

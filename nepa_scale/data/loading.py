@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 
 from nepa_scale.config import DataConfig
 from nepa_scale.data.datasets import (
+    BUNDLED_DIGITS,
     IMAGE_EXTENSIONS,
     AugmentSpec,
     DigitsDataset,
@@ -51,8 +52,8 @@ def build_dataset(
         re_prob,
     )
     transform = build_transform(spec, train=train)
-    if config.kind == "digits":
-        return DigitsDataset(split, image_size, transform)
+    if config.kind in BUNDLED_DIGITS:
+        return DigitsDataset(split, image_size, transform, kind=config.kind)
     if config.kind == "synthetic":
         size = config.synthetic_size if split == "train" else max(config.synthetic_size // 8, 1)
         return SyntheticDataset(size, image_size)

@@ -5,7 +5,8 @@ held-out score over val micro-batches on every rank, and the whole val split in 
 rank. When to evaluate is decided here: every ``logging.eval_every`` steps, at the end, every
 epoch for tasks that ask for it, and at step 0 for tasks that report the initial loss; probes
 every ``logging.probe_every`` steps, at the end and at step 0, on fixed class-balanced subsets of
-the train and val splits (``probe_subsets``, recorded in run.json).
+the train and val splits (``probe_subsets``, recorded in run.json), scored on the val subset or,
+with ``logging.probe_folds``, by cross-validation over both (``probe_folds``, recorded beside them).
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ from nepa_scale.engine.distributed import World
 from nepa_scale.engine.settings import StepSettings
 from nepa_scale.errors import ConfigError, DataError
 from nepa_scale.eval.probes import (
+    ProbeFolds,
     ProbeSubset,
     check_probe_subsets,
+    cross_validated_probe,
     probe_datasets,
     probe_features,
+    probe_folds,
+    probe_pooled,
     probe_subset,
 )
 from nepa_scale.models import NEPA
@@ -181,19 +186,34 @@ class Evaluator:
         check_probe_subsets(train, val, "logging.probe_every")
         return train, val
 
+    @functools.cached_property
+    def probe_folds(self) -> ProbeFolds | None:
+        """The cross-validation folds over both probe subsets (None: probes off, or no folds asked),
+        drawn from ``logging.probe_subset_seed``: the same for every run of a study."""
+        lg = self.config.logging
+        if self.probe_subsets is None or not lg.probe_folds:
+            return None
+        train, val = self.probe_subsets
+        return probe_folds(
+            self.probe_train_set, self.val_set, train, val, lg.probe_folds, lg.probe_subset_seed
+        )
+
     def probe_record(self) -> dict[str, Any] | None:
         """What run.json records of the probe's images: the same for every run of a study."""
         if self.probe_subsets is None:
             return None
         lg = self.config.logging
         train, val = self.probe_subsets
-        return {
+        record = {
             "seed": lg.probe_subset_seed,
             "train_per_class": lg.probe_train_per_class,
             "val_per_class": lg.probe_val_per_class,
             "train": train.record(),
             "val": val.record(),
         }
+        if self.probe_folds is not None:  # absent without folds: records from before them stay equal
+            record["folds"] = self.probe_folds.record()
+        return record
 
     @functools.cached_property
     def probe_train_set(self):
@@ -207,12 +227,7 @@ class Evaluator:
         lg = self.config.logging
         train, val = self.probe_subsets
         model = self.ema_model(ema) if lg.probe_ema else engine
-        data = probe_datasets(
-            model,
-            self.probe_train_set,
-            self.val_set,
-            train,
-            val,
+        extract = dict(
             causal=lg.probe_causal,
             batch_size=self.settings.micro_batch,
             device=self.world.device,
@@ -222,9 +237,18 @@ class Evaluator:
             num_workers=self.config.data.num_workers,
             worker_start=self.config.data.worker_start,
         )
-        if not self.world.is_main:
-            return {}
-        result = probe_features(*data, k=lg.probe_k, causal=lg.probe_causal, seed=lg.probe_subset_seed)
+        sets = (self.probe_train_set, self.val_set, train, val)
+        scoring = dict(k=lg.probe_k, causal=lg.probe_causal, seed=lg.probe_subset_seed)
+        if self.probe_folds is not None:
+            pooled = probe_pooled(model, *sets, self.probe_folds, **extract)
+            if not self.world.is_main:
+                return {}
+            result = cross_validated_probe(*pooled, **scoring)
+        else:
+            data = probe_datasets(model, *sets, **extract)
+            if not self.world.is_main:
+                return {}
+            result = probe_features(*data, **scoring)
         return {
             **result.metrics(),
             "probe_weights": "ema" if lg.probe_ema else "online",
@@ -236,15 +260,25 @@ def check_probe_subsets_unchanged(recorded: dict | None, current: dict | None, d
     """A resumed run probes the images it probed before: one curve, one probe."""
     if not recorded or not current or recorded == current:
         return
-    for key in ("seed", "train_per_class", "val_per_class"):
-        if recorded.get(key) != current.get(key):
-            name = "probe_subset_seed" if key == "seed" else f"probe_{key}"
+
+    def folds(record: dict) -> int | None:
+        return (record.get("folds") or {}).get("k")
+
+    for key, name in (
+        ("seed", "probe_subset_seed"),
+        ("train_per_class", "probe_train_per_class"),
+        ("val_per_class", "probe_val_per_class"),
+        ("folds", "probe_folds"),
+    ):
+        before, now = (folds(r) if key == "folds" else r.get(key) for r in (recorded, current))
+        if before != now:
             raise ConfigError(
-                f"logging.{name}: the run probed with {recorded.get(key)} before (run.json probe_subsets), "
-                f"now {current.get(key)}: one run's probe curve needs one subset; set it back or start a new run"
+                f"logging.{name}: the run probed with {before} before (run.json probe_subsets), "
+                f"now {now}: one run's probe curve needs one subset; set it back or start a new run"
             )
     raise DataError(
         f"data: the probe subsets drawn from {data.root or data.kind} differ from those the run "
-        f"recorded ({recorded['train']} / {recorded['val']} before, {current['train']} / {current['val']} now): "
+        f"recorded ({recorded['train']} / {recorded['val']} / folds {recorded.get('folds')} before, "
+        f"{current['train']} / {current['val']} / folds {current.get('folds')} now): "
         "the split's files changed since the run started"
     )

@@ -87,6 +87,7 @@ LATER_SETTINGS = {
     "logging.probe_train_per_class": None,
     "logging.probe_val_per_class": None,
     "logging.probe_subset_seed": 0,
+    "logging.probe_folds": None,
     "distributed": {"timeout_s": 600.0},
     "data.worker_start": None,
     "checkpoint.allow_lost_history": False,

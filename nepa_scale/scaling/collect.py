@@ -112,14 +112,16 @@ def probe_setup(lg: LoggingConfig) -> str | None:
     if not lg.probe_every:
         return None
     weights = "EMA" if lg.probe_ema else "online"
-    return f"k = {lg.probe_k}, {'causal' if lg.probe_causal else 'bidirectional'}, {weights} weights"
+    scored = f", {lg.probe_folds}-fold cross-validated" if lg.probe_folds else ""
+    return f"k = {lg.probe_k}, {'causal' if lg.probe_causal else 'bidirectional'}, {weights} weights{scored}"
 
 
 def _probe_subsets(recorded: dict | None) -> str | None:
     """The probe's images in one string (equal strings: equal images): seed, then each split's digest."""
     if not recorded:
         return None
-    return f"seed {recorded['seed']}: train {recorded['train']['digest']}, val {recorded['val']['digest']}"
+    folds = f", {recorded['folds']['k']} folds {recorded['folds']['digest']}" if recorded.get("folds") else ""
+    return f"seed {recorded['seed']}: train {recorded['train']['digest']}, val {recorded['val']['digest']}{folds}"
 
 
 def _eval_lines(metrics: pd.DataFrame) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """``nepa-scale demo``: a real, small scaling study end to end on one machine.
 
-sweeps/demo.yaml (3 widths x 3 budgets of a two-layer NEPA on the bundled digits) is launched
+sweeps/demo.yaml (a ladder of 4 widths x 4 budgets x 2 seeds of a two-layer NEPA on the bundled
+digits; the report predicts the largest width from the others) is launched
 through submitit's local executor (or the local SLURM cluster), one run is preempted mid-way and
 resumes by itself, then the runs are collected, fitted (frontier power law and Chinchilla with
 bootstrap intervals) and written up as an HTML report. Completed runs are skipped on a re-run,

@@ -16,7 +16,16 @@ from nepa_scale.engine import safe_load
 from nepa_scale.engine.checkpoint_store import EMA_FILE
 from nepa_scale.engine.export import fp32_state_dict, newest_verified
 from nepa_scale.errors import CheckpointError, UsageError
-from nepa_scale.eval.probes import KNN_K, check_probe_subsets, probe_datasets, probe_features, probe_subset
+from nepa_scale.eval.probes import (
+    KNN_K,
+    check_probe_subsets,
+    cross_validated_probe,
+    probe_datasets,
+    probe_features,
+    probe_folds,
+    probe_pooled,
+    probe_subset,
+)
 from nepa_scale.models.vit import NEPA
 from nepa_scale.rundir import RunDir
 
@@ -60,6 +69,8 @@ def probe_run(
     name = "random_init" if weights == "random_init" else f"{latest.tag}{'_ema' if weights == 'ema' else ''}"
     out = run.root / "probes" / f"{name}{'' if causal else '_bidir'}.json"
     subsets = {"train_per_class": train_per_class, "val_per_class": val_per_class}
+    if lg.probe_folds:  # scored as the run's online probe is: the same folds
+        subsets["folds"] = lg.probe_folds
     if reuse and not data_overrides and out.is_file():
         record = json.loads(out.read_text())
         if record.get("k") == k and record.get("subsets") == subsets:
@@ -81,18 +92,19 @@ def probe_run(
     train = probe_subset(train_set, "train", train_per_class, lg.probe_subset_seed)
     val = probe_subset(val_set, "val", val_per_class, lg.probe_subset_seed)
     check_probe_subsets(train, val)
-    data = probe_datasets(
-        model,
-        train_set,
-        val_set,
-        train,
-        val,
+    extract = dict(
         causal=causal,
         batch_size=256,
         num_workers=config.data.num_workers,
         worker_start=config.data.worker_start,
     )
-    result = probe_features(*data, k=k, causal=causal, seed=lg.probe_subset_seed)
+    if lg.probe_folds:
+        folds = probe_folds(train_set, val_set, train, val, lg.probe_folds, lg.probe_subset_seed)
+        pooled = probe_pooled(model, train_set, val_set, train, val, folds, **extract)
+        result = cross_validated_probe(*pooled, k=k, causal=causal, seed=lg.probe_subset_seed)
+    else:
+        data = probe_datasets(model, train_set, val_set, train, val, **extract)
+        result = probe_features(*data, k=k, causal=causal, seed=lg.probe_subset_seed)
     step = 0 if weights == "random_init" else latest.step
     record = {"step": step, "weights": weights, "subsets": subsets, **result.to_dict()}
     out.parent.mkdir(exist_ok=True)
