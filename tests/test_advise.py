@@ -339,7 +339,11 @@ def test_sweep_advise_refuses_bad_input_in_one_line_before_any_work(tmp_path, ca
     bad.write_text(yaml.safe_dump(spec | {"target": {"model": "nepa_xxl", "images": 2048}}))
     cases = [
         ([str(bad), "--budget-gpu-hours", "1"], 2, "target.model: unknown model 'nepa_xxl'"),
-        ([str(good), "--budget-gpu-hours", "0"], 2, "--budget-gpu-hours: expected a positive number of GPU-hours"),
+        (
+            [str(good), "--budget-gpu-hours", "0"],
+            2,
+            "--budget-gpu-hours: expected a positive number of GPU-hours",
+        ),
         ([str(good), "--budget-gpu-hours", "1"], 1, "the study has no completed run to fit: launch it first"),
     ]
     for args, code, message in cases:
