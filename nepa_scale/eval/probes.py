@@ -502,15 +502,21 @@ def cross_validated_probe(
     )
 
 
+def _subset_features(model, dataset, subset: ProbeSubset, **extract) -> tuple:
+    """(features, labels, readable mask) of a subset's images, extracted as ``extract_features`` does."""
+    feats, ok = extract_features(model, dataset, subset.indices, **extract)
+    labels = torch.tensor(dataset_labels(dataset), device=feats.device)[
+        torch.tensor(subset.indices, device=feats.device)
+    ]
+    return feats, labels, ok
+
+
 def probe_datasets(model, train_set, val_set, train: ProbeSubset, val: ProbeSubset, **extract) -> tuple:
     """(train features, train labels, val features, val labels) of the readable images of the
     subsets, extracted as ``extract_features`` does (a collective when sharded)."""
     out = []
     for dataset, subset in ((train_set, train), (val_set, val)):
-        feats, ok = extract_features(model, dataset, subset.indices, **extract)
-        labels = torch.tensor(dataset_labels(dataset), device=feats.device)[
-            torch.tensor(subset.indices, device=feats.device)
-        ]
+        feats, labels, ok = _subset_features(model, dataset, subset, **extract)
         out += [feats[ok], labels[ok]]
     return tuple(out)
 
@@ -520,13 +526,10 @@ def probe_pooled(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features, labels, fold of each) of the readable images of both subsets pooled, in the order
     the folds were drawn in (an unreadable image leaves its fold one image short)."""
-    feats, labels, keep = [], [], []
-    for dataset, subset in ((train_set, train), (val_set, val)):
-        x, ok = extract_features(model, dataset, subset.indices, **extract)
-        feats.append(x)
-        every = dataset_labels(dataset)
-        labels.append(torch.tensor([every[i] for i in subset.indices], device=x.device))
-        keep.append(ok)
-    ok = torch.cat(keep)
+    parts = [
+        _subset_features(model, dataset, subset, **extract)
+        for dataset, subset in ((train_set, train), (val_set, val))
+    ]
+    feats, labels, ok = (torch.cat(column) for column in zip(*parts, strict=True))
     fold = torch.from_numpy(folds.folds).to(ok.device)
-    return torch.cat(feats)[ok], torch.cat(labels)[ok], fold[ok]
+    return feats[ok], labels[ok], fold[ok]
